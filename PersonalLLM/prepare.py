@@ -1,0 +1,79 @@
+"""PersonalLLM: embed every (prompt, response) with the reward model -> data/{split}.safetensors.
+
+    python PersonalLLM/prepare.py                                   # both splits, from the hub
+    python PersonalLLM/prepare.py dataset_path=/path/to/PersonalLLM model_name=/path/to/model
+    torchrun --nproc_per_node=8 PersonalLLM/prepare.py              # several GPUs
+
+Each split file holds `embeddings` [P * 8, F] float32 (prompt-major: row 8 p + i is response
+i + 1 of prompt p), `scores` [P, 8, 10] (the 10 reward models' scores, NaN where missing),
+`prompt_index` [P] (row of the dataset) and `head` [F, 1] (the reward model's own score head),
+so train_basis.py and vary_fewshot.py never load the 8B model or the dataset again. Work is
+written in resumable shards; an up-to-date file is not recomputed.
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import utils  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# config (edit in place, or override on the command line as key=value)
+model_name = "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"  # hub id or local path
+dataset_name = "namkoong-lab/PersonalLLM"
+dataset_path = None        # local copy: a save_to_disk folder, or a folder of parquet / jsonl files
+splits = ["train", "test"]
+split = None               # one split only (overrides splits)
+data_dir = None            # default: PersonalLLM/data
+max_length = 4096          # tokens; longer conversations keep their last max_length tokens
+max_tokens_per_batch = 16384
+shard_size = 2048          # conversations per resumable shard
+stop_after_shards = None   # stop early after this many new shards (for testing resume)
+# -----------------------------------------------------------------------------
+config = utils.configure(globals())
+HERE = Path(__file__).resolve().parent
+NUM_RESPONSES = 8
+MODEL_NAMES = ["gemma_2b", "gemma_7b", "mistral_raft", "llama3_sfairx", "oasst_deberta_v3",
+               "beaver_7b", "oasst_pythia_7b", "oasst_pythia_1b", "mistral_ray", "mistral_weqweasdas"]
+
+
+def reward_tensor(df):
+    """[P, 8, 10] float32 scores of each response by each reward model (NaN where None)."""
+    cols = [f"response_{i}_{m}" for i in range(1, NUM_RESPONSES + 1) for m in MODEL_NAMES]
+    values = df[cols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
+    return torch.from_numpy(values.reshape(len(df), NUM_RESPONSES, len(MODEL_NAMES)))
+
+
+def prepare(split_name):
+    df = utils.load_split(dataset_name, split_name, dataset_path)
+    responses = [f"response_{i}" for i in range(1, NUM_RESPONSES + 1)]
+    utils.require_columns(df, ["prompt"] + responses, f"{dataset_name} [{split_name}]")
+    missing_scores = [f"response_{i}_{m}" for i in range(1, NUM_RESPONSES + 1) for m in MODEL_NAMES
+                      if f"response_{i}_{m}" not in df.columns]
+    if missing_scores:
+        raise ValueError(f"{dataset_name} [{split_name}]: missing score column(s) {missing_scores[:5]}"
+                         f"{' ...' if len(missing_scores) > 5 else ''}")
+    text_ok = df[["prompt"] + responses].map(lambda v: isinstance(v, str)).all(axis=1).to_numpy()
+    if not text_ok.all():
+        print(f"{split_name}: skipping {int((~text_ok).sum())} of {len(df)} rows with a missing prompt or response")
+    df = df[text_ok]
+    conversations = [[{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row[r]}]
+                     for _, row in df.iterrows() for r in responses]
+    print(f"{split_name}: {len(df)} prompts x {NUM_RESPONSES} responses = {len(conversations)} conversations")
+    out = Path(data_dir or HERE / "data") / f"{split_name}.safetensors"
+    return utils.extract_embeddings(
+        conversations, out, model_name=model_name,
+        extra_tensors={"scores": reward_tensor(df),
+                       "prompt_index": torch.as_tensor(np.flatnonzero(text_ok), dtype=torch.long)},
+        metadata={"dataset": dataset_name, "split": split_name, "reward_models": ",".join(MODEL_NAMES)},
+        max_tokens_per_batch=max_tokens_per_batch, max_length=max_length, shard_size=shard_size,
+        stop_after_shards=stop_after_shards)
+
+
+for s in [split] if split else splits:
+    path = prepare(s)
+    if path is not None and utils.is_main_process():
+        print(f"{s}: wrote {path}")

@@ -1,0 +1,55 @@
+"""PersonalLLM: learn K shared basis rewards from 1,000 simulated users, personalize 500 new ones.
+
+    python PersonalLLM/prepare.py                 # once: embeddings -> PersonalLLM/data/
+    python PersonalLLM/train_basis.py             # K_list x alpha_list table, JSON and PNG
+    python PersonalLLM/train_basis.py synthetic=True   # offline, CPU, no download
+
+Users are Dirichlet(0.1) mixtures of the 10 reward models; a user's pair on a prompt is its
+highest- vs lowest-scored response. Seen users see 0.5% of the train prompts (47 pairs), unseen
+users 0.1% (9 pairs); everyone is evaluated on all test prompts.
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import utils  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# config (edit in place, or override on the command line as key=value)
+K_list = [0, 1, 2, 3, 4, 5]
+alpha_list = [0]
+N = 1000                   # seen users
+N_unseen = 500             # unseen users (few-shot)
+train_density = 0.005      # fraction of train prompts each seen user labels (47 of 9,402)
+fewshot_density = 0.001    # fraction each unseen user labels for few-shot (9 of 9,402)
+dirichlet_alpha = 0.1      # users w ~ Dirichlet(dirichlet_alpha * ones(10))
+num_iterations = 1000      # joint fit: Adam steps
+learning_rate = 0.5
+fewshot_iterations = 500
+fewshot_learning_rate = 0.1
+seed = 0
+synthetic = False          # True: a generated PersonalLLM-shaped dataset, no download
+synthetic_features = 256   # embedding size F of the synthetic data
+synthetic_prompts = [9402, 1000]  # train, test prompts of the synthetic data
+data_dir = None            # default: PersonalLLM/data (written by prepare.py)
+out_dir = None             # default: PersonalLLM/results
+device = None              # default: cuda if available, else cpu
+# -----------------------------------------------------------------------------
+config = utils.configure(globals())
+HERE = Path(__file__).resolve().parent
+
+
+t0 = time.time()
+utils.set_seed(seed)
+E_tr, S_tr, E_te, S_te, head = utils.load_personalllm(data_dir or HERE / "data", HERE / "prepare.py", synthetic,
+                                                      synthetic_prompts, synthetic_features, seed)
+features = utils.personalllm_population(E_tr, S_tr, E_te, S_te, N, N_unseen, train_density, fewshot_density,
+                                        dirichlet_alpha)
+res = utils.run(K_list, alpha_list, head, *features, N, N_unseen, utils.get_device(device),
+                num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
+                fewshot_learning_rate=fewshot_learning_rate, seed=seed)
+name = "train_basis_synthetic" if synthetic else "train_basis"
+utils.report_run(res, K_list, alpha_list, config, utils.script_out_dir(__file__, out_dir), name,
+                 "PersonalLLM (synthetic)" if synthetic else "PersonalLLM", extra={"seconds": time.time() - t0})
+print(f"done in {time.time() - t0:.0f}s")

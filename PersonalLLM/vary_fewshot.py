@@ -1,0 +1,56 @@
+"""PersonalLLM: unseen-user accuracy against the number of few-shot pairs.
+
+    python PersonalLLM/vary_fewshot.py                  # needs PersonalLLM/data from prepare.py
+    python PersonalLLM/vary_fewshot.py synthetic=True   # offline, CPU, no download
+
+The basis (rank K) is learned once on the seen users; each unseen user has a pool of
+int(fewshot_pool_density * P) pairs, from which `shots` are drawn in every trial.
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import utils  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# config (edit in place, or override on the command line as key=value)
+K = 5
+alpha = 0
+num_shots = [1, 2, 5, 9, 20, 45]
+trials = 5
+N = 1000
+N_unseen = 500
+train_density = 0.005
+fewshot_pool_density = 0.005  # each unseen user's pool of pairs (47 of 9,402) to draw shots from
+dirichlet_alpha = 0.1
+num_iterations = 1000
+learning_rate = 0.5
+fewshot_iterations = 500
+fewshot_learning_rate = 0.1
+seed = 0
+synthetic = False
+synthetic_features = 256
+synthetic_prompts = [9402, 1000]
+data_dir = None            # default: PersonalLLM/data
+out_dir = None             # default: PersonalLLM/results
+device = None
+# -----------------------------------------------------------------------------
+config = utils.configure(globals())
+HERE = Path(__file__).resolve().parent
+
+t0 = time.time()
+utils.set_seed(seed)
+E_tr, S_tr, E_te, S_te, head = utils.load_personalllm(data_dir or HERE / "data", HERE / "prepare.py", synthetic,
+                                                      synthetic_prompts, synthetic_features, seed)
+train, _, train_unseen, test_unseen = utils.personalllm_population(
+    E_tr, S_tr, E_te, S_te, N, N_unseen, train_density, None, dirichlet_alpha, fewshot_pool_density)
+res = utils.run_few_shot_vary_shots(trials, [alpha], [K], num_shots, train, train_unseen, test_unseen, head, N,
+                                    N_unseen, utils.get_device(device), num_iterations=num_iterations,
+                                    learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
+                                    fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True)
+name = "vary_fewshot_synthetic" if synthetic else "vary_fewshot"
+utils.report_shots(res, num_shots, config, utils.script_out_dir(__file__, out_dir), name,
+                   "PersonalLLM (synthetic)" if synthetic else "PersonalLLM", K, alpha, skipped=res[4],
+                   extra={"seconds": time.time() - t0})
+print(f"done in {time.time() - t0:.0f}s")
