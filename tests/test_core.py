@@ -1,0 +1,250 @@
+"""The LoRe library: models, packing, simulation, evaluation and the run pipelines."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import utils
+
+
+def planted(num_users=60, pairs_per_user=40, num_test=200, F_dim=32, rank=3, seed=0):
+    """Users with w* on the simplex over a rank-`rank` basis V* [F, rank]; every pair is
+    oriented so that d^T V* w* > 0. -> (train list, test list, V*, W*)."""
+    g = torch.Generator().manual_seed(seed)
+    V = torch.randn(F_dim, rank, generator=g)
+    W = torch.distributions.Dirichlet(torch.full((rank,), 0.3)).sample((num_users,))
+
+    def draw(m):
+        out = []
+        for w in W:
+            d = torch.randn(m, F_dim, generator=g)
+            out.append(d * torch.sign(d @ V @ w)[:, None])
+        return out
+    return draw(pairs_per_user), draw(num_test), V, W
+
+
+def loop_loss(V, W_logits, X, alpha=0.0, V_sft=None):
+    """The published per-user loop: sum over users of their mean -log sigmoid."""
+    loss = 0.0
+    W = torch.softmax(W_logits, 1)
+    for i, x in enumerate(X):
+        loss = loss + F.softplus(-(x @ V @ W[i]) / 100).mean()
+    if alpha:
+        loss = loss + alpha * ((V - V_sft) ** 2).sum()
+    return loss
+
+
+def test_packed_loss_and_gradients_equal_per_user_loop():
+    X = [torch.randn(m, 16) for m in (3, 7, 1, 12)]
+    utils.set_seed(0)
+    V_sft = torch.randn(16, 1)
+    model = utils.LoRe(V_sft, 0.3, 4, 16, 3)
+    pairs = utils.Pairs.from_list(X)
+    packed = model.loss(pairs.dense(), pairs.user, pairs.counts())
+    packed.backward()
+    V = model.V.detach().clone().requires_grad_()
+    Wl = model.W.detach().clone().requires_grad_()
+    looped = loop_loss(V, Wl, X, 0.3, V_sft)
+    looped.backward()
+    assert abs(packed.item() - looped.item()) < 1e-5
+    assert torch.allclose(model.V.grad, V.grad, atol=1e-5)
+    assert torch.allclose(model.W.grad, Wl.grad, atol=1e-5)
+
+
+def test_thin_matmul_gradient_matches_autograd():
+    X, V = torch.randn(1000, 300), torch.randn(300, 4, requires_grad=True)
+    G = torch.randn(1000, 4)
+    (utils._ThinMatmul.apply(X, V) * G).sum().backward()
+    assert torch.allclose(V.grad, X.t() @ G, atol=1e-3, rtol=1e-5)
+
+
+def test_lore_shapes_simplex_and_loss_decreases():
+    X, _, _, _ = planted(num_users=20, pairs_per_user=10)
+    utils.set_seed(0)
+    model = utils.LoRe(None, 0, 20, 32, 4, num_iterations=100)
+    W, V = model.train(X)
+    assert W.shape == (20, 4) and V.shape == (32, 4)
+    assert torch.allclose(W.sum(1), torch.ones(20), atol=1e-5) and (W >= 0).all()
+    assert model.losses[-1] < 0.5 * model.losses[0]
+
+
+def test_planted_low_rank_recovered_and_bt_is_worse():
+    train, test, _, _ = planted()
+    accs = {}
+    for K in (1, 3, 4):
+        utils.set_seed(0)
+        W, V = utils.LoRe(None, 0, len(train), 32, K, 1000, 0.5).train(train)
+        accs[K] = utils.eval_multiple(list(W), V, test, verbose=False)
+    assert np.mean(accs[3]) >= 0.9 and np.mean(accs[4]) >= 0.9
+    assert np.mean(accs[1]) < np.mean(accs[3]) - 0.1
+
+
+def test_personalize_batch_recovers_known_simplex_weights():
+    g = torch.Generator().manual_seed(1)
+    V = torch.linalg.qr(torch.randn(24, 3, generator=g))[0] * 200  # logits ~ N(0, 2^2)
+    w_true = torch.tensor([[0.8, 0.2, 0.0], [0.1, 0.1, 0.8], [1 / 3, 1 / 3, 1 / 3]])
+    X = []
+    for w in w_true:
+        d = torch.randn(2000, 24, generator=g)
+        p = torch.sigmoid(d @ V @ w / 100)  # Bradley-Terry labels from the true weights
+        X.append(d * torch.where(torch.rand(2000, generator=g) < p, 1.0, -1.0)[:, None])
+    W = torch.stack(utils.PersonalizeBatch(3, 24, 3, 500, 0.1).train(X, V))
+    assert torch.allclose(W.sum(1), torch.ones(3), atol=1e-5)
+    assert (W - w_true).abs().max() < 0.05, W
+
+
+def test_personalize_batch_vectorised_equals_one_user_at_a_time():
+    X = [torch.randn(m, 10) for m in (4, 9, 2)]
+    V = torch.randn(10, 3) * 30
+    together = torch.stack(utils.PersonalizeBatch(3, 10, 3, 200, 0.1).train(X, V))
+    alone = torch.stack([utils.PersonalizeBatch(1, 10, 3, 200, 0.1).train([x], V)[0] for x in X])
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_regularized_variant_keeps_used_bases_and_schedule():
+    train, _, _, _ = planted(num_users=30, pairs_per_user=20)
+    utils.set_seed(0)
+    V_sft = torch.randn(32, 1)
+    model = utils.LoRe_regularized(V_sft, 10.0, 30, 32, 6, num_iterations=200)
+    assert model.alpha_at(0) == 0 and model.alpha_at(40) == 0
+    assert model.alpha_at(100) == pytest.approx(5.0) and model.alpha_at(199) == 10.0
+    assert 0.0 <= model.W.min() and model.W.max() < 1.0  # logits ~ U[0, 1)
+    W, V = model.train(train)
+    full = model.weights().detach()
+    keep = full.max(0).values >= 1e-2
+    assert V.shape == (32, int(keep.sum())) and W.shape == (30, int(keep.sum()))
+    assert torch.allclose(V, model.V.detach()[:, keep])
+    assert torch.allclose(W.sum(1), torch.ones(30), atol=1e-5)
+
+
+def test_regularized_pooled_loss_equals_loop():
+    X = [torch.randn(m, 8) for m in (2, 5, 9)]
+    utils.set_seed(0)
+    model = utils.LoRe_regularized(torch.randn(8, 1), 0.0, 3, 8, 2)
+    pairs = utils.Pairs.from_list(X)
+    z = model(pairs.dense(), pairs.user)
+    pooled = F.softplus(-z).mean()
+    W = model.weights().detach()
+    loop = torch.cat([F.softplus(-(x @ model.V.detach() @ W[i]) / 100) for i, x in enumerate(X)]).mean()
+    assert abs(pooled.item() - loop.item()) < 1e-6
+
+
+def test_train_keeps_pytorch_meaning():
+    for model in (utils.LoRe(None, 0, 3, 4, 2), utils.LoRe_regularized(torch.ones(4, 1), 1, 3, 4, 2),
+                  utils.PersonalizeBatch(3, 4, 2)):
+        assert model.eval() is model and model.training is False
+        assert model.train() is model and model.training is True
+        model.train(False)
+        assert model.training is False
+
+
+def test_evaluation_vectorised_equals_loop_and_ties_are_wrong():
+    X = [torch.randn(m, 6) for m in (5, 8, 3)]
+    X[2][0] = 0.0  # a tie: counts as wrong
+    V, W = torch.randn(6, 2), torch.softmax(torch.randn(3, 2), 1)
+    vec = utils.eval_multiple(list(W), V, X, verbose=False)
+    loop = [utils.evaluate_model(x, V, w) for x, w in zip(X, W)]
+    assert np.allclose(vec, loop)
+    assert utils.evaluate_model(torch.zeros(2, 6), V, W[0]) == 0.0
+
+
+def test_lean_population_equals_seed_document_functions():
+    """sample_population_pairs picks the same pairs as simulate_population + sampling."""
+    tr, _, _ = utils.make_synthetic_personalllm(50, 10, 12, seed=3)
+    E, S = tr["embeddings"], tr["scores"].double().numpy()
+    W = utils.generate_population(0.5 * np.ones(10), 7)
+    dense = utils.simulate_population(S, E.reshape(50, 8, 12), W)  # [N, P, F]
+    assert dense.shape == (7, 50, 12)
+    full = utils.sample_population_pairs(S, E, W, 1.0)
+    assert torch.allclose(full.dense(), dense.reshape(-1, 12))
+    sparse = utils.create_sparse_tensor(dense, 0.2)
+    assert len(sparse) == 7 and all(s.shape == (10, 12) for s in sparse)
+    rng = np.random.RandomState(0)
+    lean = utils.sample_population_pairs(S, E, W, 0.2, rng)
+    rng = np.random.RandomState(0)
+    rows = [dense[i][rng.choice(50, 10, replace=False)] for i in range(7)]
+    assert torch.allclose(lean.dense(), torch.cat(rows))
+    V = torch.randn(12, 3)  # table projection == dense projection
+    assert torch.allclose(lean.project(V), lean.dense() @ V, atol=1e-4)
+
+
+def test_pairs_select_users_and_list_roundtrip():
+    X = [torch.full((m, 2), float(i)) for i, m in enumerate((2, 3, 1))]
+    pairs = utils.Pairs.from_list(X)
+    assert [len(x) for x in pairs.to_list()] == [2, 3, 1]
+    sub = pairs.select_users([2, 0])
+    assert len(sub) == 2 and torch.equal(sub[0], X[2]) and torch.equal(sub[1], X[0])
+    with pytest.raises(IndexError):
+        pairs[3]
+
+
+def test_sample_shots_and_errors():
+    X = [torch.randn(m, 4) for m in (5, 9)]
+    shots = utils.sample_shots(X, 3)
+    assert [s.shape for s in shots] == [(3, 4), (3, 4)]
+    for s, x in zip(shots, X):  # rows come from the user's own pairs, without repetition
+        assert all(any(torch.equal(r, y) for y in x) for r in s) and len(torch.unique(s, dim=0)) == 3
+    with pytest.raises(ValueError, match="fewer than shots=6"):
+        utils.sample_shots(X, 6)
+
+
+def test_model_input_errors():
+    with pytest.raises(ValueError, match="features"):
+        utils.LoRe(None, 0, 1, 5, 2).train([torch.randn(3, 4)])
+    with pytest.raises(ValueError, match="num_classes"):
+        utils.LoRe(None, 0, 2, 4, 2).train([torch.randn(3, 4)])
+    with pytest.raises(ValueError, match="NaN"):
+        utils.LoRe(None, 0, 1, 4, 2).train([torch.full((3, 4), float("nan"))])
+
+
+def test_run_same_seed_same_numbers_and_protocol():
+    train, test, _, _ = planted(num_users=20, pairs_per_user=15, num_test=30, seed=4)
+    train_u, test_u, _, _ = planted(num_users=8, pairs_per_user=5, num_test=30, seed=5)
+    head = torch.randn(32, 1)
+    kw = dict(num_iterations=150, fewshot_iterations=100)
+    a = utils.run([0, 1, 3], [0], head, train, test, train_u, test_u, 20, 8, "cpu", **kw)
+    b = utils.run([0, 1, 3], [0], head, train, test, train_u, test_u, 20, 8, "cpu", **kw)
+    assert len(a) == 8 and all(x.shape == (1, 3) for x in a)
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)
+    # K = 0 is the reference head with w = [1] for everyone
+    ref = utils.eval_multiple([torch.ones(1)] * 8, head, test_u, verbose=False)
+    assert a[3][0, 0] == pytest.approx(np.mean(ref)) and a[7][0, 0] == pytest.approx(np.std(ref))
+    with pytest.raises(ValueError, match="users"):
+        utils.run([0], [0], head, train, test, train_u, test_u, 21, 8, "cpu")
+
+
+def test_vary_shots_skips_short_users():
+    train, _, _, _ = planted(num_users=10, pairs_per_user=10, num_test=5, seed=6)
+    pool = [torch.randn(m, 32) for m in (3, 6, 6)]
+    test_u = [torch.randn(5, 32) for _ in range(3)]
+    out = utils.run_few_shot_vary_shots(2, [0], [2], [2, 5], train, pool, test_u, torch.randn(32, 1), 10, 3,
+                                        "cpu", num_iterations=50, fewshot_iterations=20, return_skipped=True)
+    assert out[4] == [0, 1]
+    assert out[0].shape == (1, 1, 2) and np.isfinite(out[2]).all()
+
+
+def test_configure_overrides_and_type_checks():
+    cfg = {"K_list": [0, 1], "lr": 0.5, "n": 3, "name": "a", "flag": False, "path": None}
+    utils.configure(cfg, ["K_list=[2,3]", "lr=1", "name=hello", "flag=True", "path=/tmp/x"])
+    assert cfg == {"K_list": [2, 3], "lr": 1.0, "n": 3, "name": "hello", "flag": True, "path": "/tmp/x"}
+    for bad in (["n=1.5"], ["flag=1"], ["nope=1"], ["K_list"]):
+        with pytest.raises(SystemExit):
+            utils.configure(dict(cfg), bad)
+
+
+def test_save_json_is_valid_with_nan(tmp_path):
+    import json
+    utils.save_json(tmp_path / "r.json", {"a": np.array([1.0, np.nan]), "b": np.float32(2)})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": [1.0, None], "b": 2.0}
+
+
+def test_load_tensors_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python prepare.py"):
+        utils.load_tensors(tmp_path / "missing.safetensors", make_cmd="python prepare.py")
+    utils.save_tensors(tmp_path / "x.safetensors", {"a": torch.ones(2)})
+    with pytest.raises(ValueError, match="lacks"):
+        utils.load_tensors(tmp_path / "x.safetensors", ["b"])
+    utils.save_tensors(tmp_path / "n.safetensors", {"a": torch.tensor([1.0, float("nan")])})
+    with pytest.raises(ValueError, match="NaN"):
+        utils.load_tensors(tmp_path / "n.safetensors")
