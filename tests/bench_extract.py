@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, LlamaConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _embed as utils_embed  # noqa: E402
+import utils  # noqa: E402
 
 # -----------------------------------------------------------------------------
 n_seqs = 2000
@@ -70,7 +70,7 @@ def main():
     config = LlamaConfig(**cfg, max_position_embeddings=131072, rms_norm_eps=1e-5,
                          rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, num_labels=1,
                          pad_token_id=0, tie_word_embeddings=False)
-    attn = utils_embed._default_attn(dev, dtype)
+    attn = utils._default_attn(dev, dtype)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     with torch.device(dev):  # random init directly on the device in the target dtype (no fp32 CPU copy)
@@ -87,7 +87,7 @@ def main():
     lengths = torch.exp(math.log(min_len) + u * (math.log(max_len) - math.log(min_len))).long().tolist()
     token_ids = [torch.randint(1, config.vocab_size, (n,), generator=g).tolist() for n in lengths]
     n_tokens = sum(lengths)
-    batches = utils_embed._length_batches(lengths, max_tokens_per_batch, max_batch_size)
+    batches = utils._length_batches(lengths, max_tokens_per_batch, max_batch_size)
     padded = sum(len(b) * lengths[b[0]] for b in batches)
     print(f"{n_seqs} sequences, {n_tokens} tokens, length min/median/mean/max = {min(lengths)}/"
           f"{sorted(lengths)[n_seqs // 2]}/{n_tokens / n_seqs:.0f}/{max(lengths)}; {len(batches)} batches "
@@ -95,14 +95,14 @@ def main():
           f"padding efficiency {n_tokens / padded:.1%}")
 
     # warm-up (kernels, allocator) on a few sequences of each kind
-    utils_embed.embed_token_ids(model, token_ids[:8], 0, max_tokens_per_batch, max_batch_size, padding_side)
-    utils_embed.embed_token_ids(model, token_ids[:2], 0, max_batch_size=1)
+    utils.embed_token_ids(model, token_ids[:8], 0, max_tokens_per_batch, max_batch_size, padding_side)
+    utils.embed_token_ids(model, token_ids[:2], 0, max_batch_size=1)
     sync(dev)
 
     # (a) batched, length-sorted
     reset_peak(dev)
     t0 = time.perf_counter()
-    emb = utils_embed.embed_token_ids(model, token_ids, 0, max_tokens_per_batch, max_batch_size, padding_side)
+    emb = utils.embed_token_ids(model, token_ids, 0, max_tokens_per_batch, max_batch_size, padding_side)
     sync(dev)
     t_batched = time.perf_counter() - t0
     peak_batched = peak_gib(dev)
@@ -112,7 +112,7 @@ def main():
     sub_tokens = sum(lengths[i] for i in subset)
     reset_peak(dev)
     t0 = time.perf_counter()
-    single = torch.cat([utils_embed.embed_token_ids(model, [token_ids[i]], 0, max_batch_size=1) for i in subset])
+    single = torch.cat([utils.embed_token_ids(model, [token_ids[i]], 0, max_batch_size=1) for i in subset])
     sync(dev)
     t_single = time.perf_counter() - t0
     peak_single = peak_gib(dev)

@@ -8,6 +8,9 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests use small tensors, for which one thread is fastest; on a busy 2-core machine, OpenMP threads
+# waiting for each other make small matrix products many times slower. Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Llama-3-style template: the text starts with BOS, every message is header + content + <|eot_id|>
 LLAMA3_CHAT_TEMPLATE = (
@@ -54,6 +57,19 @@ def make_tiny_reward_model(path, seed=0, hidden_size=64, num_layers=2, with_pad_
         model = LlamaForSequenceClassification(config).float().eval()
     model.save_pretrained(path)
     return str(path)
+
+
+def run_script(script, *overrides, check=True):
+    """Run a repository script in a subprocess from a temp working directory -> CompletedProcess
+    (stdout and stderr captured as text). The script path is relative to the repository root."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as cwd:  # scripts must not depend on the working directory
+        proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *map(str, overrides)],
+                              cwd=cwd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
 
 
 @pytest.fixture(scope="session")

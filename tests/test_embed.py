@@ -6,19 +6,20 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import _embed as utils_embed
+import utils
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("the quick brown fox jumps over a lazy dog while reward models read preferences of many users; "
          "ünïcödé ✓ 漢字 😀 and numbers 12345").split()
 
 
-def make_conversations(n, seed=0, max_words=40):
+def make_conversations(n, seed=0, max_words=25):
     """n conversations of varied length: mostly [user, assistant], every 4th a 4-turn conversation."""
     g = torch.Generator().manual_seed(seed)
 
@@ -37,7 +38,7 @@ def make_conversations(n, seed=0, max_words=40):
 
 @pytest.fixture(scope="module")
 def tok_model(tiny_reward_model):
-    return utils_embed.load_reward_model(tiny_reward_model)
+    return utils.load_reward_model(tiny_reward_model)
 
 
 def single_ids(tokenizer, conv):
@@ -49,7 +50,10 @@ def test_load_reward_model(tok_model):
     assert not model.training and model.dtype == torch.float32 and model.device.type == "cpu"
     assert model.config._attn_implementation == "sdpa"
     assert tokenizer.pad_token_id is not None and model.config.pad_token_id == tokenizer.pad_token_id
-    ids = single_ids(tokenizer, make_conversations(1)[0])
+    conv = make_conversations(1)[0]
+    ids = single_ids(tokenizer, conv)
+    assert utils.tokenize_conversations(tokenizer, [conv])[0] == [ids]
+    assert tokenizer.apply_chat_template(conv)["input_ids"] == ids  # same as transformers' own tokenize=True path
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1  # template writes BOS once
     assert ids[-1] == tokenizer.convert_tokens_to_ids("<|eot_id|>")
 
@@ -57,7 +61,7 @@ def test_load_reward_model(tok_model):
 def test_pad_token_fallback(tmp_path):
     from conftest import make_tiny_reward_model
     path = make_tiny_reward_model(tmp_path / "nopad", with_pad_token=False)
-    tokenizer, model = utils_embed.load_reward_model(path)
+    tokenizer, model = utils.load_reward_model(path)
     assert tokenizer.pad_token == tokenizer.eos_token == "<|eot_id|>"
     assert model.config.pad_token_id == tokenizer.pad_token_id
 
@@ -65,9 +69,9 @@ def test_pad_token_fallback(tmp_path):
 def test_embeddings_times_head_is_reward(tok_model):
     tokenizer, model = tok_model
     convs = make_conversations(9)
-    head = utils_embed.reward_head(model)
+    head = utils.reward_head(model)
     assert head.shape == (model.config.hidden_size, 1) and head.dtype == torch.float32
-    emb = utils_embed.embed_batch(tokenizer, model, convs)
+    emb = utils.embed_batch(tokenizer, model, convs)
     assert emb.shape == (9, model.config.hidden_size) and emb.dtype == torch.float32
     assert not emb.is_inference() and not emb.requires_grad  # safe to feed into training code
     with torch.no_grad():
@@ -77,19 +81,19 @@ def test_embeddings_times_head_is_reward(tok_model):
 
 def test_reward_head_requires_score():
     with pytest.raises(ValueError, match="score"):
-        utils_embed.reward_head(torch.nn.Linear(3, 1))
+        utils.reward_head(torch.nn.Linear(3, 1))
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_batched_equals_single(tok_model, padding_side):
     tokenizer, model = tok_model
-    token_ids, _ = utils_embed.tokenize_conversations(tokenizer, make_conversations(12, seed=1))
+    token_ids, _ = utils.tokenize_conversations(tokenizer, make_conversations(12, seed=1))
     assert len(set(map(len, token_ids))) > 5  # really padded batches
-    batched = utils_embed.embed_token_ids(model, token_ids, tokenizer.pad_token_id, max_tokens_per_batch=None,
+    batched = utils.embed_token_ids(model, token_ids, tokenizer.pad_token_id, max_tokens_per_batch=None,
                                           max_batch_size=None, padding_side=padding_side)
-    small = utils_embed.embed_token_ids(model, token_ids, tokenizer.pad_token_id, max_tokens_per_batch=400,
+    small = utils.embed_token_ids(model, token_ids, tokenizer.pad_token_id, max_tokens_per_batch=400,
                                         max_batch_size=3, padding_side=padding_side)
-    single = torch.cat([utils_embed.embed_token_ids(model, [ids], tokenizer.pad_token_id) for ids in token_ids])
+    single = torch.cat([utils.embed_token_ids(model, [ids], tokenizer.pad_token_id) for ids in token_ids])
     # Not bitwise equal: float32 CPU matmuls of different shapes (batch size, padded length) round differently,
     # so the results agree only to ~1e-6. Hence a tight tolerance instead of equality.
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
@@ -98,7 +102,7 @@ def test_batched_equals_single(tok_model, padding_side):
 
 def test_length_batches():
     lengths = [5, 100, 7, 7, 50, 1, 300, 20]
-    batches = utils_embed._length_batches(lengths, max_tokens_per_batch=200, max_batch_size=3)
+    batches = utils._length_batches(lengths, max_tokens_per_batch=200, max_batch_size=3)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     flat = [lengths[i] for b in batches for i in b]
     assert flat == sorted(lengths, reverse=True)
@@ -111,20 +115,20 @@ def test_length_batches():
 def test_truncation(tok_model, tiny_reward_model, tmp_path, capsys):
     tokenizer, model = tok_model
     convs = make_conversations(10, seed=2)
-    full_ids, n0 = utils_embed.tokenize_conversations(tokenizer, convs)
+    full_ids, n0 = utils.tokenize_conversations(tokenizer, convs)
     assert n0 == 0
     max_length = sorted(map(len, full_ids))[4]  # 5 conversations are longer
     n_long = sum(len(ids) > max_length for ids in full_ids)
     for side in ["left", "right"]:
-        ids, n = utils_embed.tokenize_conversations(tokenizer, convs, max_length, truncation_side=side)
+        ids, n = utils.tokenize_conversations(tokenizer, convs, max_length, truncation_side=side)
         assert n == n_long and all(len(x) == min(len(f), max_length) for x, f in zip(ids, full_ids))
-        out = utils_embed.extract_embeddings(convs, tmp_path / f"{side}.safetensors", model_name=tiny_reward_model,
+        out = utils.extract_embeddings(convs, tmp_path / f"{side}.safetensors", model_name=tiny_reward_model,
                                              max_length=max_length, truncation_side=side, shard_size=4,
                                              progress=False)
         assert f"{n_long}/10 conversations truncated" in capsys.readouterr().out
         f = load_file(out)
         cut = [x[-max_length:] if side == "left" else x[:max_length] for x in full_ids]
-        expected = utils_embed.embed_token_ids(model, cut, tokenizer.pad_token_id)
+        expected = utils.embed_token_ids(model, cut, tokenizer.pad_token_id)
         torch.testing.assert_close(f["embeddings"], expected, atol=1e-5, rtol=1e-5)
         with safe_open(str(out), "pt") as g:
             assert g.metadata()["n_truncated"] == str(n_long) and g.metadata()["truncation_side"] == side
@@ -132,7 +136,7 @@ def test_truncation(tok_model, tiny_reward_model, tmp_path, capsys):
     long = torch.tensor([len(x) > max_length for x in full_ids])
     assert torch.equal(left[~long], right[~long]) and not torch.allclose(left[long], right[long])
     # left truncation keeps the end: the last token (where the reward is read) is the same as without truncation
-    assert all(x[-1] == f[-1] for x, f in zip(utils_embed.tokenize_conversations(tokenizer, convs, max_length)[0],
+    assert all(x[-1] == f[-1] for x, f in zip(utils.tokenize_conversations(tokenizer, convs, max_length)[0],
                                              full_ids))
 
 
@@ -141,18 +145,18 @@ def test_resume_is_byte_identical(tiny_reward_model, tmp_path, monkeypatch, caps
     kw = dict(model_name=tiny_reward_model, shard_size=3, max_batch_size=2, progress=False,
               metadata={"dataset": "toy", "split": "train"})
     (tmp_path / "a").mkdir()
-    ref = utils_embed.extract_embeddings(convs, tmp_path / "a" / "ref.safetensors", **kw)  # uninterrupted
+    ref = utils.extract_embeddings(convs, tmp_path / "a" / "ref.safetensors", **kw)  # uninterrupted
     assert ref == tmp_path / "a" / "ref.safetensors" and os.listdir(tmp_path / "a") == ["ref.safetensors"]
 
     out = tmp_path / "b" / "emb.safetensors"
     out.parent.mkdir()
     shard_dir = tmp_path / "b" / "emb.safetensors.shards"
     # a stale shard from other settings (max_length) must be recomputed, not reused
-    assert utils_embed.extract_embeddings(convs, out, **{**kw, "max_length": 20}, stop_after_shards=1) is None
+    assert utils.extract_embeddings(convs, out, **{**kw, "max_length": 20}, stop_after_shards=1) is None
     stale = sorted(os.listdir(shard_dir))
     assert stale == ["shard_00000000_00000003.safetensors"]
     # "killed" after one more shard: two shards finished, no output file, no temp files
-    assert utils_embed.extract_embeddings(convs, out, **kw, stop_after_shards=2) is None
+    assert utils.extract_embeddings(convs, out, **kw, stop_after_shards=2) is None
     assert sorted(os.listdir(shard_dir)) == ["shard_00000000_00000003.safetensors",
                                              "shard_00000003_00000006.safetensors"]
     assert not out.exists()
@@ -162,7 +166,10 @@ def test_resume_is_byte_identical(tiny_reward_model, tmp_path, monkeypatch, caps
     assert meta["start"] == "3" and meta["stop"] == "6" and meta["split"] == "train" and meta["dataset"] == "toy"
     assert meta["model_name"] == tiny_reward_model and meta["dtype"] == "float32"
 
-    assert utils_embed.extract_embeddings(convs, out, **kw) == out
+    # a half-written temp file (killed while saving) and a corrupt shard file are ignored / recomputed
+    (shard_dir / "shard_00000006_00000009.safetensors.999.tmp").write_bytes(b"\x00" * 100)
+    (shard_dir / "shard_00000006_00000009.safetensors").write_bytes(b"garbage")
+    assert utils.extract_embeddings(convs, out, **kw) == out
     assert "resuming, 2 finished shards" in capsys.readouterr().out
     assert out.read_bytes() == ref.read_bytes()
     assert not shard_dir.exists() and os.listdir(out.parent) == ["emb.safetensors"]
@@ -170,20 +177,20 @@ def test_resume_is_byte_identical(tiny_reward_model, tmp_path, monkeypatch, caps
     # up to date: returns at once, without loading the model
     def boom(*args, **kwargs):
         raise AssertionError("model loaded although the output is up to date")
-    monkeypatch.setattr(utils_embed, "load_reward_model", boom)
+    monkeypatch.setattr(utils, "load_reward_model", boom)
     mtime = out.stat().st_mtime_ns
-    assert utils_embed.extract_embeddings(convs, out, **kw) == out
+    assert utils.extract_embeddings(convs, out, **kw) == out
     assert "up to date" in capsys.readouterr().out and out.stat().st_mtime_ns == mtime
     # other inputs -> not up to date
     with pytest.raises(AssertionError, match="model loaded"):
-        utils_embed.extract_embeddings(convs[:-1], out, **kw)
+        utils.extract_embeddings(convs[:-1], out, **kw)
     with pytest.raises(AssertionError, match="model loaded"):
-        utils_embed.extract_embeddings(convs, out, **{**kw, "max_length": 50})
+        utils.extract_embeddings(convs, out, **{**kw, "max_length": 50})
 
 
 def test_keep_shards(tiny_reward_model, tmp_path):
     convs = make_conversations(5, seed=4)
-    out = utils_embed.extract_embeddings(convs, tmp_path / "e.safetensors", model_name=tiny_reward_model,
+    out = utils.extract_embeddings(convs, tmp_path / "e.safetensors", model_name=tiny_reward_model,
                                          shard_size=2, keep_shards=True, progress=False)
     shards = sorted(os.listdir(f"{out}.shards"))
     assert shards == ["shard_00000000_00000002.safetensors", "shard_00000002_00000004.safetensors",
@@ -199,15 +206,16 @@ def test_groups_extras_metadata(tok_model, tiny_reward_model, tmp_path, monkeypa
     extras = {"user_id": user, "prompt_idx": torch.arange(4, dtype=torch.int32), "w": torch.rand(2, 3),
               "flag": torch.tensor([True, False]), "half": torch.ones(3, dtype=torch.bfloat16),
               "scalar": torch.tensor(7, dtype=torch.int64), "empty": torch.zeros(0, dtype=torch.int64)}
-    kw = dict(model_name=tiny_reward_model, groups={"chosen": 4, "rejected": 3}, shard_size=3, progress=False)
-    out = utils_embed.extract_embeddings(chosen + rejected, tmp_path / "g.safetensors", extra_tensors=extras,
+    kw = dict(model_name=tiny_reward_model, groups={"chosen": 4, "rejected": np.int64(3)}, shard_size=3,
+              progress=False)
+    out = utils.extract_embeddings(chosen + rejected, tmp_path / "g.safetensors", extra_tensors=extras,
                                          metadata={"split": "test", "n_users": 3}, **kw)
     f = load_file(out)
     assert set(f) == {"chosen", "rejected", "head", *extras}
-    emb = utils_embed.embed_batch(tokenizer, model, chosen + rejected)
+    emb = utils.embed_batch(tokenizer, model, chosen + rejected)
     torch.testing.assert_close(f["chosen"], emb[:4], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(f["rejected"], emb[4:], atol=1e-5, rtol=1e-5)
-    assert torch.equal(f["head"], utils_embed.reward_head(model))
+    assert torch.equal(f["head"], utils.reward_head(model))
     for name, t in extras.items():
         assert f[name].dtype == t.dtype and torch.equal(f[name], t), name
     with safe_open(str(out), "pt") as g:
@@ -219,11 +227,11 @@ def test_groups_extras_metadata(tok_model, tiny_reward_model, tmp_path, monkeypa
 
     # new extra tensors / metadata only: the file is rewritten from its own rows, without the model, and equals
     # a fresh run with those extras
-    fresh = utils_embed.extract_embeddings(chosen + rejected, tmp_path / "fresh.safetensors",
+    fresh = utils.extract_embeddings(chosen + rejected, tmp_path / "fresh.safetensors",
                                            extra_tensors={"user_id": user + 1}, metadata={"split": "dev"}, **kw)
-    monkeypatch.setattr(utils_embed, "load_reward_model", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(utils, "load_reward_model", lambda *a, **k: 1 / 0)
     capsys.readouterr()
-    assert utils_embed.extract_embeddings(chosen + rejected, out, extra_tensors={"user_id": user + 1},
+    assert utils.extract_embeddings(chosen + rejected, out, extra_tensors={"user_id": user + 1},
                                           metadata={"split": "dev"}, **kw) == out
     assert "rewriting" in capsys.readouterr().out
     assert out.read_bytes() == fresh.read_bytes()
@@ -238,7 +246,7 @@ def test_streaming_writer_roundtrip(tmp_path):
     groups = [("a", 4), ("none", 0), ("b", 7)]
     path = tmp_path / "x.safetensors"
     meta = {"k": "v", "ünï": "çødé"}
-    utils_embed._write_embeddings_file(path, iter([mat[:3], mat[3:9], mat[9:]]), 11, 5, groups, tensors, meta)
+    utils._write_embeddings_file(path, iter([mat[:3], mat[3:9], mat[9:]]), 11, 5, groups, tensors, meta)
     f = load_file(path)
     assert torch.equal(f["a"], mat[:4]) and torch.equal(f["b"], mat[4:]) and f["none"].shape == (0, 5)
     for k, t in tensors.items():
@@ -249,10 +257,10 @@ def test_streaming_writer_roundtrip(tmp_path):
     n = int.from_bytes(raw[:8], "little")
     assert n % 8 == 0 and len(raw) == 8 + n + 11 * 5 * 4 + 5 * 4 + 3 + 40 + 6 + 32
     # deterministic, and a failing writer leaves neither the target nor a temp file behind
-    utils_embed._write_embeddings_file(path, iter([mat]), 11, 5, groups, tensors, meta)
+    utils._write_embeddings_file(path, iter([mat]), 11, 5, groups, tensors, meta)
     assert path.read_bytes() == raw
     with pytest.raises(ValueError, match="rows"):
-        utils_embed._write_embeddings_file(tmp_path / "y.safetensors", iter([mat[:5]]), 11, 5, groups, tensors, meta)
+        utils._write_embeddings_file(tmp_path / "y.safetensors", iter([mat[:5]]), 11, 5, groups, tensors, meta)
     assert os.listdir(tmp_path) == ["x.safetensors"]
 
 
@@ -261,23 +269,23 @@ def test_bad_input(tiny_reward_model, tmp_path):
     out = tmp_path / "bad.safetensors"
     good = make_conversations(3)
     with pytest.raises(ValueError, match="non-empty list"):
-        utils_embed.extract_embeddings([], out, **kw)
+        utils.extract_embeddings([], out, **kw)
     with pytest.raises(ValueError, match=r"conversations\[0\]"):
-        utils_embed.extract_embeddings(good[0], out, **kw)  # one conversation instead of a list of them
+        utils.extract_embeddings(good[0], out, **kw)  # one conversation instead of a list of them
     with pytest.raises(ValueError, match=r"conversations\[1\]"):
-        utils_embed.extract_embeddings([good[0], "hello"], out, **kw)
+        utils.extract_embeddings([good[0], "hello"], out, **kw)
     with pytest.raises(ValueError, match=r"conversations\[1\]"):
-        utils_embed.extract_embeddings([good[0], [{"role": "user", "text": "hi"}]], out, **kw)
+        utils.extract_embeddings([good[0], [{"role": "user", "text": "hi"}]], out, **kw)
     with pytest.raises(ValueError, match=r"conversations\[3\]"):
-        utils_embed.extract_embeddings(good + [[]], out, **kw)
+        utils.extract_embeddings(good + [[]], out, **kw)
     with pytest.raises(ValueError, match="sum to 2"):
-        utils_embed.extract_embeddings(good, out, groups={"chosen": 1, "rejected": 1}, **kw)
+        utils.extract_embeddings(good, out, groups={"chosen": 1, "rejected": 1}, **kw)
     with pytest.raises(ValueError, match="clashes"):
-        utils_embed.extract_embeddings(good, out, extra_tensors={"head": torch.zeros(1)}, **kw)
+        utils.extract_embeddings(good, out, extra_tensors={"head": torch.zeros(1)}, **kw)
     with pytest.raises(ValueError, match="reserved"):
-        utils_embed.extract_embeddings(good, out, metadata={"fingerprint": "x"}, **kw)
+        utils.extract_embeddings(good, out, metadata={"fingerprint": "x"}, **kw)
     with pytest.raises(ValueError, match="truncation_side"):
-        utils_embed.extract_embeddings(good, out, truncation_side="middle", **kw)
+        utils.extract_embeddings(good, out, truncation_side="middle", **kw)
     assert not out.exists()
 
 
@@ -296,12 +304,12 @@ def test_torchrun_two_processes(tiny_reward_model, tmp_path):
         import importlib, json, sys
         import torch
         sys.path.insert(0, {REPO_ROOT!r})
-        utils_embed = importlib.import_module({utils_embed.__name__!r})
+        utils = importlib.import_module({utils.__name__!r})
         convs = json.load(open(sys.argv[1]))
-        out = utils_embed.extract_embeddings(convs, sys.argv[2], model_name=sys.argv[3], shard_size=3,
+        out = utils.extract_embeddings(convs, sys.argv[2], model_name=sys.argv[3], shard_size=3,
                                              groups={{"chosen": 6, "rejected": 4}}, progress=False,
                                              extra_tensors={{"user_id": torch.arange(6)}}, metadata={{"split": "x"}})
-        rank, world, local_rank = utils_embed.dist_info()
+        rank, world, local_rank = utils.dist_info()
         print(f"rank={{rank}} world={{world}} out={{out}}", flush=True)
     """))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}

@@ -1,0 +1,125 @@
+"""PersonalLLM/: prepare.py end to end on a tiny dataset and model, train_basis.py and
+vary_fewshot.py on prepared and synthetic data, and their input errors."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import run_script
+
+import utils
+
+MODELS = ["gemma_2b", "gemma_7b", "mistral_raft", "llama3_sfairx", "oasst_deberta_v3",
+          "beaver_7b", "oasst_pythia_7b", "oasst_pythia_1b", "mistral_ray", "mistral_weqweasdas"]
+
+
+def personalllm_frame(num_prompts, seed):
+    """A DataFrame in the PersonalLLM schema: prompt, response_1..8, response_{i}_{model} scores."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(num_prompts):
+        row = {"prompt": f"prompt {p}: " + " ".join(rng.choice(["why", "how", "sky", "tea", "ünï"], 4))}
+        for i in range(1, 9):
+            row[f"response_{i}"] = f"answer {i} to {p} " + "x" * int(rng.integers(1, 30))
+            for m in MODELS:
+                row[f"response_{i}_{m}"] = float(rng.normal())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_reward_model):
+    """A tiny PersonalLLM copy as parquet files (one score None) embedded by prepare.py."""
+    root = tmp_path_factory.mktemp("personalllm")
+    train, test = personalllm_frame(40, 0), personalllm_frame(12, 1)
+    train.loc[3, "response_5_beaver_7b"] = None
+    train.to_parquet(root / "train.parquet")
+    test.to_parquet(root / "test.parquet")
+    proc = run_script("PersonalLLM/prepare.py", f"model_name={tiny_reward_model}", f"dataset_path={root}",
+                      f"data_dir={root / 'data'}", "shard_size=64")
+    return root, train, test, proc
+
+
+def test_prepare_writes_both_splits_prompt_major_with_true_head(prepared, tiny_reward_model):
+    root, train, test, _ = prepared
+    t = utils.load_tensors(root / "data" / "train.safetensors")
+    assert t["embeddings"].shape == (40 * 8, 64) and t["scores"].shape == (40, 8, 10)
+    assert t["head"].shape == (64, 1) and torch.equal(t["prompt_index"], torch.arange(40))
+    assert torch.isnan(t["scores"][3, 4, MODELS.index("beaver_7b")])
+    assert t["scores"][2, 6, 1].item() == pytest.approx(train.loc[2, "response_7_gemma_7b"])
+    assert utils.load_tensors(root / "data" / "test.safetensors")["embeddings"].shape == (12 * 8, 64)
+    # row 8 p + i is response i + 1 of prompt p, and embedding @ head is the model's own reward
+    tokenizer, model = utils.load_reward_model(tiny_reward_model)
+    p, i = 5, 2
+    conv = [{"role": "user", "content": train.loc[p, "prompt"]},
+            {"role": "assistant", "content": train.loc[p, f"response_{i + 1}"]}]
+    ids = tokenizer.apply_chat_template(conv, tokenize=False)
+    with torch.no_grad():
+        logit = model(**tokenizer(ids, add_special_tokens=False, return_tensors="pt")).logits[0, 0]
+    assert (t["embeddings"][8 * p + i] @ t["head"]).item() == pytest.approx(logit.item(), abs=1e-4)
+
+
+def test_prepare_is_not_recomputed_when_up_to_date(prepared, tiny_reward_model):
+    root, *_ = prepared
+    before = (root / "data" / "train.safetensors").read_bytes()
+    proc = run_script("PersonalLLM/prepare.py", f"model_name={tiny_reward_model}", f"dataset_path={root}",
+                      f"data_dir={root / 'data'}", "split=train")
+    assert "up to date" in proc.stdout
+    assert (root / "data" / "train.safetensors").read_bytes() == before
+
+
+def test_train_basis_on_prepared_data_skips_nan_prompts(prepared, tmp_path):
+    root, *_ = prepared
+    proc = run_script("PersonalLLM/train_basis.py", f"data_dir={root / 'data'}", f"out_dir={tmp_path}",
+                      "N=6", "N_unseen=4", "train_density=0.5", "fewshot_density=0.25", "K_list=[0,1,2]",
+                      "num_iterations=20", "fewshot_iterations=10")
+    assert "skipping 1 of 40 prompts with a missing (None/NaN) score" in proc.stdout
+    res = json.loads((tmp_path / "train_basis.json").read_text())
+    assert [r["K"] for r in res["results"]] == [0, 1, 2]
+    assert (tmp_path / "train_basis.png").stat().st_size > 1000
+
+
+def test_missing_column_is_a_clear_error(tmp_path, tiny_reward_model):
+    personalllm_frame(3, 0).drop(columns=["response_3"]).to_parquet(tmp_path / "train.parquet")
+    proc = run_script("PersonalLLM/prepare.py", f"model_name={tiny_reward_model}", f"dataset_path={tmp_path}",
+                      f"data_dir={tmp_path / 'data'}", "split=train", check=False)
+    assert proc.returncode != 0 and "missing column(s) ['response_3']" in proc.stderr
+    assert not (tmp_path / "data" / "train.safetensors").exists()
+
+
+def test_missing_or_inconsistent_embeddings_are_clear_errors(tmp_path):
+    proc = run_script("PersonalLLM/train_basis.py", f"data_dir={tmp_path}", check=False)
+    assert proc.returncode != 0 and "train.safetensors not found" in proc.stderr and "prepare.py" in proc.stderr
+    utils.save_tensors(tmp_path / "train.safetensors", {"embeddings": torch.randn(30, 4),
+                                                        "scores": torch.randn(4, 8, 10), "head": torch.randn(4, 1)})
+    utils.save_tensors(tmp_path / "test.safetensors", {"embeddings": torch.randn(32, 4),
+                                                       "scores": torch.randn(4, 8, 10), "head": torch.randn(4, 1)})
+    proc = run_script("PersonalLLM/train_basis.py", f"data_dir={tmp_path}", check=False)
+    assert proc.returncode != 0 and "30 embeddings do not match scores of shape (4, 8, 10)" in proc.stderr
+
+
+SMALL = ["synthetic=True", "synthetic_features=48", "synthetic_prompts=[3000,300]", "N=150", "N_unseen=80",
+         "num_iterations=300", "fewshot_iterations=300"]
+
+
+def test_synthetic_train_basis_shows_paper_ordering_and_is_reproducible(tmp_path):
+    run_script("PersonalLLM/train_basis.py", *SMALL, "K_list=[0,1,3]", f"out_dir={tmp_path / 'a'}")
+    run_script("PersonalLLM/train_basis.py", *SMALL, "K_list=[0,1,3]", f"out_dir={tmp_path / 'b'}")
+    a = json.loads((tmp_path / "a" / "train_basis_synthetic.json").read_text())
+    b = json.loads((tmp_path / "b" / "train_basis_synthetic.json").read_text())
+    assert a["results"] == b["results"]
+    unseen = [r["unseen_test"]["mean"] for r in a["results"]]
+    assert unseen[0] < unseen[1] - 0.02 and unseen[1] < unseen[2] - 0.05, unseen  # ref < BT < LoRe
+    assert (tmp_path / "a" / "train_basis_synthetic.png").exists()
+
+
+def test_synthetic_vary_fewshot_writes_outputs(tmp_path):
+    proc = run_script("PersonalLLM/vary_fewshot.py", *SMALL, "K=3", "num_shots=[1,5,9,20]", "trials=2",
+                      f"out_dir={tmp_path}")
+    assert "skipping 80 of 80 unseen users with fewer than 20 pairs" in proc.stdout  # pool is 15 pairs
+    res = json.loads((tmp_path / "vary_fewshot_synthetic.json").read_text())
+    acc = [r["unseen_test"]["mean"] for r in res["results"]]
+    assert [r["shots"] for r in res["results"]] == [1, 5, 9, 20] and acc[3] is None
+    assert acc[0] < acc[2]  # more shots help
+    assert (tmp_path / "vary_fewshot_synthetic.png").exists()
