@@ -228,7 +228,9 @@ def test_configure_overrides_and_type_checks():
     cfg = {"K_list": [0, 1], "lr": 0.5, "n": 3, "name": "a", "flag": False, "path": None}
     utils.configure(cfg, ["K_list=[2,3]", "lr=1", "name=hello", "flag=True", "path=/tmp/x"])
     assert cfg == {"K_list": [2, 3], "lr": 1.0, "n": 3, "name": "hello", "flag": True, "path": "/tmp/x"}
-    for bad in (["n=1.5"], ["flag=1"], ["nope=1"], ["K_list"]):
+    utils.configure(cfg, ["--n", "7", "--name=b c"])  # flags, as in the published READMEs
+    assert cfg["n"] == 7 and cfg["name"] == "b c"
+    for bad in (["n=1.5"], ["flag=1"], ["nope=1"], ["K_list"], ["--n"]):
         with pytest.raises(SystemExit):
             utils.configure(dict(cfg), bad)
 

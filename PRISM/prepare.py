@@ -1,0 +1,74 @@
+"""PRISM: build users, dialogs and pairs, and embed them with the reward model -> PRISM/data/.
+
+    python PRISM/prepare.py                                  # downloads the jsonl files when absent
+    python PRISM/prepare.py dataset_path=/path/to/prism-alignment model_name=/path/to/model
+    torchrun --nproc_per_node=8 PRISM/prepare.py             # several GPUs
+
+Reads survey.jsonl, conversations.jsonl and utterances.jsonl of HannahRoseKirk/prism-alignment
+(from dataset_path, default data_dir, where they are downloaded through the hub client when
+missing). Users with a completed conversation; dialogs with no complete turn dropped; users
+with more than 5 dialogs; seed 123: users shuffled, 80% seen / 20% unseen; half of each user's
+dialogs for training (seen) or few-shot (unseen), half for test. A turn's prompt is the dialog
+so far (user messages and chosen replies); every rejected reply is its own pair.
+
+Writes to data_dir:
+  pairs.parquet           one row per pair: user, user_id, seen, split, dialog, conversation_id,
+                          turn, prompt (messages), chosen, rejected, scores, models, chosen_row, rejected_row
+  users.parquet           one row per user: user, user_id, seen, dialogs, train/test dialogs, pairs
+  embeddings.safetensors  `embeddings` [R, F] (the chosen conversation of every turn, then the
+                          rejected conversation of every pair), `head` [F, 1] (the model's score
+                          head), and per pair [P] int64: chosen, rejected (rows of `embeddings`),
+                          user, dialog, turn, seen (0/1), split (0 train / few-shot, 1 test)
+Malformed jsonl lines are reported and skipped. Every file is written atomically, the parquet
+tables once the embeddings are complete. Embedding is resumable (shards); an up-to-date file is
+not recomputed.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import utils  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# config (edit in place, or override on the command line as key=value)
+model_name = "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"  # hub id or local path
+dataset_path = None        # folder with the three jsonl files; default data_dir (downloaded there if missing)
+data_dir = None            # default: PRISM/data
+seed = 123                 # user shuffle and dialog halves (published)
+seen_fraction = 0.8
+min_dialogs = 6            # keep users with more than 5 dialogs
+max_length = 4096          # tokens; longer conversations keep their last max_length tokens
+max_tokens_per_batch = 16384
+shard_size = 2048          # conversations per resumable shard
+stop_after_shards = None   # stop early after this many new shards (for testing resume)
+# -----------------------------------------------------------------------------
+config = utils.configure(globals())
+HERE = Path(__file__).resolve().parent
+data_dir = Path(data_dir or HERE / "data")
+source = Path(dataset_path or data_dir)
+
+paths = {}
+for name in utils.PRISM_FILES:
+    paths[name] = source / name
+    if not paths[name].is_file():
+        if dataset_path is not None:
+            raise FileNotFoundError(f"{paths[name]} not found (dataset_path={dataset_path})")
+        from huggingface_hub import hf_hub_download
+        print(f"downloading {name} from {utils.PRISM_REPO} to {source}")
+        paths[name] = Path(hf_hub_download(utils.PRISM_REPO, name, repo_type="dataset", local_dir=source))
+
+rows = {name: utils.prism_read_jsonl(path) for name, path in paths.items()}
+dialogs = utils.prism_dialogs(*(rows[name] for name in utils.PRISM_FILES))
+pairs, users, conversations = utils.prism_pairs(dialogs, seed, seen_fraction, min_dialogs)
+
+path = utils.extract_embeddings(
+    conversations, data_dir / "embeddings.safetensors", model_name=model_name,
+    extra_tensors=utils.prism_pair_tensors(pairs),
+    metadata={"dataset": utils.PRISM_REPO, "seed": seed, "seen_fraction": seen_fraction, "min_dialogs": min_dialogs,
+              "num_users": len(users), "num_seen": int(users["seen"].sum()), "num_pairs": len(pairs)},
+    max_tokens_per_batch=max_tokens_per_batch, max_length=max_length, shard_size=shard_size,
+    stop_after_shards=stop_after_shards)
+if path is not None and utils.is_main_process():  # the tables last, once their embeddings exist
+    utils.atomic_write_bytes(data_dir / "pairs.parquet", pairs.to_parquet(index=False))
+    utils.atomic_write_bytes(data_dir / "users.parquet", users.to_parquet(index=False))
+    print(f"wrote {path}, {data_dir / 'pairs.parquet'} and users.parquet")

@@ -1,0 +1,67 @@
+"""PRISM: learn K shared basis rewards on the seen users (regularized LoRe), personalize the unseen ones.
+
+    python PRISM/prepare.py                  # once: pairs and embeddings -> PRISM/data/
+    python PRISM/train_basis.py              # K_list x alpha_list table, JSON, PNG and the learned heads
+    python PRISM/train_basis.py synthetic=True   # offline, CPU, no download (about a minute)
+
+LoRe_regularized (pooled loss, alternating W / V steps, cosine pull of every basis column to
+the reward model's own head, ramped in from 20% to 80% of the steps). K = 0 is the reference
+head, K = 1 one Bradley-Terry reward for everyone. Seen users are trained on half of their
+dialogs and tested on the other half; unseen users fit their weights on half of their dialogs
+(few-shot) and are tested on the rest.
+
+Writes to out_dir (default PRISM/results): train_basis.json, train_basis.png (accuracy vs rank)
+and heads/K{K}_alpha{alpha}.safetensors with `V` [F, K'] (the kept basis columns), `W` [N, K']
+(seen users) and `W_unseen` [N_unseen, K'], for PRISM/eval_rb2.py rm_head=...
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import utils  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# config (edit in place, or override on the command line as key=value)
+K_list = [0, 1, 5, 10, 15, 20, 25, 50]
+alpha_list = [1e4]
+num_iterations = None      # Adam steps of the joint fit; None: 20000 (published), 500 when synthetic
+learning_rate = 0.5
+fewshot_iterations = 500
+fewshot_learning_rate = 0.5
+seed = 0
+synthetic = False          # True: a generated PRISM-shaped dataset with a planted low-rank structure
+synthetic_users = 1000
+synthetic_features = 64    # embedding size F of the synthetic data
+save_heads = True          # write V, W, W_unseen of every (alpha, K) to out_dir/heads/
+data_dir = None            # default: PRISM/data (written by prepare.py)
+out_dir = None             # default: PRISM/results
+device = None              # default: cuda if available, else cpu
+# -----------------------------------------------------------------------------
+config = utils.configure(globals())
+HERE = Path(__file__).resolve().parent
+num_iterations = num_iterations or (500 if synthetic else 20000)
+
+t0 = time.time()
+utils.set_seed(seed)
+train, test, train_unseen, test_unseen, head, _ = utils.prism_load(
+    data_dir or HERE / "data", HERE / "prepare.py", synthetic, synthetic_users, synthetic_features, seed)
+*res, models = utils.run_regularized(
+    K_list, alpha_list, head, train, test, train_unseen, test_unseen, len(train), len(train_unseen),
+    utils.get_device(device), num_iterations=num_iterations, learning_rate=learning_rate,
+    fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_models=True)
+out = utils.script_out_dir(__file__, out_dir)
+name = "train_basis_synthetic" if synthetic else "train_basis"
+heads = {}
+if save_heads:
+    for (alpha, K), m in models.items():
+        path = out / ("heads_synthetic" if synthetic else "heads") / f"K{K}_alpha{alpha:g}.safetensors"
+        utils.save_tensors(path, m, metadata={"K": K, "alpha": alpha, "kept": m["V"].shape[1], "synthetic": synthetic})
+        heads[f"K={K} alpha={alpha:g}"] = str(path)
+utils.report_run(res, K_list, alpha_list, config, out, name, "PRISM (synthetic)" if synthetic else "PRISM",
+                 extra={"seconds": time.time() - t0, "num_iterations_used": num_iterations,
+                        "kept_bases": {f"K={K} alpha={a:g}": m["V"].shape[1] for (a, K), m in models.items()},
+                        "heads": heads})
+if save_heads:
+    print(f"wrote the learned heads (V, W, W_unseen) to {out / ('heads_synthetic' if synthetic else 'heads')}/")
+print(f"done in {time.time() - t0:.0f}s")

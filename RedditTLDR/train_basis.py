@@ -1,0 +1,59 @@
+"""Reddit TLDR: learn K shared basis rewards from seen workers, personalize unseen workers few-shot.
+
+    python RedditTLDR/prepare.py                       # once: embeddings -> RedditTLDR/data/
+    python RedditTLDR/train_basis.py                   # K_list x alpha_list table, JSON and PNG
+    python RedditTLDR/train_basis.py protocol=paper    # the paper's split (see below)
+    python RedditTLDR/train_basis.py synthetic=True    # offline, CPU, no download
+
+protocol=published (the published script): the two workers with the fewest train-split comparisons
+are dropped; the workers present in both splits are shuffled with random.Random(split_seed) and
+halved into seen / unseen. Seen workers train on at most 150 of their train-split comparisons,
+unseen workers get at most 50 few-shot pairs from theirs; everyone is tested on all their
+validation-split comparisons. protocol=paper: workers with fewer than 50 comparisons (both splits)
+are dropped and each worker's comparisons are split half train (or few-shot), half test; the same
+caps apply. Capped subsets are seeded random subsets (split_seed). K = 0 is the reward model's own
+head, K = 1 one Bradley-Terry reward for everyone.
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import utils  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# config (edit in place, or override on the command line as key=value)
+K_list = [0, 1, 2, 3, 4, 5, 6]
+alpha_list = [0]
+protocol = "published"     # "published" or "paper"
+max_train_pairs = 150      # per seen worker (a large number keeps all)
+max_fewshot_pairs = 50     # per unseen worker
+min_comparisons = 50       # paper protocol: workers with fewer comparisons are dropped
+split_seed = 0             # shuffles the workers (random.Random) and draws the capped subsets
+num_iterations = 1000      # joint fit: Adam steps
+learning_rate = 0.5
+fewshot_iterations = 500
+fewshot_learning_rate = 0.1
+seed = 0
+synthetic = False          # True: a generated Reddit-TLDR-shaped dataset, no download
+synthetic_features = 64    # embedding size F of the synthetic data
+data_dir = None            # default: RedditTLDR/data (written by prepare.py)
+out_dir = None             # default: RedditTLDR/results
+device = None              # default: cuda if available, else cpu
+# -----------------------------------------------------------------------------
+config = utils.configure(globals())
+HERE = Path(__file__).resolve().parent
+
+t0 = time.time()
+utils.set_seed(seed)
+train, test = utils.reddit_data(data_dir or HERE / "data", HERE / "prepare.py", synthetic, synthetic_features, seed)
+features, workers = utils.reddit_split(train, test, protocol, max_train_pairs, max_fewshot_pairs, min_comparisons,
+                                       split_seed=split_seed)
+res = utils.run(K_list, alpha_list, train["head"], *features, len(workers["seen"]), len(workers["unseen"]),
+                utils.get_device(device), num_iterations=num_iterations, learning_rate=learning_rate,
+                fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed)
+name = "train_basis" + ("_paper" if protocol == "paper" else "") + ("_synthetic" if synthetic else "")
+title = "Reddit TLDR" + (" paper split" if protocol == "paper" else "") + (" (synthetic)" if synthetic else "")
+utils.report_run(res, K_list, alpha_list, config, utils.script_out_dir(__file__, out_dir), name, title,
+                 extra={"workers": workers, "seconds": time.time() - t0})
+print(f"done in {time.time() - t0:.0f}s")

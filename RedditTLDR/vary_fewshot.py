@@ -1,0 +1,58 @@
+"""Reddit TLDR: unseen-worker accuracy against the number of few-shot pairs.
+
+    python RedditTLDR/vary_fewshot.py                  # needs RedditTLDR/data from prepare.py
+    python RedditTLDR/vary_fewshot.py synthetic=True   # offline, CPU, no download
+
+The basis (rank K) is learned once on the seen workers (split as in train_basis.py). In each of
+`trials` draws, every unseen worker gets `shots` random pairs from its pool (all its train-split
+comparisons, or at most max_fewshot_pairs of them) and is tested on its validation comparisons.
+Workers with fewer pairs than a shot count are skipped for that count; the table reports how many.
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import utils  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# config (edit in place, or override on the command line as key=value)
+K = 5
+alpha = 0
+num_shots = [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
+trials = 20
+protocol = "published"     # "published" or "paper" (see train_basis.py)
+max_train_pairs = 150      # per seen worker
+max_fewshot_pairs = None   # pool of an unseen worker's shots (None: all its train-split comparisons)
+min_comparisons = 50       # paper protocol
+split_seed = 0
+num_iterations = 1000
+learning_rate = 0.5
+fewshot_iterations = 500
+fewshot_learning_rate = 0.1
+seed = 0
+synthetic = False
+synthetic_features = 64
+data_dir = None            # default: RedditTLDR/data
+out_dir = None             # default: RedditTLDR/results
+device = None
+# -----------------------------------------------------------------------------
+config = utils.configure(globals())
+HERE = Path(__file__).resolve().parent
+
+t0 = time.time()
+utils.set_seed(seed)
+train, test = utils.reddit_data(data_dir or HERE / "data", HERE / "prepare.py", synthetic, synthetic_features, seed)
+(train_seen, _, train_unseen, test_unseen), workers = utils.reddit_split(
+    train, test, protocol, max_train_pairs, max_fewshot_pairs, min_comparisons, split_seed=split_seed)
+N, N_unseen = len(workers["seen"]), len(workers["unseen"])
+res = utils.run_few_shot_vary_shots(trials, [alpha], [K], num_shots, train_seen, train_unseen, test_unseen,
+                                    train["head"], N, N_unseen, utils.get_device(device),
+                                    num_iterations=num_iterations, learning_rate=learning_rate,
+                                    fewshot_iterations=fewshot_iterations,
+                                    fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True)
+name = "vary_fewshot" + ("_paper" if protocol == "paper" else "") + ("_synthetic" if synthetic else "")
+title = "Reddit TLDR" + (" paper split" if protocol == "paper" else "") + (" (synthetic)" if synthetic else "")
+utils.report_shots(res, num_shots, config, utils.script_out_dir(__file__, out_dir), name, title, K, alpha,
+                   skipped=res[4], extra={"workers": workers, "seconds": time.time() - t0})
+print(f"done in {time.time() - t0:.0f}s")

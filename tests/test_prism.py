@@ -1,0 +1,266 @@
+"""PRISM pipeline and RewardBench 2 evaluation: processing, scoring rules, scripts end to end (CPU, no download)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import utils
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_script(script, *args):
+    out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *map(str, args)], capture_output=True,
+                         text=True, env=ENV, cwd=REPO_ROOT, timeout=300)
+    assert out.returncode == 0, f"{script} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# tiny PRISM in the real jsonl schemas
+
+def turn(user, *replies):
+    """One turn: the user message and its replies as (text, chosen) tuples."""
+    return {"user": user, "replies": list(replies)}
+
+
+def simple_dialog(cid):
+    return [turn(f"{cid} hello", (f"{cid} good", True), (f"{cid} bad", False))]
+
+
+def prism_spec():
+    """user -> (num_completed_conversations, {conversation_id: [turns]})."""
+    spec = {}
+    u0 = {"c_u0_0": [turn("hi", ("A", True), ("B", False), ("C", False)),  # two rejected replies
+                     turn("more", ("D", True), ("E", False)),
+                     turn("again", ("F", False), ("G", False))],        # no chosen reply: dialog stops
+          "c_u0_1": [turn("lonely", ("X", False), ("Y", False))]}       # no complete turn: dropped
+    u0.update({f"c_u0_{i}": simple_dialog(f"c_u0_{i}") for i in range(2, 7)})
+    spec["u0"] = (7, u0)
+    for u in ["u1", "u2", "u3", "u4"]:
+        spec[u] = (6, {f"c_{u}_{i}": simple_dialog(f"c_{u}_{i}") for i in range(6)})
+    spec["few"] = (3, {f"c_few_{i}": simple_dialog(f"c_few_{i}") for i in range(3)})       # too few dialogs
+    spec["nosurvey"] = (0, {f"c_ns_{i}": simple_dialog(f"c_ns_{i}") for i in range(6)})   # no completed conv.
+    return spec
+
+
+def write_prism(folder):
+    """survey / conversations / utterances.jsonl with one malformed line in each of the last two."""
+    os.makedirs(folder, exist_ok=True)
+    survey, conversations, utterances = [], [], []
+    for user, (completed, dialogs) in prism_spec().items():
+        survey.append({"user_id": user, "survey_only": False, "num_completed_conversations": completed,
+                       "age": "25-34 years old"})
+        for cid, turns in dialogs.items():
+            history = []
+            for t, tr in enumerate(turns):
+                history.append({"turn": t, "role": "user", "content": tr["user"], "model_provider": None,
+                                "model_name": None, "score": None, "if_chosen": None, "within_turn_id": None})
+                for k, (text, chosen) in enumerate(tr["replies"]):
+                    score = 90 - 10 * k
+                    history.append({"turn": t, "role": "model", "content": text, "model_provider": "p",
+                                    "model_name": f"m{k}", "score": score, "if_chosen": chosen, "within_turn_id": k})
+                    utterances.append({"utterance_id": f"{cid}-{t}-{k}", "user_id": user, "conversation_id": cid,
+                                       "turn": t, "within_turn_id": k, "user_prompt": tr["user"],
+                                       "model_response": text, "model_name": f"m{k}", "model_provider": "p",
+                                       "score": score, "if_chosen": chosen})
+            conversations.append({"conversation_id": cid, "user_id": user, "conversation_type": "unguided",
+                                  "opening_prompt": turns[0]["user"], "conversation_turns": len(turns),
+                                  "conversation_history": history})
+    lines = {"survey.jsonl": [json.dumps(r) for r in survey],
+             "conversations.jsonl": [json.dumps(r) for r in conversations],
+             "utterances.jsonl": [json.dumps(r) for r in utterances]}
+    lines["conversations.jsonl"].insert(2, '{"conversation_id": "broken", "user_id": ')   # line 3: bad JSON
+    bad = {k: v for k, v in utterances[0].items() if k != "if_chosen"}
+    lines["utterances.jsonl"].insert(4, json.dumps(bad))                                 # line 5: missing field
+    for name, ls in lines.items():
+        with open(os.path.join(folder, name), "w") as f:
+            f.write("\n".join(ls) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prism_dir(tmp_path_factory):
+    return write_prism(tmp_path_factory.mktemp("prism_raw"))
+
+
+def test_read_jsonl_reports_malformed_lines(prism_dir, capsys):
+    rows = utils.prism_read_jsonl(os.path.join(prism_dir, "utterances.jsonl"))
+    out = capsys.readouterr().out
+    assert "utterances.jsonl:5: missing field 'if_chosen'; line skipped" in out
+    assert all("if_chosen" in r for r in rows)
+    utils.prism_read_jsonl(os.path.join(prism_dir, "conversations.jsonl"))
+    assert "conversations.jsonl:3: invalid JSON" in capsys.readouterr().out
+
+
+def test_processing_gives_expected_pairs(prism_dir):
+    rows = [utils.prism_read_jsonl(os.path.join(prism_dir, n)) for n in utils.PRISM_FILES]
+    dialogs = utils.prism_dialogs(*rows)
+    ids = {d["conversation_id"] for d in dialogs}
+    assert "c_u0_1" not in ids and not any(i.startswith("c_ns_") for i in ids)  # no complete turn / no survey user
+    pairs, users, convs = utils.prism_pairs(dialogs, seed=123)
+    assert set(users["user_id"]) == {"u0", "u1", "u2", "u3", "u4"}  # 'few' has too few dialogs
+    assert users["seen"].sum() == 4 and list(users["seen"]) == [True] * 4 + [False]
+    assert (users["dialogs"] == 6).all() and (users["train_dialogs"] == 3).all()
+    assert len(pairs) == 3 + 5 + 4 * 6 and len(convs) == len(pairs) + (2 + 5 + 4 * 6)
+    assert (np.diff(pairs["user"]) >= 0).all()  # users contiguous, seen users first
+
+    d0 = pairs[pairs["conversation_id"] == "c_u0_0"]
+    assert list(d0["turn"]) == [0, 0, 1] and list(d0["chosen"]) == ["A", "A", "D"]
+    assert list(d0["rejected"]) == ["B", "C", "E"]  # each rejected reply is its own pair
+    assert list(d0["prompt"].iloc[0]) == [{"role": "user", "content": "hi"}]
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A"},
+               {"role": "user", "content": "more"}]
+    assert list(d0["prompt"].iloc[2]) == history  # history holds the chosen replies only
+    assert d0["chosen_row"].iloc[0] == d0["chosen_row"].iloc[1]  # the chosen conversation is embedded once
+    assert convs[d0["chosen_row"].iloc[2]] == history + [{"role": "assistant", "content": "D"}]
+    assert convs[d0["rejected_row"].iloc[1]] == [{"role": "user", "content": "hi"},
+                                                 {"role": "assistant", "content": "C"}]
+    assert all(isinstance(m["content"], str) for c in convs for m in c)
+    assert list(d0["chosen_score"]) == [90.0, 90.0, 90.0] and list(d0["rejected_score"]) == [80.0, 70.0, 80.0]
+    # half of every user's dialogs for train / few-shot, half for test, same split for all pairs of a dialog
+    assert (pairs.groupby("dialog")["split"].nunique() == 1).all()
+    assert (pairs.groupby(["user", "split"])["dialog"].nunique() == 3).all()
+    t = utils.prism_pair_tensors(pairs)
+    assert t["chosen"].dtype == torch.int64 and len(t["split"]) == len(pairs)
+
+
+def test_split_is_seeded():
+    users = [f"u{i % 20}" for i in range(200)]
+    a, b = utils.prism_split(users, seed=123), utils.prism_split(users, seed=123)
+    assert a == b and a[1] == 16 and a != utils.prism_split(users, seed=1)
+
+
+def test_prism_load_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"(?s)embeddings.safetensors not found.*python PRISM/prepare.py"):
+        utils.prism_load(tmp_path, "PRISM/prepare.py")
+
+
+# ------------------------------------------------------------------------------------------------
+# RewardBench 2
+
+def test_rb2_scoring_rules():
+    assert utils.rb2_prompt_score([2.0], [1.0, 1.5, 0.0], "Math") == 1.0
+    assert utils.rb2_prompt_score([1.5], [1.0, 1.5], "Focus") == 0.0  # a tie is wrong
+    assert utils.rb2_prompt_score([3.0, 2.9], [1.0], "Ties") == 1.0  # margin 1.9 > spread 0.1
+    assert utils.rb2_prompt_score([3.0, 1.5], [1.0], "Ties") == 0.5  # margin 0.5 < spread 1.5
+    assert utils.rb2_prompt_score([3.0, 0.5], [1.0], "Ties") == 0.0
+    rewards = [2, 1, 0, 1, 3, 5, 4, 0]  # prompt 0 (Math) right, prompt 1 (Math) wrong, prompt 2 (Ties) full
+    acc = utils.rb2_accuracy(rewards, [0, 0, 0, 1, 1, 2, 2, 2], [1, 0, 0, 1, 0, 1, 1, 0], ["Math", "Math", "Ties"])
+    assert acc == {"Math": 0.5, "Ties": 1.0, "overall": 0.75}
+
+
+def write_rb2(folder):
+    rows = []
+    for s, subset in enumerate(utils.RB2_SUBSETS):
+        for i in range(3):
+            chosen = [f"{subset} good {i}"] + ([f"{subset} also good {i}"] if subset == "Ties" else [])
+            rejected = [f"{subset} bad {i} {j}" for j in range(3)]
+            rows.append({"id": f"{s}-{i}", "prompt": f"{subset} question {i}?", "chosen": chosen, "rejected": rejected,
+                         "num_correct": len(chosen), "num_rejected": 3, "total_completions": len(chosen) + 3,
+                         "models": ["m"] * (len(chosen) + 3), "subset": subset})
+    os.makedirs(folder, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(os.path.join(folder, "test-00000-of-00001.parquet"))
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------
+# scripts end to end: prepare -> train_basis -> eval_rb2 on the tiny random reward model
+
+def test_prepare_train_eval_end_to_end(prism_dir, tiny_reward_model, tmp_path):
+    data, out = tmp_path / "data", tmp_path / "results"
+    log = run_script("PRISM/prepare.py", f"dataset_path={prism_dir}", f"data_dir={data}",
+                     f"model_name={tiny_reward_model}", "max_tokens_per_batch=4096")
+    assert "utterances.jsonl:5: missing field" in log
+    t = utils.load_tensors(data / "embeddings.safetensors", utils.PRISM_TENSORS)
+    pairs = pd.read_parquet(data / "pairs.parquet")
+    users = pd.read_parquet(data / "users.parquet")
+    assert t["embeddings"].shape == (32 + 31, 64) and t["head"].shape == (64, 1) and len(users) == 5
+    assert torch.equal(t["chosen"], torch.tensor(pairs["chosen_row"].to_numpy()))
+    assert torch.equal(t["seen"].bool(), torch.tensor(pairs["seen"].to_numpy()))
+    # rows are the embeddings of the right conversations, and E @ head is the model's own reward
+    tokenizer, model = utils.load_reward_model(tiny_reward_model, device="cpu")
+    p = pairs.iloc[1]
+    conv = list(p["prompt"]) + [{"role": "assistant", "content": p["rejected"]}]
+    conv = [{"role": m["role"], "content": m["content"]} for m in conv]
+    e = utils.embed_batch(tokenizer, model, [conv])
+    torch.testing.assert_close(t["embeddings"][p["rejected_row"]], e[0], rtol=1e-4, atol=1e-4)
+    ids = tokenizer.apply_chat_template(conv, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        logit = model(**ids).logits[0, 0]
+    torch.testing.assert_close(e[0] @ t["head"][:, 0], logit, rtol=1e-4, atol=1e-4)
+    # a second run finds the embeddings up to date
+    assert "up to date" in run_script("PRISM/prepare.py", f"dataset_path={prism_dir}", f"data_dir={data}",
+                                      f"model_name={tiny_reward_model}")
+
+    log = run_script("PRISM/train_basis.py", f"data_dir={data}", f"out_dir={out}", "K_list=[0,1,3]",
+                     "num_iterations=30", "fewshot_iterations=20")
+    assert "4 seen / 1 unseen users" in log
+    res = json.loads((out / "train_basis.json").read_text())
+    assert [r["K"] for r in res["results"]] == [0, 1, 3] and (out / "train_basis.png").is_file()
+    head_file = out / "heads" / "K3_alpha10000.safetensors"
+    h = utils.load_tensors(head_file, ["V", "W", "W_unseen"])
+    assert h["V"].shape[0] == 64 and h["W"].shape == (4, h["V"].shape[1]) and h["W_unseen"].shape[0] == 1
+    torch.testing.assert_close(utils.load_tensors(out / "heads" / "K0_alpha10000.safetensors")["V"], t["head"])
+
+    rb2 = write_rb2(tmp_path / "rb2")
+    log = run_script("PRISM/eval_rb2.py", "--rm_head", head_file, "weights=all", "--limit", "2",
+                     f"dataset_path={rb2}", f"model_name={tiny_reward_model}", f"data_dir={data}", f"out_dir={out}")
+    csv = pd.read_csv(out / "eval_rb2_K3_alpha10000_all_limit2.csv")
+    K = h["V"].shape[1]
+    assert list(csv["head"]) == ["reference", "K3_alpha10000 uniform", "K3_alpha10000 user 0"] + [
+        f"K3_alpha10000 basis {j}" for j in range(K)]
+    assert list(csv.columns) == ["head"] + utils.RB2_SUBSETS + ["overall"]
+    assert csv.iloc[:, 1:].apply(lambda c: c.between(0, 1)).all().all()
+    assert "Precise IF" in log and (data / "rb2_limit2.safetensors").is_file()
+    # the reference row is the model's own reward: recompute it from the model's logits
+    df = utils.rb2_load("rb2", rb2, limit=2)
+    convs, prompt_row, is_chosen = utils.rb2_conversations(df)
+    with torch.no_grad():
+        rewards = [model(**tokenizer.apply_chat_template(c, return_tensors="pt", return_dict=True)).logits[0, 0]
+                   for c in convs]
+    expected = utils.rb2_accuracy(torch.stack(rewards), prompt_row, is_chosen, df["subset"].tolist())
+    assert csv.iloc[0, 1:].to_dict() == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# synthetic mode
+
+def test_synthetic_lore_beats_bt_beats_reference():
+    """On the planted low-rank data (alpha = 0), unseen users: LoRe > BT > reference head."""
+    train, test, train_u, test_u, head, dialogs = utils.prism_load(None, "prepare.py", synthetic=True,
+                                                                   synthetic_users=400)
+    assert len(dialogs) == len(train_u.user) and len(train) == 320 and len(train_u) == 80
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the 2 shared cores: one thread is several times faster here
+    try:
+        res = utils.run_regularized([0, 1, 4], [0.0], head, train, test, train_u, test_u, len(train), len(train_u),
+                                    "cpu", num_iterations=300)
+    finally:
+        torch.set_num_threads(threads)
+    unseen = res[3][0]
+    assert unseen[2] > unseen[1] + 0.03 and unseen[1] > unseen[0] + 0.03
+
+
+def test_train_basis_and_vary_fewshot_synthetic(tmp_path):
+    log = run_script("PRISM/train_basis.py", "synthetic=True", "synthetic_users=200", "K_list=[0,1,3]",
+                     "alpha_list=[0,1e4]", "num_iterations=50", "fewshot_iterations=50", f"out_dir={tmp_path}")
+    assert "seen_test" in log
+    res = json.loads((tmp_path / "train_basis_synthetic.json").read_text())
+    assert len(res["results"]) == 6 and res["num_iterations_used"] == 50
+    assert (tmp_path / "heads_synthetic" / "K3_alpha0.safetensors").is_file()
+
+    log = run_script("PRISM/vary_fewshot.py", "synthetic=True", "synthetic_users=200", "K=3", "trials=2",
+                     "num_iterations=50", "fewshot_iterations=50", f"out_dir={tmp_path}")
+    res = json.loads((tmp_path / "vary_fewshot_synthetic.json").read_text())
+    shots = [r["shots"] for r in res["results"]]
+    assert shots[0] == 1 and shots == list(range(1, len(shots) + 1)) and len(shots) >= 3
+    assert res["results"][0]["users_skipped"] == 0 and res["results"][-1]["users_skipped"] > 0
+    assert all(0 <= r["unseen_test"]["mean"] <= 1 for r in res["results"])
+    assert (tmp_path / "vary_fewshot_synthetic.png").is_file()
