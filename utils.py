@@ -850,14 +850,17 @@ def run_regularized(K_list, alpha_list, V_final, train_features, test_features_s
 
 def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_features, train_features_unseen,
                             test_features_sparse_unseen, V_final, N, N_unseen, device, *, regularized=False,
-                            num_iterations=None, learning_rate=0.5, fewshot_iterations=500,
+                            shot_groups=None, num_iterations=None, learning_rate=0.5, fewshot_iterations=500,
                             fewshot_learning_rate=None, seed=0, return_skipped=False):
-    """Unseen-user accuracy against the number of few-shot pairs.
+    """Unseen-user accuracy against the number of few-shot examples.
 
     The basis is fit once per (alpha, K) on the seen users; then for each shot count and each
-    of `trials` draws, every unseen user gets `shots` random pairs of its few-shot pool,
-    few-shot weights are fit and the users are evaluated on their test pairs. Users with fewer
-    than `shots` pairs are skipped for that count (the number is printed).
+    of `trials` draws, every unseen user gets `shots` random examples of its few-shot pool, its
+    weights are fit and it is evaluated on its test pairs. An example is a pair, or with
+    `shot_groups` ([m] group id, e.g. the dialog, of every pair of train_features_unseen) all
+    pairs of one group. Users with fewer than `shots` examples are skipped for that count (the
+    number is printed). All trials of a shot count are fit together in one PersonalizeBatch
+    (users are independent there, so this equals fitting them one by one).
     Returns 4 arrays [len(alpha_list), len(K_list), len(num_shots)]: few-shot train accuracy
     mean and std over trials, unseen-user test accuracy mean and std over trials (each trial's
     value is the mean over users); with return_skipped=True also skipped counts [len(num_shots)].
@@ -865,43 +868,61 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
     model_cls = LoRe_regularized if regularized else LoRe
     num_iterations = num_iterations or (20000 if regularized else 1000)
     fewshot_learning_rate = fewshot_learning_rate or (0.5 if regularized else 0.1)
-    train, train_u, test_u = (as_pairs(x) for x in (train_features, train_features_unseen,
-                                                    test_features_sparse_unseen))
-    if len(train) != N or len(train_u) != N_unseen or len(test_u) != N_unseen:
+    train, pool, test_u = (as_pairs(x) for x in (train_features, train_features_unseen,
+                                                 test_features_sparse_unseen))
+    if len(train) != N or len(pool) != N_unseen or len(test_u) != N_unseen:
         raise ValueError(f"expected {N} seen and {N_unseen} unseen users, got {len(train)}, "
-                         f"{len(train_u)} and {len(test_u)}")
-    shape = (len(alpha_list), len(K_list), len(num_shots))
-    res = np.zeros((4,) + shape)
-    counts = train_u.counts()
-    skipped = [int((counts < s).sum()) for s in num_shots]
+                         f"{len(pool)} and {len(test_u)}")
+    units = []  # per unseen user: its examples, each a tensor of pair rows of `pool`
+    for rows in pool._rows_of(range(N_unseen)):
+        if shot_groups is None:
+            units.append(list(rows.split(1)))
+        else:
+            groups = torch.as_tensor(shot_groups)[rows]
+            units.append([rows[groups == g] for g in torch.unique(groups)])
+    n_units = torch.tensor([len(u) for u in units])
+    unit_name = "pairs" if shot_groups is None else "groups"
+    skipped = [int((n_units < s).sum()) for s in num_shots]
     for s, n in zip(num_shots, skipped):
         if n:
-            print(f"shots={s}: skipping {n} of {N_unseen} unseen users with fewer than {s} pairs")
+            print(f"shots={s}: skipping {n} of {N_unseen} unseen users with fewer than {s} {unit_name}")
+    res = np.zeros((4, len(alpha_list), len(K_list), len(num_shots)))
     for a, alpha in enumerate(alpha_list):
         for k, K in enumerate(K_list):
             set_seed(seed)
             _, V = _fit_basis(model_cls, K, V_final, alpha, train, num_iterations, learning_rate, device)
             V = V.cpu()
+            # work in the K-dim projected space: d^T V is all the few-shot step needs
+            eye = torch.eye(V.shape[1])
+            pool_V = Pairs(pool.user, N_unseen, diffs=pool.project(V).float())
+            test_V = Pairs(test_u.user, N_unseen, diffs=test_u.project(V).float())
             for j, shots in enumerate(num_shots):
-                users = torch.nonzero(counts >= shots).flatten()
-                if len(users) == 0:
+                users = torch.nonzero(n_units >= shots).flatten().tolist()
+                if not users:
                     res[:, a, k, j] = np.nan
                     continue
-                pool, test = train_u.select_users(users), test_u.select_users(users)
-                fs, ts = [], []
-                for trial in range(trials):
+                rows, owner = [], []
+                for trial in range(trials):  # all trials' users stacked: user t * n + i
                     rng = np.random.RandomState(seed * 100003 + trial)
-                    shot_pairs = sample_shots(pool, shots, rng)
-                    if V.shape[1] <= 1:
-                        W_u = torch.ones(len(users), V.shape[1])
-                    else:
-                        W_u = torch.stack(learn_multiple_few_shot(shot_pairs, V, fewshot_iterations,
-                                                                  fewshot_learning_rate, device)).cpu()
-                    fs.append(user_accuracies(shot_pairs, V, W_u).mean())
-                    ts.append(user_accuracies(test, V, W_u).mean())
+                    for i, u in enumerate(users):
+                        picked = torch.cat([units[u][c] for c in rng.choice(len(units[u]), shots, replace=False)])
+                        rows.append(picked)
+                        owner.append(torch.full((len(picked),), trial * len(users) + i))
+                shot_pairs = pool_V.select(torch.cat(rows))
+                shot_pairs.user, shot_pairs.num_users = torch.cat(owner), trials * len(users)
+                if V.shape[1] <= 1:
+                    W_u = torch.ones(shot_pairs.num_users, V.shape[1])
+                else:
+                    W_u = torch.stack(learn_multiple_few_shot(shot_pairs, eye, fewshot_iterations,
+                                                              fewshot_learning_rate, device)).cpu()
+                fs = user_accuracies(shot_pairs, eye, W_u).reshape(trials, len(users)).mean(1)
+                test = test_V.select_users(users)
+                ts = [user_accuracies(test, eye, W_u[t * len(users):(t + 1) * len(users)]).mean()
+                      for t in range(trials)]
                 res[:, a, k, j] = np.mean(fs), np.std(fs), np.mean(ts), np.std(ts)
                 print(f"alpha={alpha:g} K={K} shots={shots}: few-shot train {res[0, a, k, j]:.4f}, "
-                      f"unseen test {res[2, a, k, j]:.4f} +- {res[3, a, k, j]:.4f} ({trials} trials)")
+                      f"unseen test {res[2, a, k, j]:.4f} +- {res[3, a, k, j]:.4f} "
+                      f"({len(users)} users, {trials} trials)")
     out = tuple(res)
     return out + (skipped,) if return_skipped else out
 
@@ -2041,66 +2062,6 @@ def prism_load(data_dir, prepare_script, synthetic=False, synthetic_users=1000, 
           f"{len(out[3].user)} unseen test")
     fewshot_dialogs = t["dialog"][(~seen) & (split == 0)]
     return (*out, t["head"], fewshot_dialogs)
-
-
-def prism_vary_fewshot(trials, alpha_list, K_list, num_shots, train_features, train_features_unseen,
-                       fewshot_dialogs, test_features_sparse_unseen, V_final, device, *, num_iterations=20000,
-                       learning_rate=0.5, fewshot_iterations=500, fewshot_learning_rate=0.5, seed=0):
-    """run_few_shot_vary_shots(regularized=True) where a shot is a whole dialog.
-
-    The basis is fit once per (alpha, K) on the seen users (LoRe_regularized); for each shot
-    count and trial every unseen user gets `shots` random dialogs of its few-shot pool (all
-    their pairs), few-shot weights are fit and the users are evaluated on their test pairs.
-    Users with fewer than `shots` few-shot dialogs are skipped for that count.
-    fewshot_dialogs [m]: dialog id of each row of train_features_unseen.
-    Returns 4 arrays [len(alpha_list), len(K_list), len(num_shots)] (few-shot train accuracy
-    mean, std over trials, unseen test accuracy mean, std over trials) and skipped counts.
-    """
-    train, pool, test_u = (as_pairs(x) for x in (train_features, train_features_unseen,
-                                                 test_features_sparse_unseen))
-    fewshot_dialogs = torch.as_tensor(fewshot_dialogs, dtype=torch.long)
-    dialog_rows = [{} for _ in range(len(pool))]  # user -> {dialog: [row, ...]}
-    for row, (u, d) in enumerate(zip(pool.user.tolist(), fewshot_dialogs.tolist())):
-        dialog_rows[u].setdefault(d, []).append(row)
-    n_dialogs = torch.tensor([len(x) for x in dialog_rows])
-    skipped = [int((n_dialogs < s).sum()) for s in num_shots]
-    for s, n in zip(num_shots, skipped):
-        if n:
-            print(f"shots={s}: skipping {n} of {len(pool)} unseen users with fewer than {s} few-shot dialogs")
-    res = np.zeros((4, len(alpha_list), len(K_list), len(num_shots)))
-    for a, alpha in enumerate(alpha_list):
-        for k, K in enumerate(K_list):
-            set_seed(seed)
-            _, V = _fit_basis(LoRe_regularized, K, V_final, alpha, train, num_iterations, learning_rate, device)
-            V = V.cpu()
-            for j, shots in enumerate(num_shots):
-                users = torch.nonzero(n_dialogs >= shots).flatten().tolist()
-                if not users:
-                    res[:, a, k, j] = np.nan
-                    continue
-                test = test_u.select_users(users)
-                fs, ts = [], []
-                for trial in range(trials):
-                    rng = np.random.RandomState(seed * 100003 + trial)
-                    rows = []
-                    for u in users:
-                        ds = sorted(dialog_rows[u])
-                        rows += [r for i in rng.choice(len(ds), shots, replace=False) for r in dialog_rows[u][ds[i]]]
-                    shot_pairs = pool.select(rows)
-                    shot_pairs.user = torch.as_tensor(np.searchsorted(users, shot_pairs.user.numpy()))
-                    shot_pairs.num_users = len(users)
-                    if V.shape[1] <= 1:
-                        W_u = torch.ones(len(users), V.shape[1])
-                    else:
-                        W_u = torch.stack(learn_multiple_few_shot(shot_pairs, V, fewshot_iterations,
-                                                                  fewshot_learning_rate, device)).cpu()
-                    fs.append(user_accuracies(shot_pairs, V, W_u).mean())
-                    ts.append(user_accuracies(test, V, W_u).mean())
-                res[:, a, k, j] = np.mean(fs), np.std(fs), np.mean(ts), np.std(ts)
-                print(f"alpha={alpha:g} K={K} dialogs={shots}: few-shot train {res[0, a, k, j]:.4f}, "
-                      f"unseen test {res[2, a, k, j]:.4f} +- {res[3, a, k, j]:.4f} "
-                      f"({len(users)} users, {trials} trials)")
-    return (*res, skipped)
 
 
 # ----------------------------------------------------------------------------------------

@@ -45,10 +45,11 @@ train, _, train_unseen, test_unseen, head, fewshot_dialogs = utils.prism_load(
 if num_shots is None:
     most = max(len(set(fewshot_dialogs[train_unseen.user == u].tolist())) for u in range(len(train_unseen)))
     num_shots = list(range(1, most + 1))
-res = utils.prism_vary_fewshot(trials, [alpha], [K], num_shots, train, train_unseen, fewshot_dialogs, test_unseen,
-                               head, utils.get_device(device), num_iterations=num_iterations,
-                               learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
-                               fewshot_learning_rate=fewshot_learning_rate, seed=seed)
+res = utils.run_few_shot_vary_shots(trials, [alpha], [K], num_shots, train, train_unseen, test_unseen, head,
+                                    len(train), len(train_unseen), utils.get_device(device), regularized=True,
+                                    shot_groups=fewshot_dialogs, num_iterations=num_iterations,
+                                    learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
+                                    fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True)
 name = "vary_fewshot_synthetic" if synthetic else "vary_fewshot"
 utils.report_shots(res, num_shots, config, utils.script_out_dir(__file__, out_dir), name,
                    "PRISM, few-shot dialogs" + (" (synthetic)" if synthetic else ""), K, alpha, skipped=res[4],

@@ -222,6 +222,31 @@ def test_vary_shots_skips_short_users():
                                         "cpu", num_iterations=50, fewshot_iterations=20, return_skipped=True)
     assert out[4] == [0, 1]
     assert out[0].shape == (1, 1, 2) and np.isfinite(out[2]).all()
+    # with groups (e.g. dialogs) as the unit: user 0 has 1 group, users 1 and 2 have 3
+    groups = [0, 0, 0] + [1, 1, 2, 2, 3, 3] * 2
+    out = utils.run_few_shot_vary_shots(1, [0], [2], [1, 2], train, pool, test_u, torch.randn(32, 1), 10, 3,
+                                        "cpu", shot_groups=groups, num_iterations=50, fewshot_iterations=20,
+                                        return_skipped=True)
+    assert out[4] == [0, 1]
+
+
+def test_vary_shots_stacked_trials_equal_separate_fits():
+    """All trials fit in one batch, in the projected space == each trial fit on its own."""
+    train, _, _, _ = planted(num_users=12, pairs_per_user=10, num_test=5, seed=7)
+    pool, test_u, _, _ = planted(num_users=4, pairs_per_user=6, num_test=20, seed=8)
+    kw = dict(num_iterations=60, fewshot_iterations=50, seed=3)
+    out = utils.run_few_shot_vary_shots(3, [0], [2], [4], train, pool, test_u, torch.randn(32, 1), 12, 4, "cpu", **kw)
+    utils.set_seed(3)
+    _, V = utils.LoRe(None, 0, 12, 32, 2, 60, 0.5).train(train)
+    fs, ts = [], []
+    for trial in range(3):
+        rng = np.random.RandomState(3 * 100003 + trial)
+        shots = [x[torch.as_tensor(rng.choice(6, 4, replace=False))] for x in pool]
+        W = utils.learn_multiple_few_shot(shots, V, 50, 0.1)
+        fs.append(np.mean(utils.eval_multiple(W, V, shots, verbose=False)))
+        ts.append(np.mean(utils.eval_multiple(W, V, test_u, verbose=False)))
+    assert out[0][0, 0, 0] == pytest.approx(np.mean(fs)) and out[1][0, 0, 0] == pytest.approx(np.std(fs))
+    assert out[2][0, 0, 0] == pytest.approx(np.mean(ts)) and out[3][0, 0, 0] == pytest.approx(np.std(ts))
 
 
 def test_configure_overrides_and_type_checks():
