@@ -84,7 +84,6 @@ def main():
         ["per-user loop (published)", f"{t_loop:.3f}", "1.0x"],
         ["packed (utils.LoRe)", f"{t_packed:.3f}", f"{t_loop / t_packed:.1f}x"],
         ["floor: 2 reads of X", f"{2 * t_read:.3f}", f"{t_loop / (2 * t_read):.1f}x"]])
-    del X, per_user
 
     if full:
         print("\nfull-scale synthetic PersonalLLM train_basis run (F = 4096, N = 1000, N_unseen = 500, K 0..5)")

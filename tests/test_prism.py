@@ -1,25 +1,18 @@
 """PRISM pipeline and RewardBench 2 evaluation: processing, scoring rules, scripts end to end (CPU, no download)."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+import conftest
 import utils
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
 def run_script(script, *args):
-    out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *map(str, args)], capture_output=True,
-                         text=True, env=ENV, cwd=REPO_ROOT, timeout=300)
-    assert out.returncode == 0, f"{script} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout
+    """stdout of a repository script run in a subprocess (fails the test if the script fails)."""
+    return conftest.run_script(script, *args).stdout
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,26 +2,18 @@
 the caps, loading checks, and both scripts in synthetic mode."""
 import json
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import conftest
 import utils
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO / "RedditTLDR"
 
 
 def run_script(name, *args, check=True):
-    p = subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True,
-                       timeout=300)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{name} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
+    return conftest.run_script(f"RedditTLDR/{name}", *args, check=check)
 
 
 # -------------------------------------------------------------------------------------------
