@@ -130,10 +130,15 @@ def _atomic_target(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    _usual_permissions(tmp)  # mkstemp makes 0600
+    return path, tmp
+
+
+def _usual_permissions(path):
+    """chmod a new file to 0666 minus the umask, as open() would have made it."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-    return path, tmp
+    os.chmod(path, 0o666 & ~umask)
 
 
 def atomic_write_bytes(path, data):
@@ -177,6 +182,7 @@ def save_tensors(path, tensors, metadata=None):
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
                   metadata={k: str(v) for k, v in (metadata or {}).items()})
+        _usual_permissions(tmp)  # save_file recreates the file as 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -266,6 +266,17 @@ def test_save_json_is_valid_with_nan(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": [1.0, None], "b": 2.0}
 
 
+def test_outputs_get_the_usual_permissions(tmp_path):
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    utils.save_tensors(tmp_path / "a.safetensors", {"a": torch.ones(2)})
+    utils.save_json(tmp_path / "a.json", {"a": 1})
+    for name in ("a.safetensors", "a.json"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "a.safetensors"]  # no temp files left
+
+
 def test_load_tensors_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="python prepare.py"):
         utils.load_tensors(tmp_path / "missing.safetensors", make_cmd="python prepare.py")
