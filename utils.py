@@ -267,7 +267,7 @@ def report_run(res, K_list, alpha_list, config, out_dir, name, title, extra=None
     rows, results = [], []
     for a, al in enumerate(alpha_list):
         for k, K in enumerate(K_list):
-            rows.append([al, K] + [f"{means[r][a, k]:.4f} ± {stds[r][a, k]:.4f}" for r in range(4)])
+            rows.append([f"{al:g}", K] + [f"{means[r][a, k]:.4f} ± {stds[r][a, k]:.4f}" for r in range(4)])
             results.append({"alpha": al, "K": K, **{n: {"mean": means[r][a, k], "std": stds[r][a, k]}
                                                     for r, n in enumerate(RESULT_NAMES)}})
     print(f"\n{title}: accuracy, mean ± std over users (K = 0: reference head, K = 1: Bradley-Terry)")
