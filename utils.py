@@ -115,7 +115,7 @@ def configure(config, argv=None):
             value = float(value)
         if isinstance(default, list) and isinstance(value, tuple):
             value = list(value)
-        print(f"config: {key} = {value!r}")
+        print0(f"config: {key} = {value!r}")
         config[key] = keys[key] = value
     return dict(keys)
 
@@ -1010,7 +1010,8 @@ def is_main_process():
     return dist_info()[0] == 0
 
 
-def _print0(*args):
+def print0(*args):
+    """print on the main process only (rank 0 under torchrun)."""
     if is_main_process():
         print(*args, flush=True)
 
@@ -1039,7 +1040,7 @@ def _default_attn(device, dtype):
         return "sdpa"
     from transformers.utils import is_flash_attn_2_available
     if not is_flash_attn_2_available():  # flash_attn importable in a version transformers supports
-        _print0("load_reward_model: flash-attn is not installed, using attn_implementation='sdpa'")
+        print0("load_reward_model: flash-attn is not installed, using attn_implementation='sdpa'")
         return "sdpa"
     return "flash_attention_2" if dtype in (torch.bfloat16, torch.float16) else "sdpa"
 
@@ -1180,7 +1181,7 @@ def embed_batch(tokenizer, model, conversations, max_length=None, truncation_sid
     conversations = _check_conversations(conversations)
     token_ids, n_truncated = tokenize_conversations(tokenizer, conversations, max_length, truncation_side)
     if n_truncated:
-        _print0(f"embed_batch: {n_truncated}/{len(token_ids)} conversations truncated to {max_length} tokens "
+        print0(f"embed_batch: {n_truncated}/{len(token_ids)} conversations truncated to {max_length} tokens "
                 f"(truncation_side={truncation_side})")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return embed_token_ids(model, token_ids, pad_id, max_tokens_per_batch=None, max_batch_size=None,
@@ -1371,7 +1372,7 @@ def extract_embeddings(conversations, out_path, *, model_name, groups=None, extr
     old_meta = _read_metadata(out_path)
     embeddings_current = old_meta is not None and old_meta.get("fingerprint") == fingerprint
     if embeddings_current and old_meta.get("extras_sha256") == extras_digest:
-        _print0(f"extract_embeddings: {out_path} is up to date (fingerprint {fingerprint[:12]}), skipping")
+        print0(f"extract_embeddings: {out_path} is up to date (fingerprint {fingerprint[:12]}), skipping")
         return out_path
 
     rank, world, _ = dist_info()
@@ -1384,7 +1385,7 @@ def extract_embeddings(conversations, out_path, *, model_name, groups=None, extr
     try:
         if embeddings_current:  # same embeddings, other extra tensors / metadata: rewrite without the model
             if rank == 0:
-                _print0(f"extract_embeddings: {out_path} has current embeddings but other extra tensors or "
+                print0(f"extract_embeddings: {out_path} has current embeddings but other extra tensors or "
                         "metadata, rewriting it")
                 _rewrite_extras(out_path, old_meta, groups, extras, metadata, extras_digest, shard_size)
             _barrier()
@@ -1398,7 +1399,7 @@ def extract_embeddings(conversations, out_path, *, model_name, groups=None, extr
                 if _valid_shard(_shard_path(shard_dir, *ranges[k]), shard_fps[k], *ranges[k]) is None]
         n_done = sum(1 for k in range(rank, len(ranges), world)) - len(todo)
         if n_done:
-            _print0(f"extract_embeddings: resuming, {n_done} finished shards found in {shard_dir}")
+            print0(f"extract_embeddings: resuming, {n_done} finished shards found in {shard_dir}")
         stopped = False
         if todo:
             tokenizer, model = load_reward_model(model_name, device=device, dtype=dtype)
@@ -1427,7 +1428,7 @@ def extract_embeddings(conversations, out_path, *, model_name, groups=None, extr
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if stopped:
-            _print0(f"extract_embeddings: stopped after {stop_after_shards} shard(s) per rank (stop_after_shards)")
+            print0(f"extract_embeddings: stopped after {stop_after_shards} shard(s) per rank (stop_after_shards)")
 
         # rank 0 merges all shards into out_path
         _barrier()
@@ -1447,7 +1448,7 @@ def extract_embeddings(conversations, out_path, *, model_name, groups=None, extr
 
 
 def _merge_shards(out_path, shard_dir, ranges, shard_fps, groups, extras, metadata, run_meta, keep_shards):
-    """Stream all finished shards into out_path (one shard in RAM at a time) -> out_path, or None if some are missing."""
+    """Stream all finished shards into out_path (one shard in RAM at a time) -> out_path, or None if any is missing."""
     paths = [_shard_path(shard_dir, start, stop) for start, stop in ranges]
     metas = [_valid_shard(path, fp, start, stop) for path, fp, (start, stop) in zip(paths, shard_fps, ranges)]
     missing = sum(meta is None for meta in metas)
@@ -1514,7 +1515,8 @@ def load_personalllm(data_dir, prepare_script, synthetic=False, synthetic_prompt
     (written by `prepare_script`), or generated by make_synthetic_personalllm when synthetic."""
     if synthetic:
         tr, te, head = make_synthetic_personalllm(*synthetic_prompts, synthetic_features, seed=seed)
-        E_tr, S_tr, E_te, S_te = tr["embeddings"], tr["scores"].double().numpy(), te["embeddings"], te["scores"].double().numpy()
+        E_tr, S_tr = tr["embeddings"], tr["scores"].double().numpy()
+        E_te, S_te = te["embeddings"], te["scores"].double().numpy()
     else:
         make_cmd = f"python {prepare_script}"
         E_tr, S_tr, head = load_personalllm_split(Path(data_dir) / "train.safetensors", make_cmd)
@@ -1833,10 +1835,10 @@ def prism_read_jsonl(path):
                         break
             if error:
                 bad += 1
-                print(f"{path.name}:{lineno}: {error}; line skipped")
+                print0(f"{path.name}:{lineno}: {error}; line skipped")
                 continue
             rows.append(row)
-    print(f"{path.name}: {len(rows)} rows" + (f", {bad} malformed line(s) skipped" if bad else ""))
+    print0(f"{path.name}: {len(rows)} rows" + (f", {bad} malformed line(s) skipped" if bad else ""))
     return rows
 
 
@@ -1969,7 +1971,8 @@ def prism_pairs(dialogs, seed=123, seen_fraction=0.8, min_dialogs=6):
         pairs[col] = pd.to_numeric(pairs[col], errors="coerce").astype("float64")
     stats = pd.DataFrame({"user": range(len(users)), "user_id": users,
                           "seen": [i < num_seen for i in range(len(users))]})
-    per_user = lambda counts: counts.reindex(stats["user"], fill_value=0).to_numpy()
+    def per_user(counts):
+        return counts.reindex(stats["user"], fill_value=0).to_numpy()
     stats["dialogs"] = per_user(pairs.groupby("user")["dialog"].nunique())
     for split in PRISM_SPLITS:
         stats[f"{split}_dialogs"] = per_user(pairs[pairs["split"] == split].groupby("user")["dialog"].nunique())
@@ -1981,7 +1984,8 @@ def prism_pairs(dialogs, seed=123, seen_fraction=0.8, min_dialogs=6):
 
 def prism_pair_tensors(pairs):
     """Per-pair int64 tensors of a prism_pairs DataFrame (the extra tensors of the embedding file)."""
-    col = lambda name: torch.as_tensor(pairs[name].to_numpy().astype(np.int64))
+    def col(name):
+        return torch.as_tensor(pairs[name].to_numpy().astype(np.int64))
     return {"chosen": col("chosen_row"), "rejected": col("rejected_row"), "user": col("user"),
             "dialog": col("dialog"), "turn": col("turn"), "seen": col("seen"),
             "split": torch.as_tensor((pairs["split"] == "test").to_numpy().astype(np.int64))}

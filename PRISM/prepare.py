@@ -54,7 +54,7 @@ for name in utils.PRISM_FILES:
         if dataset_path is not None:
             raise FileNotFoundError(f"{paths[name]} not found (dataset_path={dataset_path})")
         from huggingface_hub import hf_hub_download
-        print(f"downloading {name} from {utils.PRISM_REPO} to {source}")
+        utils.print0(f"downloading {name} from {utils.PRISM_REPO} to {source}")
         paths[name] = Path(hf_hub_download(utils.PRISM_REPO, name, repo_type="dataset", local_dir=source))
 
 rows = {name: utils.prism_read_jsonl(path) for name, path in paths.items()}
@@ -71,4 +71,4 @@ path = utils.extract_embeddings(
 if path is not None and utils.is_main_process():  # the tables last, once their embeddings exist
     utils.atomic_write_bytes(data_dir / "pairs.parquet", pairs.to_parquet(index=False))
     utils.atomic_write_bytes(data_dir / "users.parquet", users.to_parquet(index=False))
-    print(f"wrote {path}, {data_dir / 'pairs.parquet'} and users.parquet")
+    utils.print0(f"wrote {path}, {data_dir / 'pairs.parquet'} and users.parquet")

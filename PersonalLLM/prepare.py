@@ -58,11 +58,12 @@ def prepare(split_name):
                          f"{' ...' if len(missing_scores) > 5 else ''}")
     text_ok = df[["prompt"] + responses].map(lambda v: isinstance(v, str)).all(axis=1).to_numpy()
     if not text_ok.all():
-        print(f"{split_name}: skipping {int((~text_ok).sum())} of {len(df)} rows with a missing prompt or response")
+        utils.print0(f"{split_name}: skipping {int((~text_ok).sum())} of {len(df)} rows "
+                     "with a missing prompt or response")
     df = df[text_ok]
     conversations = [[{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row[r]}]
                      for _, row in df.iterrows() for r in responses]
-    print(f"{split_name}: {len(df)} prompts x {NUM_RESPONSES} responses = {len(conversations)} conversations")
+    utils.print0(f"{split_name}: {len(df)} prompts x {NUM_RESPONSES} responses = {len(conversations)} conversations")
     out = Path(data_dir or HERE / "data") / f"{split_name}.safetensors"
     return utils.extract_embeddings(
         conversations, out, model_name=model_name,
@@ -76,4 +77,4 @@ def prepare(split_name):
 for s in [split] if split else splits:
     path = prepare(s)
     if path is not None and utils.is_main_process():
-        print(f"{s}: wrote {path}")
+        utils.print0(f"{s}: wrote {path}")

@@ -76,7 +76,7 @@ def prepare(split_name):
         else:
             rows.append((i, *c))
     if skipped:
-        print(f"{split_name}: skipping {sum(skipped.values())} of {len(df)} rows ("
+        utils.print0(f"{split_name}: skipping {sum(skipped.values())} of {len(df)} rows ("
               + ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) + ")")
     if not rows:
         raise ValueError(f"{dataset_name} [{split_name}]: no usable comparisons")
@@ -86,7 +86,7 @@ def prepare(split_name):
     conversations = [[{"role": "user", "content": p}, {"role": "assistant", "content": s}]
                      for summaries in (winners, losers) for p, s in zip(posts, summaries)]
     n = len(rows)
-    print(f"{split_name}: {n} comparisons by {len(names)} workers -> {2 * n} conversations")
+    utils.print0(f"{split_name}: {n} comparisons by {len(names)} workers -> {2 * n} conversations")
     out = Path(data_dir or HERE / "data") / f"{split_name}.safetensors"
     return utils.extract_embeddings(
         conversations, out, model_name=model_name, groups={"chosen": n, "rejected": n},
@@ -100,4 +100,4 @@ def prepare(split_name):
 for s in [split] if split else splits:
     path = prepare(s)
     if path is not None and utils.is_main_process():
-        print(f"{s}: wrote {path}")
+        utils.print0(f"{s}: wrote {path}")

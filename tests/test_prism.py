@@ -10,6 +10,7 @@ import torch
 import conftest
 import utils
 
+
 def run_script(script, *args):
     """stdout of a repository script run in a subprocess (fails the test if the script fails)."""
     return conftest.run_script(script, *args).stdout

@@ -11,7 +11,6 @@ import conftest
 import utils
 
 
-
 def run_script(name, *args, check=True):
     return conftest.run_script(f"RedditTLDR/{name}", *args, check=check)
 
