@@ -190,10 +190,11 @@ def save_tensors(path, tensors, metadata=None):
     return path
 
 
-def load_tensors(path, keys=(), make_cmd=None):
+def load_tensors(path, keys=(), make_cmd=None, allow_nan=()):
     """Load a safetensors file -> dict of tensors, checking that it exists and holds `keys`.
 
     make_cmd: the command that creates the file, named in the error when it is missing.
+    Floating tensors must be finite, except those named in `allow_nan` (e.g. missing scores).
     """
     path = Path(path)
     if not path.is_file():
@@ -205,7 +206,7 @@ def load_tensors(path, keys=(), make_cmd=None):
         raise ValueError(f"{path} lacks tensor(s) {missing}; it holds {sorted(tensors)}. "
                          + (f"Recreate it with: {make_cmd}" if make_cmd else ""))
     for k, v in tensors.items():
-        if v.is_floating_point() and k != "scores" and not torch.isfinite(v).all():
+        if v.is_floating_point() and k not in allow_nan and not torch.isfinite(v).all():
             raise ValueError(f"{path}: tensor {k!r} contains NaN or inf values")
     return tensors
 
@@ -1495,7 +1496,7 @@ def _rewrite_extras(out_path, old_meta, groups, extras, metadata, extras_digest,
 def load_personalllm_split(path, make_cmd):
     """(embeddings [P * R, F], scores [P, R, M] float64 NumPy, head [F, 1]) of a split written by
     PersonalLLM/prepare.py; prompts with a None/NaN score are dropped (count printed)."""
-    t = load_tensors(path, ["embeddings", "scores", "head"], make_cmd=make_cmd)
+    t = load_tensors(path, ["embeddings", "scores", "head"], make_cmd=make_cmd, allow_nan=("scores",))
     E, scores = t["embeddings"], t["scores"].double()
     if scores.dim() != 3 or E.shape[0] != scores.shape[0] * scores.shape[1]:
         raise ValueError(f"{path}: {E.shape[0]} embeddings do not match scores of shape {tuple(scores.shape)} "
