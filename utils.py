@@ -45,6 +45,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+try:  # optional: a fused one-pass CPU kernel for the Bradley-Terry loss (section 5)
+    import numba
+except ImportError:
+    numba = None
+
 LOGIT_SCALE = 100.0  # P(chosen > rejected) = sigmoid(d^T V w / LOGIT_SCALE), as in the published code
 
 
@@ -531,6 +536,70 @@ class _ThinMatmul(torch.autograd.Function):
         return None, dV.t()
 
 
+if numba is not None:
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def _bt_loss_kernel(X, Vt, Wu, pw, scale):
+        """One pass over X [M, F]: loss = sum_m pw_m softplus(-z_m), z_m = x_m^T V wu_m / scale,
+        with dL/dV^T [K, F] and XV [M, K], g [M] (dL/dXV_m = g_m wu_m). Vt [K, F], Wu [M, K]."""
+        M, F = X.shape
+        K = Vt.shape[0]
+        nblocks = 16  # fixed, so that the sums do not depend on the number of threads
+        dVs = np.zeros((nblocks, K, F), np.float32)
+        losses = np.zeros(nblocks)
+        XV = np.empty((M, K), np.float32)
+        g = np.empty(M, np.float32)
+        for b in numba.prange(nblocks):
+            for m in range(b * M // nblocks, (b + 1) * M // nblocks):
+                z = 0.0
+                for k in range(K):
+                    s = np.float32(0.0)
+                    for f in range(F):
+                        s += X[m, f] * Vt[k, f]
+                    XV[m, k] = s
+                    z += s * Wu[m, k]
+                z /= scale
+                e = np.exp(-abs(z))  # stable softplus(-z) and sigmoid(-z)
+                losses[b] += pw[m] * (np.log1p(e) + max(-z, 0.0))
+                sig = e / (1.0 + e) if z > 0 else 1.0 / (1.0 + e)
+                g[m] = -sig * pw[m] / scale
+                for k in range(K):
+                    gk = np.float32(g[m] * Wu[m, k])
+                    for f in range(F):
+                        dVs[b, k, f] += gk * X[m, f]
+        dVt = np.zeros((K, F), np.float32)
+        for b in range(nblocks):
+            dVt += dVs[b]
+        return losses.sum(), dVt, XV, g
+
+
+class _FusedBTLoss(torch.autograd.Function):
+    """sum_m pw_m softplus(-x_m^T V wu_m / 100) and its gradients in one pass over X (CPU, numba)."""
+
+    @staticmethod
+    def forward(ctx, X, V, Wu, pw):
+        loss, dVt, XV, g = _bt_loss_kernel(X.numpy(), V.detach().t().contiguous().numpy(),
+                                           Wu.detach().contiguous().numpy(), pw.contiguous().numpy(), LOGIT_SCALE)
+        XV, g = torch.from_numpy(XV), torch.from_numpy(g)
+        ctx.save_for_backward(torch.from_numpy(dVt).t(), g[:, None] * XV)
+        return torch.tensor(loss, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dV, dWu = ctx.saved_tensors
+        return None, grad * dV, grad * dWu, None
+
+
+def _bt_loss(X, V, Wu, pw):
+    """sum_m pw_m * softplus(-x_m^T V wu_m / 100) for X [M, F], V [F, K], Wu [M, K], pw [M].
+
+    On CPU with numba installed, one fused pass over X computes the loss and both gradients
+    (the memory-bandwidth floor); otherwise forward and backward are two thin products."""
+    if numba is not None and not X.is_cuda and X.dtype == torch.float32 and X.is_contiguous():
+        return _FusedBTLoss.apply(X, V, Wu, pw)
+    z = (_ThinMatmul.apply(X, V) * Wu).sum(1) / LOGIT_SCALE
+    return (F_nn.softplus(-z) * pw).sum()
+
+
 def _pack(X, device):
     """(diffs [M, F], user [M], counts [C]) on `device` from a list of tensors or a Pairs."""
     pairs = as_pairs(X)
@@ -581,8 +650,7 @@ class LoRe(nn.Module):
 
     def loss(self, diffs, user, counts):
         """Scalar training loss (packed, no loop over users)."""
-        z = self.forward(diffs, user)
-        loss = (F_nn.softplus(-z) / counts[user]).sum()
+        loss = _bt_loss(diffs, self.V, self.weights()[user], 1.0 / counts[user])
         if self.alpha and self.V_sft is not None:
             loss = loss + self.alpha * ((self.V - self.V_sft.to(self.V.device)) ** 2).sum()
         return loss
@@ -651,14 +719,16 @@ class LoRe_regularized(LoRe):
         opt_W = torch.optim.Adam([self.W], lr=self.learning_rate)
         opt_V = torch.optim.Adam([self.V], lr=self.learning_rate)
         use_reg = self.alpha > 0 and self.V_sft is not None
+        pooled = torch.full((len(user),), 1.0 / len(user), device=device)  # mean over all pairs
         bar = tqdm(range(self.num_iterations), desc=f"LoRe_regularized K={self.K}", leave=False, disable=None)
         for t in bar:
-            XV = _ThinMatmul.apply(diffs, self.V)  # [M, K]; V is the same for both steps
+            with torch.no_grad():
+                XV = _ThinMatmul.apply(diffs, self.V)  # [M, K]
             opt_W.zero_grad(set_to_none=True)
-            F_nn.softplus(-_user_logits(XV.detach(), self.weights(), user)).mean().backward()
+            F_nn.softplus(-_user_logits(XV, self.weights(), user)).mean().backward()
             opt_W.step()
             opt_V.zero_grad(set_to_none=True)
-            loss = F_nn.softplus(-_user_logits(XV, self.weights().detach(), user)).mean()
+            loss = _bt_loss(diffs, self.V, self.weights().detach()[user], pooled)
             if use_reg:
                 loss = loss + self.alpha_at(t) * self.regulariser()
             loss.backward()

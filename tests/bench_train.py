@@ -4,8 +4,9 @@
     python tests/bench_train.py full=True       # + the full-scale synthetic PersonalLLM train_basis run
 
 Part 1 times one Adam iteration of the joint fit (1,000 users x 47 pairs, F = 4096, K = 3):
-the packed formulation in utils.LoRe against the per-user loop of the published code
-(a Python loop over users, each x_i @ V @ w_i through autograd). Part 2 runs
+the packed formulation in utils.LoRe (with numba: one fused pass over the pairs; without: two
+thin products) against the per-user loop of the published code (a Python loop over users,
+each x_i @ V @ w_i through autograd), and the memory-bandwidth floor (reading the pairs). Part 2 runs
 PersonalLLM/train_basis.py on synthetic data of the real sizes (9,402 train and 1,000 test
 prompts x 8 responses, F = 4096, N = 1000, N_unseen = 500, K_list [0..5]) in a subprocess
 and reports its wall time and peak RSS.
@@ -78,11 +79,17 @@ def main():
         X.sum(0)
 
     t_packed = time_iters(packed_step, packed_iters)
+    kernel, utils.numba = utils.numba, None  # the pure-PyTorch path: two thin products
+    t_two_pass = time_iters(packed_step, packed_iters)
+    utils.numba = kernel
     t_loop = time_iters(loop_step, loop_iters)
     t_read = time_iters(read_pass, 5)
+    fused = "fused one-pass numba kernel" if kernel is not None else "numba not installed: two-pass path"
     utils.print_table(["formulation", "s / iteration", "speedup"], [
         ["per-user loop (published)", f"{t_loop:.3f}", "1.0x"],
-        ["packed (utils.LoRe)", f"{t_packed:.3f}", f"{t_loop / t_packed:.1f}x"],
+        [f"packed, utils.LoRe ({fused})", f"{t_packed:.3f}", f"{t_loop / t_packed:.1f}x"],
+        ["packed, pure PyTorch (two passes)", f"{t_two_pass:.3f}", f"{t_loop / t_two_pass:.1f}x"],
+        ["floor: 1 read of X", f"{t_read:.3f}", f"{t_loop / t_read:.1f}x"],
         ["floor: 2 reads of X", f"{2 * t_read:.3f}", f"{t_loop / (2 * t_read):.1f}x"]])
 
     if full:

@@ -51,6 +51,25 @@ def test_packed_loss_and_gradients_equal_per_user_loop():
     assert torch.allclose(model.W.grad, Wl.grad, atol=1e-5)
 
 
+@pytest.mark.skipif(utils.numba is None, reason="numba not installed")
+def test_fused_cpu_kernel_equals_two_pass_torch_path(monkeypatch):
+    """The one-pass numba loss and gradients == the two thin products through autograd."""
+    X = [torch.randn(m, 300) * 5 for m in (3, 40, 1, 17, 260)]
+    pairs = utils.Pairs.from_list(X)
+    grads = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(utils, "numba", None)
+        utils.set_seed(0)
+        model = utils.LoRe(None, 0, 5, 300, 4)
+        loss = model.loss(pairs.dense(), pairs.user, pairs.counts())
+        loss.backward()
+        grads.append((loss.item(), model.V.grad, model.W.grad))
+    (l1, v1, w1), (l2, v2, w2) = grads
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    assert torch.allclose(v1, v2, atol=1e-6, rtol=1e-4) and torch.allclose(w1, w2, atol=1e-6, rtol=1e-4)
+
+
 def test_thin_matmul_gradient_matches_autograd():
     X, V = torch.randn(1000, 300), torch.randn(300, 4, requires_grad=True)
     G = torch.randn(1000, 4)
