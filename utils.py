@@ -21,6 +21,7 @@ Sections:
 """
 
 import ast
+import contextlib
 import datetime
 import hashlib
 import importlib.util
@@ -129,14 +130,21 @@ def configure(config, argv=None):
 # 2. Files: atomic writes, checked loads, results JSON and plots
 # ----------------------------------------------------------------------------------------
 
-def _atomic_target(path):
-    """A temp file name in the directory of `path` (so os.replace is atomic)."""
+@contextlib.contextmanager
+def _atomic_path(path):
+    """Yield a temp file path beside `path`; when the block succeeds, rename it onto `path`
+    (atomic: never a half-written file there). The temp file never outlives the block."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    _usual_permissions(tmp)  # mkstemp makes 0600
-    return path, tmp
+    try:
+        yield tmp
+        _usual_permissions(tmp)  # mkstemp and safetensors' save_file make 0600
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _usual_permissions(path):
@@ -148,15 +156,9 @@ def _usual_permissions(path):
 
 def atomic_write_bytes(path, data):
     """Write bytes to `path` through a temp file and a rename: never a half-written file."""
-    path, tmp = _atomic_target(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    with _atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+    return Path(path)
 
 
 def _jsonable(obj):
@@ -183,16 +185,10 @@ def save_json(path, obj):
 
 def save_tensors(path, tensors, metadata=None):
     """Save a dict of tensors as safetensors atomically (temp file, then rename)."""
-    path, tmp = _atomic_target(path)
-    try:
+    with _atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
                   metadata={k: str(v) for k, v in (metadata or {}).items()})
-        _usual_permissions(tmp)  # save_file recreates the file as 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return Path(path)
 
 
 def load_tensors(path, keys=(), make_cmd=None, allow_nan=()):
@@ -253,15 +249,12 @@ def save_plot(path, x, series, xlabel, ylabel, title, xticks=None):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path, tmp = _atomic_target(path)
     try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
+        with _atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return Path(path)
 
 
 def report_run(res, K_list, alpha_list, config, out_dir, name, title, extra=None):
@@ -1355,9 +1348,7 @@ def _write_embeddings_file(path, row_chunks, n_rows, n_features, groups, tensors
         offset += nbytes
     header = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the data section starts 8-byte aligned
-    path, tmp = _atomic_target(path)
-    tmp = Path(tmp)
-    try:
+    with _atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(header)))
             f.write(header)
@@ -1377,9 +1368,6 @@ def _write_embeddings_file(path, row_chunks, n_rows, n_features, groups, tensors
                     matrix_done = True
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _shard_path(shard_dir, start, stop):
