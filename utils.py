@@ -1953,7 +1953,7 @@ def prism_dialogs(survey, conversations, utterances):
         dialogs.append({"conversation_id": cid, "user_id": conv["user_id"],
                         "conversation_type": conv.get("conversation_type"), "turns": turns})
     dropped = ", ".join(f"{n} {why}" for why, n in counts.items() if n)
-    print(f"{len(dialogs)} dialogs of {len({d['user_id'] for d in dialogs})} users"
+    print0(f"{len(dialogs)} dialogs of {len({d['user_id'] for d in dialogs})} users"
           + (f" (dropped: {dropped})" if dropped else ""))
     return dialogs
 
@@ -2036,7 +2036,7 @@ def prism_pairs(dialogs, seed=123, seen_fraction=0.8, min_dialogs=6):
     for split in PRISM_SPLITS:
         stats[f"{split}_dialogs"] = per_user(pairs[pairs["split"] == split].groupby("user")["dialog"].nunique())
     stats["pairs"] = per_user(pairs.groupby("user").size())
-    print(f"{len(users)} users with >= {min_dialogs} dialogs: {num_seen} seen, {len(users) - num_seen} unseen; "
+    print0(f"{len(users)} users with >= {min_dialogs} dialogs: {num_seen} seen, {len(users) - num_seen} unseen; "
           f"{len(pairs)} pairs, {len(chosen_convs) + len(rejected_convs)} conversations to embed")
     return pairs, stats, chosen_convs + rejected_convs
 
@@ -2153,11 +2153,11 @@ def rb2_load(name="allenai/reward-bench-2", path=None, limit=None):
     ok = [isinstance(p, str) and isinstance(c, list) and isinstance(r, list) and len(c) > 0 and len(r) > 0
           and all(isinstance(x, str) for x in c + r) for p, c, r in zip(df["prompt"], df["chosen"], df["rejected"])]
     if not all(ok):
-        print(f"{name}: skipping {len(ok) - sum(ok)} prompts with a missing prompt or empty / non-text responses")
+        print0(f"{name}: skipping {len(ok) - sum(ok)} prompts with a missing prompt or empty / non-text responses")
         df = df[ok]
     unknown = sorted(set(df["subset"]) - set(RB2_SUBSETS))
     if unknown:
-        print(f"{name}: subsets {unknown} are not scored (expected {RB2_SUBSETS})")
+        print0(f"{name}: subsets {unknown} are not scored (expected {RB2_SUBSETS})")
     df = df[df["subset"].isin(RB2_SUBSETS)]
     if limit is not None:
         df = df.groupby("subset", sort=False).head(limit)
