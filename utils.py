@@ -1,27 +1,27 @@
 """LoRe: personalized low-rank reward modeling (Bose et al. 2025, arXiv 2504.14439).
 
-One shared module for every dataset folder. A user's reward is r_i(x, y) = e(x, y)^T V w_i,
+The method and what every dataset folder shares. A user's reward is r_i(x, y) = e(x, y)^T V w_i,
 with e(x, y) [F] a frozen reward-model embedding, V [F, K] K shared basis rewards and w_i [K]
 on the simplex. A comparison is stored as d = e(x, chosen) - e(x, rejected) and trained
-with the Bradley-Terry likelihood sigmoid(d^T V w_i / 100).
+with the Bradley-Terry likelihood sigmoid(d^T V w_i / 100). Each dataset's own code (loading,
+split protocol, synthetic data) lives in its folder (PersonalLLM/personalllm.py, RedditTLDR/tldr.py,
+PRISM/prism.py, PRISM/rewardbench.py) and imports this module; this module imports none of them.
 
-Sections:
-  1. Device, seeds and script configuration
-  2. Files: atomic writes, checked loads, results JSON and plots
-  3. Preference pairs of many users (Pairs)
-  4. Population simulation (the PersonalLLM seed functions)
-  5. Models: LoRe, LoRe_regularized, PersonalizeBatch
-  6. Evaluation
-  7. Pipelines: run, run_regularized, run_few_shot_vary_shots
-  8. Dataset loading
+Sections, each using only the ones above it:
+  1. Configuration, device and process helpers
+  2. File I/O: atomic writes, checked loads, dataset files
+  3. Reporting: tables, results JSON and plots
+  4. Preference pairs of many users (Pairs) and what a dataset loader returns (PreferenceData)
+  5. Population simulation (the PersonalLLM seed functions)
+  6. Models: LoRe, LoRe_regularized, PersonalizeBatch, then their fast kernels
+  7. Evaluation
+  8. Pipelines: run, run_regularized, run_few_shot_vary_shots
   9. Embedding extraction (batched, resumable, multi-GPU)
- 10. PersonalLLM
- 11. Reddit TLDR
- 12. PRISM and RewardBench 2
 """
 
 import ast
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import importlib.util
@@ -46,7 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-try:  # optional: a fused one-pass CPU kernel for the Bradley-Terry loss (section 5)
+try:  # optional: a fused one-pass CPU kernel for the Bradley-Terry loss (section 6)
     import numba
 except ImportError:
     numba = None
@@ -55,14 +55,37 @@ LOGIT_SCALE = 100.0  # P(chosen > rejected) = sigmoid(d^T V w / LOGIT_SCALE), as
 
 
 # ----------------------------------------------------------------------------------------
-# 1. Device, seeds and script configuration
+# 1. Configuration, device and process helpers
 # ----------------------------------------------------------------------------------------
 
+def dist_info():
+    """-> (rank, world_size, local_rank): from torch.distributed if initialised, else from torchrun's env vars."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), local_rank
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), local_rank
+
+
+def is_main_process():
+    return dist_info()[0] == 0
+
+
+def print0(*args):
+    """print on the main process only (rank 0 under torchrun)."""
+    if is_main_process():
+        print(*args, flush=True)
+
+
 def get_device(device=None):
-    """The torch.device to compute on: `device` if given, else CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The torch.device to compute on: `device` if given, else CUDA when available, else CPU.
+    A CUDA device without an index gets cuda:LOCAL_RANK under torchrun, else the current CUDA device."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        index = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else torch.cuda.current_device()
+        device = torch.device("cuda", index)
+    return device
 
 
 def set_seed(seed):
@@ -70,6 +93,32 @@ def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _barrier():
+    """Wait for every process of the process group (nothing to do without one)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+@contextlib.contextmanager
+def _process_group(device):
+    """Under torchrun with no process group yet, create one for the block (nccl on CUDA, else gloo) and
+    destroy it afterwards; otherwise do nothing. Ranks wait for each other, so the timeout is long."""
+    created = False
+    if dist_info()[1] > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=24))
+        created = True
+    try:
+        yield
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 _CONFIG_TYPES = (bool, int, float, str, list, tuple, dict, type(None))
@@ -127,8 +176,15 @@ def configure(config, argv=None):
 
 
 # ----------------------------------------------------------------------------------------
-# 2. Files: atomic writes, checked loads, results JSON and plots
+# 2. File I/O: atomic writes, checked loads, dataset files
 # ----------------------------------------------------------------------------------------
+
+def _usual_permissions(path):
+    """chmod a new file to 0666 minus the umask, as open() would have made it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
 
 @contextlib.contextmanager
 def _atomic_path(path):
@@ -145,13 +201,6 @@ def _atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def _usual_permissions(path):
-    """chmod a new file to 0666 minus the umask, as open() would have made it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def atomic_write_bytes(path, data):
@@ -212,11 +261,72 @@ def load_tensors(path, keys=(), make_cmd=None, allow_nan=()):
     return tensors
 
 
+def load_metadata(path):
+    """The `__metadata__` dict (str -> str) of the safetensors file at `path`."""
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _read_metadata(path):
+    """-> safetensors __metadata__ dict of the file at path, or None when missing/unreadable."""
+    try:
+        return load_metadata(path)
+    except Exception:
+        return None
+
+
 def script_out_dir(script_file, out_dir=None):
     """Resolve a script's output folder: `out_dir` if given, else `results/` beside the script."""
     path = Path(out_dir) if out_dir else Path(script_file).resolve().parent / "results"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def load_split(name, split, path=None, config=None):
+    """One split of a dataset as a pandas DataFrame.
+
+    path None: the Hugging Face hub dataset `name` (config `config`). Otherwise a local copy:
+    a dataset saved with save_to_disk (DatasetDict or Dataset), a folder of parquet / jsonl /
+    json files whose names start with the split (also under data/, the hub layout), or one
+    such file.
+    """
+    import datasets
+    import pandas as pd
+    if path is None:
+        return datasets.load_dataset(name, config, split=split).to_pandas()
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset_path {path} does not exist")
+    if path.is_dir() and (path / "dataset_dict.json").exists():
+        dd = datasets.load_from_disk(str(path))
+        if split not in dd:
+            raise ValueError(f"{path} has splits {list(dd)}, not {split!r}")
+        return dd[split].to_pandas()
+    if path.is_dir() and (path / "state.json").exists():
+        return datasets.load_from_disk(str(path)).to_pandas()
+    files = [path] if path.is_file() else sorted(
+        f for d in (path, path / "data") if d.is_dir() for f in d.iterdir()
+        if f.name.startswith(split) and f.suffix in (".parquet", ".jsonl", ".json"))
+    if not files:
+        raise FileNotFoundError(f"no {split!r} split in {path}: expected a save_to_disk folder or "
+                                f"{split}*.parquet / {split}*.jsonl files")
+    frames = [pd.read_parquet(f) if f.suffix == ".parquet" else pd.read_json(f, lines=f.suffix == ".jsonl")
+              for f in files]
+    return pd.concat(frames, ignore_index=True)
+
+
+def require_columns(df, columns, where):
+    """Raise a clear error when the DataFrame `df` lacks any of `columns`."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {missing}; found {list(df.columns)}")
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Reporting: tables, results JSON and plots
+# ----------------------------------------------------------------------------------------
+
+RESULT_NAMES = ["seen_train", "seen_test", "unseen_fewshot", "unseen_test"]
 
 
 def print_table(header, rows, fmt="{:.4f}"):
@@ -299,15 +409,15 @@ def report_shots(res, num_shots, config, out_dir, name, title, K, alpha=None, sk
     out_dir = Path(out_dir)
     save_json(out_dir / f"{name}.json", {"config": config, "K": K, "alpha": alpha, "results": results,
                                          **(extra or {})})
-    save_plot(out_dir / f"{name}.png", list(num_shots), {"unseen users, test": (ts_m, ts_s),
-                                                          "unseen users, few-shot train": (fs_m, fs_s)},
-              xlabel, "accuracy", f"{title}: accuracy vs shots (K = {K})")
+    series = {"unseen users, test": (ts_m, ts_s), "unseen users, few-shot train": (fs_m, fs_s)}
+    save_plot(out_dir / f"{name}.png", list(num_shots), series, xlabel, "accuracy",
+              f"{title}: accuracy vs shots (K = {K})")
     print(f"wrote {out_dir / name}.json and {name}.png")
     return results
 
 
 # ----------------------------------------------------------------------------------------
-# 3. Preference pairs of many users
+# 4. Preference pairs of many users
 # ----------------------------------------------------------------------------------------
 
 class Pairs:
@@ -417,8 +527,51 @@ def as_pairs(features):
     return features if isinstance(features, Pairs) else Pairs.from_list(features)
 
 
+@dataclasses.dataclass
+class PreferenceData:
+    """What every dataset's `load(...)` returns: the four pair sets of the protocol, the reference
+    head and the rest by name.
+
+    seen_train, seen_test: Pairs of the N seen users (users 0..N-1); unseen_fewshot, unseen_test:
+    Pairs of the N_unseen unseen users (renumbered 0..N_unseen-1); head [F, 1]: the reward model's
+    own head. info: user counts ("N", "N_unseen", filled in here) and dataset details (protocol,
+    worker lists, few-shot dialogs, ...).
+    """
+    seen_train: Pairs
+    seen_test: Pairs
+    unseen_fewshot: Pairs
+    unseen_test: Pairs
+    head: torch.Tensor
+    info: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, pairs, other in [("seen_test", self.seen_test, self.seen_train),
+                                   ("unseen_test", self.unseen_test, self.unseen_fewshot)]:
+            if len(pairs) != len(other):
+                raise ValueError(f"{name} has {len(pairs)} users, but its train / few-shot pairs have {len(other)}")
+        F = self.seen_train.num_features
+        if self.head.shape != (F, 1):
+            raise ValueError(f"head has shape {tuple(self.head.shape)}, expected ({F}, 1)")
+        self.info = {"N": self.N, "N_unseen": self.N_unseen, **self.info}
+
+    @property
+    def N(self):
+        """Number of seen users."""
+        return len(self.seen_train)
+
+    @property
+    def N_unseen(self):
+        """Number of unseen users."""
+        return len(self.unseen_fewshot)
+
+    @property
+    def features(self):
+        """(seen_train, seen_test, unseen_fewshot, unseen_test): the pair arguments of run / run_regularized."""
+        return self.seen_train, self.seen_test, self.unseen_fewshot, self.unseen_test
+
+
 # ----------------------------------------------------------------------------------------
-# 4. Population simulation (PersonalLLM protocol)
+# 5. Population simulation (PersonalLLM protocol)
 # ----------------------------------------------------------------------------------------
 
 def generate_population(alpha, N):
@@ -499,99 +652,8 @@ def sample_shots(features, shots, rng=None):
 
 
 # ----------------------------------------------------------------------------------------
-# 5. Models
+# 6. Models (the fast kernels they use come after them)
 # ----------------------------------------------------------------------------------------
-
-class _ThinMatmul(torch.autograd.Function):
-    """X [M, F] @ V [F, K] for a tall X and a thin V; X gets no gradient.
-
-    On CPU (MKL) both products are memory-bound, and the layout matters: the forward reads V
-    column-major (2-3x faster than row-major), and dV = (G^T X)^T is accumulated over blocks
-    of rows (autograd's X^T G is ~12x slower)."""
-
-    @staticmethod
-    def forward(ctx, X, V):
-        ctx.save_for_backward(X)
-        if X.is_cuda:
-            return X @ V
-        return X @ V.t().contiguous().t()
-
-    @staticmethod
-    def backward(ctx, G):
-        (X,) = ctx.saved_tensors
-        if X.is_cuda:
-            return None, (G.t() @ X).t()
-        Gt = G.t().contiguous()  # [K, M]
-        dV = torch.zeros(G.shape[1], X.shape[1], dtype=X.dtype)
-        block = max(256, 2**20 // X.shape[1])  # rows per block: about 1M floats of X
-        for i in range(0, X.shape[0], block):
-            dV.addmm_(Gt[:, i:i + block], X[i:i + block])
-        return None, dV.t()
-
-
-if numba is not None:
-    @numba.njit(parallel=True, fastmath=True, cache=True)
-    def _bt_loss_kernel(X, Vt, Wu, pw, scale):
-        """One pass over X [M, F]: loss = sum_m pw_m softplus(-z_m), z_m = x_m^T V wu_m / scale,
-        with dL/dV^T [K, F] and XV [M, K], g [M] (dL/dXV_m = g_m wu_m). Vt [K, F], Wu [M, K]."""
-        M, F = X.shape
-        K = Vt.shape[0]
-        nblocks = 16  # fixed, so that the sums do not depend on the number of threads
-        dVs = np.zeros((nblocks, K, F), np.float32)
-        losses = np.zeros(nblocks)
-        XV = np.empty((M, K), np.float32)
-        g = np.empty(M, np.float32)
-        for b in numba.prange(nblocks):
-            for m in range(b * M // nblocks, (b + 1) * M // nblocks):
-                z = 0.0
-                for k in range(K):
-                    s = np.float32(0.0)
-                    for f in range(F):
-                        s += X[m, f] * Vt[k, f]
-                    XV[m, k] = s
-                    z += s * Wu[m, k]
-                z /= scale
-                e = np.exp(-abs(z))  # stable softplus(-z) and sigmoid(-z)
-                losses[b] += pw[m] * (np.log1p(e) + max(-z, 0.0))
-                sig = e / (1.0 + e) if z > 0 else 1.0 / (1.0 + e)
-                g[m] = -sig * pw[m] / scale
-                for k in range(K):
-                    gk = np.float32(g[m] * Wu[m, k])
-                    for f in range(F):
-                        dVs[b, k, f] += gk * X[m, f]
-        dVt = np.zeros((K, F), np.float32)
-        for b in range(nblocks):
-            dVt += dVs[b]
-        return losses.sum(), dVt, XV, g
-
-
-class _FusedBTLoss(torch.autograd.Function):
-    """sum_m pw_m softplus(-x_m^T V wu_m / 100) and its gradients in one pass over X (CPU, numba)."""
-
-    @staticmethod
-    def forward(ctx, X, V, Wu, pw):
-        loss, dVt, XV, g = _bt_loss_kernel(X.numpy(), V.detach().t().contiguous().numpy(),
-                                           Wu.detach().contiguous().numpy(), pw.contiguous().numpy(), LOGIT_SCALE)
-        XV, g = torch.from_numpy(XV), torch.from_numpy(g)
-        ctx.save_for_backward(torch.from_numpy(dVt).t(), g[:, None] * XV)
-        return torch.tensor(loss, dtype=torch.float32)
-
-    @staticmethod
-    def backward(ctx, grad):
-        dV, dWu = ctx.saved_tensors
-        return None, grad * dV, grad * dWu, None
-
-
-def _bt_loss(X, V, Wu, pw):
-    """sum_m pw_m * softplus(-x_m^T V wu_m / 100) for X [M, F], V [F, K], Wu [M, K], pw [M].
-
-    On CPU with numba installed, one fused pass over X computes the loss and both gradients
-    (the memory-bandwidth floor); otherwise forward and backward are two thin products."""
-    if numba is not None and not X.is_cuda and X.dtype == torch.float32 and X.is_contiguous():
-        return _FusedBTLoss.apply(X, V, Wu, pw)
-    z = (_ThinMatmul.apply(X, V) * Wu).sum(1) / LOGIT_SCALE
-    return (F_nn.softplus(-z) * pw).sum()
-
 
 def _pack(X, device):
     """(diffs [M, F], user [M], counts [C]) on `device` from a list of tensors or a Pairs."""
@@ -802,8 +864,99 @@ def learn_multiple_few_shot(X, V, num_iterations=500, learning_rate=0.1, device=
     return model.train(pairs, V, device=device)
 
 
+class _ThinMatmul(torch.autograd.Function):
+    """X [M, F] @ V [F, K] for a tall X and a thin V; X gets no gradient.
+
+    On CPU (MKL) both products are memory-bound, and the layout matters: the forward reads V
+    column-major (2-3x faster than row-major), and dV = (G^T X)^T is accumulated over blocks
+    of rows (autograd's X^T G is ~12x slower)."""
+
+    @staticmethod
+    def forward(ctx, X, V):
+        ctx.save_for_backward(X)
+        if X.is_cuda:
+            return X @ V
+        return X @ V.t().contiguous().t()
+
+    @staticmethod
+    def backward(ctx, G):
+        (X,) = ctx.saved_tensors
+        if X.is_cuda:
+            return None, (G.t() @ X).t()
+        Gt = G.t().contiguous()  # [K, M]
+        dV = torch.zeros(G.shape[1], X.shape[1], dtype=X.dtype)
+        block = max(256, 2**20 // X.shape[1])  # rows per block: about 1M floats of X
+        for i in range(0, X.shape[0], block):
+            dV.addmm_(Gt[:, i:i + block], X[i:i + block])
+        return None, dV.t()
+
+
+if numba is not None:
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def _bt_loss_kernel(X, Vt, Wu, pw, scale):
+        """One pass over X [M, F]: loss = sum_m pw_m softplus(-z_m), z_m = x_m^T V wu_m / scale,
+        with dL/dV^T [K, F] and XV [M, K], g [M] (dL/dXV_m = g_m wu_m). Vt [K, F], Wu [M, K]."""
+        M, F = X.shape
+        K = Vt.shape[0]
+        nblocks = 16  # fixed, so that the sums do not depend on the number of threads
+        dVs = np.zeros((nblocks, K, F), np.float32)
+        losses = np.zeros(nblocks)
+        XV = np.empty((M, K), np.float32)
+        g = np.empty(M, np.float32)
+        for b in numba.prange(nblocks):
+            for m in range(b * M // nblocks, (b + 1) * M // nblocks):
+                z = 0.0
+                for k in range(K):
+                    s = np.float32(0.0)
+                    for f in range(F):
+                        s += X[m, f] * Vt[k, f]
+                    XV[m, k] = s
+                    z += s * Wu[m, k]
+                z /= scale
+                e = np.exp(-abs(z))  # stable softplus(-z) and sigmoid(-z)
+                losses[b] += pw[m] * (np.log1p(e) + max(-z, 0.0))
+                sig = e / (1.0 + e) if z > 0 else 1.0 / (1.0 + e)
+                g[m] = -sig * pw[m] / scale
+                for k in range(K):
+                    gk = np.float32(g[m] * Wu[m, k])
+                    for f in range(F):
+                        dVs[b, k, f] += gk * X[m, f]
+        dVt = np.zeros((K, F), np.float32)
+        for b in range(nblocks):
+            dVt += dVs[b]
+        return losses.sum(), dVt, XV, g
+
+
+class _FusedBTLoss(torch.autograd.Function):
+    """sum_m pw_m softplus(-x_m^T V wu_m / 100) and its gradients in one pass over X (CPU, numba)."""
+
+    @staticmethod
+    def forward(ctx, X, V, Wu, pw):
+        loss, dVt, XV, g = _bt_loss_kernel(X.numpy(), V.detach().t().contiguous().numpy(),
+                                           Wu.detach().contiguous().numpy(), pw.contiguous().numpy(), LOGIT_SCALE)
+        XV, g = torch.from_numpy(XV), torch.from_numpy(g)
+        ctx.save_for_backward(torch.from_numpy(dVt).t(), g[:, None] * XV)
+        return torch.tensor(loss, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dV, dWu = ctx.saved_tensors
+        return None, grad * dV, grad * dWu, None
+
+
+def _bt_loss(X, V, Wu, pw):
+    """sum_m pw_m * softplus(-x_m^T V wu_m / 100) for X [M, F], V [F, K], Wu [M, K], pw [M].
+
+    On CPU with numba installed, one fused pass over X computes the loss and both gradients
+    (the memory-bandwidth floor); otherwise forward and backward are two thin products."""
+    if numba is not None and not X.is_cuda and X.dtype == torch.float32 and X.is_contiguous():
+        return _FusedBTLoss.apply(X, V, Wu, pw)
+    z = (_ThinMatmul.apply(X, V) * Wu).sum(1) / LOGIT_SCALE
+    return (F_nn.softplus(-z) * pw).sum()
+
+
 # ----------------------------------------------------------------------------------------
-# 6. Evaluation
+# 7. Evaluation
 # ----------------------------------------------------------------------------------------
 
 def evaluate_model(X, V, w):
@@ -845,13 +998,10 @@ def eval_multiple(W_list, V_list, test_features, verbose=True):
 
 
 # ----------------------------------------------------------------------------------------
-# 7. Pipelines
+# 8. Pipelines
 # ----------------------------------------------------------------------------------------
 
-RESULT_NAMES = ["seen_train", "seen_test", "unseen_fewshot", "unseen_test"]
-
-
-def _fit_basis(model_cls, K, V_final, alpha, pairs, num_iterations, learning_rate, device):
+def _fit_basis(model_cls, K, V_final, alpha, pairs, *, num_iterations, learning_rate, device):
     """(W [C, K'], V [F, K']) for rank K: K = 0 is the reference head V_final with w = [1]."""
     if K == 0:
         V = torch.as_tensor(V_final, dtype=torch.float32).reshape(-1, 1)
@@ -860,16 +1010,19 @@ def _fit_basis(model_cls, K, V_final, alpha, pairs, num_iterations, learning_rat
     return model.train(pairs, device=device)
 
 
-def _run(model_cls, K_list, alpha_list, V_final, train_features, test_features_sparse,
-         train_features_unseen, test_features_sparse_unseen, N, N_unseen, device,
-         num_iterations, learning_rate, fewshot_iterations, fewshot_learning_rate, seed, return_models):
-    train, test = as_pairs(train_features), as_pairs(test_features_sparse)
-    train_u, test_u = as_pairs(train_features_unseen), as_pairs(test_features_sparse_unseen)
-    for name, pairs, n in [("train_features", train, N), ("test_features_sparse", test, N),
-                           ("train_features_unseen", train_u, N_unseen),
-                           ("test_features_sparse_unseen", test_u, N_unseen)]:
+def _check_users(named_pairs):
+    """Raise when a Pairs has another number of users than expected: named_pairs [(name, pairs, n)]."""
+    for name, pairs, n in named_pairs:
         if len(pairs) != n:
             raise ValueError(f"{name} has {len(pairs)} users, expected {n}")
+
+
+def _run(model_cls, K_list, alpha_list, V_final, features, N, N_unseen, device, *, num_iterations, learning_rate,
+         fewshot_iterations, fewshot_learning_rate, seed, return_models):
+    """run / run_regularized with the model class `model_cls`; features: the four pair sets of `run`."""
+    train, test, train_u, test_u = (as_pairs(x) for x in features)
+    _check_users([("train_features", train, N), ("test_features_sparse", test, N),
+                  ("train_features_unseen", train_u, N_unseen), ("test_features_sparse_unseen", test_u, N_unseen)])
     shape = (len(alpha_list), len(K_list))
     means, stds = np.zeros((4,) + shape), np.zeros((4,) + shape)
     models = {}
@@ -877,12 +1030,13 @@ def _run(model_cls, K_list, alpha_list, V_final, train_features, test_features_s
         for k, K in enumerate(K_list):
             set_seed(seed)
             t0 = time.time()
-            W, V = _fit_basis(model_cls, K, V_final, alpha, train, num_iterations, learning_rate, device)
+            W, V = _fit_basis(model_cls, K, V_final, alpha, train, num_iterations=num_iterations,
+                              learning_rate=learning_rate, device=device)
             if K <= 1:  # reference head or a single BT reward: everyone gets w = [1]
                 W_u = torch.ones(N_unseen, V.shape[1])
             else:
-                W_u = torch.stack(learn_multiple_few_shot(train_u, V, fewshot_iterations,
-                                                          fewshot_learning_rate, device))
+                W_u = torch.stack(learn_multiple_few_shot(train_u, V, fewshot_iterations, fewshot_learning_rate,
+                                                          device))
             V, W, W_u = V.cpu(), W.cpu(), W_u.cpu()
             accs = [user_accuracies(train, V, W), user_accuracies(test, V, W),
                     user_accuracies(train_u, V, W_u), user_accuracies(test_u, V, W_u)]
@@ -907,18 +1061,48 @@ def run(K_list, alpha_list, V_final, train_features, test_features_sparse, train
     (seen train, seen test, unseen few-shot train, unseen test), then their std over users;
     with return_models=True also {(alpha, K): {"V", "W", "W_unseen"}}.
     """
-    return _run(LoRe, K_list, alpha_list, V_final, train_features, test_features_sparse,
-                train_features_unseen, test_features_sparse_unseen, N, N_unseen, device,
-                num_iterations, learning_rate, fewshot_iterations, fewshot_learning_rate, seed, return_models)
+    features = (train_features, test_features_sparse, train_features_unseen, test_features_sparse_unseen)
+    return _run(LoRe, K_list, alpha_list, V_final, features, N, N_unseen, device, num_iterations=num_iterations,
+                learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
+                fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_models=return_models)
 
 
 def run_regularized(K_list, alpha_list, V_final, train_features, test_features_sparse, train_features_unseen,
                     test_features_sparse_unseen, N, N_unseen, device, *, num_iterations=20000, learning_rate=0.5,
                     fewshot_iterations=500, fewshot_learning_rate=0.5, seed=0, return_models=False):
     """`run` with LoRe_regularized (pooled loss, cosine pull to V_final, alternating steps)."""
-    return _run(LoRe_regularized, K_list, alpha_list, V_final, train_features, test_features_sparse,
-                train_features_unseen, test_features_sparse_unseen, N, N_unseen, device,
-                num_iterations, learning_rate, fewshot_iterations, fewshot_learning_rate, seed, return_models)
+    features = (train_features, test_features_sparse, train_features_unseen, test_features_sparse_unseen)
+    return _run(LoRe_regularized, K_list, alpha_list, V_final, features, N, N_unseen, device,
+                num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
+                fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_models=return_models)
+
+
+def _shot_units(pool, shot_groups=None):
+    """Each user's few-shot examples: per user of `pool` (Pairs), a list of tensors of pair rows of `pool`,
+    one per example: a single pair, or with shot_groups ([m] group id of every pair) all pairs of a group."""
+    units = []
+    for rows in pool._rows_of(range(len(pool))):
+        if shot_groups is None:
+            units.append(list(rows.split(1)))
+        else:
+            groups = torch.as_tensor(shot_groups)[rows]
+            units.append([rows[groups == g] for g in torch.unique(groups)])
+    return units
+
+
+def _stack_trials(pool, units, users, shots, trials, seed):
+    """`shots` random examples of each of `users` in every trial, all in one Pairs of rows of `pool`:
+    user t * len(users) + i is users[i] in trial t. Trial t draws with np.random.RandomState(seed * 100003 + t)."""
+    rows, owner = [], []
+    for trial in range(trials):
+        rng = np.random.RandomState(seed * 100003 + trial)
+        for i, u in enumerate(users):
+            picked = torch.cat([units[u][c] for c in rng.choice(len(units[u]), shots, replace=False)])
+            rows.append(picked)
+            owner.append(torch.full((len(picked),), trial * len(users) + i))
+    out = pool.select(torch.cat(rows))
+    out.user, out.num_users = torch.cat(owner), trials * len(users)
+    return out
 
 
 def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_features, train_features_unseen,
@@ -934,25 +1118,20 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
     pairs of one group. Users with fewer than `shots` examples are skipped for that count (the
     number is printed). All trials of a shot count are fit together in one PersonalizeBatch
     (users are independent there, so this equals fitting them one by one).
+    num_iterations None: 20000 if regularized else 1000; fewshot_learning_rate None: 0.5 if regularized else 0.1.
     Returns 4 arrays [len(alpha_list), len(K_list), len(num_shots)]: few-shot train accuracy
     mean and std over trials, unseen-user test accuracy mean and std over trials (each trial's
     value is the mean over users); with return_skipped=True also skipped counts [len(num_shots)].
     """
     model_cls = LoRe_regularized if regularized else LoRe
-    num_iterations = num_iterations or (20000 if regularized else 1000)
-    fewshot_learning_rate = fewshot_learning_rate or (0.5 if regularized else 0.1)
-    train, pool, test_u = (as_pairs(x) for x in (train_features, train_features_unseen,
-                                                 test_features_sparse_unseen))
-    if len(train) != N or len(pool) != N_unseen or len(test_u) != N_unseen:
-        raise ValueError(f"expected {N} seen and {N_unseen} unseen users, got {len(train)}, "
-                         f"{len(pool)} and {len(test_u)}")
-    units = []  # per unseen user: its examples, each a tensor of pair rows of `pool`
-    for rows in pool._rows_of(range(N_unseen)):
-        if shot_groups is None:
-            units.append(list(rows.split(1)))
-        else:
-            groups = torch.as_tensor(shot_groups)[rows]
-            units.append([rows[groups == g] for g in torch.unique(groups)])
+    if num_iterations is None:
+        num_iterations = 20000 if regularized else 1000
+    if fewshot_learning_rate is None:
+        fewshot_learning_rate = 0.5 if regularized else 0.1
+    train, pool, test_u = (as_pairs(x) for x in (train_features, train_features_unseen, test_features_sparse_unseen))
+    _check_users([("train_features", train, N), ("train_features_unseen", pool, N_unseen),
+                  ("test_features_sparse_unseen", test_u, N_unseen)])
+    units = _shot_units(pool, shot_groups)
     n_units = torch.tensor([len(u) for u in units])
     unit_name = "pairs" if shot_groups is None else "groups"
     skipped = [int((n_units < s).sum()) for s in num_shots]
@@ -963,7 +1142,8 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
     for a, alpha in enumerate(alpha_list):
         for k, K in enumerate(K_list):
             set_seed(seed)
-            _, V = _fit_basis(model_cls, K, V_final, alpha, train, num_iterations, learning_rate, device)
+            _, V = _fit_basis(model_cls, K, V_final, alpha, train, num_iterations=num_iterations,
+                              learning_rate=learning_rate, device=device)
             V = V.cpu()
             # work in the K-dim projected space: d^T V is all the few-shot step needs
             eye = torch.eye(V.shape[1])
@@ -974,15 +1154,7 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
                 if not users:
                     res[:, a, k, j] = np.nan
                     continue
-                rows, owner = [], []
-                for trial in range(trials):  # all trials' users stacked: user t * n + i
-                    rng = np.random.RandomState(seed * 100003 + trial)
-                    for i, u in enumerate(users):
-                        picked = torch.cat([units[u][c] for c in rng.choice(len(units[u]), shots, replace=False)])
-                        rows.append(picked)
-                        owner.append(torch.full((len(picked),), trial * len(users) + i))
-                shot_pairs = pool_V.select(torch.cat(rows))
-                shot_pairs.user, shot_pairs.num_users = torch.cat(owner), trials * len(users)
+                shot_pairs = _stack_trials(pool_V, units, users, shots, trials, seed)
                 if V.shape[1] <= 1:
                     W_u = torch.ones(shot_pairs.num_users, V.shape[1])
                 else:
@@ -1001,50 +1173,6 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
 
 
 # ----------------------------------------------------------------------------------------
-# 8. Dataset loading
-# ----------------------------------------------------------------------------------------
-
-def load_split(name, split, path=None, config=None):
-    """One split of a dataset as a pandas DataFrame.
-
-    path None: the Hugging Face hub dataset `name` (config `config`). Otherwise a local copy:
-    a dataset saved with save_to_disk (DatasetDict or Dataset), a folder of parquet / jsonl /
-    json files whose names start with the split (also under data/, the hub layout), or one
-    such file.
-    """
-    import datasets
-    import pandas as pd
-    if path is None:
-        return datasets.load_dataset(name, config, split=split).to_pandas()
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"dataset_path {path} does not exist")
-    if path.is_dir() and (path / "dataset_dict.json").exists():
-        dd = datasets.load_from_disk(str(path))
-        if split not in dd:
-            raise ValueError(f"{path} has splits {list(dd)}, not {split!r}")
-        return dd[split].to_pandas()
-    if path.is_dir() and (path / "state.json").exists():
-        return datasets.load_from_disk(str(path)).to_pandas()
-    files = [path] if path.is_file() else sorted(
-        f for d in (path, path / "data") if d.is_dir() for f in d.iterdir()
-        if f.name.startswith(split) and f.suffix in (".parquet", ".jsonl", ".json"))
-    if not files:
-        raise FileNotFoundError(f"no {split!r} split in {path}: expected a save_to_disk folder or "
-                                f"{split}*.parquet / {split}*.jsonl files")
-    frames = [pd.read_parquet(f) if f.suffix == ".parquet" else pd.read_json(f, lines=f.suffix == ".jsonl")
-              for f in files]
-    return pd.concat(frames, ignore_index=True)
-
-
-def require_columns(df, columns, where):
-    """Raise a clear error when the DataFrame `df` lacks any of `columns`."""
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{where}: missing column(s) {missing}; found {list(df.columns)}")
-
-
-# ----------------------------------------------------------------------------------------
 # 9. Embedding extraction
 #
 # e(x, y) = final hidden state (after the final norm) of a frozen reward model at the last
@@ -1058,37 +1186,10 @@ _ST_DTYPES = {  # torch dtype -> safetensors dtype name
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL",
 }
+
+
 _RESERVED_METADATA = ("model_name", "fingerprint", "extras_sha256", "n_items", "n_features", "dtype",
                       "max_length", "truncation_side", "n_truncated", "groups")
-
-
-def dist_info():
-    """-> (rank, world_size, local_rank): from torch.distributed if initialised, else from torchrun's env vars."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), local_rank
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), local_rank
-
-
-def is_main_process():
-    return dist_info()[0] == 0
-
-
-def print0(*args):
-    """print on the main process only (rank 0 under torchrun)."""
-    if is_main_process():
-        print(*args, flush=True)
-
-
-def _resolve_device(device=None):
-    """None -> cuda:LOCAL_RANK (torchrun) / the current cuda device / cpu."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        index = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else torch.cuda.current_device()
-        device = torch.device("cuda", index)
-    return device
 
 
 def _resolve_dtype(dtype, device):
@@ -1113,7 +1214,7 @@ def load_reward_model(model_name, device=None, dtype=None, attn_implementation=N
     """-> (tokenizer, model): AutoTokenizer + AutoModelForSequenceClassification in eval mode on `device`.
     Defaults: device cuda:LOCAL_RANK if CUDA else cpu, dtype bf16 on CUDA / float32 on CPU,
     attention flash_attention_2 if available on CUDA else sdpa. Sets a pad token (eos) when the tokenizer has none."""
-    device = _resolve_device(device)
+    device = get_device(device)
     dtype = _resolve_dtype(dtype, device)
     if attn_implementation is None:
         attn_implementation = _default_attn(device, dtype)
@@ -1246,7 +1347,7 @@ def embed_batch(tokenizer, model, conversations, max_length=None, truncation_sid
     token_ids, n_truncated = tokenize_conversations(tokenizer, conversations, max_length, truncation_side)
     if n_truncated:
         print0(f"embed_batch: {n_truncated}/{len(token_ids)} conversations truncated to {max_length} tokens "
-                f"(truncation_side={truncation_side})")
+               f"(truncation_side={truncation_side})")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return embed_token_ids(model, token_ids, pad_id, max_tokens_per_batch=None, max_batch_size=None,
                            padding_side=padding_side)
@@ -1304,6 +1405,11 @@ def _check_metadata(metadata):
     return metadata
 
 
+def _tensor_bytes(t):
+    """Raw little-endian bytes of a CPU tensor, as a uint8 numpy array (no copy when contiguous)."""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 def _extras_digest(extras, metadata):
     """sha256 hex over the caller's extra tensors (names, dtypes, shapes, bytes) and metadata."""
     h = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
@@ -1312,25 +1418,6 @@ def _extras_digest(extras, metadata):
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
         h.update(_tensor_bytes(t))
     return h.hexdigest()
-
-
-def _tensor_bytes(t):
-    """Raw little-endian bytes of a CPU tensor, as a uint8 numpy array (no copy when contiguous)."""
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-def load_metadata(path):
-    """The `__metadata__` dict (str -> str) of the safetensors file at `path`."""
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
-
-
-def _read_metadata(path):
-    """-> safetensors __metadata__ dict of the file at path, or None when missing/unreadable."""
-    try:
-        return load_metadata(path)
-    except Exception:
-        return None
 
 
 def _write_embeddings_file(path, row_chunks, n_rows, n_features, groups, tensors, metadata):
@@ -1387,123 +1474,48 @@ def _valid_shard(path, shard_fingerprint, start, stop):
     return meta if ok else None
 
 
-def _barrier():
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier()
+def _plan_shards(n_items, shard_size, settings, conv_digests, shard_dir, rank, world):
+    """-> (ranges [(start, stop)] of all shards, their fingerprints, todo: the indices of this rank's shards
+    (k = rank, rank + world, ...) that have no finished file in shard_dir yet)."""
+    ranges = [(start, min(start + shard_size, n_items)) for start in range(0, n_items, shard_size)]
+    shard_fps = [_fingerprint(settings, conv_digests[start:stop]) for start, stop in ranges]
+    mine = range(rank, len(ranges), world)
+    todo = [k for k in mine if _valid_shard(_shard_path(shard_dir, *ranges[k]), shard_fps[k], *ranges[k]) is None]
+    if len(mine) > len(todo):
+        print0(f"extract_embeddings: resuming, {len(mine) - len(todo)} finished shards found in {shard_dir}")
+    return ranges, shard_fps, todo
 
 
-def extract_embeddings(conversations, out_path, *, model_name, groups=None, extra_tensors=None, metadata=None,
-                       max_tokens_per_batch=16384, max_batch_size=64, max_length=4096, truncation_side="left",
-                       padding_side="right", shard_size=2048, stop_after_shards=None, device=None, dtype=None,
-                       keep_shards=False, progress=True):
-    """Embed M conversations with the reward model and write ONE safetensors file at out_path with
-    `embeddings` [M, F] float32 (or, with groups={name: n, ...} summing to M, consecutive row blocks under those
-    names), `head` [F, 1] float32 (score.weight.T), the caller's extra_tensors, and __metadata__ (caller metadata +
-    model_name, fingerprint, n_items, n_features, dtype, max_length, truncation_side, n_truncated, groups).
-    Returns out_path, or None when stopped early (stop_after_shards) or shards are missing.
-    Skips the work when out_path is up to date (same fingerprint over conversations, model_name, max_length,
-    truncation_side, dtype, groups; batching knobs only change rounding and are not part of it); only rewrites the
-    file when just extra_tensors/metadata changed; resumes from finished shards of shard_size items in
-    <out_path>.shards/; under torchrun, rank r computes shards r, r + G, ... and rank 0 merges."""
-    conversations = _check_conversations(conversations)
-    n_items = len(conversations)
-    groups = _check_groups(groups, n_items)
-    extras = _check_extras(extra_tensors, groups)
-    metadata = _check_metadata(metadata)
-    _check_side("truncation_side", truncation_side)
-    _check_side("padding_side", padding_side)
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    out_path = Path(out_path)
-    device = _resolve_device(device)
-    dtype = _resolve_dtype(dtype, device)
-    dtype_name = str(dtype).removeprefix("torch.")
-    settings = {"model_name": str(model_name), "max_length": max_length, "truncation_side": truncation_side,
-                "dtype": dtype_name}
-    conv_digests = [_sha256_json(conv) for conv in conversations]
-    fingerprint = _fingerprint(settings, conv_digests, groups)
-    extras_digest = _extras_digest(extras, metadata)
-
-    # up to date? (needs no model)
-    old_meta = _read_metadata(out_path)
-    embeddings_current = old_meta is not None and old_meta.get("fingerprint") == fingerprint
-    if embeddings_current and old_meta.get("extras_sha256") == extras_digest:
-        print0(f"extract_embeddings: {out_path} is up to date (fingerprint {fingerprint[:12]}), skipping")
-        return out_path
-
-    rank, world, _ = dist_info()
-    created_group = False
-    if world > 1 and not dist.is_initialized():  # launched by torchrun: ranks wait for each other, so a long timeout
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=24))
-        created_group = True
-    try:
-        if embeddings_current:  # same embeddings, other extra tensors / metadata: rewrite without the model
-            if rank == 0:
-                print0(f"extract_embeddings: {out_path} has current embeddings but other extra tensors or "
-                        "metadata, rewriting it")
-                _rewrite_extras(out_path, old_meta, groups, extras, metadata, extras_digest, shard_size)
-            _barrier()
-            return out_path
-
-        # compute this rank's missing shards
-        shard_dir = Path(f"{out_path}.shards")
-        ranges = [(start, min(start + shard_size, n_items)) for start in range(0, n_items, shard_size)]
-        shard_fps = [_fingerprint(settings, conv_digests[start:stop]) for start, stop in ranges]
-        todo = [k for k in range(rank, len(ranges), world)
-                if _valid_shard(_shard_path(shard_dir, *ranges[k]), shard_fps[k], *ranges[k]) is None]
-        n_done = sum(1 for k in range(rank, len(ranges), world)) - len(todo)
-        if n_done:
-            print0(f"extract_embeddings: resuming, {n_done} finished shards found in {shard_dir}")
-        stopped = False
-        if todo:
-            tokenizer, model = load_reward_model(model_name, device=device, dtype=dtype)
-            head = reward_head(model)
-            pad_id = tokenizer.pad_token_id
-            shard_dir.mkdir(parents=True, exist_ok=True)
-            pbar = tqdm(total=sum(ranges[k][1] - ranges[k][0] for k in todo), unit="seq", desc="embedding",
-                        disable=not progress or rank != 0)
-            for n_computed, k in enumerate(todo):
-                if stop_after_shards is not None and n_computed >= stop_after_shards:
-                    stopped = True
-                    break
-                start, stop = ranges[k]
-                token_ids, n_truncated = tokenize_conversations(tokenizer, conversations[start:stop], max_length,
-                                                                truncation_side)
-                emb = embed_token_ids(model, token_ids, pad_id, max_tokens_per_batch, max_batch_size,
-                                      padding_side, pbar)
-                shard_meta = {**{key: v for key, v in metadata.items() if key in ("dataset", "split")},
-                              "model_name": str(model_name), "fingerprint": fingerprint,
-                              "shard_fingerprint": shard_fps[k], "start": str(start), "stop": str(stop),
-                              "dtype": dtype_name, "max_length": str(max_length),
-                              "truncation_side": truncation_side, "n_truncated": str(n_truncated)}
-                save_tensors(_shard_path(shard_dir, start, stop), {"embeddings": emb, "head": head}, shard_meta)
-            pbar.close()
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        if stopped:
-            print0(f"extract_embeddings: stopped after {stop_after_shards} shard(s) per rank (stop_after_shards)")
-
-        # rank 0 merges all shards into out_path
-        _barrier()
-        result = None
-        if rank == 0:
-            result = _merge_shards(out_path, shard_dir, ranges, shard_fps, groups, extras, metadata, {
-                "model_name": str(model_name), "fingerprint": fingerprint, "extras_sha256": extras_digest,
-                "n_items": str(n_items), "dtype": dtype_name, "max_length": str(max_length),
-                "truncation_side": truncation_side, "groups": json.dumps(groups)}, keep_shards)
-        _barrier()
-        if rank != 0 and (_read_metadata(out_path) or {}).get("fingerprint") == fingerprint:
-            result = out_path
-        return result
-    finally:
-        if created_group:
-            dist.destroy_process_group()
+def _compute_shards(conversations, todo, ranges, shard_fps, shard_dir, shard_meta, *, model_name, device, dtype,
+                    max_length, truncation_side, padding_side, max_tokens_per_batch, max_batch_size,
+                    stop_after_shards, progress):
+    """Embed and save the shards `todo` (indices into ranges / shard_fps) -> True when stopped early
+    (stop_after_shards). shard_meta: the metadata every shard file gets, besides its own."""
+    if not todo:
+        return False
+    tokenizer, model = load_reward_model(model_name, device=device, dtype=dtype)
+    head = reward_head(model)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    pbar = tqdm(total=sum(ranges[k][1] - ranges[k][0] for k in todo), unit="seq", desc="embedding",
+                disable=not progress or not is_main_process())
+    stopped = False
+    for n_computed, k in enumerate(todo):
+        if stop_after_shards is not None and n_computed >= stop_after_shards:
+            stopped = True
+            break
+        start, stop = ranges[k]
+        token_ids, n_truncated = tokenize_conversations(tokenizer, conversations[start:stop], max_length,
+                                                        truncation_side)
+        emb = embed_token_ids(model, token_ids, tokenizer.pad_token_id, max_tokens_per_batch, max_batch_size,
+                              padding_side, pbar)
+        meta = {**shard_meta, "shard_fingerprint": shard_fps[k], "start": str(start), "stop": str(stop),
+                "n_truncated": str(n_truncated)}
+        save_tensors(_shard_path(shard_dir, start, stop), {"embeddings": emb, "head": head}, meta)
+    pbar.close()
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return stopped
 
 
 def _merge_shards(out_path, shard_dir, ranges, shard_fps, groups, extras, metadata, run_meta, keep_shards):
@@ -1547,658 +1559,77 @@ def _rewrite_extras(out_path, old_meta, groups, extras, metadata, extras_digest,
         _write_embeddings_file(out_path, chunks, n_items, head.shape[0], groups, {"head": head, **extras}, final_meta)
 
 
-# ----------------------------------------------------------------------------------------
-# 10. PersonalLLM (namkoong-lab/PersonalLLM): prepared files, population, synthetic data
-# ----------------------------------------------------------------------------------------
-
-def load_personalllm_split(path, make_cmd):
-    """(embeddings [P * R, F], scores [P, R, M] float64 NumPy, head [F, 1]) of a split written by
-    PersonalLLM/prepare.py; prompts with a None/NaN score are dropped (count printed)."""
-    t = load_tensors(path, ["embeddings", "scores", "head"], make_cmd=make_cmd, allow_nan=("scores",))
-    E, scores = t["embeddings"], t["scores"].double()
-    if scores.dim() != 3 or E.shape[0] != scores.shape[0] * scores.shape[1]:
-        raise ValueError(f"{path}: {E.shape[0]} embeddings do not match scores of shape {tuple(scores.shape)} "
-                         f"(expected P*R rows); re-run: {make_cmd}")
-    P, R, _ = scores.shape
-    keep = torch.isfinite(scores).all(dim=(1, 2))
-    if not keep.all():
-        print(f"{Path(path).name}: skipping {int((~keep).sum())} of {P} prompts with a missing (None/NaN) score")
-        E = E.reshape(P, R, -1)[keep].reshape(-1, E.shape[1])
-        scores = scores[keep]
-    return E, scores.numpy(), t["head"]
-
-
-def load_personalllm(data_dir, prepare_script, synthetic=False, synthetic_prompts=(9402, 1000),
-                     synthetic_features=128, seed=0):
-    """(E_train [P*R, F], S_train [P, R, M], E_test, S_test, head [F, 1]) from data_dir/{train,test}.safetensors
-    (written by `prepare_script`), or generated by make_synthetic_personalllm when synthetic."""
-    if synthetic:
-        tr, te, head = make_synthetic_personalllm(*synthetic_prompts, synthetic_features, seed=seed)
-        E_tr, S_tr = tr["embeddings"], tr["scores"].double().numpy()
-        E_te, S_te = te["embeddings"], te["scores"].double().numpy()
-    else:
-        make_cmd = f"python {prepare_script}"
-        E_tr, S_tr, head = load_personalllm_split(Path(data_dir) / "train.safetensors", make_cmd)
-        E_te, S_te, _ = load_personalllm_split(Path(data_dir) / "test.safetensors", make_cmd)
-    print(f"data: {S_tr.shape[0]} train / {S_te.shape[0]} test prompts, {S_tr.shape[1]} responses, "
-          f"{S_tr.shape[2]} reward models, F = {E_tr.shape[1]}{' (synthetic)' if synthetic else ''}")
-    return E_tr, S_tr, E_te, S_te, head
-
-
-def personalllm_population(E_train, S_train, E_test, S_test, N, N_unseen, train_density, fewshot_density,
-                           dirichlet_alpha, fewshot_pool_density=None):
-    """The PersonalLLM protocol (seed with set_seed first) -> (train, test, train_unseen, test_unseen) Pairs.
-
-    N seen users w ~ Dirichlet(dirichlet_alpha * ones(M)) with int(train_density * P) train pairs
-    each; N_unseen new users with int(fewshot_density * P) few-shot pairs (or
-    fewshot_pool_density, for a larger pool to draw shots from); everyone on all test prompts.
-    """
-    alpha = dirichlet_alpha * np.ones(S_train.shape[2])
-    W = generate_population(alpha, N)
-    train = sample_population_pairs(S_train, E_train, W, train_density)
-    test = sample_population_pairs(S_test, E_test, W, 1.0)
-    W_unseen = generate_population(alpha, N_unseen)
-    train_unseen = sample_population_pairs(S_train, E_train, W_unseen, fewshot_pool_density or fewshot_density)
-    test_unseen = sample_population_pairs(S_test, E_test, W_unseen, 1.0)
-    print(f"{N} seen users x {int(train_density * len(S_train))} pairs, {N_unseen} unseen users x "
-          f"{train_unseen.counts()[0].item()} few-shot pairs, {len(S_test)} test prompts each")
-    return train, test, train_unseen, test_unseen
-
-
-def make_synthetic_personalllm(num_train=9402, num_test=1000, num_features=256, num_responses=8,
-                               num_models=10, rank=4, score_noise=0.05, head_noise=1.0, seed=0):
-    """A PersonalLLM-shaped dataset whose reward models share a low-rank subspace.
-
-    Reward model m scores a response as e^T h_m + noise, with heads H = U A ([F, M], U [F, rank]
-    orthonormal), so every Dirichlet user's reward lies in a rank-`rank` space; the reference
-    head is the mean of the model heads plus noise (`head_noise` x its norm).
-    Returns (train, test, head [F, 1]) with train/test = {"embeddings": [P * R, F] prompt-major,
-    "scores": [P, R, M]}.
-    """
-    g = torch.Generator().manual_seed(seed)
-    U, _ = torch.linalg.qr(torch.randn(num_features, rank, generator=g))
-    H = U @ torch.randn(rank, num_models, generator=g)  # [F, M]
-    H = H / H.norm(dim=0, keepdim=True)
-    mean = H.mean(1, keepdim=True)
-    noise = torch.randn(num_features, 1, generator=g)
-    head = mean + head_noise * mean.norm() * noise / noise.norm()
-
-    def split(P):
-        prompt = torch.randn(P, 1, num_features, generator=g)
-        E = (prompt + torch.randn(P, num_responses, num_features, generator=g)).reshape(P * num_responses, -1)
-        scores = (E @ H).reshape(P, num_responses, num_models)
-        scores = scores + score_noise * scores.std() * torch.randn(scores.shape, generator=g)
-        return {"embeddings": E.contiguous(), "scores": scores}
-
-    return split(num_train), split(num_test), head
-
-
-# ----------------------------------------------------------------------------------------
-# 11. Reddit TLDR (openai/summarize_from_feedback, 'comparisons'): prepared files, worker split
-#     protocols, synthetic data
-# ----------------------------------------------------------------------------------------
-
-REDDIT_SPLITS = ("train", "validation")  # train: training and few-shot pairs; validation: test pairs
-
-
-def reddit_load_split(path, make_cmd=None):
-    """One split written by RedditTLDR/prepare.py -> dict with
-    "chosen", "rejected" [n, F] float32 embeddings, "worker" [n] str array (worker of each comparison),
-    "row" [n] long (its row in the dataset split) and "head" [F, 1] (the reward model's score head).
-    """
-    t = load_tensors(path, ["chosen", "rejected", "worker", "row", "head"], make_cmd=make_cmd)
-    names = json.loads(load_metadata(path).get("workers", "null"))
-    hint = f" Re-create it with: {make_cmd}" if make_cmd else ""
-    if not isinstance(names, list):
-        raise ValueError(f"{path}: metadata lacks the 'workers' list (JSON).{hint}")
-    chosen, rejected, worker, row, head = (t[k] for k in ("chosen", "rejected", "worker", "row", "head"))
-    n, F = chosen.shape
-    if rejected.shape != chosen.shape or worker.shape != (n,) or row.shape != (n,) or head.shape != (F, 1):
-        raise ValueError(f"{path}: inconsistent shapes chosen {tuple(chosen.shape)}, rejected "
-                         f"{tuple(rejected.shape)}, worker {tuple(worker.shape)}, row {tuple(row.shape)}, "
-                         f"head {tuple(head.shape)} (expected [n, F], [n, F], [n], [n], [F, 1]).{hint}")
-    if n and (worker.min() < 0 or worker.max() >= len(names)):
-        raise ValueError(f"{path}: worker ids must lie in [0, {len(names)}).{hint}")
-    return {"chosen": chosen, "rejected": rejected, "worker": np.asarray(names, dtype=str)[worker.numpy()],
-            "row": row, "head": head}
-
-
-def reddit_data(data_dir, prepare_script, synthetic=False, synthetic_features=64, seed=0):
-    """(train, validation) splits in the layout of reddit_load_split: data_dir/{train,validation}.safetensors
-    written by `prepare_script`, or generated by reddit_synthetic when synthetic."""
-    if synthetic:
-        train, test = reddit_synthetic(num_features=synthetic_features, seed=seed)
-    else:
-        make_cmd = f"python {prepare_script}"
-        train, test = (reddit_load_split(Path(data_dir) / f"{s}.safetensors", make_cmd) for s in REDDIT_SPLITS)
-        if train["head"].shape != test["head"].shape or not torch.equal(train["head"], test["head"]):
-            raise ValueError(f"{data_dir}: train and validation were embedded with different reward models; "
-                             f"re-run: {make_cmd}")
-    print(f"data: {len(train['row'])} train / {len(test['row'])} validation comparisons, "
-          f"{len(np.unique(train['worker']))} / {len(np.unique(test['worker']))} workers, "
-          f"F = {train['chosen'].shape[1]}{' (synthetic)' if synthetic else ''}")
-    return train, test
-
-
-def reddit_select_workers(train_worker, test_worker, protocol="published", min_comparisons=50, drop_fewest=2,
-                          split_seed=0):
-    """Seen and unseen workers of a protocol -> {"seen": [...], "unseen": [...], "dropped": [...]} (names).
-
-    train_worker, test_worker: [n] worker name of every comparison of the train / validation split.
-    published: the `drop_fewest` workers with the fewest train-split comparisons are dropped (ties by name);
-      the workers present in both splits are sorted, shuffled with random.Random(split_seed) and halved
-      (seen: the first len // 2).
-    paper: workers with fewer than `min_comparisons` comparisons (both splits together) are dropped; the
-      rest are sorted, shuffled and halved the same way.
-    """
-    train_names, train_counts = np.unique(np.asarray(train_worker, dtype=str), return_counts=True)
-    test_names, test_counts = np.unique(np.asarray(test_worker, dtype=str), return_counts=True)
-    if protocol == "published":
-        fewest = sorted(zip(train_counts.tolist(), train_names.tolist()))[:drop_fewest]
-        dropped = sorted(name for _, name in fewest)
-        workers = sorted(set(train_names.tolist()) & set(test_names.tolist()) - set(dropped))
-    elif protocol == "paper":
-        if min_comparisons < 2:
-            raise ValueError(f"min_comparisons must be >= 2 (half train, half test), got {min_comparisons}")
-        counts = dict(zip(train_names.tolist(), train_counts.tolist()))
-        for name, c in zip(test_names.tolist(), test_counts.tolist()):
-            counts[name] = counts.get(name, 0) + c
-        dropped = sorted(w for w, c in counts.items() if c < min_comparisons)
-        workers = sorted(w for w, c in counts.items() if c >= min_comparisons)
-    else:
-        raise ValueError(f"protocol must be 'published' or 'paper', got {protocol!r}")
-    if len(workers) < 2:
-        raise ValueError(f"protocol {protocol!r} leaves {len(workers)} worker(s); need at least 2")
-    random.Random(split_seed).shuffle(workers)
-    half = len(workers) // 2
-    return {"seen": workers[:half], "unseen": workers[half:], "dropped": dropped}
-
-
-def _reddit_rows_by_worker(worker, offset=0):
-    """{name: row indices (ascending, + offset)} of a worker array [n]."""
-    worker = np.asarray(worker, dtype=str)
-    return {w: np.flatnonzero(worker == w) + offset for w in np.unique(worker).tolist()}
-
-
-def _reddit_cap(rows, m, rng):
-    """At most m of `rows`: a seeded random subset, kept in dataset order (all rows when m is None)."""
-    if m is None or len(rows) <= m:
-        return rows
-    return np.sort(rng.choice(rows, m, replace=False))
-
-
-def _reddit_pairs(splits, rows):
-    """Pairs (dense diffs chosen - rejected) of len(rows) workers; rows: per worker an int array into the
-    concatenated `splits` (so that a worker's pairs can come from several splits)."""
-    starts = np.cumsum([0] + [len(s["row"]) for s in splits])
-    diffs = []
-    for idx in rows:
-        parts = []
-        for s, a, b in zip(splits, starts[:-1], starts[1:]):
-            i = torch.as_tensor(idx[(idx >= a) & (idx < b)] - a, dtype=torch.long)
-            parts.append(s["chosen"][i] - s["rejected"][i])
-        diffs.append(torch.cat(parts))
-    return Pairs.from_list(diffs)
-
-
-def reddit_split(train, test, protocol="published", max_train_pairs=150, max_fewshot_pairs=50, min_comparisons=50,
-                 drop_fewest=2, split_seed=0):
-    """The features of a Reddit TLDR protocol -> ((train, test, train_unseen, test_unseen) Pairs, info).
-
-    train, test: the train and validation splits (reddit_load_split layout).
-    published: seen workers train on at most `max_train_pairs` of their train-split comparisons, unseen
-      workers get at most `max_fewshot_pairs` few-shot pairs from theirs; everyone is tested on all their
-      validation-split comparisons.
-    paper: each worker's comparisons (both splits pooled) are shuffled and split half train (or few-shot),
-      half test; the same caps apply to the train half.
-    Capped subsets are seeded random subsets (np.random.RandomState(split_seed)), kept in dataset order;
-    None keeps all. info: {"protocol", "seen", "unseen", "dropped", "pairs": {role: count}}.
-    """
-    for name, cap in (("max_train_pairs", max_train_pairs), ("max_fewshot_pairs", max_fewshot_pairs)):
-        if cap is not None and cap < 1:
-            raise ValueError(f"{name} must be None or >= 1, got {cap}")
-    info = {"protocol": protocol, **reddit_select_workers(train["worker"], test["worker"], protocol,
-                                                          min_comparisons, drop_fewest, split_seed)}
-    rng = np.random.RandomState(split_seed)
-    rows_tr = _reddit_rows_by_worker(train["worker"])
-    rows_te = _reddit_rows_by_worker(test["worker"], offset=len(train["row"]))  # pooled index space
-    roles = {}
-    for group, cap in (("seen", max_train_pairs), ("unseen", max_fewshot_pairs)):
-        fit, evaluate = [], []
-        for w in info[group]:
-            if protocol == "published":
-                own_train, own_test = rows_tr[w], rows_te[w]
-            else:
-                none = np.zeros(0, dtype=np.int64)
-                pooled = rng.permutation(np.concatenate([rows_tr.get(w, none), rows_te.get(w, none)]))
-                own_train, own_test = np.sort(pooled[:len(pooled) // 2]), np.sort(pooled[len(pooled) // 2:])
-            fit.append(_reddit_cap(own_train, cap, rng))
-            evaluate.append(own_test)
-        roles[group] = (fit, evaluate)
-    splits = [train, test]
-    features = (_reddit_pairs(splits, roles["seen"][0]), _reddit_pairs(splits, roles["seen"][1]),
-                _reddit_pairs(splits, roles["unseen"][0]), _reddit_pairs(splits, roles["unseen"][1]))
-    info["pairs"] = {name: int(len(p.user)) for name, p in zip(RESULT_NAMES, features)}
-    print(f"protocol {protocol}: {len(info['seen'])} seen / {len(info['unseen'])} unseen workers "
-          f"({len(info['dropped'])} dropped); pairs: " + ", ".join(f"{k} {v}" for k, v in info["pairs"].items()))
-    return features, info
-
-
-def reddit_synthetic(num_workers=60, num_features=64, rank=4, dirichlet_alpha=0.3, median_comparisons=200,
-                     choice_temperature=4.0, head_noise=1.0, seed=0):
-    """A Reddit-TLDR-shaped dataset with a planted low-rank per-worker structure -> (train, validation) in the
-    layout of reddit_load_split.
-
-    Worker i prefers by r_i(e) = e^T H w_i with H [F, rank] orthonormal basis rewards and
-    w_i ~ Dirichlet(dirichlet_alpha); a comparison's two summaries are post + noise, and the worker picks
-    the first with probability sigmoid(choice_temperature * (r_i(e_1) - r_i(e_2))). The reference head is
-    the population's mean reward plus noise (`head_noise` x its norm). Comparison counts are skewed: a
-    log-normal activity per worker, 10 to 4000 comparisons per split (some workers fall below the paper's 50).
-    The last 3 workers appear in train only, the 2 before them in validation only. Rows are shuffled across
-    workers, as in the dataset.
-    """
-    g = torch.Generator().manual_seed(seed)
-    rs = np.random.RandomState(seed)
-    H, _ = torch.linalg.qr(torch.randn(num_features, rank, generator=g))  # [F, rank]
-    W = torch.as_tensor(rs.dirichlet(dirichlet_alpha * np.ones(rank), num_workers), dtype=torch.float32)
-    rewards = W @ H.T  # [C, F] each worker's reward direction
-    mean = rewards.mean(0)
-    noise = torch.randn(num_features, generator=g)
-    head = (mean + head_noise * mean.norm() * noise / noise.norm()).reshape(-1, 1)
-    names = np.array([f"synthetic_worker_{i:02d}" for i in range(num_workers)])
-    activity = np.exp(rs.normal(np.log(median_comparisons), 1.5, num_workers))  # busy workers are busy in both
-
-    def split(only_absent):
-        counts = np.clip(np.round(activity * np.exp(rs.normal(0, 0.3, num_workers))), 10, 4000)
-        counts[only_absent] = 0
-        worker = rs.permutation(np.repeat(np.arange(num_workers), counts.astype(int)))
-        n = len(worker)
-        post = torch.randn(n, 1, num_features, generator=g)
-        summaries = post + torch.randn(n, 2, num_features, generator=g)  # [n, 2, F]
-        margin = ((summaries[:, 0] - summaries[:, 1]) * rewards[worker]).sum(1)
-        first = torch.rand(n, generator=g) < torch.sigmoid(choice_temperature * margin)
-        chosen = torch.where(first[:, None], summaries[:, 0], summaries[:, 1])
-        rejected = torch.where(first[:, None], summaries[:, 1], summaries[:, 0])
-        return {"chosen": chosen.contiguous(), "rejected": rejected.contiguous(), "worker": names[worker],
-                "row": torch.arange(n), "head": head}
-
-    train = split(np.arange(num_workers - 5, num_workers - 3))  # workers absent from train
-    test = split(np.arange(num_workers - 3, num_workers))       # workers absent from validation
-    return train, test
-
-
-# ----------------------------------------------------------------------------------------
-# 12. PRISM (multi-turn dialogues) and RewardBench 2
-#
-# PRISM (HannahRoseKirk/prism-alignment): every turn of a dialog shows the user several
-# rated replies; the chosen one continues the dialog. A turn's prompt is the history so far
-# (earlier user messages and chosen replies) and every rejected reply is its own pair against
-# the chosen reply. PRISM/prepare.py writes one safetensors file (PRISM_TENSORS) holding an
-# embedding table and, per pair, row indices into it plus user / dialog / turn / seen / split.
-# ----------------------------------------------------------------------------------------
-
-PRISM_REPO = "HannahRoseKirk/prism-alignment"
-PRISM_FILES = ["survey.jsonl", "conversations.jsonl", "utterances.jsonl"]
-PRISM_TENSORS = ["embeddings", "head", "chosen", "rejected", "user", "dialog", "turn", "seen", "split"]
-PRISM_SPLITS = ["train", "test"]  # split code 0: training (seen users) / few-shot (unseen users); 1: test
-
-# required fields of a jsonl line: name -> accepted types
-_PRISM_SCHEMAS = {
-    "survey.jsonl": {"user_id": (str,), "num_completed_conversations": (int,)},
-    "conversations.jsonl": {"conversation_id": (str,), "user_id": (str,), "conversation_history": (list,)},
-    "utterances.jsonl": {"conversation_id": (str,), "turn": (int,), "within_turn_id": (int,),
-                         "model_response": (str,), "if_chosen": (bool,)},
-}
-_PRISM_HISTORY_SCHEMA = {"turn": (int,), "role": (str,)}  # and `content` (str) for role 'user'
-
-
-def _schema_error(row, schema):
-    """Why the dict `row` does not fit `schema` ({field: types}), or None."""
-    if not isinstance(row, dict):
-        return f"expected a JSON object, got {type(row).__name__}"
-    for key, types in schema.items():
-        if key not in row or row[key] is None:
-            return f"missing field {key!r}"
-        value = row[key]
-        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
-            return f"field {key!r} has type {type(value).__name__}, expected {types[0].__name__}"
-    return None
-
-
-def prism_read_jsonl(path):
-    """Rows (dicts) of a PRISM jsonl file whose required fields are present and well typed.
-
-    The schema is picked by the file name (survey / conversations / utterances.jsonl).
-    Malformed lines (bad JSON, missing or mistyped fields) are reported with their line
-    number and skipped; blank lines are ignored.
-    """
-    path = Path(path)
-    schema = _PRISM_SCHEMAS[path.name]
-    rows, bad = [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                error = _schema_error(row, schema)
-            except json.JSONDecodeError as e:
-                error = f"invalid JSON ({e.msg})"
-            if error is None and path.name == "conversations.jsonl":
-                for i, message in enumerate(row["conversation_history"]):
-                    error = _schema_error(message, _PRISM_HISTORY_SCHEMA)
-                    if error is None and message["role"] == "user":
-                        error = _schema_error(message, {"content": (str,)})
-                    if error:
-                        error = f"conversation_history[{i}]: {error}"
-                        break
-            if error:
-                bad += 1
-                print0(f"{path.name}:{lineno}: {error}; line skipped")
-                continue
-            rows.append(row)
-    print0(f"{path.name}: {len(rows)} rows" + (f", {bad} malformed line(s) skipped" if bad else ""))
-    return rows
-
-
-def _reply(u):
-    return {"content": u["model_response"], "score": u.get("score"), "model_name": u.get("model_name")}
-
-
-def prism_dialogs(survey, conversations, utterances):
-    """Dialogs of PRISM as published: rows of the three jsonl files -> list of dialog dicts.
-
-    Users: those with at least one completed conversation in the survey. A dialog's user
-    messages come from its conversation_history (role 'user'), its rated replies from
-    utterances.jsonl (one row per reply; if_chosen marks the chosen one). Turns are read in
-    order from the first (0 in PRISM); a turn continues the dialog when it has one user
-    message and exactly one chosen reply, and it gives pairs when it also has a rejected
-    reply. The dialog stops at the first turn that cannot continue it; dialogs with no
-    complete turn are dropped.
-    Returns [{"conversation_id", "user_id", "conversation_type",
-              "turns": [{"turn", "user", "chosen": reply, "rejected": [reply, ...]}]}]
-    with reply = {"content", "score", "model_name"}, in conversations.jsonl order.
-    """
-    users = {r["user_id"] for r in survey if r["num_completed_conversations"] >= 1}
-    replies = {}  # (conversation_id, turn) -> {within_turn_id: utterance}
-    for u in utterances:
-        replies.setdefault((u["conversation_id"], u["turn"]), {}).setdefault(u["within_turn_id"], u)
-    dialogs, seen_ids, counts = [], set(), {"no survey user": 0, "duplicate": 0, "no complete turn": 0}
-    for conv in conversations:
-        cid = conv["conversation_id"]
-        if conv["user_id"] not in users:
-            counts["no survey user"] += 1
-            continue
-        if cid in seen_ids:
-            counts["duplicate"] += 1
-            continue
-        seen_ids.add(cid)
-        user_messages = {}
-        for m in conv["conversation_history"]:
-            if m["role"] == "user":
-                user_messages.setdefault(m["turn"], []).append(m["content"])
-        turns, first = [], min(user_messages, default=0)
-        for t in range(first, first + len(user_messages)):
-            candidates = [replies[(cid, t)][k] for k in sorted(replies.get((cid, t), {}))]
-            chosen = [u for u in candidates if u["if_chosen"]]
-            if len(user_messages.get(t, [])) != 1 or len(chosen) != 1:
-                break
-            rejected = [_reply(u) for u in candidates if not u["if_chosen"]]
-            turns.append({"turn": t, "user": user_messages[t][0], "chosen": _reply(chosen[0]), "rejected": rejected})
-        while turns and not turns[-1]["rejected"]:  # a last turn without rejected replies gives no pairs
-            turns.pop()
-        if not any(turn["rejected"] for turn in turns):
-            counts["no complete turn"] += 1
-            continue
-        dialogs.append({"conversation_id": cid, "user_id": conv["user_id"],
-                        "conversation_type": conv.get("conversation_type"), "turns": turns})
-    dropped = ", ".join(f"{n} {why}" for why, n in counts.items() if n)
-    print0(f"{len(dialogs)} dialogs of {len({d['user_id'] for d in dialogs})} users"
-          + (f" (dropped: {dropped})" if dropped else ""))
-    return dialogs
-
-
-def prism_split(dialog_users, seed=123, seen_fraction=0.8, min_dialogs=6):
-    """Seen / unseen users and train / test dialogs, as published.
-
-    dialog_users: the user id of every dialog, in file order. Users with fewer than
-    `min_dialogs` dialogs are dropped; the rest (sorted) are shuffled with random.Random(seed),
-    the first int(seen_fraction * n) are seen. Each kept user's dialogs are shuffled with the
-    same generator; the first half (rounded down) is for training (seen users) or few-shot
-    (unseen users), the rest for test.
-    Returns (users: kept user ids, seen ones first, in shuffled order; num_seen;
-    dialog_split: per dialog 0 (train / few-shot), 1 (test) or -1 (user dropped)).
-    """
-    by_user = {}
-    for d, u in enumerate(dialog_users):
-        by_user.setdefault(u, []).append(d)
-    users = sorted(u for u, ds in by_user.items() if len(ds) >= min_dialogs)
-    rng = random.Random(seed)
-    rng.shuffle(users)
-    num_seen = int(seen_fraction * len(users))
-    dialog_split = [-1] * len(dialog_users)
-    for u in users:
-        ds = list(by_user[u])
-        rng.shuffle(ds)
-        for i, d in enumerate(ds):
-            dialog_split[d] = int(i >= len(ds) // 2)
-    return users, num_seen, dialog_split
-
-
-def prism_pairs(dialogs, seed=123, seen_fraction=0.8, min_dialogs=6):
-    """Split the dialogs (prism_split) and list every pair and every conversation to embed.
-
-    Returns (pairs, users, conversations):
-      pairs: pandas DataFrame, one row per (turn, rejected reply), ordered by user index
-        (seen users first), split, dialog, turn: user, user_id, seen, split ('train'/'test'),
-        dialog, conversation_id, conversation_type, turn, prompt (messages so far, ending
-        with the user message), chosen, rejected, chosen_score, rejected_score, chosen_model,
-        rejected_model, chosen_row, rejected_row (rows of `conversations`);
-      users: DataFrame user, user_id, seen, dialogs, train_dialogs, test_dialogs, pairs;
-      conversations: list of message lists, the chosen conversation of every turn
-        (chosen_row), then the rejected conversation of every pair (rejected_row).
-    """
-    import pandas as pd
-    users, num_seen, dialog_split = prism_split([d["user_id"] for d in dialogs], seed, seen_fraction, min_dialogs)
-    if not users:
-        raise ValueError(f"no user has at least {min_dialogs} dialogs")
-    index = {u: i for i, u in enumerate(users)}
-    order = sorted((index[d["user_id"]], dialog_split[i], i) for i, d in enumerate(dialogs) if dialog_split[i] >= 0)
-    rows, chosen_convs, rejected_convs = [], [], []
-    for user, split, i in order:
-        d = dialogs[i]
-        history = []
-        for turn in d["turns"]:
-            prompt = history + [{"role": "user", "content": turn["user"]}]
-            chosen = turn["chosen"]
-            chosen_row = len(chosen_convs)
-            if turn["rejected"]:
-                chosen_convs.append(prompt + [{"role": "assistant", "content": chosen["content"]}])
-            for r in turn["rejected"]:
-                rows.append({"user": user, "user_id": d["user_id"], "seen": user < num_seen,
-                             "split": PRISM_SPLITS[split], "dialog": i, "conversation_id": d["conversation_id"],
-                             "conversation_type": d["conversation_type"], "turn": turn["turn"], "prompt": prompt,
-                             "chosen": chosen["content"], "rejected": r["content"],
-                             "chosen_score": chosen["score"], "rejected_score": r["score"],
-                             "chosen_model": chosen["model_name"], "rejected_model": r["model_name"],
-                             "chosen_row": chosen_row, "rejected_row": len(rejected_convs)})
-                rejected_convs.append(prompt + [{"role": "assistant", "content": r["content"]}])
-            history = prompt + [{"role": "assistant", "content": chosen["content"]}]
-    pairs = pd.DataFrame(rows)
-    pairs["rejected_row"] += len(chosen_convs)
-    for col in ["chosen_score", "rejected_score"]:
-        pairs[col] = pd.to_numeric(pairs[col], errors="coerce").astype("float64")
-    stats = pd.DataFrame({"user": range(len(users)), "user_id": users,
-                          "seen": [i < num_seen for i in range(len(users))]})
-    def per_user(counts):
-        return counts.reindex(stats["user"], fill_value=0).to_numpy()
-    stats["dialogs"] = per_user(pairs.groupby("user")["dialog"].nunique())
-    for split in PRISM_SPLITS:
-        stats[f"{split}_dialogs"] = per_user(pairs[pairs["split"] == split].groupby("user")["dialog"].nunique())
-    stats["pairs"] = per_user(pairs.groupby("user").size())
-    print0(f"{len(users)} users with >= {min_dialogs} dialogs: {num_seen} seen, {len(users) - num_seen} unseen; "
-          f"{len(pairs)} pairs, {len(chosen_convs) + len(rejected_convs)} conversations to embed")
-    return pairs, stats, chosen_convs + rejected_convs
-
-
-def prism_pair_tensors(pairs):
-    """Per-pair int64 tensors of a prism_pairs DataFrame (the extra tensors of the embedding file)."""
-    def col(name):
-        return torch.as_tensor(pairs[name].to_numpy().astype(np.int64))
-    return {"chosen": col("chosen_row"), "rejected": col("rejected_row"), "user": col("user"),
-            "dialog": col("dialog"), "turn": col("turn"), "seen": col("seen"),
-            "split": torch.as_tensor((pairs["split"] == "test").to_numpy().astype(np.int64))}
-
-
-def make_synthetic_prism(num_users=1000, num_features=64, rank=4, dirichlet_alpha=0.1, label_noise=0.2,
-                         head_noise=1.0, seed=0):
-    """A PRISM-shaped dataset with a planted low-rank per-user reward, in the prepare.py format.
-
-    Users have 6 + Geometric(0.3) - 1 dialogs (at most 20); a dialog has 1-4 turns; the first
-    turn shows 4 replies, later turns 2 (as in PRISM). A reply's embedding is its dialog's
-    context plus N(0, I) [F]; user i scores it e^T U w_i (U [F, rank] orthonormal, w_i ~
-    Dirichlet(dirichlet_alpha)) plus Gumbel noise of scale `label_noise` and chooses the best.
-    The reference head is the mean user direction plus noise (`head_noise` x its norm).
-    Returns the dict of tensors of PRISM_TENSORS (see prism_load), plus the planted user reward
-    directions `true_directions` [C, F] (rows in user-index order).
-    """
-    rng = np.random.default_rng(seed)
-    U, _ = np.linalg.qr(rng.standard_normal((num_features, rank)))
-    W = rng.dirichlet(dirichlet_alpha * np.ones(rank), num_users)
-    H = W @ U.T  # [N, F] user reward directions
-    H /= np.linalg.norm(H, axis=1, keepdims=True)
-    mean = H.mean(0)
-    noise = rng.standard_normal(num_features)
-    head = mean + head_noise * np.linalg.norm(mean) * noise / np.linalg.norm(noise)
-    n_dialogs = np.minimum(5 + rng.geometric(0.3, num_users), 20)
-    users, _, dialog_split = prism_split(np.repeat(np.arange(num_users), n_dialogs).tolist(), seed)
-    index = {u: i for i, u in enumerate(users)}
-    starts = np.concatenate([[0], np.cumsum(n_dialogs)])
-    rows, cols = [], {k: [] for k in ["chosen", "rejected", "user", "dialog", "turn", "split"]}
-    for u in users:
-        for split in (0, 1):
-            for d in [d for d in range(starts[u], starts[u + 1]) if dialog_split[d] == split]:
-                context = rng.standard_normal(num_features)
-                for t in range(rng.integers(1, 5)):
-                    E = context + rng.standard_normal((4 if t == 0 else 2, num_features))
-                    best = np.argmax(E @ H[u] + label_noise * rng.gumbel(size=len(E)))
-                    c = len(rows)
-                    rows.append(E[best])
-                    for j in range(len(E)):
-                        if j != best:
-                            for k, v in [("chosen", c), ("rejected", len(rows)), ("user", index[u]),
-                                         ("dialog", d), ("turn", t), ("split", split)]:
-                                cols[k].append(v)
-                            rows.append(E[j])
-    t = {k: torch.as_tensor(v, dtype=torch.long) for k, v in cols.items()}
-    t["seen"] = (t["user"] < int(0.8 * len(users))).long()
-    t["embeddings"] = torch.as_tensor(np.stack(rows), dtype=torch.float32)
-    t["head"] = torch.as_tensor(head, dtype=torch.float32).reshape(-1, 1)
-    t["true_directions"] = torch.as_tensor(H[users], dtype=torch.float32)  # [C, F] by user index
-    return t
-
-
-def prism_load(data_dir, prepare_script, synthetic=False, synthetic_users=1000, synthetic_features=64, seed=0):
-    """(train, test, train_unseen, test_unseen, head [F, 1], fewshot_dialogs) of PRISM.
-
-    Reads data_dir/embeddings.safetensors (written by `prepare_script`), or generates
-    make_synthetic_prism when synthetic. train / test: Pairs of the seen users (0..N-1),
-    train_unseen / test_unseen: Pairs of the unseen users (renumbered 0..N_unseen-1), all
-    indexing the embedding table [R, F]; fewshot_dialogs [m]: the dialog of each
-    train_unseen pair (to draw whole dialogs as few-shot examples).
-    """
-    if synthetic:
-        t = make_synthetic_prism(synthetic_users, synthetic_features, seed=seed)
-    else:
-        path = Path(data_dir) / "embeddings.safetensors"
-        t = load_tensors(path, PRISM_TENSORS, make_cmd=f"python {prepare_script}")
-    E, user, seen, split = t["embeddings"], t["user"], t["seen"].bool(), t["split"]
-    N = int(user[seen].max()) + 1 if seen.any() else 0
-    N_unseen = int(user.max()) + 1 - N
-    if N == 0 or N_unseen <= 0 or bool((seen != (user < N)).any()):
-        raise ValueError(f"{'synthetic data' if synthetic else path}: expected seen users 0..N-1 then unseen users; "
-                         f"re-run: python {prepare_script}")
-
-    def part(is_seen, code):
-        m = (seen == is_seen) & (split == code)
-        return Pairs(user[m] - (0 if is_seen else N), N if is_seen else N_unseen, table=E,
-                     chosen=t["chosen"][m], rejected=t["rejected"][m])
-
-    out = part(True, 0), part(True, 1), part(False, 0), part(False, 1)
-    counts = [p.counts() for p in out]
-    for name, c in zip(["seen train", "seen test", "unseen few-shot", "unseen test"], counts):
-        if (c == 0).any():
-            raise ValueError(f"{int((c == 0).sum())} users have no {name} pairs")
-    print(f"PRISM{' (synthetic)' if synthetic else ''}: {N} seen / {N_unseen} unseen users, F = {E.shape[1]}; "
-          f"pairs: {len(out[0].user)} seen train, {len(out[1].user)} seen test, {len(out[2].user)} unseen few-shot, "
-          f"{len(out[3].user)} unseen test")
-    fewshot_dialogs = t["dialog"][(~seen) & (split == 0)]
-    return (*out, t["head"], fewshot_dialogs)
-
-
-# ----------------------------------------------------------------------------------------
-# RewardBench 2 (allenai/reward-bench-2, split 'test')
-# ----------------------------------------------------------------------------------------
-
-RB2_SUBSETS = ["Factuality", "Precise IF", "Math", "Safety", "Focus", "Ties"]
-
-
-def rb2_load(name="allenai/reward-bench-2", path=None, limit=None):
-    """RewardBench 2 test prompts as a DataFrame (id, prompt, chosen [list], rejected [list],
-    subset), checked; `limit`: keep the first `limit` prompts of each subset (smoke runs)."""
-    df = load_split(name, "test", path)
-    require_columns(df, ["id", "prompt", "chosen", "rejected", "subset"], name)
-    for col in ["chosen", "rejected"]:
-        df[col] = [list(v) if isinstance(v, (list, tuple, np.ndarray)) else v for v in df[col]]
-    ok = [isinstance(p, str) and isinstance(c, list) and isinstance(r, list) and len(c) > 0 and len(r) > 0
-          and all(isinstance(x, str) for x in c + r) for p, c, r in zip(df["prompt"], df["chosen"], df["rejected"])]
-    if not all(ok):
-        print0(f"{name}: skipping {len(ok) - sum(ok)} prompts with a missing prompt or empty / non-text responses")
-        df = df[ok]
-    unknown = sorted(set(df["subset"]) - set(RB2_SUBSETS))
-    if unknown:
-        print0(f"{name}: subsets {unknown} are not scored (expected {RB2_SUBSETS})")
-    df = df[df["subset"].isin(RB2_SUBSETS)]
-    if limit is not None:
-        df = df.groupby("subset", sort=False).head(limit)
-    return df.reset_index(drop=True)
-
-
-def rb2_conversations(df):
-    """(conversations, prompt_row [M], is_chosen [M]): every (prompt, response) of rb2_load's
-    DataFrame as a [user, assistant] conversation, prompt by prompt, chosen before rejected."""
-    convs, prompt_row, is_chosen = [], [], []
-    for i, (prompt, chosen, rejected) in enumerate(zip(df["prompt"], df["chosen"], df["rejected"])):
-        for flag, responses in [(1, chosen), (0, rejected)]:
-            for resp in responses:
-                convs.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": resp}])
-                prompt_row.append(i)
-                is_chosen.append(flag)
-    return convs, torch.tensor(prompt_row), torch.tensor(is_chosen, dtype=torch.bool)
-
-
-def rb2_prompt_score(chosen, rejected, subset):
-    """Score of one prompt from the rewards of its chosen [c] and rejected [r] responses:
-    1 when every chosen response outscores every rejected one, else 0; for Ties
-    0.5 * that + 0.5 * (margin min(chosen) - max(rejected) > spread max(chosen) - min(chosen))."""
-    chosen, rejected = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
-    margin = chosen.min() - rejected.max()
-    strict = float(margin > 0)
-    if subset == "Ties":
-        return 0.5 * strict + 0.5 * float(margin > chosen.max() - chosen.min())
-    return strict
-
-
-def rb2_accuracy(rewards, prompt_row, is_chosen, subsets):
-    """{subset: mean prompt score, ..., "overall": mean over the subsets present} for rewards
-    [M] of rb2_conversations' rows; subsets: the subset of each prompt."""
-    rewards, prompt_row = np.asarray(rewards, dtype=np.float64), np.asarray(prompt_row)
-    is_chosen = np.asarray(is_chosen, dtype=bool)
-    per_subset = {}
-    for p, subset in enumerate(subsets):
-        m = prompt_row == p
-        score = rb2_prompt_score(rewards[m & is_chosen], rewards[m & ~is_chosen], subset)
-        per_subset.setdefault(subset, []).append(score)
-    acc = {s: float(np.mean(per_subset[s])) for s in RB2_SUBSETS if s in per_subset}
-    acc["overall"] = float(np.mean(list(acc.values())))
-    return acc
+def extract_embeddings(conversations, out_path, *, model_name, groups=None, extra_tensors=None, metadata=None,
+                       max_tokens_per_batch=16384, max_batch_size=64, max_length=4096, truncation_side="left",
+                       padding_side="right", shard_size=2048, stop_after_shards=None, device=None, dtype=None,
+                       keep_shards=False, progress=True):
+    """Embed M conversations with the reward model and write ONE safetensors file at out_path with
+    `embeddings` [M, F] float32 (or, with groups={name: n, ...} summing to M, consecutive row blocks under those
+    names), `head` [F, 1] float32 (score.weight.T), the caller's extra_tensors, and __metadata__ (caller metadata +
+    model_name, fingerprint, n_items, n_features, dtype, max_length, truncation_side, n_truncated, groups).
+    Returns out_path, or None when stopped early (stop_after_shards) or shards are missing.
+    Skips the work when out_path is up to date (same fingerprint over conversations, model_name, max_length,
+    truncation_side, dtype, groups; batching knobs only change rounding and are not part of it); only rewrites the
+    file when just extra_tensors/metadata changed; resumes from finished shards of shard_size items in
+    <out_path>.shards/; under torchrun, rank r computes shards r, r + G, ... and rank 0 merges."""
+    conversations = _check_conversations(conversations)
+    n_items = len(conversations)
+    groups = _check_groups(groups, n_items)
+    extras = _check_extras(extra_tensors, groups)
+    metadata = _check_metadata(metadata)
+    _check_side("truncation_side", truncation_side)
+    _check_side("padding_side", padding_side)
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    out_path = Path(out_path)
+    device = get_device(device)
+    dtype = _resolve_dtype(dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    settings = {"model_name": str(model_name), "max_length": max_length, "truncation_side": truncation_side,
+                "dtype": dtype_name}
+    conv_digests = [_sha256_json(conv) for conv in conversations]
+    fingerprint = _fingerprint(settings, conv_digests, groups)
+    extras_digest = _extras_digest(extras, metadata)
+
+    # up to date? (needs no model)
+    old_meta = _read_metadata(out_path)
+    embeddings_current = old_meta is not None and old_meta.get("fingerprint") == fingerprint
+    if embeddings_current and old_meta.get("extras_sha256") == extras_digest:
+        print0(f"extract_embeddings: {out_path} is up to date (fingerprint {fingerprint[:12]}), skipping")
+        return out_path
+
+    rank, world, _ = dist_info()
+    with _process_group(device):
+        if embeddings_current:  # same embeddings, other extra tensors / metadata: rewrite without the model
+            if rank == 0:
+                print0(f"extract_embeddings: {out_path} has current embeddings but other extra tensors or "
+                       "metadata, rewriting it")
+                _rewrite_extras(out_path, old_meta, groups, extras, metadata, extras_digest, shard_size)
+            _barrier()
+            return out_path
+
+        shard_dir = Path(f"{out_path}.shards")
+        ranges, shard_fps, todo = _plan_shards(n_items, shard_size, settings, conv_digests, shard_dir, rank, world)
+        shard_meta = {**{key: v for key, v in metadata.items() if key in ("dataset", "split")},
+                      "model_name": str(model_name), "fingerprint": fingerprint, "dtype": dtype_name,
+                      "max_length": str(max_length), "truncation_side": truncation_side}
+        stopped = _compute_shards(conversations, todo, ranges, shard_fps, shard_dir, shard_meta,
+                                  model_name=model_name, device=device, dtype=dtype, max_length=max_length,
+                                  truncation_side=truncation_side, padding_side=padding_side,
+                                  max_tokens_per_batch=max_tokens_per_batch, max_batch_size=max_batch_size,
+                                  stop_after_shards=stop_after_shards, progress=progress)
+        if stopped:
+            print0(f"extract_embeddings: stopped after {stop_after_shards} shard(s) per rank (stop_after_shards)")
+
+        # rank 0 merges all shards into out_path
+        _barrier()
+        result = None
+        if rank == 0:
+            result = _merge_shards(out_path, shard_dir, ranges, shard_fps, groups, extras, metadata, {
+                "model_name": str(model_name), "fingerprint": fingerprint, "extras_sha256": extras_digest,
+                "n_items": str(n_items), "dtype": dtype_name, "max_length": str(max_length),
+                "truncation_side": truncation_side, "groups": json.dumps(groups)}, keep_shards)
+        _barrier()
+        if rank != 0 and (_read_metadata(out_path) or {}).get("fingerprint") == fingerprint:
+            result = out_path
+        return result

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
+from PRISM import rewardbench  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override as key=value; --key value also works)
@@ -44,10 +45,10 @@ HERE = Path(__file__).resolve().parent
 if weights not in ("uniform", "user", "basis", "all"):
     raise SystemExit(f"error: weights must be uniform, user, basis or all, got {weights!r}")
 
-df = utils.rb2_load(dataset_name, dataset_path, limit)
-conversations, prompt_row, is_chosen = utils.rb2_conversations(df)
+df = rewardbench.load_prompts(dataset_name, dataset_path, limit)
+conversations, prompt_row, is_chosen = rewardbench.conversations(df)
 print(f"RewardBench 2: {len(df)} prompts, {len(conversations)} responses; "
-      + ", ".join(f"{s} {n}" for s, n in df["subset"].value_counts().reindex(utils.RB2_SUBSETS).dropna().items()))
+      + ", ".join(f"{s} {n}" for s, n in df["subset"].value_counts().reindex(rewardbench.SUBSETS).dropna().items()))
 cache = Path(data_dir or HERE / "data") / ("rb2.safetensors" if limit is None else f"rb2_limit{limit}.safetensors")
 path = utils.extract_embeddings(conversations, cache, model_name=model_name,
                                 extra_tensors={"prompt_row": prompt_row, "is_chosen": is_chosen.long()},
@@ -82,10 +83,10 @@ if rm_head is not None:
         heads.update({f"{stem} basis {j}": V[:, j:j + 1] for j in range(V.shape[1])})
 
 rewards = E @ torch.cat(list(heads.values()), dim=1)  # [M, J]
-rows = [{"head": name, **utils.rb2_accuracy(rewards[:, j], prompt_row, is_chosen, df["subset"].tolist())}
+rows = [{"head": name, **rewardbench.accuracy(rewards[:, j], prompt_row, is_chosen, df["subset"].tolist())}
         for j, name in enumerate(heads)]
 table = pd.DataFrame(rows)
-cols = ["head"] + [c for c in utils.RB2_SUBSETS + ["overall"] if c in table.columns]
+cols = ["head"] + [c for c in rewardbench.SUBSETS + ["overall"] if c in table.columns]
 print(f"\nRewardBench 2 accuracy ({model_name}{f', first {limit} prompts per subset' if limit else ''})")
 utils.print_table(cols, table[cols].values.tolist())
 name = "reference" if rm_head is None else f"{Path(rm_head).stem}_{weights}"

@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
+from PRISM import prism  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
@@ -48,23 +49,23 @@ data_dir = Path(data_dir or HERE / "data")
 source = Path(dataset_path or data_dir)
 
 paths = {}
-for name in utils.PRISM_FILES:
+for name in prism.FILES:
     paths[name] = source / name
     if not paths[name].is_file():
         if dataset_path is not None:
             raise FileNotFoundError(f"{paths[name]} not found (dataset_path={dataset_path})")
         from huggingface_hub import hf_hub_download
-        utils.print0(f"downloading {name} from {utils.PRISM_REPO} to {source}")
-        paths[name] = Path(hf_hub_download(utils.PRISM_REPO, name, repo_type="dataset", local_dir=source))
+        utils.print0(f"downloading {name} from {prism.REPO} to {source}")
+        paths[name] = Path(hf_hub_download(prism.REPO, name, repo_type="dataset", local_dir=source))
 
-rows = {name: utils.prism_read_jsonl(path) for name, path in paths.items()}
-dialogs = utils.prism_dialogs(*(rows[name] for name in utils.PRISM_FILES))
-pairs, users, conversations = utils.prism_pairs(dialogs, seed, seen_fraction, min_dialogs)
+rows = {name: prism.read_jsonl(path) for name, path in paths.items()}
+dialogs = prism.build_dialogs(*(rows[name] for name in prism.FILES))
+pairs, users, conversations = prism.build_pairs(dialogs, seed, seen_fraction, min_dialogs)
 
 path = utils.extract_embeddings(
     conversations, data_dir / "embeddings.safetensors", model_name=model_name,
-    extra_tensors=utils.prism_pair_tensors(pairs),
-    metadata={"dataset": utils.PRISM_REPO, "seed": seed, "seen_fraction": seen_fraction, "min_dialogs": min_dialogs,
+    extra_tensors=prism.pair_tensors(pairs),
+    metadata={"dataset": prism.REPO, "seed": seed, "seen_fraction": seen_fraction, "min_dialogs": min_dialogs,
               "num_users": len(users), "num_seen": int(users["seen"].sum()), "num_pairs": len(pairs)},
     max_tokens_per_batch=max_tokens_per_batch, max_length=max_length, shard_size=shard_size,
     stop_after_shards=stop_after_shards)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
+from PRISM import prism  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
@@ -39,17 +40,17 @@ out_dir = None             # default: PRISM/results
 device = None              # default: cuda if available, else cpu
 # -----------------------------------------------------------------------------
 config = utils.configure(globals())
-HERE = Path(__file__).resolve().parent
-num_iterations = num_iterations or (500 if synthetic else 20000)
+if num_iterations is None:
+    num_iterations = 500 if synthetic else 20000
 
 t0 = time.time()
 utils.set_seed(seed)
-train, test, train_unseen, test_unseen, head, _ = utils.prism_load(
-    data_dir or HERE / "data", HERE / "prepare.py", synthetic, synthetic_users, synthetic_features, seed)
-*res, models = utils.run_regularized(
-    K_list, alpha_list, head, train, test, train_unseen, test_unseen, len(train), len(train_unseen),
-    utils.get_device(device), num_iterations=num_iterations, learning_rate=learning_rate,
-    fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_models=True)
+data = prism.load(data_dir=data_dir, synthetic=synthetic, synthetic_users=synthetic_users,
+                  synthetic_features=synthetic_features, seed=seed)
+*accuracies, models = utils.run_regularized(
+    K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, utils.get_device(device),
+    num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
+    fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_models=True)
 out = utils.script_out_dir(__file__, out_dir)
 name = "train_basis_synthetic" if synthetic else "train_basis"
 heads = {}
@@ -58,7 +59,7 @@ if save_heads:
         path = out / ("heads_synthetic" if synthetic else "heads") / f"K{K}_alpha{alpha:g}.safetensors"
         utils.save_tensors(path, m, metadata={"K": K, "alpha": alpha, "kept": m["V"].shape[1], "synthetic": synthetic})
         heads[f"K={K} alpha={alpha:g}"] = str(path)
-utils.report_run(res, K_list, alpha_list, config, out, name, "PRISM (synthetic)" if synthetic else "PRISM",
+utils.report_run(accuracies, K_list, alpha_list, config, out, name, "PRISM (synthetic)" if synthetic else "PRISM",
                  extra={"seconds": time.time() - t0, "num_iterations_used": num_iterations,
                         "kept_bases": {f"K={K} alpha={a:g}": m["V"].shape[1] for (a, K), m in models.items()},
                         "heads": heads})

@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
+from PRISM import prism  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
@@ -35,24 +36,25 @@ out_dir = None             # default: PRISM/results
 device = None
 # -----------------------------------------------------------------------------
 config = utils.configure(globals())
-HERE = Path(__file__).resolve().parent
-num_iterations = num_iterations or (500 if synthetic else 20000)
+if num_iterations is None:
+    num_iterations = 500 if synthetic else 20000
 
 t0 = time.time()
 utils.set_seed(seed)
-train, _, train_unseen, test_unseen, head, fewshot_dialogs = utils.prism_load(
-    data_dir or HERE / "data", HERE / "prepare.py", synthetic, synthetic_users, synthetic_features, seed)
+data = prism.load(data_dir=data_dir, synthetic=synthetic, synthetic_users=synthetic_users,
+                  synthetic_features=synthetic_features, seed=seed)
+fewshot_dialogs = data.info["fewshot_dialogs"]  # [m] the dialog of each few-shot pair
 if num_shots is None:
-    most = max(len(set(fewshot_dialogs[train_unseen.user == u].tolist())) for u in range(len(train_unseen)))
+    most = max(len(set(fewshot_dialogs[data.unseen_fewshot.user == u].tolist())) for u in range(data.N_unseen))
     num_shots = list(range(1, most + 1))
-res = utils.run_few_shot_vary_shots(trials, [alpha], [K], num_shots, train, train_unseen, test_unseen, head,
-                                    len(train), len(train_unseen), utils.get_device(device), regularized=True,
-                                    shot_groups=fewshot_dialogs, num_iterations=num_iterations,
-                                    learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
-                                    fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True)
+*accuracies, skipped = utils.run_few_shot_vary_shots(
+    trials, [alpha], [K], num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, data.head, data.N,
+    data.N_unseen, utils.get_device(device), regularized=True, shot_groups=fewshot_dialogs,
+    num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
+    fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True)
 name = "vary_fewshot_synthetic" if synthetic else "vary_fewshot"
-utils.report_shots(res, num_shots, config, utils.script_out_dir(__file__, out_dir), name,
-                   "PRISM, few-shot dialogs" + (" (synthetic)" if synthetic else ""), K, alpha, skipped=res[4],
+utils.report_shots(accuracies, num_shots, config, utils.script_out_dir(__file__, out_dir), name,
+                   "PRISM, few-shot dialogs" + (" (synthetic)" if synthetic else ""), K, alpha, skipped=skipped,
                    extra={"seconds": time.time() - t0, "num_iterations_used": num_iterations,
                           "shots_are": "dialogs per unseen user"}, xlabel="few-shot dialogs per user")
 print(f"done in {time.time() - t0:.0f}s")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
+from PersonalLLM import personalllm  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
@@ -37,19 +38,16 @@ out_dir = None             # default: PersonalLLM/results
 device = None              # default: cuda if available, else cpu
 # -----------------------------------------------------------------------------
 config = utils.configure(globals())
-HERE = Path(__file__).resolve().parent
-
 
 t0 = time.time()
 utils.set_seed(seed)
-E_tr, S_tr, E_te, S_te, head = utils.load_personalllm(data_dir or HERE / "data", HERE / "prepare.py", synthetic,
-                                                      synthetic_prompts, synthetic_features, seed)
-features = utils.personalllm_population(E_tr, S_tr, E_te, S_te, N, N_unseen, train_density, fewshot_density,
-                                        dirichlet_alpha)
-res = utils.run(K_list, alpha_list, head, *features, N, N_unseen, utils.get_device(device),
-                num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
-                fewshot_learning_rate=fewshot_learning_rate, seed=seed)
+data = personalllm.load(data_dir=data_dir, synthetic=synthetic, synthetic_prompts=synthetic_prompts,
+                        synthetic_features=synthetic_features, N=N, N_unseen=N_unseen, train_density=train_density,
+                        fewshot_density=fewshot_density, dirichlet_alpha=dirichlet_alpha, seed=seed)
+accuracies = utils.run(K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, utils.get_device(device),
+                       num_iterations=num_iterations, learning_rate=learning_rate,
+                       fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed)
 name = "train_basis_synthetic" if synthetic else "train_basis"
-utils.report_run(res, K_list, alpha_list, config, utils.script_out_dir(__file__, out_dir), name,
+utils.report_run(accuracies, K_list, alpha_list, config, utils.script_out_dir(__file__, out_dir), name,
                  "PersonalLLM (synthetic)" if synthetic else "PersonalLLM", extra={"seconds": time.time() - t0})
 print(f"done in {time.time() - t0:.0f}s")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
+from PersonalLLM import personalllm  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
@@ -37,20 +38,18 @@ out_dir = None             # default: PersonalLLM/results
 device = None
 # -----------------------------------------------------------------------------
 config = utils.configure(globals())
-HERE = Path(__file__).resolve().parent
 
 t0 = time.time()
 utils.set_seed(seed)
-E_tr, S_tr, E_te, S_te, head = utils.load_personalllm(data_dir or HERE / "data", HERE / "prepare.py", synthetic,
-                                                      synthetic_prompts, synthetic_features, seed)
-train, _, train_unseen, test_unseen = utils.personalllm_population(
-    E_tr, S_tr, E_te, S_te, N, N_unseen, train_density, None, dirichlet_alpha, fewshot_pool_density)
-res = utils.run_few_shot_vary_shots(trials, [alpha], [K], num_shots, train, train_unseen, test_unseen, head, N,
-                                    N_unseen, utils.get_device(device), num_iterations=num_iterations,
-                                    learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
-                                    fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True)
+data = personalllm.load(data_dir=data_dir, synthetic=synthetic, synthetic_prompts=synthetic_prompts,
+                        synthetic_features=synthetic_features, N=N, N_unseen=N_unseen, train_density=train_density,
+                        fewshot_pool_density=fewshot_pool_density, dirichlet_alpha=dirichlet_alpha, seed=seed)
+*accuracies, skipped = utils.run_few_shot_vary_shots(
+    trials, [alpha], [K], num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, data.head, data.N,
+    data.N_unseen, utils.get_device(device), num_iterations=num_iterations, learning_rate=learning_rate,
+    fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True)
 name = "vary_fewshot_synthetic" if synthetic else "vary_fewshot"
-utils.report_shots(res, num_shots, config, utils.script_out_dir(__file__, out_dir), name,
-                   "PersonalLLM (synthetic)" if synthetic else "PersonalLLM", K, alpha, skipped=res[4],
+utils.report_shots(accuracies, num_shots, config, utils.script_out_dir(__file__, out_dir), name,
+                   "PersonalLLM (synthetic)" if synthetic else "PersonalLLM", K, alpha, skipped=skipped,
                    extra={"seconds": time.time() - t0})
 print(f"done in {time.time() - t0:.0f}s")

@@ -77,7 +77,7 @@ def prepare(split_name):
             rows.append((i, *c))
     if skipped:
         utils.print0(f"{split_name}: skipping {sum(skipped.values())} of {len(df)} rows ("
-              + ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) + ")")
+                     + ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) + ")")
     if not rows:
         raise ValueError(f"{dataset_name} [{split_name}]: no usable comparisons")
     index, workers, posts, winners, losers = zip(*rows)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
+from RedditTLDR import tldr  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
@@ -42,18 +43,17 @@ out_dir = None             # default: RedditTLDR/results
 device = None              # default: cuda if available, else cpu
 # -----------------------------------------------------------------------------
 config = utils.configure(globals())
-HERE = Path(__file__).resolve().parent
 
 t0 = time.time()
 utils.set_seed(seed)
-train, test = utils.reddit_data(data_dir or HERE / "data", HERE / "prepare.py", synthetic, synthetic_features, seed)
-features, workers = utils.reddit_split(train, test, protocol, max_train_pairs, max_fewshot_pairs, min_comparisons,
-                                       split_seed=split_seed)
-res = utils.run(K_list, alpha_list, train["head"], *features, len(workers["seen"]), len(workers["unseen"]),
-                utils.get_device(device), num_iterations=num_iterations, learning_rate=learning_rate,
-                fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed)
+data = tldr.load(data_dir=data_dir, synthetic=synthetic, synthetic_features=synthetic_features, protocol=protocol,
+                 max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs, min_comparisons=min_comparisons,
+                 split_seed=split_seed, seed=seed)
+accuracies = utils.run(K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, utils.get_device(device),
+                       num_iterations=num_iterations, learning_rate=learning_rate,
+                       fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed)
 name = "train_basis" + ("_paper" if protocol == "paper" else "") + ("_synthetic" if synthetic else "")
 title = "Reddit TLDR" + (" paper split" if protocol == "paper" else "") + (" (synthetic)" if synthetic else "")
-utils.report_run(res, K_list, alpha_list, config, utils.script_out_dir(__file__, out_dir), name, title,
-                 extra={"workers": workers, "seconds": time.time() - t0})
+utils.report_run(accuracies, K_list, alpha_list, config, utils.script_out_dir(__file__, out_dir), name, title,
+                 extra={"workers": data.info["workers"], "seconds": time.time() - t0})
 print(f"done in {time.time() - t0:.0f}s")

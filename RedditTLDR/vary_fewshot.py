@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
+from RedditTLDR import tldr  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
@@ -38,21 +39,18 @@ out_dir = None             # default: RedditTLDR/results
 device = None
 # -----------------------------------------------------------------------------
 config = utils.configure(globals())
-HERE = Path(__file__).resolve().parent
 
 t0 = time.time()
 utils.set_seed(seed)
-train, test = utils.reddit_data(data_dir or HERE / "data", HERE / "prepare.py", synthetic, synthetic_features, seed)
-(train_seen, _, train_unseen, test_unseen), workers = utils.reddit_split(
-    train, test, protocol, max_train_pairs, max_fewshot_pairs, min_comparisons, split_seed=split_seed)
-N, N_unseen = len(workers["seen"]), len(workers["unseen"])
-res = utils.run_few_shot_vary_shots(trials, [alpha], [K], num_shots, train_seen, train_unseen, test_unseen,
-                                    train["head"], N, N_unseen, utils.get_device(device),
-                                    num_iterations=num_iterations, learning_rate=learning_rate,
-                                    fewshot_iterations=fewshot_iterations,
-                                    fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True)
+data = tldr.load(data_dir=data_dir, synthetic=synthetic, synthetic_features=synthetic_features, protocol=protocol,
+                 max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs, min_comparisons=min_comparisons,
+                 split_seed=split_seed, seed=seed)
+*accuracies, skipped = utils.run_few_shot_vary_shots(
+    trials, [alpha], [K], num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, data.head, data.N,
+    data.N_unseen, utils.get_device(device), num_iterations=num_iterations, learning_rate=learning_rate,
+    fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True)
 name = "vary_fewshot" + ("_paper" if protocol == "paper" else "") + ("_synthetic" if synthetic else "")
 title = "Reddit TLDR" + (" paper split" if protocol == "paper" else "") + (" (synthetic)" if synthetic else "")
-utils.report_shots(res, num_shots, config, utils.script_out_dir(__file__, out_dir), name, title, K, alpha,
-                   skipped=res[4], extra={"workers": workers, "seconds": time.time() - t0})
+utils.report_shots(accuracies, num_shots, config, utils.script_out_dir(__file__, out_dir), name, title, K, alpha,
+                   skipped=skipped, extra={"workers": data.info["workers"], "seconds": time.time() - t0})
 print(f"done in {time.time() - t0:.0f}s")

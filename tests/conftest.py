@@ -73,6 +73,25 @@ def run_script(script, *overrides, check=True):
     return proc
 
 
+RB2_SUBSETS = ["Factuality", "Precise IF", "Math", "Safety", "Focus", "Ties"]  # allenai/reward-bench-2
+
+
+def write_rb2(folder):
+    """A tiny RewardBench 2 test split (3 prompts per subset) as parquet in `folder` -> folder."""
+    rows = []
+    for s, subset in enumerate(RB2_SUBSETS):
+        for i in range(3):
+            chosen = [f"{subset} good {i}"] + ([f"{subset} also good {i}"] if subset == "Ties" else [])
+            rejected = [f"{subset} bad {i} {j}" for j in range(3)]
+            rows.append({"id": f"{s}-{i}", "prompt": f"{subset} question {i}?", "chosen": chosen, "rejected": rejected,
+                         "num_correct": len(chosen), "num_rejected": 3, "total_completions": len(chosen) + 3,
+                         "models": ["m"] * (len(chosen) + 3), "subset": subset})
+    os.makedirs(folder, exist_ok=True)
+    import pandas as pd
+    pd.DataFrame(rows).to_parquet(os.path.join(folder, "test-00000-of-00001.parquet"))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_reward_model(tmp_path_factory):
     """Path (str) of a saved tiny random reward model + tokenizer, loadable with model_name=<path>."""

@@ -136,16 +136,42 @@ def test_regularized_variant_keeps_used_bases_and_schedule():
     assert torch.allclose(W.sum(1), torch.ones(30), atol=1e-5)
 
 
-def test_regularized_pooled_loss_equals_loop():
-    X = [torch.randn(m, 8) for m in (2, 5, 9)]
+def regularized_loop(V, W_logits, X, V_sft, alpha, num_iterations, lr):
+    """The published LoRe_regularized fit, user by user: each iteration an Adam step on W (V frozen) and one on V,
+    both on the mean -log sigmoid over all pairs pooled, V's with alpha_t * mean_j (1 - cos(V_j, V_sft)).
+    -> (W logits, V, V-step losses)."""
+    V, W_logits = V.clone().requires_grad_(), W_logits.clone().requires_grad_()
+    opt_W, opt_V = torch.optim.Adam([W_logits], lr=lr), torch.optim.Adam([V], lr=lr)
+
+    def pooled_nll(V, W):
+        return torch.cat([F.softplus(-(x @ V @ W[i]) / 100) for i, x in enumerate(X)]).mean()
+    losses = []
+    for t in range(num_iterations):
+        opt_W.zero_grad()
+        pooled_nll(V.detach(), torch.softmax(W_logits, 1)).backward()
+        opt_W.step()
+        opt_V.zero_grad()
+        alpha_t = alpha * min(max((t / num_iterations - 0.2) / 0.6, 0.0), 1.0)
+        cos = (V * V_sft).sum(0) / (V.norm(dim=0) * V_sft.norm())
+        loss = pooled_nll(V, torch.softmax(W_logits, 1).detach()) + alpha_t * (1 - cos).mean()
+        loss.backward()
+        opt_V.step()
+        losses.append(loss.item())
+    return W_logits.detach(), V.detach(), losses
+
+
+def test_regularized_train_equals_pooled_loop():
+    """LoRe_regularized.train from a fixed start == the hand-written loop (a per-user mean loss would differ)."""
+    g = torch.Generator().manual_seed(0)
+    X = [torch.randn(m, 8, generator=g) * 20 for m in (2, 5, 30)]  # unequal users: pooled != per-user mean
+    V_sft = torch.randn(8, 1, generator=g)
     utils.set_seed(0)
-    model = utils.LoRe_regularized(torch.randn(8, 1), 0.0, 3, 8, 2)
-    pairs = utils.Pairs.from_list(X)
-    z = model(pairs.dense(), pairs.user)
-    pooled = F.softplus(-z).mean()
-    W = model.weights().detach()
-    loop = torch.cat([F.softplus(-(x @ model.V.detach() @ W[i]) / 100) for i, x in enumerate(X)]).mean()
-    assert abs(pooled.item() - loop.item()) < 1e-6
+    model = utils.LoRe_regularized(V_sft, 2.0, 3, 8, 3, num_iterations=10, learning_rate=0.05)
+    W_logits, V, losses = regularized_loop(model.V.detach(), model.W.detach(), X, V_sft, 2.0, 10, 0.05)
+    model.train(X)
+    assert model.losses == pytest.approx(losses, rel=1e-5)
+    torch.testing.assert_close(model.V.detach(), V, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.W.detach(), W_logits, atol=1e-5, rtol=1e-5)
 
 
 def test_train_keeps_pytorch_meaning():
@@ -169,8 +195,8 @@ def test_evaluation_vectorised_equals_loop_and_ties_are_wrong():
 
 def test_lean_population_equals_seed_document_functions():
     """sample_population_pairs picks the same pairs as simulate_population + sampling."""
-    tr, _, _ = utils.make_synthetic_personalllm(50, 10, 12, seed=3)
-    E, S = tr["embeddings"], tr["scores"].double().numpy()
+    g = torch.Generator().manual_seed(3)
+    E, S = torch.randn(50 * 8, 12, generator=g), torch.randn(50, 8, 10, generator=g).double().numpy()
     W = utils.generate_population(0.5 * np.ones(10), 7)
     dense = utils.simulate_population(S, E.reshape(50, 8, 12), W)  # [N, P, F]
     assert dense.shape == (7, 50, 12)

@@ -90,9 +90,9 @@ def test_batched_equals_single(tok_model, padding_side):
     token_ids, _ = utils.tokenize_conversations(tokenizer, make_conversations(12, seed=1))
     assert len(set(map(len, token_ids))) > 5  # really padded batches
     batched = utils.embed_token_ids(model, token_ids, tokenizer.pad_token_id, max_tokens_per_batch=None,
-                                          max_batch_size=None, padding_side=padding_side)
+                                    max_batch_size=None, padding_side=padding_side)
     small = utils.embed_token_ids(model, token_ids, tokenizer.pad_token_id, max_tokens_per_batch=400,
-                                        max_batch_size=3, padding_side=padding_side)
+                                  max_batch_size=3, padding_side=padding_side)
     single = torch.cat([utils.embed_token_ids(model, [ids], tokenizer.pad_token_id) for ids in token_ids])
     # Not bitwise equal: float32 CPU matmuls of different shapes (batch size, padded length) round differently,
     # so the results agree only to ~1e-6. Hence a tight tolerance instead of equality.
@@ -123,8 +123,8 @@ def test_truncation(tok_model, tiny_reward_model, tmp_path, capsys):
         ids, n = utils.tokenize_conversations(tokenizer, convs, max_length, truncation_side=side)
         assert n == n_long and all(len(x) == min(len(f), max_length) for x, f in zip(ids, full_ids))
         out = utils.extract_embeddings(convs, tmp_path / f"{side}.safetensors", model_name=tiny_reward_model,
-                                             max_length=max_length, truncation_side=side, shard_size=4,
-                                             progress=False)
+                                       max_length=max_length, truncation_side=side, shard_size=4,
+                                       progress=False)
         assert f"{n_long}/10 conversations truncated" in capsys.readouterr().out
         f = load_file(out)
         cut = [x[-max_length:] if side == "left" else x[:max_length] for x in full_ids]
@@ -137,7 +137,7 @@ def test_truncation(tok_model, tiny_reward_model, tmp_path, capsys):
     assert torch.equal(left[~long], right[~long]) and not torch.allclose(left[long], right[long])
     # left truncation keeps the end: the last token (where the reward is read) is the same as without truncation
     assert all(x[-1] == f[-1] for x, f in zip(utils.tokenize_conversations(tokenizer, convs, max_length)[0],
-                                             full_ids))
+                                              full_ids))
 
 
 def test_resume_is_byte_identical(tiny_reward_model, tmp_path, monkeypatch, capsys):
@@ -191,7 +191,7 @@ def test_resume_is_byte_identical(tiny_reward_model, tmp_path, monkeypatch, caps
 def test_keep_shards(tiny_reward_model, tmp_path):
     convs = make_conversations(5, seed=4)
     out = utils.extract_embeddings(convs, tmp_path / "e.safetensors", model_name=tiny_reward_model,
-                                         shard_size=2, keep_shards=True, progress=False)
+                                   shard_size=2, keep_shards=True, progress=False)
     shards = sorted(os.listdir(f"{out}.shards"))
     assert shards == ["shard_00000000_00000002.safetensors", "shard_00000002_00000004.safetensors",
                       "shard_00000004_00000005.safetensors"]
@@ -209,7 +209,7 @@ def test_groups_extras_metadata(tok_model, tiny_reward_model, tmp_path, monkeypa
     kw = dict(model_name=tiny_reward_model, groups={"chosen": 4, "rejected": np.int64(3)}, shard_size=3,
               progress=False)
     out = utils.extract_embeddings(chosen + rejected, tmp_path / "g.safetensors", extra_tensors=extras,
-                                         metadata={"split": "test", "n_users": 3}, **kw)
+                                   metadata={"split": "test", "n_users": 3}, **kw)
     f = load_file(out)
     assert set(f) == {"chosen", "rejected", "head", *extras}
     emb = utils.embed_batch(tokenizer, model, chosen + rejected)
@@ -228,11 +228,11 @@ def test_groups_extras_metadata(tok_model, tiny_reward_model, tmp_path, monkeypa
     # new extra tensors / metadata only: the file is rewritten from its own rows, without the model, and equals
     # a fresh run with those extras
     fresh = utils.extract_embeddings(chosen + rejected, tmp_path / "fresh.safetensors",
-                                           extra_tensors={"user_id": user + 1}, metadata={"split": "dev"}, **kw)
+                                     extra_tensors={"user_id": user + 1}, metadata={"split": "dev"}, **kw)
     monkeypatch.setattr(utils, "load_reward_model", lambda *a, **k: 1 / 0)
     capsys.readouterr()
     assert utils.extract_embeddings(chosen + rejected, out, extra_tensors={"user_id": user + 1},
-                                          metadata={"split": "dev"}, **kw) == out
+                                    metadata={"split": "dev"}, **kw) == out
     assert "rewriting" in capsys.readouterr().out
     assert out.read_bytes() == fresh.read_bytes()
 

@@ -9,6 +9,7 @@ import torch
 
 import utils
 from conftest import run_script
+from PersonalLLM import personalllm
 
 MODELS = ["gemma_2b", "gemma_7b", "mistral_raft", "llama3_sfairx", "oasst_deberta_v3",
           "beaver_7b", "oasst_pythia_7b", "oasst_pythia_1b", "mistral_ray", "mistral_weqweasdas"]
@@ -123,3 +124,26 @@ def test_synthetic_vary_fewshot_writes_outputs(tmp_path):
     assert [r["shots"] for r in res["results"]] == [1, 5, 9, 20] and acc[3] is None
     assert acc[0] < acc[2]  # more shots help
     assert (tmp_path / "vary_fewshot_synthetic.png").exists()
+
+
+def test_load_draws_the_protocol_population():
+    """personalllm.load == the seed functions by hand: Dirichlet users, int(density * P) pairs each, best vs
+    worst response on every test prompt; the pool density replaces the few-shot density."""
+    kw = dict(synthetic=True, synthetic_prompts=(200, 30), synthetic_features=16, N=7, N_unseen=5,
+              train_density=0.05, fewshot_density=0.02, dirichlet_alpha=0.3)
+    utils.set_seed(1)
+    data = personalllm.load(**kw)
+    assert (data.N, data.N_unseen, data.info["N"]) == (7, 5, 7) and data.head.shape == (16, 1)
+    assert data.seen_train.counts().tolist() == [10] * 7 and data.unseen_fewshot.counts().tolist() == [4] * 5
+    assert data.seen_test.counts().tolist() == [30] * 7 and data.unseen_test.counts().tolist() == [30] * 5
+    tr, te, head = personalllm.make_synthetic(200, 30, 16, seed=0)
+    utils.set_seed(1)
+    W = utils.generate_population(0.3 * np.ones(10), 7)
+    expected = utils.sample_population_pairs(tr["scores"].double().numpy(), tr["embeddings"], W, 0.05)
+    assert torch.equal(data.seen_train.dense(), expected.dense()) and torch.equal(data.head, head)
+    test = utils.simulate_population(te["scores"].double().numpy(), te["embeddings"].reshape(30, 8, 16), W)
+    assert torch.equal(data.seen_test.dense(), test.reshape(-1, 16))
+    utils.set_seed(1)
+    pooled = personalllm.load(**kw, fewshot_pool_density=0.1)
+    assert pooled.unseen_fewshot.counts().tolist() == [20] * 5 and pooled.info["fewshot_density"] == 0.1
+    assert torch.equal(pooled.seen_train.dense(), data.seen_train.dense())

@@ -1,4 +1,5 @@
-"""PRISM pipeline and RewardBench 2 evaluation: processing, scoring rules, scripts end to end (CPU, no download)."""
+"""PRISM/: processing of the jsonl files, the split, loading, and prepare.py -> train_basis.py -> eval_rb2.py
+end to end (CPU, no download)."""
 import json
 import os
 
@@ -7,14 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-import conftest
 import utils
-
-
-def run_script(script, *args):
-    """stdout of a repository script run in a subprocess (fails the test if the script fails)."""
-    return conftest.run_script(script, *args).stdout
-
+from conftest import run_script, write_rb2
+from PRISM import prism, rewardbench
 
 # ------------------------------------------------------------------------------------------------
 # tiny PRISM in the real jsonl schemas
@@ -85,20 +81,22 @@ def prism_dir(tmp_path_factory):
 
 
 def test_read_jsonl_reports_malformed_lines(prism_dir, capsys):
-    rows = utils.prism_read_jsonl(os.path.join(prism_dir, "utterances.jsonl"))
+    rows = prism.read_jsonl(os.path.join(prism_dir, "utterances.jsonl"))
     out = capsys.readouterr().out
     assert "utterances.jsonl:5: missing field 'if_chosen'; line skipped" in out
-    assert all("if_chosen" in r for r in rows)
-    utils.prism_read_jsonl(os.path.join(prism_dir, "conversations.jsonl"))
+    num_replies = sum(len(t["replies"]) for _, dialogs in prism_spec().values() for turns in dialogs.values()
+                      for t in turns)
+    assert len(rows) == num_replies > 0 and all("if_chosen" in r for r in rows)  # every well-formed line
+    prism.read_jsonl(os.path.join(prism_dir, "conversations.jsonl"))
     assert "conversations.jsonl:3: invalid JSON" in capsys.readouterr().out
 
 
 def test_processing_gives_expected_pairs(prism_dir):
-    rows = [utils.prism_read_jsonl(os.path.join(prism_dir, n)) for n in utils.PRISM_FILES]
-    dialogs = utils.prism_dialogs(*rows)
+    rows = [prism.read_jsonl(os.path.join(prism_dir, n)) for n in prism.FILES]
+    dialogs = prism.build_dialogs(*rows)
     ids = {d["conversation_id"] for d in dialogs}
     assert "c_u0_1" not in ids and not any(i.startswith("c_ns_") for i in ids)  # no complete turn / no survey user
-    pairs, users, convs = utils.prism_pairs(dialogs, seed=123)
+    pairs, users, convs = prism.build_pairs(dialogs, seed=123)
     assert set(users["user_id"]) == {"u0", "u1", "u2", "u3", "u4"}  # 'few' has too few dialogs
     assert users["seen"].sum() == 4 and list(users["seen"]) == [True] * 4 + [False]
     assert (users["dialogs"] == 6).all() and (users["train_dialogs"] == 3).all()
@@ -121,47 +119,19 @@ def test_processing_gives_expected_pairs(prism_dir):
     # half of every user's dialogs for train / few-shot, half for test, same split for all pairs of a dialog
     assert (pairs.groupby("dialog")["split"].nunique() == 1).all()
     assert (pairs.groupby(["user", "split"])["dialog"].nunique() == 3).all()
-    t = utils.prism_pair_tensors(pairs)
+    t = prism.pair_tensors(pairs)
     assert t["chosen"].dtype == torch.int64 and len(t["split"]) == len(pairs)
 
 
 def test_split_is_seeded():
     users = [f"u{i % 20}" for i in range(200)]
-    a, b = utils.prism_split(users, seed=123), utils.prism_split(users, seed=123)
-    assert a == b and a[1] == 16 and a != utils.prism_split(users, seed=1)
+    a, b = prism.split_users(users, seed=123), prism.split_users(users, seed=123)
+    assert a == b and a[1] == 16 and a != prism.split_users(users, seed=1)
 
 
-def test_prism_load_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"(?s)embeddings.safetensors not found.*python PRISM/prepare.py"):
-        utils.prism_load(tmp_path, "PRISM/prepare.py")
-
-
-# ------------------------------------------------------------------------------------------------
-# RewardBench 2
-
-def test_rb2_scoring_rules():
-    assert utils.rb2_prompt_score([2.0], [1.0, 1.5, 0.0], "Math") == 1.0
-    assert utils.rb2_prompt_score([1.5], [1.0, 1.5], "Focus") == 0.0  # a tie is wrong
-    assert utils.rb2_prompt_score([3.0, 2.9], [1.0], "Ties") == 1.0  # margin 1.9 > spread 0.1
-    assert utils.rb2_prompt_score([3.0, 1.5], [1.0], "Ties") == 0.5  # margin 0.5 < spread 1.5
-    assert utils.rb2_prompt_score([3.0, 0.5], [1.0], "Ties") == 0.0
-    rewards = [2, 1, 0, 1, 3, 5, 4, 0]  # prompt 0 (Math) right, prompt 1 (Math) wrong, prompt 2 (Ties) full
-    acc = utils.rb2_accuracy(rewards, [0, 0, 0, 1, 1, 2, 2, 2], [1, 0, 0, 1, 0, 1, 1, 0], ["Math", "Math", "Ties"])
-    assert acc == {"Math": 0.5, "Ties": 1.0, "overall": 0.75}
-
-
-def write_rb2(folder):
-    rows = []
-    for s, subset in enumerate(utils.RB2_SUBSETS):
-        for i in range(3):
-            chosen = [f"{subset} good {i}"] + ([f"{subset} also good {i}"] if subset == "Ties" else [])
-            rejected = [f"{subset} bad {i} {j}" for j in range(3)]
-            rows.append({"id": f"{s}-{i}", "prompt": f"{subset} question {i}?", "chosen": chosen, "rejected": rejected,
-                         "num_correct": len(chosen), "num_rejected": 3, "total_completions": len(chosen) + 3,
-                         "models": ["m"] * (len(chosen) + 3), "subset": subset})
-    os.makedirs(folder, exist_ok=True)
-    pd.DataFrame(rows).to_parquet(os.path.join(folder, "test-00000-of-00001.parquet"))
-    return folder
+def test_load_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"(?s)embeddings.safetensors not found.*python \S*PRISM/prepare.py"):
+        prism.load(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,9 +140,9 @@ def write_rb2(folder):
 def test_prepare_train_eval_end_to_end(prism_dir, tiny_reward_model, tmp_path):
     data, out = tmp_path / "data", tmp_path / "results"
     log = run_script("PRISM/prepare.py", f"dataset_path={prism_dir}", f"data_dir={data}",
-                     f"model_name={tiny_reward_model}", "max_tokens_per_batch=4096")
+                     f"model_name={tiny_reward_model}", "max_tokens_per_batch=4096").stdout
     assert "utterances.jsonl:5: missing field" in log
-    t = utils.load_tensors(data / "embeddings.safetensors", utils.PRISM_TENSORS)
+    t = utils.load_tensors(data / "embeddings.safetensors", prism.TENSORS)
     pairs = pd.read_parquet(data / "pairs.parquet")
     users = pd.read_parquet(data / "users.parquet")
     assert t["embeddings"].shape == (32 + 31, 64) and t["head"].shape == (64, 1) and len(users) == 5
@@ -191,10 +161,10 @@ def test_prepare_train_eval_end_to_end(prism_dir, tiny_reward_model, tmp_path):
     torch.testing.assert_close(e[0] @ t["head"][:, 0], logit, rtol=1e-4, atol=1e-4)
     # a second run finds the embeddings up to date
     assert "up to date" in run_script("PRISM/prepare.py", f"dataset_path={prism_dir}", f"data_dir={data}",
-                                      f"model_name={tiny_reward_model}")
+                                      f"model_name={tiny_reward_model}").stdout
 
     log = run_script("PRISM/train_basis.py", f"data_dir={data}", f"out_dir={out}", "K_list=[0,1,3]",
-                     "num_iterations=30", "fewshot_iterations=20")
+                     "num_iterations=30", "fewshot_iterations=20").stdout
     assert "4 seen / 1 unseen users" in log
     res = json.loads((out / "train_basis.json").read_text())
     assert [r["K"] for r in res["results"]] == [0, 1, 3] and (out / "train_basis.png").is_file()
@@ -204,22 +174,22 @@ def test_prepare_train_eval_end_to_end(prism_dir, tiny_reward_model, tmp_path):
     torch.testing.assert_close(utils.load_tensors(out / "heads" / "K0_alpha10000.safetensors")["V"], t["head"])
 
     rb2 = write_rb2(tmp_path / "rb2")
-    log = run_script("PRISM/eval_rb2.py", "--rm_head", head_file, "weights=all", "--limit", "2",
-                     f"dataset_path={rb2}", f"model_name={tiny_reward_model}", f"data_dir={data}", f"out_dir={out}")
+    log = run_script("PRISM/eval_rb2.py", "--rm_head", head_file, "weights=all", "--limit", "2", f"dataset_path={rb2}",
+                     f"model_name={tiny_reward_model}", f"data_dir={data}", f"out_dir={out}").stdout
     csv = pd.read_csv(out / "eval_rb2_K3_alpha10000_all_limit2.csv")
     K = h["V"].shape[1]
     assert list(csv["head"]) == ["reference", "K3_alpha10000 uniform", "K3_alpha10000 user 0"] + [
         f"K3_alpha10000 basis {j}" for j in range(K)]
-    assert list(csv.columns) == ["head"] + utils.RB2_SUBSETS + ["overall"]
+    assert list(csv.columns) == ["head"] + rewardbench.SUBSETS + ["overall"]
     assert csv.iloc[:, 1:].apply(lambda c: c.between(0, 1)).all().all()
     assert "Precise IF" in log and (data / "rb2_limit2.safetensors").is_file()
     # the reference row is the model's own reward: recompute it from the model's logits
-    df = utils.rb2_load("rb2", rb2, limit=2)
-    convs, prompt_row, is_chosen = utils.rb2_conversations(df)
+    df = rewardbench.load_prompts("rb2", rb2, limit=2)
+    convs, prompt_row, is_chosen = rewardbench.conversations(df)
     with torch.no_grad():
         rewards = [model(**tokenizer.apply_chat_template(c, return_tensors="pt", return_dict=True)).logits[0, 0]
                    for c in convs]
-    expected = utils.rb2_accuracy(torch.stack(rewards), prompt_row, is_chosen, df["subset"].tolist())
+    expected = rewardbench.accuracy(torch.stack(rewards), prompt_row, is_chosen, df["subset"].tolist())
     assert csv.iloc[0, 1:].to_dict() == pytest.approx(expected)
 
 
@@ -228,13 +198,13 @@ def test_prepare_train_eval_end_to_end(prism_dir, tiny_reward_model, tmp_path):
 
 def test_synthetic_lore_beats_bt_beats_reference():
     """On the planted low-rank data (alpha = 0), unseen users: LoRe > BT > reference head."""
-    train, test, train_u, test_u, head, dialogs = utils.prism_load(None, "prepare.py", synthetic=True,
-                                                                   synthetic_users=400)
-    assert len(dialogs) == len(train_u.user) and len(train) == 320 and len(train_u) == 80
+    data = prism.load(synthetic=True, synthetic_users=400)
+    train, test, train_u, test_u = data.features
+    assert len(data.info["fewshot_dialogs"]) == len(train_u.user) and (data.N, data.N_unseen) == (320, 80)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the 2 shared cores: one thread is several times faster here
     try:
-        res = utils.run_regularized([0, 1, 4], [0.0], head, train, test, train_u, test_u, len(train), len(train_u),
+        res = utils.run_regularized([0, 1, 4], [0.0], data.head, train, test, train_u, test_u, data.N, data.N_unseen,
                                     "cpu", num_iterations=300)
     finally:
         torch.set_num_threads(threads)
@@ -244,14 +214,14 @@ def test_synthetic_lore_beats_bt_beats_reference():
 
 def test_train_basis_and_vary_fewshot_synthetic(tmp_path):
     log = run_script("PRISM/train_basis.py", "synthetic=True", "synthetic_users=200", "K_list=[0,1,3]",
-                     "alpha_list=[0,1e4]", "num_iterations=50", "fewshot_iterations=50", f"out_dir={tmp_path}")
+                     "alpha_list=[0,1e4]", "num_iterations=50", "fewshot_iterations=50", f"out_dir={tmp_path}").stdout
     assert "seen_test" in log
     res = json.loads((tmp_path / "train_basis_synthetic.json").read_text())
     assert len(res["results"]) == 6 and res["num_iterations_used"] == 50
     assert (tmp_path / "heads_synthetic" / "K3_alpha0.safetensors").is_file()
 
-    log = run_script("PRISM/vary_fewshot.py", "synthetic=True", "synthetic_users=200", "K=3", "trials=2",
-                     "num_iterations=50", "fewshot_iterations=50", f"out_dir={tmp_path}")
+    run_script("PRISM/vary_fewshot.py", "synthetic=True", "synthetic_users=200", "K=3", "trials=2",
+               "num_iterations=50", "fewshot_iterations=50", f"out_dir={tmp_path}")
     res = json.loads((tmp_path / "vary_fewshot_synthetic.json").read_text())
     shots = [r["shots"] for r in res["results"]]
     assert shots[0] == 1 and shots == list(range(1, len(shots) + 1)) and len(shots) >= 3

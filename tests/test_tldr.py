@@ -1,4 +1,4 @@
-"""RedditTLDR: prepare.py end to end on a tiny fixture in the real schema, the worker split protocols,
+"""RedditTLDR/: prepare.py end to end on a tiny fixture in the real schema, the worker split protocols,
 the caps, loading checks, and both scripts in synthetic mode."""
 import json
 import random
@@ -7,13 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import conftest
 import utils
-
-
-def run_script(name, *args, check=True):
-    return conftest.run_script(f"RedditTLDR/{name}", *args, check=check)
-
+from conftest import run_script
+from RedditTLDR import tldr
 
 # -------------------------------------------------------------------------------------------
 # a tiny openai/summarize_from_feedback 'comparisons' fixture, in the real schema
@@ -58,8 +54,8 @@ def tiny_dataset(tmp_path_factory):
 def prepared(tiny_dataset, tiny_reward_model, tmp_path_factory):
     path, splits = tiny_dataset
     data_dir = tmp_path_factory.mktemp("reddit_data")
-    p = run_script("prepare.py", f"dataset_path={path}", f"model_name={tiny_reward_model}", f"data_dir={data_dir}",
-                   "shard_size=16")
+    p = run_script("RedditTLDR/prepare.py", f"dataset_path={path}", f"model_name={tiny_reward_model}",
+                   f"data_dir={data_dir}", "shard_size=16")
     return data_dir, splits, p.stdout
 
 
@@ -68,7 +64,7 @@ def test_prepare_end_to_end(prepared, tiny_reward_model):
     tokenizer, model = utils.load_reward_model(tiny_reward_model, device="cpu")
     for name, rows in splits.items():
         assert f"{name}: skipping 3 of {len(rows)} rows (1 missing choice, 1 missing post, 1 missing summary)" in stdout
-        d = utils.reddit_load_split(data_dir / f"{name}.safetensors")
+        d = tldr.read_split(data_dir / f"{name}.safetensors")
         good = [i for i, r in enumerate(rows) if r["info"]["post"] and r["choice"] is not None
                 and all(s["text"] for s in r["summaries"])]
         assert d["row"].tolist() == good
@@ -88,7 +84,7 @@ def test_prepare_end_to_end(prepared, tiny_reward_model):
 
 def test_train_basis_on_prepared_files(prepared, tmp_path):
     data_dir, _, _ = prepared
-    run_script("train_basis.py", f"data_dir={data_dir}", f"out_dir={tmp_path}", "K_list=[0,1,2]",
+    run_script("RedditTLDR/train_basis.py", f"data_dir={data_dir}", f"out_dir={tmp_path}", "K_list=[0,1,2]",
                "num_iterations=20", "fewshot_iterations=20")
     out = json.loads((tmp_path / "train_basis.json").read_text())
     assert out["workers"]["dropped"] == ["w4", "w5"]
@@ -101,7 +97,8 @@ def test_prepare_missing_columns(tmp_path):
     rows = tiny_split("train", {"w0": 2})
     datasets.Dataset.from_list([{k: v for k, v in r.items() if k != "worker"} for r in rows]).to_parquet(
         str(tmp_path / "train.parquet"))
-    p = run_script("prepare.py", f"dataset_path={tmp_path}", "split=train", f"data_dir={tmp_path}", check=False)
+    p = run_script("RedditTLDR/prepare.py", f"dataset_path={tmp_path}", "split=train", f"data_dir={tmp_path}",
+                   check=False)
     assert p.returncode != 0 and "ValueError" in p.stderr and "missing column(s) ['worker']" in p.stderr
 
 
@@ -109,7 +106,7 @@ def test_prepare_missing_columns(tmp_path):
 # loading checks
 
 def save_split(path, d):
-    """Write a split dict (reddit_load_split layout) in prepare.py's file layout."""
+    """Write a split dict (tldr.read_split layout) in prepare.py's file layout."""
     names = sorted(set(d["worker"].tolist()))
     ids = torch.tensor([names.index(w) for w in d["worker"]], dtype=torch.long)
     utils.save_tensors(path, {"chosen": d["chosen"], "rejected": d["rejected"], "worker": ids, "row": d["row"],
@@ -117,21 +114,21 @@ def save_split(path, d):
 
 
 def test_load_split_roundtrip_and_errors(tmp_path):
-    train, _ = utils.reddit_synthetic(num_workers=8, num_features=8, median_comparisons=20)
+    train, _ = tldr.make_synthetic(num_workers=8, num_features=8, median_comparisons=20)
     save_split(tmp_path / "train.safetensors", train)
-    d = utils.reddit_load_split(tmp_path / "train.safetensors")
+    d = tldr.read_split(tmp_path / "train.safetensors")
     assert (d["worker"] == train["worker"]).all() and torch.equal(d["chosen"], train["chosen"])
 
     with pytest.raises(FileNotFoundError, match="RedditTLDR/prepare.py"):
-        utils.reddit_data(tmp_path / "nowhere", "RedditTLDR/prepare.py")
+        tldr.load(tmp_path / "nowhere")
     bad = dict(train, chosen=train["chosen"].clone())
     bad["chosen"][3, 1] = float("nan")
     save_split(tmp_path / "nan.safetensors", bad)
     with pytest.raises(ValueError, match="NaN"):
-        utils.reddit_load_split(tmp_path / "nan.safetensors")
+        tldr.read_split(tmp_path / "nan.safetensors")
     save_split(tmp_path / "short.safetensors", dict(train, row=train["row"][:-1]))
     with pytest.raises(ValueError, match="inconsistent shapes"):
-        utils.reddit_load_split(tmp_path / "short.safetensors")
+        tldr.read_split(tmp_path / "short.safetensors")
 
 
 # -------------------------------------------------------------------------------------------
@@ -139,27 +136,27 @@ def test_load_split_roundtrip_and_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def synthetic():
-    return utils.reddit_synthetic(num_features=8)
+    return tldr.make_synthetic(num_features=8)
 
 
 def test_published_worker_split(synthetic):
     train, test = synthetic
-    w = utils.reddit_select_workers(train["worker"], test["worker"])
-    assert w == utils.reddit_select_workers(train["worker"], test["worker"])  # deterministic
+    w = tldr.select_workers(train["worker"], test["worker"])
+    assert w == tldr.select_workers(train["worker"], test["worker"])  # deterministic
     assert not set(w["seen"]) & set(w["unseen"]) and abs(len(w["seen"]) - len(w["unseen"])) <= 1
     names, counts = np.unique(train["worker"], return_counts=True)
     assert w["dropped"] == sorted(names[np.argsort(counts, kind="stable")[:2]].tolist())
     both = sorted(set(train["worker"]) & set(test["worker"]) - set(w["dropped"]))
     random.Random(0).shuffle(both)
     assert w["seen"] + w["unseen"] == both and len(w["seen"]) == len(both) // 2
-    assert utils.reddit_select_workers(train["worker"], test["worker"], split_seed=1)["seen"] != w["seen"]
+    assert tldr.select_workers(train["worker"], test["worker"], split_seed=1)["seen"] != w["seen"]
     with pytest.raises(ValueError, match="protocol"):
-        utils.reddit_select_workers(train["worker"], test["worker"], protocol="nope")
+        tldr.select_workers(train["worker"], test["worker"], protocol="nope")
 
 
 def test_published_caps_and_test_pairs(synthetic):
     train, test = synthetic
-    (tr, te, tr_u, te_u), info = utils.reddit_split(train, test)
+    (tr, te, tr_u, te_u), info = tldr.split_pairs(train, test)
     n_tr = {w: int((train["worker"] == w).sum()) for w in info["seen"] + info["unseen"]}
     n_te = {w: int((test["worker"] == w).sum()) for w in info["seen"] + info["unseen"]}
     assert tr.counts().tolist() == [min(n_tr[w], 150) for w in info["seen"]]
@@ -170,14 +167,23 @@ def test_published_caps_and_test_pairs(synthetic):
     # the train pairs of seen worker 0 are rows of its train-split comparisons, test pairs its validation ones
     w0 = info["seen"][0]
     own = train["chosen"][train["worker"] == w0] - train["rejected"][train["worker"] == w0]
-    assert all((own == d).all(1).any() for d in tr[0])
+    assert len(tr[0]) > 0 and all((own == d).all(1).any() for d in tr[0])
     torch.testing.assert_close(te[0], test["chosen"][test["worker"] == w0] - test["rejected"][test["worker"] == w0])
-    (tr2, *_), _ = utils.reddit_split(train, test)
+    (tr2, *_), _ = tldr.split_pairs(train, test)
     assert torch.equal(tr.dense(), tr2.dense())  # deterministic subsets
-    (tr_all, _, tr_u_all, _), _ = utils.reddit_split(train, test, max_train_pairs=None, max_fewshot_pairs=None)
+    (tr_all, _, tr_u_all, _), _ = tldr.split_pairs(train, test, max_train_pairs=None, max_fewshot_pairs=None)
     assert tr_u_all.counts().tolist() == [n_tr[w] for w in info["unseen"]]
     with pytest.raises(ValueError, match="max_train_pairs"):
-        utils.reddit_split(train, test, max_train_pairs=0)
+        tldr.split_pairs(train, test, max_train_pairs=0)
+
+
+def test_load_returns_the_protocol_by_name(synthetic):
+    data = tldr.load(synthetic=True, synthetic_features=8, protocol="paper")
+    (tr, te, tr_u, te_u), info = tldr.split_pairs(*synthetic, protocol="paper")
+    assert data.info["workers"] == info and (data.N, data.N_unseen) == (len(info["seen"]), len(info["unseen"]))
+    assert data.info["N"] == data.N and torch.equal(data.head, synthetic[0]["head"])
+    for got, expected in zip(data.features, (tr, te, tr_u, te_u)):
+        assert torch.equal(got.user, expected.user) and torch.equal(got.dense(), expected.dense())
 
 
 def test_paper_protocol(synthetic):
@@ -185,14 +191,14 @@ def test_paper_protocol(synthetic):
     total = {w: int((train["worker"] == w).sum() + (test["worker"] == w).sum())
              for w in set(train["worker"]) | set(test["worker"])}
     m = sorted(total.values())[5]  # so that 5 workers are dropped
-    (tr, te, tr_u, te_u), info = utils.reddit_split(train, test, protocol="paper", max_train_pairs=None,
+    (tr, te, tr_u, te_u), info = tldr.split_pairs(train, test, protocol="paper", max_train_pairs=None,
                                                     max_fewshot_pairs=None, min_comparisons=m)
     assert sorted(info["seen"] + info["unseen"]) == sorted(w for w, c in total.items() if c >= m)
     assert info["dropped"] == sorted(w for w, c in total.items() if c < m) and len(info["dropped"]) == 5
     assert tr.counts().tolist() == [total[w] // 2 for w in info["seen"]]
     assert (tr.counts() + te.counts()).tolist() == [total[w] for w in info["seen"]]
     assert (tr_u.counts() + te_u.counts()).tolist() == [total[w] for w in info["unseen"]]
-    (tr, _, tr_u, _), _ = utils.reddit_split(train, test, protocol="paper")
+    (tr, _, tr_u, _), _ = tldr.split_pairs(train, test, protocol="paper")
     assert tr.counts().max() <= 150 and tr_u.counts().max() <= 50
 
 
@@ -200,7 +206,8 @@ def test_paper_protocol(synthetic):
 # both scripts in synthetic mode
 
 def test_train_basis_synthetic(tmp_path):
-    run_script("train_basis.py", "synthetic=True", f"out_dir={tmp_path}", f"data_dir={tmp_path}", "K_list=[0,1,4]")
+    run_script("RedditTLDR/train_basis.py", "synthetic=True", f"out_dir={tmp_path}", f"data_dir={tmp_path}",
+               "K_list=[0,1,4]")
     out = json.loads((tmp_path / "train_basis_synthetic.json").read_text())
     unseen = [r["unseen_test"]["mean"] for r in out["results"]]
     assert unseen[2] > unseen[1] + 0.05 and unseen[1] > unseen[0] + 0.03  # LoRe > BT > reference head
@@ -208,7 +215,7 @@ def test_train_basis_synthetic(tmp_path):
 
 
 def test_vary_fewshot_synthetic(tmp_path):
-    p = run_script("vary_fewshot.py", "synthetic=True", f"out_dir={tmp_path}", f"data_dir={tmp_path}", "K=3",
+    p = run_script("RedditTLDR/vary_fewshot.py", "synthetic=True", f"out_dir={tmp_path}", f"data_dir={tmp_path}", "K=3",
                    "num_shots=[5,40]", "trials=2", "num_iterations=300", "fewshot_iterations=100")
     out = json.loads((tmp_path / "vary_fewshot_synthetic.json").read_text())
     assert [r["shots"] for r in out["results"]] == [5, 40]

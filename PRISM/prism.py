@@ -1,0 +1,329 @@
+"""PRISM (HannahRoseKirk/prism-alignment): multi-turn dialogs -> users, pairs, split; synthetic data.
+
+    from PRISM import prism                  # with the repository root on sys.path
+    data = prism.load(synthetic=True)        # a utils.PreferenceData
+
+Every turn of a dialog shows the user several rated replies; the chosen one continues the dialog.
+A turn's prompt is the history so far (earlier user messages and chosen replies) and every
+rejected reply is its own pair against the chosen reply. PRISM/prepare.py writes one safetensors
+file (TENSORS) holding an embedding table and, per pair, row indices into it plus user / dialog /
+turn / seen / split.
+"""
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import utils
+
+HERE = Path(__file__).resolve().parent
+
+REPO = "HannahRoseKirk/prism-alignment"
+
+
+FILES = ["survey.jsonl", "conversations.jsonl", "utterances.jsonl"]
+
+
+TENSORS = ["embeddings", "head", "chosen", "rejected", "user", "dialog", "turn", "seen", "split"]
+
+
+SPLITS = ["train", "test"]  # split code 0: training (seen users) / few-shot (unseen users); 1: test
+
+
+# required fields of a jsonl line: name -> accepted types
+_SCHEMAS = {
+    "survey.jsonl": {"user_id": (str,), "num_completed_conversations": (int,)},
+    "conversations.jsonl": {"conversation_id": (str,), "user_id": (str,), "conversation_history": (list,)},
+    "utterances.jsonl": {"conversation_id": (str,), "turn": (int,), "within_turn_id": (int,),
+                         "model_response": (str,), "if_chosen": (bool,)},
+}
+
+
+_HISTORY_SCHEMA = {"turn": (int,), "role": (str,)}  # and `content` (str) for role 'user'
+
+
+def _schema_error(row, schema):
+    """Why the dict `row` does not fit `schema` ({field: types}), or None."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    for key, types in schema.items():
+        if key not in row or row[key] is None:
+            return f"missing field {key!r}"
+        value = row[key]
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            return f"field {key!r} has type {type(value).__name__}, expected {types[0].__name__}"
+    return None
+
+
+def read_jsonl(path):
+    """Rows (dicts) of a PRISM jsonl file whose required fields are present and well typed.
+
+    The schema is picked by the file name (survey / conversations / utterances.jsonl).
+    Malformed lines (bad JSON, missing or mistyped fields) are reported with their line
+    number and skipped; blank lines are ignored.
+    """
+    path = Path(path)
+    schema = _SCHEMAS[path.name]
+    rows, bad = [], 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                error = _schema_error(row, schema)
+            except json.JSONDecodeError as e:
+                error = f"invalid JSON ({e.msg})"
+            if error is None and path.name == "conversations.jsonl":
+                for i, message in enumerate(row["conversation_history"]):
+                    error = _schema_error(message, _HISTORY_SCHEMA)
+                    if error is None and message["role"] == "user":
+                        error = _schema_error(message, {"content": (str,)})
+                    if error:
+                        error = f"conversation_history[{i}]: {error}"
+                        break
+            if error:
+                bad += 1
+                utils.print0(f"{path.name}:{lineno}: {error}; line skipped")
+                continue
+            rows.append(row)
+    utils.print0(f"{path.name}: {len(rows)} rows" + (f", {bad} malformed line(s) skipped" if bad else ""))
+    return rows
+
+
+def _reply(u):
+    return {"content": u["model_response"], "score": u.get("score"), "model_name": u.get("model_name")}
+
+
+def build_dialogs(survey, conversations, utterances):
+    """Dialogs of PRISM as published: rows of the three jsonl files -> list of dialog dicts.
+
+    Users: those with at least one completed conversation in the survey. A dialog's user
+    messages come from its conversation_history (role 'user'), its rated replies from
+    utterances.jsonl (one row per reply; if_chosen marks the chosen one). Turns are read in
+    order from the first (0 in PRISM); a turn continues the dialog when it has one user
+    message and exactly one chosen reply, and it gives pairs when it also has a rejected
+    reply. The dialog stops at the first turn that cannot continue it; dialogs with no
+    complete turn are dropped.
+    Returns [{"conversation_id", "user_id", "conversation_type",
+              "turns": [{"turn", "user", "chosen": reply, "rejected": [reply, ...]}]}]
+    with reply = {"content", "score", "model_name"}, in conversations.jsonl order.
+    """
+    users = {r["user_id"] for r in survey if r["num_completed_conversations"] >= 1}
+    replies = {}  # (conversation_id, turn) -> {within_turn_id: utterance}
+    for u in utterances:
+        replies.setdefault((u["conversation_id"], u["turn"]), {}).setdefault(u["within_turn_id"], u)
+    dialogs, seen_ids, counts = [], set(), {"no survey user": 0, "duplicate": 0, "no complete turn": 0}
+    for conv in conversations:
+        cid = conv["conversation_id"]
+        if conv["user_id"] not in users:
+            counts["no survey user"] += 1
+            continue
+        if cid in seen_ids:
+            counts["duplicate"] += 1
+            continue
+        seen_ids.add(cid)
+        user_messages = {}
+        for m in conv["conversation_history"]:
+            if m["role"] == "user":
+                user_messages.setdefault(m["turn"], []).append(m["content"])
+        turns, first = [], min(user_messages, default=0)
+        for t in range(first, first + len(user_messages)):
+            candidates = [replies[(cid, t)][k] for k in sorted(replies.get((cid, t), {}))]
+            chosen = [u for u in candidates if u["if_chosen"]]
+            if len(user_messages.get(t, [])) != 1 or len(chosen) != 1:
+                break
+            rejected = [_reply(u) for u in candidates if not u["if_chosen"]]
+            turns.append({"turn": t, "user": user_messages[t][0], "chosen": _reply(chosen[0]), "rejected": rejected})
+        while turns and not turns[-1]["rejected"]:  # a last turn without rejected replies gives no pairs
+            turns.pop()
+        if not any(turn["rejected"] for turn in turns):
+            counts["no complete turn"] += 1
+            continue
+        dialogs.append({"conversation_id": cid, "user_id": conv["user_id"],
+                        "conversation_type": conv.get("conversation_type"), "turns": turns})
+    dropped = ", ".join(f"{n} {why}" for why, n in counts.items() if n)
+    utils.print0(f"{len(dialogs)} dialogs of {len({d['user_id'] for d in dialogs})} users"
+                 + (f" (dropped: {dropped})" if dropped else ""))
+    return dialogs
+
+
+def split_users(dialog_users, seed=123, seen_fraction=0.8, min_dialogs=6):
+    """Seen / unseen users and train / test dialogs, as published.
+
+    dialog_users: the user id of every dialog, in file order. Users with fewer than
+    `min_dialogs` dialogs are dropped; the rest (sorted) are shuffled with random.Random(seed),
+    the first int(seen_fraction * n) are seen. Each kept user's dialogs are shuffled with the
+    same generator; the first half (rounded down) is for training (seen users) or few-shot
+    (unseen users), the rest for test.
+    Returns (users: kept user ids, seen ones first, in shuffled order; num_seen;
+    dialog_split: per dialog 0 (train / few-shot), 1 (test) or -1 (user dropped)).
+    """
+    by_user = {}
+    for d, u in enumerate(dialog_users):
+        by_user.setdefault(u, []).append(d)
+    users = sorted(u for u, ds in by_user.items() if len(ds) >= min_dialogs)
+    rng = random.Random(seed)
+    rng.shuffle(users)
+    num_seen = int(seen_fraction * len(users))
+    dialog_split = [-1] * len(dialog_users)
+    for u in users:
+        ds = list(by_user[u])
+        rng.shuffle(ds)
+        for i, d in enumerate(ds):
+            dialog_split[d] = int(i >= len(ds) // 2)
+    return users, num_seen, dialog_split
+
+
+def build_pairs(dialogs, seed=123, seen_fraction=0.8, min_dialogs=6):
+    """Split the dialogs (split_users) and list every pair and every conversation to embed.
+
+    Returns (pairs, users, conversations):
+      pairs: pandas DataFrame, one row per (turn, rejected reply), ordered by user index
+        (seen users first), split, dialog, turn: user, user_id, seen, split ('train'/'test'),
+        dialog, conversation_id, conversation_type, turn, prompt (messages so far, ending
+        with the user message), chosen, rejected, chosen_score, rejected_score, chosen_model,
+        rejected_model, chosen_row, rejected_row (rows of `conversations`);
+      users: DataFrame user, user_id, seen, dialogs, train_dialogs, test_dialogs, pairs;
+      conversations: list of message lists, the chosen conversation of every turn
+        (chosen_row), then the rejected conversation of every pair (rejected_row).
+    """
+    import pandas as pd
+    users, num_seen, dialog_split = split_users([d["user_id"] for d in dialogs], seed, seen_fraction, min_dialogs)
+    if not users:
+        raise ValueError(f"no user has at least {min_dialogs} dialogs")
+    index = {u: i for i, u in enumerate(users)}
+    order = sorted((index[d["user_id"]], dialog_split[i], i) for i, d in enumerate(dialogs) if dialog_split[i] >= 0)
+    rows, chosen_convs, rejected_convs = [], [], []
+    for user, split, i in order:
+        d = dialogs[i]
+        history = []
+        for turn in d["turns"]:
+            prompt = history + [{"role": "user", "content": turn["user"]}]
+            chosen = turn["chosen"]
+            chosen_row = len(chosen_convs)
+            if turn["rejected"]:
+                chosen_convs.append(prompt + [{"role": "assistant", "content": chosen["content"]}])
+            for r in turn["rejected"]:
+                rows.append({"user": user, "user_id": d["user_id"], "seen": user < num_seen,
+                             "split": SPLITS[split], "dialog": i, "conversation_id": d["conversation_id"],
+                             "conversation_type": d["conversation_type"], "turn": turn["turn"], "prompt": prompt,
+                             "chosen": chosen["content"], "rejected": r["content"],
+                             "chosen_score": chosen["score"], "rejected_score": r["score"],
+                             "chosen_model": chosen["model_name"], "rejected_model": r["model_name"],
+                             "chosen_row": chosen_row, "rejected_row": len(rejected_convs)})
+                rejected_convs.append(prompt + [{"role": "assistant", "content": r["content"]}])
+            history = prompt + [{"role": "assistant", "content": chosen["content"]}]
+    pairs = pd.DataFrame(rows)
+    pairs["rejected_row"] += len(chosen_convs)
+    for col in ["chosen_score", "rejected_score"]:
+        pairs[col] = pd.to_numeric(pairs[col], errors="coerce").astype("float64")
+    stats = pd.DataFrame({"user": range(len(users)), "user_id": users,
+                          "seen": [i < num_seen for i in range(len(users))]})
+    def per_user(counts):
+        return counts.reindex(stats["user"], fill_value=0).to_numpy()
+    stats["dialogs"] = per_user(pairs.groupby("user")["dialog"].nunique())
+    for split in SPLITS:
+        stats[f"{split}_dialogs"] = per_user(pairs[pairs["split"] == split].groupby("user")["dialog"].nunique())
+    stats["pairs"] = per_user(pairs.groupby("user").size())
+    utils.print0(f"{len(users)} users with >= {min_dialogs} dialogs: {num_seen} seen, {len(users) - num_seen} unseen; "
+                 f"{len(pairs)} pairs, {len(chosen_convs) + len(rejected_convs)} conversations to embed")
+    return pairs, stats, chosen_convs + rejected_convs
+
+
+def pair_tensors(pairs):
+    """Per-pair int64 tensors of a build_pairs DataFrame (the extra tensors of the embedding file)."""
+    def col(name):
+        return torch.as_tensor(pairs[name].to_numpy().astype(np.int64))
+    return {"chosen": col("chosen_row"), "rejected": col("rejected_row"), "user": col("user"),
+            "dialog": col("dialog"), "turn": col("turn"), "seen": col("seen"),
+            "split": torch.as_tensor((pairs["split"] == "test").to_numpy().astype(np.int64))}
+
+
+def make_synthetic(num_users=1000, num_features=64, rank=4, dirichlet_alpha=0.1, label_noise=0.2,
+                   head_noise=1.0, seed=0):
+    """A PRISM-shaped dataset with a planted low-rank per-user reward, in the prepare.py format.
+
+    Users have 6 + Geometric(0.3) - 1 dialogs (at most 20); a dialog has 1-4 turns; the first
+    turn shows 4 replies, later turns 2 (as in PRISM). A reply's embedding is its dialog's
+    context plus N(0, I) [F]; user i scores it e^T U w_i (U [F, rank] orthonormal, w_i ~
+    Dirichlet(dirichlet_alpha)) plus Gumbel noise of scale `label_noise` and chooses the best.
+    The reference head is the mean user direction plus noise (`head_noise` x its norm).
+    Returns the dict of tensors of TENSORS (see load), plus the planted user reward
+    directions `true_directions` [C, F] (rows in user-index order).
+    """
+    rng = np.random.default_rng(seed)
+    U, _ = np.linalg.qr(rng.standard_normal((num_features, rank)))
+    W = rng.dirichlet(dirichlet_alpha * np.ones(rank), num_users)
+    H = W @ U.T  # [N, F] user reward directions
+    H /= np.linalg.norm(H, axis=1, keepdims=True)
+    mean = H.mean(0)
+    noise = rng.standard_normal(num_features)
+    head = mean + head_noise * np.linalg.norm(mean) * noise / np.linalg.norm(noise)
+    n_dialogs = np.minimum(5 + rng.geometric(0.3, num_users), 20)
+    users, _, dialog_split = split_users(np.repeat(np.arange(num_users), n_dialogs).tolist(), seed)
+    index = {u: i for i, u in enumerate(users)}
+    starts = np.concatenate([[0], np.cumsum(n_dialogs)])
+    rows, cols = [], {k: [] for k in ["chosen", "rejected", "user", "dialog", "turn", "split"]}
+    for u in users:
+        for split in (0, 1):
+            for d in [d for d in range(starts[u], starts[u + 1]) if dialog_split[d] == split]:
+                context = rng.standard_normal(num_features)
+                for t in range(rng.integers(1, 5)):
+                    E = context + rng.standard_normal((4 if t == 0 else 2, num_features))
+                    best = np.argmax(E @ H[u] + label_noise * rng.gumbel(size=len(E)))
+                    c = len(rows)
+                    rows.append(E[best])
+                    for j in range(len(E)):
+                        if j != best:
+                            for k, v in [("chosen", c), ("rejected", len(rows)), ("user", index[u]),
+                                         ("dialog", d), ("turn", t), ("split", split)]:
+                                cols[k].append(v)
+                            rows.append(E[j])
+    t = {k: torch.as_tensor(v, dtype=torch.long) for k, v in cols.items()}
+    t["seen"] = (t["user"] < int(0.8 * len(users))).long()
+    t["embeddings"] = torch.as_tensor(np.stack(rows), dtype=torch.float32)
+    t["head"] = torch.as_tensor(head, dtype=torch.float32).reshape(-1, 1)
+    t["true_directions"] = torch.as_tensor(H[users], dtype=torch.float32)  # [C, F] by user index
+    return t
+
+
+def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_features=64, seed=0):
+    """PRISM as published (see split_users) -> utils.PreferenceData.
+
+    Reads data_dir/embeddings.safetensors (written by prepare.py; default data_dir: PRISM/data), or
+    generates make_synthetic when synthetic. seen_train / seen_test: Pairs of the seen users
+    (0..N-1), unseen_fewshot / unseen_test: Pairs of the unseen users (renumbered 0..N_unseen-1),
+    all indexing the embedding table [R, F]. info["fewshot_dialogs"] [m]: the dialog of each
+    unseen_fewshot pair (to draw whole dialogs as few-shot examples).
+    """
+    make_cmd = f"python {HERE / 'prepare.py'}"
+    if synthetic:
+        t = make_synthetic(synthetic_users, synthetic_features, seed=seed)
+    else:
+        path = Path(data_dir or HERE / "data") / "embeddings.safetensors"
+        t = utils.load_tensors(path, TENSORS, make_cmd=make_cmd)
+    E, user, seen, split = t["embeddings"], t["user"], t["seen"].bool(), t["split"]
+    N = int(user[seen].max()) + 1 if seen.any() else 0
+    N_unseen = int(user.max()) + 1 - N
+    if N == 0 or N_unseen <= 0 or bool((seen != (user < N)).any()):
+        raise ValueError(f"{'synthetic data' if synthetic else path}: expected seen users 0..N-1 then unseen users; "
+                         f"re-run: {make_cmd}")
+
+    def part(is_seen, code):
+        m = (seen == is_seen) & (split == code)
+        return utils.Pairs(user[m] - (0 if is_seen else N), N if is_seen else N_unseen, table=E,
+                           chosen=t["chosen"][m], rejected=t["rejected"][m])
+
+    out = part(True, 0), part(True, 1), part(False, 0), part(False, 1)
+    counts = [p.counts() for p in out]
+    for name, c in zip(["seen train", "seen test", "unseen few-shot", "unseen test"], counts):
+        if (c == 0).any():
+            raise ValueError(f"{int((c == 0).sum())} users have no {name} pairs")
+    print(f"PRISM{' (synthetic)' if synthetic else ''}: {N} seen / {N_unseen} unseen users, F = {E.shape[1]}; "
+          f"pairs: {len(out[0].user)} seen train, {len(out[1].user)} seen test, {len(out[2].user)} unseen few-shot, "
+          f"{len(out[3].user)} unseen test")
+    fewshot_dialogs = t["dialog"][(~seen) & (split == 0)]
+    return utils.PreferenceData(*out, head=t["head"], info={"fewshot_dialogs": fewshot_dialogs})

@@ -1,0 +1,73 @@
+"""RewardBench 2 (allenai/reward-bench-2, split 'test'): prompts, conversations to embed, scoring.
+
+A prompt counts as correct when every chosen response outscores every rejected one; Ties prompts
+score 0.5 * that + 0.5 * (min(chosen) - max(rejected) > max(chosen) - min(chosen)).
+"""
+import numpy as np
+import torch
+
+import utils
+
+SUBSETS = ["Factuality", "Precise IF", "Math", "Safety", "Focus", "Ties"]
+
+
+def load_prompts(name="allenai/reward-bench-2", path=None, limit=None):
+    """RewardBench 2 test prompts as a DataFrame (id, prompt, chosen [list], rejected [list],
+    subset), checked; `limit`: keep the first `limit` prompts of each subset (smoke runs)."""
+    df = utils.load_split(name, "test", path)
+    utils.require_columns(df, ["id", "prompt", "chosen", "rejected", "subset"], name)
+    for col in ["chosen", "rejected"]:
+        df[col] = [list(v) if isinstance(v, (list, tuple, np.ndarray)) else v for v in df[col]]
+    ok = [isinstance(p, str) and isinstance(c, list) and isinstance(r, list) and len(c) > 0 and len(r) > 0
+          and all(isinstance(x, str) for x in c + r) for p, c, r in zip(df["prompt"], df["chosen"], df["rejected"])]
+    if not all(ok):
+        utils.print0(f"{name}: skipping {len(ok) - sum(ok)} prompts with a missing prompt or empty / non-text "
+                     "responses")
+        df = df[ok]
+    unknown = sorted(set(df["subset"]) - set(SUBSETS))
+    if unknown:
+        utils.print0(f"{name}: subsets {unknown} are not scored (expected {SUBSETS})")
+    df = df[df["subset"].isin(SUBSETS)]
+    if limit is not None:
+        df = df.groupby("subset", sort=False).head(limit)
+    return df.reset_index(drop=True)
+
+
+def conversations(df):
+    """(conversations, prompt_row [M], is_chosen [M]): every (prompt, response) of load_prompts's
+    DataFrame as a [user, assistant] conversation, prompt by prompt, chosen before rejected."""
+    convs, prompt_row, is_chosen = [], [], []
+    for i, (prompt, chosen, rejected) in enumerate(zip(df["prompt"], df["chosen"], df["rejected"])):
+        for flag, responses in [(1, chosen), (0, rejected)]:
+            for resp in responses:
+                convs.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": resp}])
+                prompt_row.append(i)
+                is_chosen.append(flag)
+    return convs, torch.tensor(prompt_row), torch.tensor(is_chosen, dtype=torch.bool)
+
+
+def prompt_score(chosen, rejected, subset):
+    """Score of one prompt from the rewards of its chosen [c] and rejected [r] responses:
+    1 when every chosen response outscores every rejected one, else 0; for Ties
+    0.5 * that + 0.5 * (margin min(chosen) - max(rejected) > spread max(chosen) - min(chosen))."""
+    chosen, rejected = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
+    margin = chosen.min() - rejected.max()
+    strict = float(margin > 0)
+    if subset == "Ties":
+        return 0.5 * strict + 0.5 * float(margin > chosen.max() - chosen.min())
+    return strict
+
+
+def accuracy(rewards, prompt_row, is_chosen, subsets):
+    """{subset: mean prompt score, ..., "overall": mean over the subsets present} for rewards
+    [M] of conversations' rows; subsets: the subset of each prompt."""
+    rewards, prompt_row = np.asarray(rewards, dtype=np.float64), np.asarray(prompt_row)
+    is_chosen = np.asarray(is_chosen, dtype=bool)
+    per_subset = {}
+    for p, subset in enumerate(subsets):
+        m = prompt_row == p
+        score = prompt_score(rewards[m & is_chosen], rewards[m & ~is_chosen], subset)
+        per_subset.setdefault(subset, []).append(score)
+    acc = {s: float(np.mean(per_subset[s])) for s in SUBSETS if s in per_subset}
+    acc["overall"] = float(np.mean(list(acc.values())))
+    return acc

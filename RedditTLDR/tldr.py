@@ -1,0 +1,221 @@
+"""Reddit TLDR (openai/summarize_from_feedback, 'comparisons'): prepared files, worker split protocols,
+synthetic data.
+
+    from RedditTLDR import tldr              # with the repository root on sys.path
+    data = tldr.load(synthetic=True)         # a utils.PreferenceData
+
+Each comparison is one worker's choice between two summaries of a post. prepare.py writes
+data/{train,validation}.safetensors with `chosen`, `rejected` [n, F], `worker` [n] (index into the
+metadata's 'workers' list), `row` [n] and `head` [F, 1].
+"""
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import utils
+
+HERE = Path(__file__).resolve().parent
+SPLITS = ("train", "validation")  # train: training and few-shot pairs; validation: test pairs
+
+
+def read_split(path, make_cmd=None):
+    """One split written by RedditTLDR/prepare.py -> dict with
+    "chosen", "rejected" [n, F] float32 embeddings, "worker" [n] str array (worker of each comparison),
+    "row" [n] long (its row in the dataset split) and "head" [F, 1] (the reward model's score head).
+    """
+    t = utils.load_tensors(path, ["chosen", "rejected", "worker", "row", "head"], make_cmd=make_cmd)
+    names = json.loads(utils.load_metadata(path).get("workers", "null"))
+    hint = f" Re-create it with: {make_cmd}" if make_cmd else ""
+    if not isinstance(names, list):
+        raise ValueError(f"{path}: metadata lacks the 'workers' list (JSON).{hint}")
+    chosen, rejected, worker, row, head = (t[k] for k in ("chosen", "rejected", "worker", "row", "head"))
+    n, F = chosen.shape
+    if rejected.shape != chosen.shape or worker.shape != (n,) or row.shape != (n,) or head.shape != (F, 1):
+        raise ValueError(f"{path}: inconsistent shapes chosen {tuple(chosen.shape)}, rejected "
+                         f"{tuple(rejected.shape)}, worker {tuple(worker.shape)}, row {tuple(row.shape)}, "
+                         f"head {tuple(head.shape)} (expected [n, F], [n, F], [n], [n], [F, 1]).{hint}")
+    if n and (worker.min() < 0 or worker.max() >= len(names)):
+        raise ValueError(f"{path}: worker ids must lie in [0, {len(names)}).{hint}")
+    return {"chosen": chosen, "rejected": rejected, "worker": np.asarray(names, dtype=str)[worker.numpy()],
+            "row": row, "head": head}
+
+
+def make_synthetic(num_workers=60, num_features=64, rank=4, dirichlet_alpha=0.3, median_comparisons=200,
+                   choice_temperature=4.0, head_noise=1.0, seed=0):
+    """A Reddit-TLDR-shaped dataset with a planted low-rank per-worker structure -> (train, validation) in the
+    layout of read_split.
+
+    Worker i prefers by r_i(e) = e^T H w_i with H [F, rank] orthonormal basis rewards and
+    w_i ~ Dirichlet(dirichlet_alpha); a comparison's two summaries are post + noise, and the worker picks
+    the first with probability sigmoid(choice_temperature * (r_i(e_1) - r_i(e_2))). The reference head is
+    the population's mean reward plus noise (`head_noise` x its norm). Comparison counts are skewed: a
+    log-normal activity per worker, 10 to 4000 comparisons per split (some workers fall below the paper's 50).
+    The last 3 workers appear in train only, the 2 before them in validation only. Rows are shuffled across
+    workers, as in the dataset.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rs = np.random.RandomState(seed)
+    H, _ = torch.linalg.qr(torch.randn(num_features, rank, generator=g))  # [F, rank]
+    W = torch.as_tensor(rs.dirichlet(dirichlet_alpha * np.ones(rank), num_workers), dtype=torch.float32)
+    rewards = W @ H.T  # [C, F] each worker's reward direction
+    mean = rewards.mean(0)
+    noise = torch.randn(num_features, generator=g)
+    head = (mean + head_noise * mean.norm() * noise / noise.norm()).reshape(-1, 1)
+    names = np.array([f"synthetic_worker_{i:02d}" for i in range(num_workers)])
+    activity = np.exp(rs.normal(np.log(median_comparisons), 1.5, num_workers))  # busy workers are busy in both
+
+    def split(only_absent):
+        counts = np.clip(np.round(activity * np.exp(rs.normal(0, 0.3, num_workers))), 10, 4000)
+        counts[only_absent] = 0
+        worker = rs.permutation(np.repeat(np.arange(num_workers), counts.astype(int)))
+        n = len(worker)
+        post = torch.randn(n, 1, num_features, generator=g)
+        summaries = post + torch.randn(n, 2, num_features, generator=g)  # [n, 2, F]
+        margin = ((summaries[:, 0] - summaries[:, 1]) * rewards[worker]).sum(1)
+        first = torch.rand(n, generator=g) < torch.sigmoid(choice_temperature * margin)
+        chosen = torch.where(first[:, None], summaries[:, 0], summaries[:, 1])
+        rejected = torch.where(first[:, None], summaries[:, 1], summaries[:, 0])
+        return {"chosen": chosen.contiguous(), "rejected": rejected.contiguous(), "worker": names[worker],
+                "row": torch.arange(n), "head": head}
+
+    train = split(np.arange(num_workers - 5, num_workers - 3))  # workers absent from train
+    test = split(np.arange(num_workers - 3, num_workers))       # workers absent from validation
+    return train, test
+
+
+def read_splits(data_dir=None, synthetic=False, synthetic_features=64, seed=0):
+    """(train, validation) splits in the layout of read_split: data_dir/{train,validation}.safetensors
+    written by prepare.py (default data_dir: RedditTLDR/data), or generated by make_synthetic when synthetic."""
+    if synthetic:
+        train, test = make_synthetic(num_features=synthetic_features, seed=seed)
+    else:
+        data_dir = Path(data_dir or HERE / "data")
+        make_cmd = f"python {HERE / 'prepare.py'}"
+        train, test = (read_split(Path(data_dir) / f"{s}.safetensors", make_cmd) for s in SPLITS)
+        if train["head"].shape != test["head"].shape or not torch.equal(train["head"], test["head"]):
+            raise ValueError(f"{data_dir}: train and validation were embedded with different reward models; "
+                             f"re-run: {make_cmd}")
+    print(f"data: {len(train['row'])} train / {len(test['row'])} validation comparisons, "
+          f"{len(np.unique(train['worker']))} / {len(np.unique(test['worker']))} workers, "
+          f"F = {train['chosen'].shape[1]}{' (synthetic)' if synthetic else ''}")
+    return train, test
+
+
+def select_workers(train_worker, test_worker, protocol="published", min_comparisons=50, drop_fewest=2,
+                   split_seed=0):
+    """Seen and unseen workers of a protocol -> {"seen": [...], "unseen": [...], "dropped": [...]} (names).
+
+    train_worker, test_worker: [n] worker name of every comparison of the train / validation split.
+    published: the `drop_fewest` workers with the fewest train-split comparisons are dropped (ties by name);
+      the workers present in both splits are sorted, shuffled with random.Random(split_seed) and halved
+      (seen: the first len // 2).
+    paper: workers with fewer than `min_comparisons` comparisons (both splits together) are dropped; the
+      rest are sorted, shuffled and halved the same way.
+    """
+    train_names, train_counts = np.unique(np.asarray(train_worker, dtype=str), return_counts=True)
+    test_names, test_counts = np.unique(np.asarray(test_worker, dtype=str), return_counts=True)
+    if protocol == "published":
+        fewest = sorted(zip(train_counts.tolist(), train_names.tolist()))[:drop_fewest]
+        dropped = sorted(name for _, name in fewest)
+        workers = sorted(set(train_names.tolist()) & set(test_names.tolist()) - set(dropped))
+    elif protocol == "paper":
+        if min_comparisons < 2:
+            raise ValueError(f"min_comparisons must be >= 2 (half train, half test), got {min_comparisons}")
+        counts = dict(zip(train_names.tolist(), train_counts.tolist()))
+        for name, c in zip(test_names.tolist(), test_counts.tolist()):
+            counts[name] = counts.get(name, 0) + c
+        dropped = sorted(w for w, c in counts.items() if c < min_comparisons)
+        workers = sorted(w for w, c in counts.items() if c >= min_comparisons)
+    else:
+        raise ValueError(f"protocol must be 'published' or 'paper', got {protocol!r}")
+    if len(workers) < 2:
+        raise ValueError(f"protocol {protocol!r} leaves {len(workers)} worker(s); need at least 2")
+    random.Random(split_seed).shuffle(workers)
+    half = len(workers) // 2
+    return {"seen": workers[:half], "unseen": workers[half:], "dropped": dropped}
+
+
+def _rows_by_worker(worker, offset=0):
+    """{name: row indices (ascending, + offset)} of a worker array [n]."""
+    worker = np.asarray(worker, dtype=str)
+    return {w: np.flatnonzero(worker == w) + offset for w in np.unique(worker).tolist()}
+
+
+def _cap(rows, m, rng):
+    """At most m of `rows`: a seeded random subset, kept in dataset order (all rows when m is None)."""
+    if m is None or len(rows) <= m:
+        return rows
+    return np.sort(rng.choice(rows, m, replace=False))
+
+
+def _pairs(splits, rows):
+    """Pairs (dense diffs chosen - rejected) of len(rows) workers; rows: per worker an int array into the
+    concatenated `splits` (so that a worker's pairs can come from several splits)."""
+    starts = np.cumsum([0] + [len(s["row"]) for s in splits])
+    diffs = []
+    for idx in rows:
+        parts = []
+        for s, a, b in zip(splits, starts[:-1], starts[1:]):
+            i = torch.as_tensor(idx[(idx >= a) & (idx < b)] - a, dtype=torch.long)
+            parts.append(s["chosen"][i] - s["rejected"][i])
+        diffs.append(torch.cat(parts))
+    return utils.Pairs.from_list(diffs)
+
+
+def split_pairs(train, test, protocol="published", max_train_pairs=150, max_fewshot_pairs=50, min_comparisons=50,
+                drop_fewest=2, split_seed=0):
+    """The features of a Reddit TLDR protocol -> ((train, test, train_unseen, test_unseen) Pairs, info).
+
+    train, test: the train and validation splits (read_split layout).
+    published: seen workers train on at most `max_train_pairs` of their train-split comparisons, unseen
+      workers get at most `max_fewshot_pairs` few-shot pairs from theirs; everyone is tested on all their
+      validation-split comparisons.
+    paper: each worker's comparisons (both splits pooled) are shuffled and split half train (or few-shot),
+      half test; the same caps apply to the train half.
+    Capped subsets are seeded random subsets (np.random.RandomState(split_seed)), kept in dataset order;
+    None keeps all. info: {"protocol", "seen", "unseen", "dropped", "pairs": {role: count}}.
+    """
+    for name, cap in (("max_train_pairs", max_train_pairs), ("max_fewshot_pairs", max_fewshot_pairs)):
+        if cap is not None and cap < 1:
+            raise ValueError(f"{name} must be None or >= 1, got {cap}")
+    info = {"protocol": protocol, **select_workers(train["worker"], test["worker"], protocol,
+                                                   min_comparisons, drop_fewest, split_seed)}
+    rng = np.random.RandomState(split_seed)
+    rows_tr = _rows_by_worker(train["worker"])
+    rows_te = _rows_by_worker(test["worker"], offset=len(train["row"]))  # pooled index space
+    roles = {}
+    for group, cap in (("seen", max_train_pairs), ("unseen", max_fewshot_pairs)):
+        fit, evaluate = [], []
+        for w in info[group]:
+            if protocol == "published":
+                own_train, own_test = rows_tr[w], rows_te[w]
+            else:
+                none = np.zeros(0, dtype=np.int64)
+                pooled = rng.permutation(np.concatenate([rows_tr.get(w, none), rows_te.get(w, none)]))
+                own_train, own_test = np.sort(pooled[:len(pooled) // 2]), np.sort(pooled[len(pooled) // 2:])
+            fit.append(_cap(own_train, cap, rng))
+            evaluate.append(own_test)
+        roles[group] = (fit, evaluate)
+    splits = [train, test]
+    features = (_pairs(splits, roles["seen"][0]), _pairs(splits, roles["seen"][1]),
+                _pairs(splits, roles["unseen"][0]), _pairs(splits, roles["unseen"][1]))
+    info["pairs"] = {name: int(len(p.user)) for name, p in zip(utils.RESULT_NAMES, features)}
+    print(f"protocol {protocol}: {len(info['seen'])} seen / {len(info['unseen'])} unseen workers "
+          f"({len(info['dropped'])} dropped); pairs: " + ", ".join(f"{k} {v}" for k, v in info["pairs"].items()))
+    return features, info
+
+
+def load(data_dir=None, synthetic=False, synthetic_features=64, protocol="published", max_train_pairs=150,
+         max_fewshot_pairs=50, min_comparisons=50, split_seed=0, seed=0):
+    """A Reddit TLDR protocol (see split_pairs) on the prepared (or synthetic) data -> utils.PreferenceData.
+
+    The reference head is the reward model's own. info: N, N_unseen and "workers": {"protocol", "seen",
+    "unseen", "dropped" (worker names), "pairs": {role: count}}.
+    """
+    train, test = read_splits(data_dir, synthetic, synthetic_features, seed)
+    pairs, workers = split_pairs(train, test, protocol, max_train_pairs, max_fewshot_pairs, min_comparisons,
+                                 split_seed=split_seed)
+    return utils.PreferenceData(*pairs, head=train["head"], info={"workers": workers})
