@@ -10,8 +10,8 @@ peak GPU memory and the speedup.
     python tests/bench_extract.py n_seqs=500 layers=8      # fewer layers: quicker, same per-layer costs
     python tests/bench_extract.py tiny=True                # 2-layer small config on CPU (smoke test)
 
-key=value args: n_seqs, max_tokens_per_batch, max_batch_size, layers, single_n, min_len, max_len, padding_side,
-seed, tiny, device.
+key=value overrides (utils.configure): n_seqs, max_tokens_per_batch, max_batch_size, layers, single_n, min_len,
+max_len, padding_side, seed, tiny, device.
 """
 import math
 import os
@@ -30,17 +30,14 @@ max_tokens_per_batch = 16384
 max_batch_size = 64
 layers = 32  # Skywork-Reward-Llama-3.1-8B has 32
 single_n = 200  # sequences for the one-at-a-time loop (extrapolated)
-min_len, max_len = 50, 1500
+min_len = 50  # sequence lengths: log-uniform in [min_len, max_len]
+max_len = 1500
 padding_side = "right"
 seed = 0
 tiny = False  # 2-layer hidden-64 model on CPU: smoke test of this script
-device = None
-for arg in sys.argv[1:]:  # key=value overrides
-    key, val = arg.split("=", 1)
-    assert key in globals() and not key.startswith("_"), f"unknown arg {key}"
-    globals()[key] = val if isinstance(globals()[key], str) or globals()[key] is None else \
-        (val.lower() in ("1", "true", "yes") if isinstance(globals()[key], bool) else type(globals()[key])(val))
+device = None  # default: cuda if available (and not tiny), else cpu
 # -----------------------------------------------------------------------------
+utils.configure(globals())  # key=value overrides
 
 
 def sync(dev):
