@@ -175,6 +175,140 @@ def configure(config, argv=None):
     return dict(keys)
 
 
+def _describe(rule):
+    """The words of a check_value rule: 'int >= 1' -> 'an integer >= 1', 'in (0, 1]' -> 'a number in (0, 1]'."""
+    if rule.startswith("one of "):
+        return "one of " + ", ".join(rule[len("one of "):].split())
+    if rule.startswith("int "):
+        return f"an integer {rule[4:]}"
+    return f"a number {rule}"
+
+
+def _passes(value, rule):
+    """Does `value` satisfy the single-value rule ('int >= 1', '> 0', 'in (0, 1]', 'one of a b c')?"""
+    if rule.startswith("one of "):
+        return value in rule[len("one of "):].split()
+    is_int = rule.startswith("int ")
+    rule = rule[4:] if is_int else rule
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if is_int else numbers.Real):
+        return False
+    if not math.isfinite(value):
+        return False
+    if rule == "in (0, 1]":
+        return 0 < value <= 1
+    if rule == "in (0, 1)":
+        return 0 < value < 1
+    op, bound = rule.split()
+    return value >= float(bound) if op == ">=" else value > float(bound)
+
+
+def check_value(name, value, rule):
+    """Raise ValueError('<name>=<value>: <why>; <what to do>') unless `value` satisfies `rule`.
+
+    rule: ['each '] ('int ' | '') ('>= x' | '> x' | 'in (0, 1]' | 'in (0, 1)') [' or None'], or 'one of a b c'.
+    'each': a non-empty list whose every entry satisfies the rest; 'or None': None is accepted too.
+    """
+    if rule.endswith(" or None"):
+        if value is None:
+            return
+        rule = rule[:-len(" or None")]
+    if rule.startswith("each "):
+        rule = rule[len("each "):]
+        if not isinstance(value, (list, tuple)) or len(value) == 0:
+            raise ValueError(f"{name}={value!r}: must be a non-empty list, each entry {_describe(rule)}; "
+                             f"pass {name}=[...] with such entries")
+        bad = [v for v in value if not _passes(v, rule)]
+        if bad:
+            raise ValueError(f"{name}={value!r}: the entry {bad[0]!r} is not {_describe(rule)}; "
+                             f"make every entry of {name} {_describe(rule)}")
+        return
+    if not _passes(value, rule):
+        raise ValueError(f"{name}={value!r}: must be {_describe(rule)}; pass {name}=<{_describe(rule)}>")
+
+
+# The range of every script setting (a rule of check_value); check_settings checks those a script has.
+SETTING_RULES = {
+    "K_list": "each int >= 0", "K": "int >= 0", "alpha_list": "each >= 0", "alpha": ">= 0",
+    "N": "int >= 1", "N_unseen": "int >= 1", "synthetic_users": "int >= 2",
+    "train_density": "in (0, 1]", "fewshot_density": "in (0, 1]", "fewshot_pool_density": "in (0, 1] or None",
+    "dirichlet_alpha": "> 0", "max_train_pairs": "int >= 1 or None", "max_fewshot_pairs": "int >= 1 or None",
+    "min_comparisons": "int >= 2", "protocol": "one of published paper",
+    "num_iterations": "int >= 1 or None", "learning_rate": "> 0",
+    "fewshot_iterations": "int >= 0",  # 0: unseen users keep uniform weights (run says so)
+    "fewshot_learning_rate": "> 0", "num_shots": "each int >= 1 or None", "trials": "int >= 1",
+    "synthetic_features": "int >= 1", "synthetic_prompts": "each int >= 1",
+    "weights": "one of uniform user basis all", "user": "int >= 0", "limit": "int >= 1 or None",
+    "seen_fraction": "in (0, 1)", "min_dialogs": "int >= 1", "max_length": "int >= 1",
+    "max_tokens_per_batch": "int >= 1", "shard_size": "int >= 1", "stop_after_shards": "int >= 0 or None",
+}
+
+
+def check_settings(config, script_file, writable=None, rules=None):
+    """Check a script's settings before any data is loaded, and make the rest of the script end in one line.
+
+    config: {key: value} from configure; every key of SETTING_RULES (updated with `rules`) that the script
+    has is checked. writable: {key: default folder name beside script_file} of output folders (e.g.
+    {"out_dir": "results"}): each is created and proven writable with a temp file. A failure prints
+    `error: <setting>=<value>: <why>; <what to do>` to stderr and exits with status 2. From here on, a
+    ValueError or FileNotFoundError that ends the script (a bad prepared file, a bad argument) is printed the
+    same way, and Ctrl-C prints what was finished and written (exit status 130).
+    """
+    try:
+        for key, rule in {**SETTING_RULES, **(rules or {})}.items():
+            if key in config:
+                check_value(key, config[key], rule)
+        for key, default in (writable or {}).items():
+            folder = Path(config[key]) if config[key] else Path(script_file).resolve().parent / default
+            _check_writable(key, folder)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    sys.excepthook = _script_excepthook
+
+
+def _check_writable(key, folder):
+    """Create `folder` and write (and remove) a temp file there; else ValueError naming the setting `key`."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{key}={folder}: cannot create or write this folder ({e.strerror or e}); "
+                         f"choose a writable folder with {key}=PATH") from None
+
+
+# What the running script has finished, for the Ctrl-C message: files written (atomically, so complete),
+# results computed but not yet saved, and how to resume unfinished work.
+_progress = {"written": [], "finished": [], "resume": None}
+
+
+def _interrupt_message():
+    lines = ["interrupted (Ctrl-C): stopped cleanly; no half-written file is left under an output name."]
+    if _progress["finished"]:
+        lines.append(f"finished (printed above, not saved: results are written when the run ends): "
+                     f"{', '.join(_progress['finished'])}")
+    written = list(dict.fromkeys(str(p) for p in _progress["written"] if not p.parent.name.endswith(".shards")))
+    lines.append(f"written: {', '.join(written)}" if written else "nothing was written.")
+    if _progress["resume"]:
+        lines.append(_progress["resume"])
+    return "\n".join(lines)
+
+
+def _script_excepthook(exc_type, exc, tb):
+    """sys.excepthook of a checked script: one `error:` line (exit 2) for a ValueError or FileNotFoundError,
+    what was finished for Ctrl-C (exit 130), the usual traceback for anything else."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        message, code = _interrupt_message(), 130
+    elif issubclass(exc_type, (ValueError, FileNotFoundError)):
+        message, code = f"error: {exc}", 2
+    else:
+        return sys.__excepthook__(exc_type, exc, tb)
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    os._exit(code)  # after an uncaught exception Python would exit with status 1
+
+
 # ----------------------------------------------------------------------------------------
 # 2. File I/O: atomic writes, checked loads, dataset files
 # ----------------------------------------------------------------------------------------
@@ -198,6 +332,7 @@ def _atomic_path(path):
         yield tmp
         _usual_permissions(tmp)  # mkstemp and safetensors' save_file make 0600
         os.replace(tmp, path)
+        _progress["written"].append(path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -240,25 +375,68 @@ def save_tensors(path, tensors, metadata=None):
     return Path(path)
 
 
-def load_tensors(path, keys=(), make_cmd=None, allow_nan=()):
-    """Load a safetensors file -> dict of tensors, checking that it exists and holds `keys`.
+def _remake(make_cmd):
+    return f"; recreate it with: {make_cmd}" if make_cmd else "; recreate it"
 
-    make_cmd: the command that creates the file, named in the error when it is missing.
+
+def _check_file(path, make_cmd=None):
+    """FileNotFoundError (one line, naming the file and make_cmd) unless `path` is a file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} not found" + (f"; create it with: {make_cmd}" if make_cmd else ""))
+
+
+def tensor_shapes(path, make_cmd=None):
+    """{name: shape (list)} of the tensors of a safetensors file, from its header only (no data read).
+    A missing or unreadable file raises FileNotFoundError / ValueError naming it and make_cmd."""
+    _check_file(path, make_cmd)
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for a corrupted or truncated file
+        raise ValueError(f"{path}: cannot be read as safetensors, the file is corrupted or truncated "
+                         f"({e}){_remake(make_cmd)}") from None
+
+
+def load_tensors(path, keys=(), make_cmd=None, allow_nan=()):
+    """Load a safetensors file -> dict of tensors, checking that it exists, can be read and holds `keys`.
+
+    make_cmd: the command that creates the file, named in the one-line error (FileNotFoundError for a
+    missing file, ValueError for a corrupted or truncated one, missing keys or NaN values).
     Floating tensors must be finite, except those named in `allow_nan` (e.g. missing scores).
     """
     path = Path(path)
-    if not path.is_file():
-        hint = f" Create it with:\n    {make_cmd}" if make_cmd else ""
-        raise FileNotFoundError(f"{path} not found.{hint}")
-    tensors = load_file(str(path))
+    _check_file(path, make_cmd)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for a corrupted or truncated file
+        raise ValueError(f"{path}: cannot be read as safetensors, the file is corrupted or truncated "
+                         f"({e}){_remake(make_cmd)}") from None
     missing = [k for k in keys if k not in tensors]
     if missing:
-        raise ValueError(f"{path} lacks tensor(s) {missing}; it holds {sorted(tensors)}. "
-                         + (f"Recreate it with: {make_cmd}" if make_cmd else ""))
+        raise ValueError(f"{path} lacks tensor(s) {missing}; it holds {sorted(tensors)}{_remake(make_cmd)}")
     for k, v in tensors.items():
         if v.is_floating_point() and k not in allow_nan and not torch.isfinite(v).all():
-            raise ValueError(f"{path}: tensor {k!r} contains NaN or inf values")
+            raise ValueError(f"{path}: tensor {k!r} contains NaN or inf values{_remake(make_cmd)}")
     return tensors
+
+
+def check_shapes(path, shapes, make_cmd=None):
+    """ValueError naming `path` and make_cmd unless every tensor has its expected shape.
+
+    shapes: {name: (actual shape, expected shape with letters for free sizes)}, e.g.
+    {"head": (t["head"].shape, ("F", 1))}; a letter must take the same value everywhere it appears."""
+    sizes = {}
+    for name, (actual, expected) in shapes.items():
+        actual = tuple(actual)
+        ok = len(actual) == len(expected)
+        for a, e in zip(actual, expected) if ok else ():
+            ok = ok and (a == sizes.setdefault(e, a) if isinstance(e, str) else a == e)
+        if not ok:
+            have = ", ".join(f"{n} {tuple(a)}" for n, (a, _) in shapes.items())
+            want = ", ".join(f"{n} [{', '.join(map(str, e))}]" for n, (_, e) in shapes.items())
+            raise ValueError(f"{path}: tensor {name!r} has the wrong shape ({have}; expected {want})"
+                             f"{_remake(make_cmd)}")
+    return sizes
 
 
 def load_metadata(path):
@@ -276,10 +454,37 @@ def _read_metadata(path):
 
 
 def script_out_dir(script_file, out_dir=None):
-    """Resolve a script's output folder: `out_dir` if given, else `results/` beside the script."""
+    """Resolve a script's output folder: `out_dir` if given, else `results/` beside the script. It is created
+    when possible; one that cannot be is left to save_or_fallback (the results are not lost)."""
     path = Path(out_dir) if out_dir else Path(script_file).resolve().parent / "results"
-    path.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+_fallback_dir = []  # the one folder in the system temp dir that this process writes fallback copies to
+
+
+def save_or_fallback(path, write):
+    """write(path) with an atomic writer (e.g. lambda p: save_json(p, obj)) -> the path written.
+
+    When that fails (OSError: folder gone, disk full, no permission, a folder in the way), the same file name
+    is written to a fresh folder in the system temp directory instead and both are printed; None when that
+    fails too. Results that took long to compute are never lost to a failed write."""
+    try:
+        return write(Path(path))
+    except OSError as e:
+        print(f"warning: could not write {path} ({e.strerror or e})", file=sys.stderr, flush=True)
+    try:
+        if not _fallback_dir:
+            _fallback_dir.append(Path(tempfile.mkdtemp(prefix="lore-results-")))
+        written = write(_fallback_dir[0] / Path(path).name)
+    except OSError as e:
+        print(f"warning: the fallback copy in {tempfile.gettempdir()} failed too ({e.strerror or e})",
+              file=sys.stderr, flush=True)
+        return None
+    print(f"wrote {written} instead (fallback in the system temp directory)", flush=True)
+    return written
 
 
 def load_split(name, split, path=None, config=None):
@@ -381,14 +586,24 @@ def report_run(res, K_list, alpha_list, config, out_dir, name, title, extra=None
                                                     for r, n in enumerate(RESULT_NAMES)}})
     print(f"\n{title}: accuracy, mean ± std over users (K = 0: reference head, K = 1: Bradley-Terry)")
     print_table(["alpha", "K"] + RESULT_NAMES, rows)
-    out_dir = Path(out_dir)
-    save_json(out_dir / f"{name}.json", {"config": config, "results": results, **(extra or {})})
     series = {f"{label} (alpha={al:g})": (means[r][a], stds[r][a]) for a, al in enumerate(alpha_list)
               for r, label in [(1, "seen users"), (3, "unseen users")]}
-    save_plot(out_dir / f"{name}.png", list(range(len(K_list))), series, "K (0 = reference head, 1 = BT)",
-              "test accuracy", f"{title}: accuracy vs rank", xticks=K_list)
-    print(f"wrote {out_dir / name}.json and {name}.png")
+    write_report(out_dir, name, {"config": config, "results": results, **(extra or {})},
+                 lambda p: save_plot(p, list(range(len(K_list))), series, "K (0 = reference head, 1 = BT)",
+                                     "test accuracy", f"{title}: accuracy vs rank", xticks=K_list))
     return results
+
+
+def write_report(out_dir, name, payload, plot):
+    """Write out_dir/`name`.json (payload) and `name`.png (plot(path) draws it), never losing the numbers:
+    when a file cannot be written it goes to a fallback folder in the system temp dir (save_or_fallback),
+    and when the JSON is not where it was asked for, the payload is also printed in full."""
+    path = Path(out_dir) / f"{name}.json"
+    json_path = save_or_fallback(path, lambda p: save_json(p, payload))
+    if json_path != path:
+        print(f"results in full ({name}.json):\n" + json.dumps(_jsonable(payload), indent=2), flush=True)
+    png_path = save_or_fallback(Path(out_dir) / f"{name}.png", plot)
+    print(f"wrote {json_path} and {png_path}")
 
 
 def report_shots(res, num_shots, config, out_dir, name, title, K, alpha=None, skipped=None, extra=None,
@@ -406,13 +621,10 @@ def report_shots(res, num_shots, config, out_dir, name, title, K, alpha=None, sk
     results = [{"shots": s, "fewshot_train": {"mean": fs_m[j], "std": fs_s[j]},
                 "unseen_test": {"mean": ts_m[j], "std": ts_s[j]}, "users_skipped": skipped[j]}
                for j, s in enumerate(num_shots)]
-    out_dir = Path(out_dir)
-    save_json(out_dir / f"{name}.json", {"config": config, "K": K, "alpha": alpha, "results": results,
-                                         **(extra or {})})
     series = {"unseen users, test": (ts_m, ts_s), "unseen users, few-shot train": (fs_m, fs_s)}
-    save_plot(out_dir / f"{name}.png", list(num_shots), series, xlabel, "accuracy",
-              f"{title}: accuracy vs shots (K = {K})")
-    print(f"wrote {out_dir / name}.json and {name}.png")
+    write_report(out_dir, name, {"config": config, "K": K, "alpha": alpha, "results": results, **(extra or {})},
+                 lambda p: save_plot(p, list(num_shots), series, xlabel, "accuracy",
+                                     f"{title}: accuracy vs shots (K = {K})"))
     return results
 
 
@@ -638,6 +850,7 @@ def sample_shots(features, shots, rng=None):
     features: list of tensors [m_i, F] (returns a list of [shots, F]) or Pairs (returns Pairs).
     A user with fewer than `shots` pairs is an error.
     """
+    check_value("shots", shots, "int >= 1")
     rng = np.random if rng is None else rng
     pairs = as_pairs(features)
     counts = pairs.counts().tolist()
@@ -683,6 +896,12 @@ class LoRe(nn.Module):
     def __init__(self, V_sft, alpha, num_classes, num_features, num_basis_vectors,
                  num_iterations=1000, learning_rate=0.5):
         super().__init__()
+        for name, value, rule in [("alpha", alpha, ">= 0"), ("num_classes", num_classes, "int >= 1"),
+                                  ("num_features", num_features, "int >= 1"),
+                                  ("num_basis_vectors", num_basis_vectors, "int >= 1"),
+                                  ("num_iterations", num_iterations, "int >= 1"),
+                                  ("learning_rate", learning_rate, "> 0")]:
+            check_value(name, value, rule)
         self.V_sft = None if V_sft is None else torch.as_tensor(V_sft, dtype=torch.float32).reshape(num_features, -1)
         self.alpha, self.num_classes = float(alpha), num_classes
         self.num_features, self.K = num_features, num_basis_vectors
@@ -806,6 +1025,11 @@ class PersonalizeBatch(nn.Module):
 
     def __init__(self, num_classes, num_features, num_basis_vectors, num_iterations=500, learning_rate=0.1):
         super().__init__()
+        for name, value, rule in [("num_classes", num_classes, "int >= 1"), ("num_features", num_features, "int >= 1"),
+                                  ("num_basis_vectors", num_basis_vectors, "int >= 1"),
+                                  ("num_iterations", num_iterations, "int >= 0"),  # 0: uniform weights
+                                  ("learning_rate", learning_rate, "> 0")]:
+            check_value(name, value, rule)
         self.num_classes, self.num_features, self.K = num_classes, num_features, num_basis_vectors
         self.num_iterations, self.learning_rate = num_iterations, learning_rate
         self.W = nn.Parameter(torch.zeros(num_classes, num_basis_vectors))
@@ -1010,6 +1234,20 @@ def _fit_basis(model_cls, K, V_final, alpha, pairs, *, num_iterations, learning_
     return model.train(pairs, device=device)
 
 
+def _check_pipeline_args(K_list, alpha_list, N, N_unseen, num_iterations, learning_rate, fewshot_iterations,
+                         fewshot_learning_rate):
+    """ValueError naming the argument for the range errors of run / run_regularized / run_few_shot_vary_shots;
+    says so when fewshot_iterations=0 (unseen users keep uniform weights over the basis)."""
+    for name, value, rule in [("K_list", K_list, "each int >= 0"), ("alpha_list", alpha_list, "each >= 0"),
+                              ("N", N, "int >= 1"), ("N_unseen", N_unseen, "int >= 1"),
+                              ("num_iterations", num_iterations, "int >= 1"), ("learning_rate", learning_rate, "> 0"),
+                              ("fewshot_iterations", fewshot_iterations, "int >= 0"),
+                              ("fewshot_learning_rate", fewshot_learning_rate, "> 0")]:
+        check_value(name, value, rule)
+    if fewshot_iterations == 0:
+        print("fewshot_iterations=0: no few-shot fit, unseen users keep uniform weights over the basis")
+
+
 def _check_users(named_pairs):
     """Raise when a Pairs has another number of users than expected: named_pairs [(name, pairs, n)]."""
     for name, pairs, n in named_pairs:
@@ -1020,6 +1258,8 @@ def _check_users(named_pairs):
 def _run(model_cls, K_list, alpha_list, V_final, features, N, N_unseen, device, *, num_iterations, learning_rate,
          fewshot_iterations, fewshot_learning_rate, seed, return_models):
     """run / run_regularized with the model class `model_cls`; features: the four pair sets of `run`."""
+    _check_pipeline_args(K_list, alpha_list, N, N_unseen, num_iterations, learning_rate, fewshot_iterations,
+                         fewshot_learning_rate)
     train, test, train_u, test_u = (as_pairs(x) for x in features)
     _check_users([("train_features", train, N), ("test_features_sparse", test, N),
                   ("train_features_unseen", train_u, N_unseen), ("test_features_sparse_unseen", test_u, N_unseen)])
@@ -1045,6 +1285,7 @@ def _run(model_cls, K_list, alpha_list, V_final, features, N, N_unseen, device, 
             print(f"alpha={alpha:g} K={K} (kept {V.shape[1]}): " + ", ".join(
                 f"{n} {m:.4f}" for n, m in zip(RESULT_NAMES, means[:, a, k])) + f"  [{time.time() - t0:.1f}s]")
             models[(alpha, K)] = {"V": V, "W": W, "W_unseen": W_u}
+            _progress["finished"].append(f"alpha={alpha:g} K={K}")
     out = (*means, *stds)
     return out + (models,) if return_models else out
 
@@ -1128,6 +1369,10 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
         num_iterations = 20000 if regularized else 1000
     if fewshot_learning_rate is None:
         fewshot_learning_rate = 0.5 if regularized else 0.1
+    _check_pipeline_args(K_list, alpha_list, N, N_unseen, num_iterations, learning_rate, fewshot_iterations,
+                         fewshot_learning_rate)
+    check_value("trials", trials, "int >= 1")
+    check_value("num_shots", num_shots, "each int >= 1")
     train, pool, test_u = (as_pairs(x) for x in (train_features, train_features_unseen, test_features_sparse_unseen))
     _check_users([("train_features", train, N), ("train_features_unseen", pool, N_unseen),
                   ("test_features_sparse_unseen", test_u, N_unseen)])
@@ -1168,6 +1413,7 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
                 print(f"alpha={alpha:g} K={K} shots={shots}: few-shot train {res[0, a, k, j]:.4f}, "
                       f"unseen test {res[2, a, k, j]:.4f} +- {res[3, a, k, j]:.4f} "
                       f"({len(users)} users, {trials} trials)")
+                _progress["finished"].append(f"alpha={alpha:g} K={K} shots={shots}")
     out = tuple(res)
     return out + (skipped,) if return_skipped else out
 
@@ -1498,6 +1744,8 @@ def _compute_shards(conversations, todo, ranges, shard_fps, shard_dir, shard_met
     shard_dir.mkdir(parents=True, exist_ok=True)
     pbar = tqdm(total=sum(ranges[k][1] - ranges[k][0] for k in todo), unit="seq", desc="embedding",
                 disable=not progress or not is_main_process())
+    _progress["resume"] = (f"finished shards are kept in {shard_dir}; run the same command again to resume "
+                           "from them")
     stopped = False
     for n_computed, k in enumerate(todo):
         if stop_after_shards is not None and n_computed >= stop_after_shards:
@@ -1545,6 +1793,7 @@ def _merge_shards(out_path, shard_dir, ranges, shard_fps, groups, extras, metada
           f"(truncation_side={run_meta['truncation_side']})", flush=True)
     if not keep_shards:
         shutil.rmtree(shard_dir, ignore_errors=True)
+    _progress["resume"] = None
     return out_path
 
 

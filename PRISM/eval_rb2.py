@@ -41,9 +41,19 @@ max_tokens_per_batch = 16384
 shard_size = 2048
 # -----------------------------------------------------------------------------
 config = utils.configure(globals())
+utils.check_settings(config, __file__, writable={"out_dir": "results", "data_dir": "data"})
 HERE = Path(__file__).resolve().parent
-if weights not in ("uniform", "user", "basis", "all"):
-    raise SystemExit(f"error: weights must be uniform, user, basis or all, got {weights!r}")
+
+if rm_head is not None:  # read and check the head first: a bad file is reported before the long embedding pass
+    saved = utils.load_tensors(rm_head, make_cmd=f"python {HERE / 'train_basis.py'}")
+    V = saved.get("V", saved.get("head"))
+    if V is None or V.dim() != 2:
+        raise ValueError(f"{rm_head} holds no `V` [F, K] or `head` [F, 1] tensor (it has {sorted(saved)}); "
+                         f"pass rm_head= a file of {HERE / 'results' / 'heads'}/ written by train_basis.py")
+    if weights in ("user", "all") and ("W" not in saved or not user < len(saved["W"])):
+        shape = tuple(saved["W"].shape) if "W" in saved else None
+        raise ValueError(f"user={user}: {rm_head} has no row {user} in the user weights W (shape {shape}); "
+                         "pass a smaller user= or weights=uniform")
 
 df = rewardbench.load_prompts(dataset_name, dataset_path, limit)
 conversations, prompt_row, is_chosen = rewardbench.conversations(df)
@@ -64,10 +74,6 @@ E = t["embeddings"]
 
 heads = {"reference": t["head"]}  # name -> [F, 1]
 if rm_head is not None:
-    saved = utils.load_tensors(rm_head)
-    V = saved.get("V", saved.get("head"))
-    if V is None or V.dim() != 2:
-        raise ValueError(f"{rm_head} holds no `V` [F, K] or `head` [F, 1] tensor (it has {sorted(saved)})")
     if V.shape[0] != E.shape[1]:
         raise ValueError(f"{rm_head}: V has {V.shape[0]} rows but {model_name} embeddings have F = {E.shape[1]}; "
                          "score a head with the model it was trained on")
@@ -75,9 +81,6 @@ if rm_head is not None:
     if weights in ("uniform", "all"):
         heads[f"{stem} uniform"] = V.mean(1, keepdim=True)
     if weights in ("user", "all"):
-        if "W" not in saved or not 0 <= user < len(saved["W"]):
-            shape = tuple(saved["W"].shape) if "W" in saved else None
-            raise ValueError(f"{rm_head}: no row {user} in the user weights W (shape {shape})")
         heads[f"{stem} user {user}"] = V @ saved["W"][user].reshape(-1, 1)
     if weights in ("basis", "all"):
         heads.update({f"{stem} basis {j}": V[:, j:j + 1] for j in range(V.shape[1])})
@@ -91,5 +94,7 @@ print(f"\nRewardBench 2 accuracy ({model_name}{f', first {limit} prompts per sub
 utils.print_table(cols, table[cols].values.tolist())
 name = "reference" if rm_head is None else f"{Path(rm_head).stem}_{weights}"
 out = utils.script_out_dir(__file__, out_dir) / f"eval_rb2_{name}{'' if limit is None else f'_limit{limit}'}.csv"
-utils.atomic_write_bytes(out, table[cols].to_csv(index=False).encode())
-print(f"wrote {out}")
+written = utils.save_or_fallback(out, lambda p: utils.atomic_write_bytes(p, table[cols].to_csv(index=False).encode()))
+if written != out:
+    print(f"results in full ({out.name}):\n{table[cols].to_csv(index=False)}")
+print(f"wrote {written}")

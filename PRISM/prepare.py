@@ -44,6 +44,7 @@ shard_size = 2048          # conversations per resumable shard
 stop_after_shards = None   # stop early after this many new shards (for testing resume)
 # -----------------------------------------------------------------------------
 config = utils.configure(globals())
+utils.check_settings(config, __file__, writable={"data_dir": "data"})
 HERE = Path(__file__).resolve().parent
 data_dir = Path(data_dir or HERE / "data")
 source = Path(dataset_path or data_dir)

@@ -299,12 +299,21 @@ def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_feature
     all indexing the embedding table [R, F]. info["fewshot_dialogs"] [m]: the dialog of each
     unseen_fewshot pair (to draw whole dialogs as few-shot examples).
     """
-    make_cmd = f"python {HERE / 'prepare.py'}"
+    make_cmd = f"python {HERE / 'prepare.py'}" + (f" data_dir={data_dir}" if data_dir else "")
     if synthetic:
+        utils.check_value("synthetic_users", synthetic_users, "int >= 2")
+        utils.check_value("synthetic_features", synthetic_features, "int >= 1")
         t = make_synthetic(synthetic_users, synthetic_features, seed=seed)
     else:
         path = Path(data_dir or HERE / "data") / "embeddings.safetensors"
         t = utils.load_tensors(path, TENSORS, make_cmd=make_cmd)
+        utils.check_shapes(path, {"embeddings": (t["embeddings"].shape, ("R", "F")),
+                                  "head": (t["head"].shape, ("F", 1)),
+                                  **{k: (t[k].shape, ("P",)) for k in TENSORS[2:]}}, make_cmd)
+        R = len(t["embeddings"])
+        for k in ("chosen", "rejected"):
+            if len(t[k]) and not (0 <= int(t[k].min()) and int(t[k].max()) < R):
+                raise ValueError(f"{path}: `{k}` indexes rows outside the {R} embeddings; recreate it with: {make_cmd}")
     E, user, seen, split = t["embeddings"], t["user"], t["seen"].bool(), t["split"]
     N = int(user[seen].max()) + 1 if seen.any() else 0
     N_unseen = int(user.max()) + 1 - N

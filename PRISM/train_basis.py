@@ -40,6 +40,7 @@ out_dir = None             # default: PRISM/results
 device = None              # default: cuda if available, else cpu
 # -----------------------------------------------------------------------------
 config = utils.configure(globals())
+utils.check_settings(config, __file__, writable={"out_dir": "results"})
 if num_iterations is None:
     num_iterations = 500 if synthetic else 20000
 
@@ -57,7 +58,8 @@ heads = {}
 if save_heads:
     for (alpha, K), m in models.items():
         path = out / ("heads_synthetic" if synthetic else "heads") / f"K{K}_alpha{alpha:g}.safetensors"
-        utils.save_tensors(path, m, metadata={"K": K, "alpha": alpha, "kept": m["V"].shape[1], "synthetic": synthetic})
+        path = utils.save_or_fallback(path, lambda p: utils.save_tensors(
+            p, m, metadata={"K": K, "alpha": alpha, "kept": m["V"].shape[1], "synthetic": synthetic}))
         heads[f"K={K} alpha={alpha:g}"] = str(path)
 utils.report_run(accuracies, K_list, alpha_list, config, out, name, "PRISM (synthetic)" if synthetic else "PRISM",
                  extra={"seconds": time.time() - t0, "num_iterations_used": num_iterations,

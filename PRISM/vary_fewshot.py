@@ -36,6 +36,7 @@ out_dir = None             # default: PRISM/results
 device = None
 # -----------------------------------------------------------------------------
 config = utils.configure(globals())
+utils.check_settings(config, __file__, writable={"out_dir": "results"})
 if num_iterations is None:
     num_iterations = 500 if synthetic else 20000
 

@@ -34,6 +34,7 @@ shard_size = 2048          # conversations per resumable shard
 stop_after_shards = None   # stop early after this many new shards (for testing resume)
 # -----------------------------------------------------------------------------
 config = utils.configure(globals())
+utils.check_settings(config, __file__, writable={"data_dir": "data"})
 HERE = Path(__file__).resolve().parent
 NUM_RESPONSES = 8
 MODEL_NAMES = ["gemma_2b", "gemma_7b", "mistral_raft", "llama3_sfairx", "oasst_deberta_v3",

@@ -38,6 +38,9 @@ out_dir = None             # default: PersonalLLM/results
 device = None              # default: cuda if available, else cpu
 # -----------------------------------------------------------------------------
 config = utils.configure(globals())
+utils.check_settings(config, __file__, writable={"out_dir": "results"})
+personalllm.check_pairs_per_user(personalllm.num_train_prompts(data_dir, synthetic, synthetic_prompts),
+                                 train_density=train_density, fewshot_density=fewshot_density)
 
 t0 = time.time()
 utils.set_seed(seed)

@@ -38,6 +38,7 @@ shard_size = 2048          # conversations per resumable shard
 stop_after_shards = None   # stop early after this many new shards (for testing resume)
 # -----------------------------------------------------------------------------
 config = utils.configure(globals())
+utils.check_settings(config, __file__, writable={"data_dir": "data"})
 HERE = Path(__file__).resolve().parent
 COLUMNS = ["info", "summaries", "choice", "worker"]
 

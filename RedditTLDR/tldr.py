@@ -92,12 +92,13 @@ def read_splits(data_dir=None, synthetic=False, synthetic_features=64, seed=0):
     if synthetic:
         train, test = make_synthetic(num_features=synthetic_features, seed=seed)
     else:
+        make_cmd = f"python {HERE / 'prepare.py'}" + (f" data_dir={data_dir}" if data_dir else "")
         data_dir = Path(data_dir or HERE / "data")
-        make_cmd = f"python {HERE / 'prepare.py'}"
         train, test = (read_split(Path(data_dir) / f"{s}.safetensors", make_cmd) for s in SPLITS)
         if train["head"].shape != test["head"].shape or not torch.equal(train["head"], test["head"]):
-            raise ValueError(f"{data_dir}: train and validation were embedded with different reward models; "
-                             f"re-run: {make_cmd}")
+            raise ValueError(f"{data_dir}: train.safetensors (F = {train['head'].shape[0]}) and validation"
+                             f".safetensors (F = {test['head'].shape[0]}) were embedded with different reward "
+                             f"models; recreate both with: {make_cmd}")
     print(f"data: {len(train['row'])} train / {len(test['row'])} validation comparisons, "
           f"{len(np.unique(train['worker']))} / {len(np.unique(test['worker']))} workers, "
           f"F = {train['chosen'].shape[1]}{' (synthetic)' if synthetic else ''}")
@@ -215,6 +216,7 @@ def load(data_dir=None, synthetic=False, synthetic_features=64, protocol="publis
     The reference head is the reward model's own. info: N, N_unseen and "workers": {"protocol", "seen",
     "unseen", "dropped" (worker names), "pairs": {role: count}}.
     """
+    utils.check_value("synthetic_features", synthetic_features, "int >= 1")
     train, test = read_splits(data_dir, synthetic, synthetic_features, seed)
     pairs, workers = split_pairs(train, test, protocol, max_train_pairs, max_fewshot_pairs, min_comparisons,
                                  split_seed=split_seed)

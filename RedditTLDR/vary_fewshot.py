@@ -39,6 +39,7 @@ out_dir = None             # default: RedditTLDR/results
 device = None
 # -----------------------------------------------------------------------------
 config = utils.configure(globals())
+utils.check_settings(config, __file__, writable={"out_dir": "results"})
 
 t0 = time.time()
 utils.set_seed(seed)

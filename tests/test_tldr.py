@@ -99,7 +99,8 @@ def test_prepare_missing_columns(tmp_path):
         str(tmp_path / "train.parquet"))
     p = run_script("RedditTLDR/prepare.py", f"dataset_path={tmp_path}", "split=train", f"data_dir={tmp_path}",
                    check=False)
-    assert p.returncode != 0 and "ValueError" in p.stderr and "missing column(s) ['worker']" in p.stderr
+    assert p.returncode == 2 and "error: " in p.stderr and "missing column(s) ['worker']" in p.stderr
+    assert "Traceback" not in p.stderr
 
 
 # -------------------------------------------------------------------------------------------
