@@ -1282,10 +1282,10 @@ def _run(model_cls, K_list, alpha_list, V_final, features, N, N_unseen, device, 
                     user_accuracies(train_u, V, W_u), user_accuracies(test_u, V, W_u)]
             for r, acc in enumerate(accs):
                 means[r, a, k], stds[r, a, k] = acc.mean(), acc.std()
+            _progress["finished"].append(f"alpha={alpha:g} K={K}")
             print(f"alpha={alpha:g} K={K} (kept {V.shape[1]}): " + ", ".join(
                 f"{n} {m:.4f}" for n, m in zip(RESULT_NAMES, means[:, a, k])) + f"  [{time.time() - t0:.1f}s]")
             models[(alpha, K)] = {"V": V, "W": W, "W_unseen": W_u}
-            _progress["finished"].append(f"alpha={alpha:g} K={K}")
     out = (*means, *stds)
     return out + (models,) if return_models else out
 
@@ -1410,10 +1410,10 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
                 ts = [user_accuracies(test, eye, W_u[t * len(users):(t + 1) * len(users)]).mean()
                       for t in range(trials)]
                 res[:, a, k, j] = np.mean(fs), np.std(fs), np.mean(ts), np.std(ts)
+                _progress["finished"].append(f"alpha={alpha:g} K={K} shots={shots}")
                 print(f"alpha={alpha:g} K={K} shots={shots}: few-shot train {res[0, a, k, j]:.4f}, "
                       f"unseen test {res[2, a, k, j]:.4f} +- {res[3, a, k, j]:.4f} "
                       f"({len(users)} users, {trials} trials)")
-                _progress["finished"].append(f"alpha={alpha:g} K={K} shots={shots}")
     out = tuple(res)
     return out + (skipped,) if return_skipped else out
 
