@@ -96,7 +96,8 @@ def test_missing_or_inconsistent_embeddings_are_clear_errors(tmp_path):
                                                         "scores": torch.randn(4, 8, 10), "head": torch.randn(4, 1)})
     utils.save_tensors(tmp_path / "test.safetensors", {"embeddings": torch.randn(32, 4),
                                                        "scores": torch.randn(4, 8, 10), "head": torch.randn(4, 1)})
-    proc = run_script("PersonalLLM/train_basis.py", f"data_dir={tmp_path}", check=False)
+    proc = run_script("PersonalLLM/train_basis.py", f"data_dir={tmp_path}", "train_density=0.5", "fewshot_density=0.5",
+                      check=False)
     assert proc.returncode != 0 and "30 embeddings do not match scores of shape (4, 8, 10)" in proc.stderr
 
 
