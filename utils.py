@@ -575,9 +575,10 @@ def save_plot(path, x, series, xlabel, ylabel, title, xticks=None):
 def report_run(res, K_list, alpha_list, config, out_dir, name, title, extra=None):
     """Print the accuracy table of a run()/run_regularized() result and write `name`.json / .png.
 
-    res: the 8 arrays returned by run (4 means, 4 stds, each [len(alpha_list), len(K_list)]).
+    res: the 8 arrays returned by run (4 means, 4 stds, each [len(alpha_list) * len(K_list)], alpha-major).
     """
-    means, stds = res[:4], res[4:8]
+    shape = (len(alpha_list), len(K_list))
+    means, stds = [np.asarray(r).reshape(shape) for r in res[:4]], [np.asarray(r).reshape(shape) for r in res[4:8]]
     rows, results = [], []
     for a, al in enumerate(alpha_list):
         for k, K in enumerate(K_list):
@@ -610,7 +611,7 @@ def report_shots(res, num_shots, config, out_dir, name, title, K, alpha=None, sk
                  xlabel="few-shot pairs per user"):
     """Print and save (JSON, PNG) a run_few_shot_vary_shots result for one K (and alpha).
 
-    res: its 4 arrays [1, 1, len(num_shots)] (or [len(num_shots)]).
+    res: its 4 arrays [len(num_shots)] (one alpha and one K).
     """
     fs_m, fs_s, ts_m, ts_s = (np.asarray(r).reshape(-1) for r in res[:4])
     skipped = skipped or [0] * len(num_shots)
@@ -1286,7 +1287,7 @@ def _run(model_cls, K_list, alpha_list, V_final, features, N, N_unseen, device, 
             print(f"alpha={alpha:g} K={K} (kept {V.shape[1]}): " + ", ".join(
                 f"{n} {m:.4f}" for n, m in zip(RESULT_NAMES, means[:, a, k])) + f"  [{time.time() - t0:.1f}s]")
             models[(alpha, K)] = {"V": V, "W": W, "W_unseen": W_u}
-    out = (*means, *stds)
+    out = tuple(x.reshape(-1) for x in (*means, *stds))  # the published layout: flat, alpha-major
     return out + (models,) if return_models else out
 
 
@@ -1298,9 +1299,10 @@ def run(K_list, alpha_list, V_final, train_features, test_features_sparse, train
 
     K = 0: reference head V_final [F, 1], w = [1]; K = 1: one Bradley-Terry reward, w = [1],
     no few-shot step; K >= 2: LoRe. Features: lists of per-user tensors [m_i, F] or Pairs.
-    Returns 8 arrays [len(alpha_list), len(K_list)]: mean accuracy over users for
-    (seen train, seen test, unseen few-shot train, unseen test), then their std over users;
-    with return_models=True also {(alpha, K): {"V", "W", "W_unseen"}}.
+    Returns 8 one-dimensional arrays [len(alpha_list) * len(K_list)], alpha-major (all K of the
+    first alpha, then the next), as published: mean accuracy over users for (seen train, seen test,
+    unseen few-shot train, unseen test), then their std over users (the true std; the published
+    code multiplied it by 0.25); with return_models=True also {(alpha, K): {"V", "W", "W_unseen"}}.
     """
     features = (train_features, test_features_sparse, train_features_unseen, test_features_sparse_unseen)
     return _run(LoRe, K_list, alpha_list, V_final, features, N, N_unseen, device, num_iterations=num_iterations,
@@ -1359,14 +1361,15 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
     pairs of one group. Users with fewer than `shots` examples are skipped for that count (the
     number is printed). All trials of a shot count are fit together in one PersonalizeBatch
     (users are independent there, so this equals fitting them one by one).
-    num_iterations None: 20000 if regularized else 1000; fewshot_learning_rate None: 0.5 if regularized else 0.1.
-    Returns 4 arrays [len(alpha_list), len(K_list), len(num_shots)]: few-shot train accuracy
-    mean and std over trials, unseen-user test accuracy mean and std over trials (each trial's
-    value is the mean over users); with return_skipped=True also skipped counts [len(num_shots)].
+    num_iterations None: 20000 if regularized else 500 (as published); fewshot_learning_rate None: 0.5 if regularized else 0.1.
+    Returns 4 flat arrays [len(alpha_list) * len(K_list) * len(num_shots)] (alpha-major, then K,
+    then shots: for one alpha and one K, the published sequences over num_shots): few-shot train
+    accuracy mean and std over trials, unseen-user test accuracy mean and std over trials (each
+    trial's value is the mean over users); with return_skipped=True also skipped counts [len(num_shots)].
     """
     model_cls = LoRe_regularized if regularized else LoRe
     if num_iterations is None:
-        num_iterations = 20000 if regularized else 1000
+        num_iterations = 20000 if regularized else 500
     if fewshot_learning_rate is None:
         fewshot_learning_rate = 0.5 if regularized else 0.1
     _check_pipeline_args(K_list, alpha_list, N, N_unseen, num_iterations, learning_rate, fewshot_iterations,
@@ -1414,7 +1417,7 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
                 print(f"alpha={alpha:g} K={K} shots={shots}: few-shot train {res[0, a, k, j]:.4f}, "
                       f"unseen test {res[2, a, k, j]:.4f} +- {res[3, a, k, j]:.4f} "
                       f"({len(users)} users, {trials} trials)")
-    out = tuple(res)
+    out = tuple(res.reshape(4, -1))
     return out + (skipped,) if return_skipped else out
 
 
