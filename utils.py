@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F_nn
+import torch.optim as optim  # noqa: F401  (published name: `from utils import *` gives it)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -50,6 +51,8 @@ try:  # optional: a fused one-pass CPU kernel for the Bradley-Terry loss (sectio
     import numba
 except ImportError:
     numba = None
+
+F = F_nn  # published name: torch.nn.functional (the code below says F_nn, as F is also a feature count)
 
 LOGIT_SCALE = 100.0  # P(chosen > rejected) = sigmoid(d^T V w / LOGIT_SCALE), as in the published code
 
@@ -86,6 +89,9 @@ def get_device(device=None):
         index = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else torch.cuda.current_device()
         device = torch.device("cuda", index)
     return device
+
+
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # published name, decided at import
 
 
 def set_seed(seed):
@@ -726,9 +732,17 @@ class Pairs:
         return self.num_users
 
     def __getitem__(self, i):
-        if not 0 <= i < self.num_users:
+        """pairs[i] -> [m_i, F] (negative i counts from the end); pairs[a:b] -> list of tensors, as published."""
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.num_users))]
+        i = int(i)
+        if not -self.num_users <= i < self.num_users:
             raise IndexError(f"user {i} out of range [0, {self.num_users})")
+        i %= self.num_users
         return self.select(self._rows_of([i])[0]).dense()
+
+    def __iter__(self):
+        return iter(self.to_list())
 
     def to_list(self):
         """The published format: list of C tensors [m_i, F]."""
@@ -795,21 +809,36 @@ def generate_population(alpha, N):
 generate_popupulation = generate_population  # the published name
 
 
+def _as_array(x):
+    """A float64 NumPy array from nested lists / tuples / object arrays of numbers, arrays or tensors
+    (the published inputs: a list of P lists of R tensors [F], a NumPy object array of scores)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().double().numpy()
+    if isinstance(x, (list, tuple)) or (isinstance(x, np.ndarray) and x.dtype == object and x.ndim > 0):
+        return np.stack([_as_array(e) for e in x])
+    return np.asarray(x, dtype=np.float64)
+
+
 def simulate_user(reward_tensor, features, w):
     """One user's pair per prompt, highest- minus lowest-scored response: [P, F].
 
-    reward_tensor: [P, R, M] scores of R responses by M reward models; features: [P, R, F]
-    embeddings; w: [M] the user's weights over the reward models.
+    reward_tensor: [P, R, M] scores of R responses by M reward models (also a NumPy object array);
+    features: [P, R, F] embeddings (also a list of P lists of R tensors [F], as published);
+    w: [M] the user's weights over the reward models.
     """
-    scores = np.asarray(reward_tensor, dtype=np.float64) @ np.asarray(w, dtype=np.float64)  # [P, R]
+    scores = _as_array(reward_tensor) @ np.asarray(w, dtype=np.float64)  # [P, R]
     best, worst = scores.argmax(1), scores.argmin(1)
-    feats = torch.as_tensor(features, dtype=torch.float32)
+    feats = features if isinstance(features, torch.Tensor) else torch.from_numpy(_as_array(features))
+    feats = feats.float()
     rows = torch.arange(len(best))
     return feats[rows, torch.as_tensor(best)] - feats[rows, torch.as_tensor(worst)]
 
 
 def simulate_population(reward_tensor, features, W):
     """[N, P, F] differences for N users (small inputs only: see sample_population_pairs)."""
+    if not isinstance(features, torch.Tensor):  # convert the published nested list once, not per user
+        features = torch.from_numpy(_as_array(features)).float()
+    reward_tensor = _as_array(reward_tensor)
     return torch.stack([simulate_user(reward_tensor, features, w) for w in W])
 
 
@@ -863,6 +892,40 @@ def sample_shots(features, shots, rng=None):
     idx = np.concatenate([s + rng.choice(c, shots, replace=False) for s, c in zip(starts, counts)])
     out = pairs.select(idx)
     return out if isinstance(features, Pairs) else out.to_list()
+
+
+def _dialog_diffs(dialog):
+    """[m, F] differences of one published PRISM dialog {"chosen": [...], "rejected": [...]}: entry j of
+    chosen (an [F] embedding) against entry j of rejected (an [F] embedding, or [r, F]: each row its own pair)."""
+    chosen, rejected = dialog["chosen"], dialog["rejected"]
+    if len(chosen) != len(rejected):
+        raise ValueError(f"a dialog has {len(chosen)} chosen but {len(rejected)} rejected entries")
+    rows = []
+    for c, r in zip(chosen, rejected):
+        c, r = torch.as_tensor(c, dtype=torch.float32).reshape(-1), torch.as_tensor(r, dtype=torch.float32)
+        rows.append(c[None] - r.reshape(-1, c.shape[0]))
+    if not rows:
+        raise ValueError("a dialog has no chosen / rejected embeddings")
+    return torch.cat(rows)
+
+
+def create_dataset_prism(embeddings):
+    """The published PRISM builder: {user: {dialog: {"chosen": [e [F], ...], "rejected": [e [F] or [r, F], ...]}}}
+    -> list of per-user tensors [m_i, F] of chosen - rejected differences (users and dialogs in dict order)."""
+    return [torch.cat([_dialog_diffs(d) for d in dialogs.values()]) for dialogs in embeddings.values()]
+
+
+def create_dataset_prism_shots(embeddings, shots):
+    """As create_dataset_prism, from `shots` random dialogs of each user (np.random.choice without
+    replacement). A user with fewer than `shots` dialogs is an error."""
+    out = []
+    for user, dialogs in embeddings.items():
+        dialogs = list(dialogs.values())
+        if len(dialogs) < shots:
+            raise ValueError(f"create_dataset_prism_shots: user {user!r} has {len(dialogs)} dialogs, "
+                             f"fewer than shots={shots}")
+        out.append(torch.cat([_dialog_diffs(dialogs[j]) for j in np.random.choice(len(dialogs), shots, replace=False)]))
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -919,16 +982,24 @@ class LoRe(nn.Module):
         """[C, K] user weights on the simplex."""
         return torch.softmax(self.W, dim=1)
 
-    def forward(self, diffs, user):
-        """[M] logits for diffs [M, F] of users `user` [M]."""
-        return _user_logits(_ThinMatmul.apply(diffs, self.V), self.weights(), user)
+    def forward(self, X, user=None):
+        """Packed: forward(diffs [M, F], user [M]) -> [M] logits d^T V w_user / 100.
+        Published: forward(X), X a list of C per-user tensors [m_i, F] (or Pairs) -> (nll, reg), the two loss
+        terms: the sum over users of their mean -log sigmoid, and alpha * sum_j ||V_j - V_sft||^2."""
+        if user is not None:
+            return _user_logits(_ThinMatmul.apply(X, self.V), self.weights(), user)
+        diffs, user, counts = _pack(X, self.V.device)
+        return (F_nn.softplus(-self.forward(diffs, user)) / counts[user]).sum(), self.penalty()
+
+    def penalty(self):
+        """alpha * sum_j ||V_j - V_sft||^2 (each column against V_sft [F, 1]); 0 without alpha or V_sft."""
+        if not self.alpha or self.V_sft is None:
+            return torch.zeros((), device=self.V.device)
+        return self.alpha * ((self.V - self.V_sft.to(self.V.device)) ** 2).sum()
 
     def loss(self, diffs, user, counts):
         """Scalar training loss (packed, no loop over users)."""
-        loss = _bt_loss(diffs, self.V, self.weights()[user], 1.0 / counts[user])
-        if self.alpha and self.V_sft is not None:
-            loss = loss + self.alpha * ((self.V - self.V_sft.to(self.V.device)) ** 2).sum()
-        return loss
+        return _bt_loss(diffs, self.V, self.weights()[user], 1.0 / counts[user]) + self.penalty()
 
     def train(self, X=None, device=None):
         """Fit on X (list of C tensors [m_i, F] or Pairs) -> (W [C, K], V [F, K]).
@@ -981,8 +1052,21 @@ class LoRe_regularized(LoRe):
         return self.alpha * min(max((frac - 0.2) / 0.6, 0.0), 1.0)
 
     def regulariser(self):
+        """mean_j (1 - cos(V_j, V_sft))."""
         v = self.V_sft.to(self.V.device).expand_as(self.V)
         return (1 - F_nn.cosine_similarity(self.V, v, dim=0)).mean()
+
+    def forward(self, X, alpha_curr=None):
+        """Packed: forward(diffs [M, F], user [M] long) -> [M] logits.
+        Published: forward(X, alpha_curr), X a list of per-user tensors [m_i, F] (or Pairs) -> (nll, reg): the mean
+        -log sigmoid over all pairs pooled, and alpha_curr * mean_j (1 - cos(V_j, V_sft)) (alpha_curr None: alpha)."""
+        if isinstance(alpha_curr, torch.Tensor) and alpha_curr.dim() == 1 and not alpha_curr.is_floating_point():
+            return super().forward(X, alpha_curr)
+        diffs, user, _ = _pack(X, self.V.device)
+        nll = F_nn.softplus(-super().forward(diffs, user)).mean()
+        alpha_curr = self.alpha if alpha_curr is None else alpha_curr
+        reg = alpha_curr * self.regulariser() if self.V_sft is not None else torch.zeros((), device=self.V.device)
+        return nll, reg
 
     def train(self, X=None, device=None):
         if _train_mode_call(X):
@@ -1040,53 +1124,155 @@ class PersonalizeBatch(nn.Module):
         """[C, K] weights on the simplex."""
         return torch.softmax(self.W, dim=1)
 
-    def train(self, X=None, V=None, device=None):
-        if _train_mode_call(X):
-            return super().train(True if X is None else X)
-        if V is None:
-            raise ValueError("PersonalizeBatch.train(X, V) needs the basis V [F, K]")
-        device = get_device(device)
+    def _project(self, X, V):
+        """(Pairs of X, XV [M, K] = d^T V): V is frozen, so project once."""
         pairs = as_pairs(X)
         if len(pairs) != self.num_classes:
             raise ValueError(f"got {len(pairs)} users, expected num_classes={self.num_classes}")
         V = torch.as_tensor(V, dtype=torch.float32)
         if V.shape != (self.num_features, self.K):
             raise ValueError(f"V has shape {tuple(V.shape)}, expected ({self.num_features}, {self.K})")
-        XV = pairs.project(V).to(device, torch.float32)  # [M, K]: V is frozen, project once
-        user, counts = pairs.user.to(device), pairs.counts().to(device)
+        return pairs, pairs.project(V).float()
+
+    def forward(self, X, V):
+        """Loss at the current weights: the sum over users of their mean -log sigmoid(d^T V w_i / 100).
+        X: list of C per-user tensors [m_i, F] (or Pairs); V [F, K] frozen."""
+        pairs, XV = self._project(X, V)
+        XV, user, counts = XV.to(self.W.device), pairs.user.to(self.W.device), pairs.counts().to(self.W.device)
+        return (F_nn.softplus(-_user_logits(XV, self.weights(), user)) / counts[user]).sum()
+
+    def train(self, X=None, V=None, device=None):
+        if _train_mode_call(X):
+            return super().train(True if X is None else X)
+        if V is None:
+            raise ValueError("PersonalizeBatch.train(X, V) needs the basis V [F, K]")
+        pairs, XV = self._project(X, V)
+        counts = pairs.counts()
         if (counts == 0).any():
             raise ValueError(f"{int((counts == 0).sum())} user(s) have no pairs")
+        return self._fit(XV, pairs.user, 1.0 / counts[pairs.user].float(), device)
+
+    def _fit(self, XV, user, pw, device=None):
+        """Minimise sum_m pw_m softplus(-XV_m w_user_m / 100) over the weights -> list of C simplex vectors [K]."""
+        device = get_device(device)
+        XV, user, pw = XV.to(device), user.to(device), pw.to(device, torch.float32)
         self.to(device)
         opt = torch.optim.Adam([self.W], lr=self.learning_rate)
         for _ in range(self.num_iterations):
             opt.zero_grad(set_to_none=True)
-            loss = (F_nn.softplus(-_user_logits(XV, self.weights(), user)) / counts[user]).sum()
+            loss = (F_nn.softplus(-_user_logits(XV, self.weights(), user)) * pw).sum()
             loss.backward()
             opt.step()
             self.losses.append(loss.item())
         return list(self.weights().detach())
 
 
-def solve_regularized(V_sft, alpha, X, K, num_iterations=1000, learning_rate=0.5, device=None):
-    """Fit LoRe on X (list of C tensors [m_i, F] or Pairs) -> (W [C, K], V [F, K])."""
-    pairs = as_pairs(X)
-    model = LoRe(V_sft, alpha, len(pairs), pairs.num_features, K, num_iterations, learning_rate)
+# The published helper functions, with their published names, parameters and defaults (the pipelines pass
+# their own values). train_features: a list of C per-user tensors [m_i, F], or Pairs.
+
+def solve_regularized(V_sft, alpha, train_features, num_basis_vectors, num_iterations=1000, learning_rate=0.01,
+                      device=None):
+    """Fit LoRe (alpha * sum_j ||V_j - V_sft||^2) -> (W [C, K], V [F, K])."""
+    pairs = as_pairs(train_features)
+    model = LoRe(V_sft, alpha, len(pairs), pairs.num_features, num_basis_vectors, num_iterations, learning_rate)
     return model.train(pairs, device=device)
 
 
-def solve_regularized_simplex(V_sft, alpha, X, K, num_iterations=20000, learning_rate=0.5, device=None):
-    """Fit LoRe_regularized on X -> (W [C, K'], V [F, K']) with unused bases dropped."""
-    pairs = as_pairs(X)
-    model = LoRe_regularized(V_sft, alpha, len(pairs), pairs.num_features, K, num_iterations, learning_rate)
+def solve_regularized_simplex(V_sft, alpha, train_features, num_basis_vectors, num_iterations=1000,
+                              learning_rate=0.01, device=None):
+    """Fit LoRe_regularized -> (W [C, K'], V [F, K']) with unused bases dropped."""
+    pairs = as_pairs(train_features)
+    model = LoRe_regularized(V_sft, alpha, len(pairs), pairs.num_features, num_basis_vectors, num_iterations,
+                             learning_rate)
     return model.train(pairs, device=device)
 
 
-def learn_multiple_few_shot(X, V, num_iterations=500, learning_rate=0.1, device=None):
+def solve(train_features, num_basis_vectors, num_iterations=1000, learning_rate=0.01, device=None):
+    """Fit LoRe without the regulariser (alpha = 0) -> (W [C, K], V [F, K])."""
+    return solve_regularized(None, 0.0, train_features, num_basis_vectors, num_iterations, learning_rate, device)
+
+
+def solve_multi_reward(train_features, num_basis_vectors, num_iterations=1000, learning_rate=0.01, device=None):
+    """Fit K basis rewards jointly with the users' weights (LoRe, alpha = 0) -> the fitted LoRe model
+    (.V [F, K], .weights() [C, K], .losses)."""
+    pairs = as_pairs(train_features)
+    model = LoRe(None, 0.0, len(pairs), pairs.num_features, num_basis_vectors, num_iterations, learning_rate)
+    model.train(pairs, device=device)
+    return model
+
+
+def learn_multiple_few_shot(train_features, V, num_iterations=1000, learning_rate=0.01, device=None):
     """Few-shot weights of new users on a frozen V [F, K] -> list of C simplex vectors [K]."""
-    pairs = as_pairs(X)
+    pairs = as_pairs(train_features)
     V = torch.as_tensor(V)
     model = PersonalizeBatch(len(pairs), V.shape[0], V.shape[1], num_iterations, learning_rate)
     return model.train(pairs, V, device=device)
+
+
+def learn_multiple_few_shot_weighted(alpha, train_features, current_dialog_features, V, num_iterations=1000,
+                                     learning_rate=0.01, device=None):
+    """Few-shot weights of new users on a frozen V [F, K] from two sets of pairs per user, the current dialog's
+    weighted by alpha: user i minimises mean_train_i(-log sigmoid) + alpha * mean_current_i(-log sigmoid)
+    (a user with no pairs in one set gets only the other term; alpha = 0 is learn_multiple_few_shot).
+    -> list of C simplex vectors [K]."""
+    train, current = as_pairs(train_features), as_pairs(current_dialog_features)
+    if len(train) != len(current):
+        raise ValueError(f"train_features has {len(train)} users, current_dialog_features {len(current)}")
+    V = torch.as_tensor(V, dtype=torch.float32)
+    model = PersonalizeBatch(len(train), V.shape[0], V.shape[1], num_iterations, learning_rate)
+    (_, XV_t), (_, XV_c) = model._project(train, V), model._project(current, V)
+    n_t, n_c = train.counts(), current.counts()
+    if ((n_t == 0) & (n_c == 0)).any():
+        raise ValueError("a user has no pairs in either set")
+    pw = torch.cat([1.0 / n_t.clamp(min=1)[train.user].float(), alpha / n_c.clamp(min=1)[current.user].float()])
+    return model._fit(torch.cat([XV_t, XV_c]), torch.cat([train.user, current.user]), pw, device)
+
+
+def _fit_bt(pairs, per_user, V_ref=None, alpha=0.0, num_iterations=1000, learning_rate=0.01, device=None):
+    """Bradley-Terry rewards fit by Adam from 0 -> [F, C] (per_user: column i fits user i alone, mean over its
+    pairs) or [F, 1] (one reward, mean over all pairs pooled, plus alpha * ||v - V_ref||^2 when V_ref is given)."""
+    device = get_device(device)
+    diffs, user, counts = _pack(pairs, device)
+    if (counts == 0).any():
+        raise ValueError(f"{int((counts == 0).sum())} user(s) have no pairs")
+    C = len(counts) if per_user else 1
+    Vt = torch.zeros(C, diffs.shape[1], device=device, requires_grad=True)  # row c: reward c
+    ref = None if V_ref is None else torch.as_tensor(V_ref, dtype=torch.float32).reshape(1, -1).to(device)
+    pw = 1.0 / counts[user] if per_user else torch.full((len(user),), 1.0 / len(user), device=device)
+    opt = torch.optim.Adam([Vt], lr=learning_rate)
+    for _ in tqdm(range(num_iterations), desc="Bradley-Terry", leave=False, disable=None):
+        opt.zero_grad(set_to_none=True)
+        if per_user:  # one batch: each row's gradient comes from its user's pairs only, as in separate fits
+            loss = (F_nn.softplus(-(diffs * Vt[user]).sum(1) / LOGIT_SCALE) * pw).sum()
+        else:
+            loss = _bt_loss(diffs, Vt.t(), torch.ones(len(user), 1, device=device), pw)
+        if ref is not None and alpha:
+            loss = loss + alpha * ((Vt - ref) ** 2).sum()
+        loss.backward()
+        opt.step()
+    return Vt.detach().t().cpu()
+
+
+def learn_multiple(train_features, num_iterations=1000, learning_rate=0.01, device=None):
+    """One independent Bradley-Terry reward per user (a per-user baseline) -> (W_list, V_list): C weights [1]
+    (ones) and C rewards [F, 1], usable with eval_multiple(W_list, V_list, test_features). User i's reward
+    minimises its mean -log sigmoid(d^T v_i / 100), from v_i = 0; all users are fit in one batch."""
+    V = _fit_bt(as_pairs(train_features), True, num_iterations=num_iterations, learning_rate=learning_rate,
+                device=device)
+    return [torch.ones(1) for _ in range(V.shape[1])], [V[:, i:i + 1] for i in range(V.shape[1])]
+
+
+def learn_single_reward(train_features, num_iterations=1000, learning_rate=0.01, device=None):
+    """One Bradley-Terry reward for everyone: the mean -log sigmoid(d^T v / 100) over all pairs pooled,
+    from v = 0 -> V [F, 1]."""
+    return _fit_bt(as_pairs(train_features), False, num_iterations=num_iterations, learning_rate=learning_rate,
+                   device=device)
+
+
+def learn_single_reward_regularized(V_ref, alpha, train_features, num_iterations=1000, learning_rate=0.01,
+                                    device=None):
+    """learn_single_reward pulled towards V_ref [F, 1]: plus alpha * ||v - V_ref||^2 -> V [F, 1]."""
+    return _fit_bt(as_pairs(train_features), False, V_ref, alpha, num_iterations, learning_rate, device)
 
 
 class _ThinMatmul(torch.autograd.Function):
@@ -1361,7 +1547,8 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
     pairs of one group. Users with fewer than `shots` examples are skipped for that count (the
     number is printed). All trials of a shot count are fit together in one PersonalizeBatch
     (users are independent there, so this equals fitting them one by one).
-    num_iterations None: 20000 if regularized else 500 (as published); fewshot_learning_rate None: 0.5 if regularized else 0.1.
+    num_iterations None: 20000 if regularized else 500 (as published);
+    fewshot_learning_rate None: 0.5 if regularized else 0.1.
     Returns 4 flat arrays [len(alpha_list) * len(K_list) * len(num_shots)] (alpha-major, then K,
     then shots: for one alpha and one K, the published sequences over num_shots): few-shot train
     accuracy mean and std over trials, unseen-user test accuracy mean and std over trials (each
