@@ -7,7 +7,8 @@
 Reads survey.jsonl, conversations.jsonl and utterances.jsonl of HannahRoseKirk/prism-alignment
 (from dataset_path, default data_dir, where they are downloaded through the hub client when
 missing). Users with a completed conversation; dialogs with no complete turn dropped; users
-with more than 5 dialogs; seed 123: users shuffled, 80% seen / 20% unseen; half of each user's
+with more than 5 dialogs; seed 123: as published, all users shuffled (NumPy), 80% seen / 20% unseen, then
+the users with at most 5 dialogs dropped (user_split="filter_first": dropped first); half of each user's
 dialogs for training (seen) or few-shot (unseen), half for test. A turn's prompt is the dialog
 so far (user messages and chosen replies); every rejected reply is its own pair.
 
@@ -38,6 +39,8 @@ data_dir = None            # default: PRISM/data
 seed = 123                 # user shuffle and dialog halves (published)
 seen_fraction = 0.8
 min_dialogs = 6            # keep users with more than 5 dialogs
+user_split = "published"   # "published": shuffle all users, 80% seen, then drop those with < min_dialogs dialogs;
+                           # "filter_first": drop them first, then shuffle and take exactly 80% of the rest as seen
 max_length = 4096          # tokens; longer conversations keep their last max_length tokens
 max_tokens_per_batch = 16384
 shard_size = 2048          # conversations per resumable shard
@@ -61,12 +64,15 @@ for name in prism.FILES:
 
 rows = {name: prism.read_jsonl(path) for name, path in paths.items()}
 dialogs = prism.build_dialogs(*(rows[name] for name in prism.FILES))
-pairs, users, conversations = prism.build_pairs(dialogs, seed, seen_fraction, min_dialogs)
+if user_split not in prism.USER_SPLITS:
+    raise SystemExit(f"error: user_split must be one of {prism.USER_SPLITS}, got {user_split!r}")
+pairs, users, conversations = prism.build_pairs(dialogs, seed, seen_fraction, min_dialogs, user_split)
 
 path = utils.extract_embeddings(
     conversations, data_dir / "embeddings.safetensors", model_name=model_name,
     extra_tensors=prism.pair_tensors(pairs),
     metadata={"dataset": prism.REPO, "seed": seed, "seen_fraction": seen_fraction, "min_dialogs": min_dialogs,
+              "user_split": user_split,
               "num_users": len(users), "num_seen": int(users["seen"].sum()), "num_pairs": len(pairs)},
     max_tokens_per_batch=max_tokens_per_batch, max_length=max_length, shard_size=shard_size,
     stop_after_shards=stop_after_shards)

@@ -150,13 +150,21 @@ def build_dialogs(survey, conversations, utterances):
     return dialogs
 
 
-def split_users(dialog_users, seed=123, seen_fraction=0.8, min_dialogs=6):
-    """Seen / unseen users and train / test dialogs, as published.
+USER_SPLITS = ("published", "filter_first")
 
-    dialog_users: the user id of every dialog, in file order. Users with fewer than
-    `min_dialogs` dialogs are dropped; the rest (sorted) are shuffled with random.Random(seed),
-    the first int(seen_fraction * n) are seen. Each kept user's dialogs are shuffled with the
-    same generator; the first half (rounded down) is for training (seen users) or few-shot
+
+def split_users(dialog_users, seed=123, seen_fraction=0.8, min_dialogs=6, user_split="published"):
+    """Seen / unseen users and train / test dialogs.
+
+    dialog_users: the user id of every dialog, in file order.
+    user_split "published": all users (sorted) are shuffled with NumPy's generator seeded `seed`
+      (np.random.RandomState(seed).shuffle), the first int(seen_fraction * n) are seen, the rest
+      unseen; then users with fewer than `min_dialogs` dialogs are dropped from both groups.
+    user_split "filter_first": users with fewer than `min_dialogs` dialogs are dropped first; the
+      rest (sorted) are shuffled with random.Random(seed) and the first int(seen_fraction * n) are seen
+      (exactly seen_fraction of the kept users).
+    Each kept user's dialogs are then shuffled with random.Random(seed) (the generator that shuffled the
+    users, for filter_first); the first half (rounded down) is for training (seen users) or few-shot
     (unseen users), the rest for test.
     Returns (users: kept user ids, seen ones first, in shuffled order; num_seen;
     dialog_split: per dialog 0 (train / few-shot), 1 (test) or -1 (user dropped)).
@@ -164,10 +172,19 @@ def split_users(dialog_users, seed=123, seen_fraction=0.8, min_dialogs=6):
     by_user = {}
     for d, u in enumerate(dialog_users):
         by_user.setdefault(u, []).append(d)
-    users = sorted(u for u, ds in by_user.items() if len(ds) >= min_dialogs)
     rng = random.Random(seed)
-    rng.shuffle(users)
-    num_seen = int(seen_fraction * len(users))
+    if user_split == "published":
+        users = sorted(by_user)
+        np.random.RandomState(seed).shuffle(users)
+        seen = users[:int(seen_fraction * len(users))]
+        seen, unseen = ([u for u in group if len(by_user[u]) >= min_dialogs] for group in (seen, users[len(seen):]))
+        users, num_seen = seen + unseen, len(seen)
+    elif user_split == "filter_first":
+        users = sorted(u for u, ds in by_user.items() if len(ds) >= min_dialogs)
+        rng.shuffle(users)
+        num_seen = int(seen_fraction * len(users))
+    else:
+        raise ValueError(f"user_split must be one of {USER_SPLITS}, got {user_split!r}")
     dialog_split = [-1] * len(dialog_users)
     for u in users:
         ds = list(by_user[u])
@@ -177,7 +194,7 @@ def split_users(dialog_users, seed=123, seen_fraction=0.8, min_dialogs=6):
     return users, num_seen, dialog_split
 
 
-def build_pairs(dialogs, seed=123, seen_fraction=0.8, min_dialogs=6):
+def build_pairs(dialogs, seed=123, seen_fraction=0.8, min_dialogs=6, user_split="published"):
     """Split the dialogs (split_users) and list every pair and every conversation to embed.
 
     Returns (pairs, users, conversations):
@@ -191,7 +208,8 @@ def build_pairs(dialogs, seed=123, seen_fraction=0.8, min_dialogs=6):
         (chosen_row), then the rejected conversation of every pair (rejected_row).
     """
     import pandas as pd
-    users, num_seen, dialog_split = split_users([d["user_id"] for d in dialogs], seed, seen_fraction, min_dialogs)
+    users, num_seen, dialog_split = split_users([d["user_id"] for d in dialogs], seed, seen_fraction, min_dialogs,
+                                                user_split)
     if not users:
         raise ValueError(f"no user has at least {min_dialogs} dialogs")
     index = {u: i for i, u in enumerate(users)}
@@ -263,7 +281,7 @@ def make_synthetic(num_users=1000, num_features=64, rank=4, dirichlet_alpha=0.1,
     noise = rng.standard_normal(num_features)
     head = mean + head_noise * np.linalg.norm(mean) * noise / np.linalg.norm(noise)
     n_dialogs = np.minimum(5 + rng.geometric(0.3, num_users), 20)
-    users, _, dialog_split = split_users(np.repeat(np.arange(num_users), n_dialogs).tolist(), seed)
+    users, num_seen, dialog_split = split_users(np.repeat(np.arange(num_users), n_dialogs).tolist(), seed)
     index = {u: i for i, u in enumerate(users)}
     starts = np.concatenate([[0], np.cumsum(n_dialogs)])
     rows, cols = [], {k: [] for k in ["chosen", "rejected", "user", "dialog", "turn", "split"]}
@@ -283,7 +301,7 @@ def make_synthetic(num_users=1000, num_features=64, rank=4, dirichlet_alpha=0.1,
                                 cols[k].append(v)
                             rows.append(E[j])
     t = {k: torch.as_tensor(v, dtype=torch.long) for k, v in cols.items()}
-    t["seen"] = (t["user"] < int(0.8 * len(users))).long()
+    t["seen"] = (t["user"] < num_seen).long()
     t["embeddings"] = torch.as_tensor(np.stack(rows), dtype=torch.float32)
     t["head"] = torch.as_tensor(head, dtype=torch.float32).reshape(-1, 1)
     t["true_directions"] = torch.as_tensor(H[users], dtype=torch.float32)  # [C, F] by user index

@@ -4,8 +4,8 @@
     python RedditTLDR/vary_fewshot.py synthetic=True   # offline, CPU, no download
 
 The basis (rank K) is learned once on the seen workers (split as in train_basis.py). In each of
-`trials` draws, every unseen worker gets `shots` random pairs from its pool (all its train-split
-comparisons, or at most max_fewshot_pairs of them) and is tested on its validation comparisons.
+`trials` draws, every unseen worker gets `shots` random pairs from its pool (at most max_fewshot_pairs = 100
+of its train-split comparisons, as published; None: all of them) and is tested on its validation comparisons.
 Workers with fewer pairs than a shot count are skipped for that count; the table reports how many.
 """
 import sys
@@ -24,10 +24,10 @@ num_shots = [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
 trials = 20
 protocol = "published"     # "published" or "paper" (see train_basis.py)
 max_train_pairs = 150      # per seen worker
-max_fewshot_pairs = None   # pool of an unseen worker's shots (None: all its train-split comparisons)
+max_fewshot_pairs = 100    # pool of an unseen worker's shots, as published (None: all its train-split comparisons)
 min_comparisons = 50       # paper protocol
 split_seed = 0
-num_iterations = 1000
+num_iterations = 500       # joint fit, as published for vary_fewshot
 learning_rate = 0.5
 fewshot_iterations = 500
 fewshot_learning_rate = 0.1

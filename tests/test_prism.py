@@ -129,6 +129,21 @@ def test_split_is_seeded():
     assert a == b and a[1] == 16 and a != prism.split_users(users, seed=1)
 
 
+def test_published_user_split_shuffles_all_users_then_drops_the_small_ones():
+    counts = [3 if i % 2 else 7 for i in range(20)]  # odd users have too few dialogs
+    dialog_users = [f"u{i:02d}" for i, c in enumerate(counts) for _ in range(c)]
+    users, num_seen, dialog_split = prism.split_users(dialog_users, seed=123)
+    order = sorted(set(dialog_users))
+    np.random.RandomState(123).shuffle(order)
+    expected_seen = [u for u in order[:16] if int(u[1:]) % 2 == 0]
+    assert users[:num_seen] == expected_seen and users[num_seen:] == [u for u in order[16:] if int(u[1:]) % 2 == 0]
+    assert all(s == -1 for u, s in zip(dialog_users, dialog_split) if int(u[1:]) % 2)
+    users2, num_seen2, _ = prism.split_users(dialog_users, seed=123, user_split="filter_first")
+    assert sorted(users2) == sorted(users) and num_seen2 == 8  # exactly 80% of the 10 kept users
+    with pytest.raises(ValueError, match="user_split"):
+        prism.split_users(dialog_users, user_split="other")
+
+
 def test_load_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"(?s)embeddings.safetensors not found.*python \S*PRISM/prepare.py"):
         prism.load(tmp_path)
