@@ -143,17 +143,34 @@ def _normalise_argv(argv):
     return out
 
 
+# The type of the settings whose default is None (a script may add its own in a `_types = {name: type}` dict).
+NONE_DEFAULT_TYPES = {"data_dir": str, "out_dir": str, "dataset_path": str, "device": str, "split": str,
+                      "rm_head": str, "from_published": str, "stop_after_shards": int, "limit": int,
+                      "num_iterations": int, "num_shots": list, "max_fewshot_pairs": int}
+
+
+def _in_notebook():
+    """True inside a Jupyter / IPython kernel, whose sys.argv is the kernel's own, not the user's."""
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None
+
+
 def configure(config, argv=None):
     """Apply `key=value` (or `--key value`) command-line overrides to a script's config, in place.
 
     config: the script's globals(); every public name bound to a bool/int/float/str/list/
     tuple/dict/None is a config key. Values are parsed as Python literals (a bare word is a
-    string) and must keep the type of the default (an int is accepted for a float; anything
-    for a None default). Returns {key: value} of the config, for the results JSON.
+    string) and must keep the type of the default (an int is accepted for a float). A None
+    default takes None or a value of its type in NONE_DEFAULT_TYPES / the script's `_types`
+    (anything when neither names it). argv None: sys.argv[1:], or nothing in a notebook kernel.
+    Returns {key: value} of the config, for the results JSON.
     """
     keys = {k: v for k, v in config.items()
             if not k.startswith("_") and isinstance(v, _CONFIG_TYPES)}
-    for arg in _normalise_argv(sys.argv[1:] if argv is None else argv):
+    none_types = {**NONE_DEFAULT_TYPES, **config.get("_types", {})}
+    if argv is None:
+        argv = [] if _in_notebook() else sys.argv[1:]
+    for arg in _normalise_argv(argv):
         if "=" not in arg:
             raise SystemExit(f"error: expected key=value, got {arg!r}. Config keys: {', '.join(keys)}")
         key, text = arg.split("=", 1)
@@ -164,14 +181,18 @@ def configure(config, argv=None):
         except (ValueError, SyntaxError):
             value = text  # a bare word such as out_dir=/tmp/x
         default = keys[key]
-        ok = (default is None
+        if default is None and value is not None and key in none_types:
+            default = none_types[key]()  # check against the documented type: str(), int(), list()
+            if isinstance(default, str):
+                value = text  # out_dir=2024 is the folder "2024"
+        ok = (default is None or (value is None and key in none_types)
               or (isinstance(default, bool) and isinstance(value, bool))
               or (isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool))
               or (isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)))
               or (not isinstance(default, (bool, float, list, tuple)) and type(value) is type(default)))
         if not ok:
             raise SystemExit(f"error: {key}={text!r} must be of type {type(default).__name__} "
-                             f"(default {default!r})")
+                             f"(default {keys[key]!r})")
         if isinstance(default, float) and not isinstance(value, bool):
             value = float(value)
         if isinstance(default, list) and isinstance(value, tuple):
@@ -1302,8 +1323,34 @@ class _ThinMatmul(torch.autograd.Function):
         return None, dV.t()
 
 
+def _njit(py_func):
+    """numba.njit for the CPU kernels. The on-disk cache is used only when this file is imported as `utils`:
+    numba's cache refers to the module by name, so an entry written under another name (importlib, `from LoRe
+    import utils`) would break every later import. See also _call_kernel."""
+    opts = dict(parallel=True, fastmath=True)
+    if __name__ == "utils":
+        try:
+            return numba.njit(cache=True, **opts)(py_func)
+        except Exception:  # e.g. no writable cache location
+            pass
+    return numba.njit(**opts)(py_func)
+
+
+def _call_kernel(name, *args):
+    """Call the numba kernel `name` of this module; when loading or writing its on-disk cache fails (a broken
+    or foreign cache file, an unwritable folder), compile it again without the cache and call that."""
+    kernel = globals()[name]
+    try:
+        return kernel(*args)
+    except Exception:
+        if isinstance(kernel._cache, numba.core.caching.NullCache):  # compiled without the cache: a real error
+            raise
+        globals()[name] = numba.njit(parallel=True, fastmath=True)(kernel.py_func)
+        return globals()[name](*args)
+
+
 if numba is not None:
-    @numba.njit(parallel=True, fastmath=True, cache=True)
+    @_njit
     def _bt_loss_kernel(X, Vt, Wu, pw, scale):
         """One pass over X [M, F]: loss = sum_m pw_m softplus(-z_m), z_m = x_m^T V wu_m / scale,
         with dL/dV^T [K, F] and XV [M, K], g [M] (dL/dXV_m = g_m wu_m). Vt [K, F], Wu [M, K]."""
@@ -1343,8 +1390,8 @@ class _FusedBTLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, V, Wu, pw):
-        loss, dVt, XV, g = _bt_loss_kernel(X.numpy(), V.detach().t().contiguous().numpy(),
-                                           Wu.detach().contiguous().numpy(), pw.contiguous().numpy(), LOGIT_SCALE)
+        loss, dVt, XV, g = _call_kernel("_bt_loss_kernel", X.numpy(), V.detach().t().contiguous().numpy(),
+                                        Wu.detach().contiguous().numpy(), pw.contiguous().numpy(), LOGIT_SCALE)
         XV, g = torch.from_numpy(XV), torch.from_numpy(g)
         ctx.save_for_backward(torch.from_numpy(dVt).t(), g[:, None] * XV)
         return torch.tensor(loss, dtype=torch.float32)

@@ -19,7 +19,7 @@ from PersonalLLM import personalllm  # noqa: E402
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
 K_list = [0, 1, 2, 3, 4, 5]
-alpha_list = [0]
+alpha_list = [0.0]
 N = 1000                   # seen users
 N_unseen = 500             # unseen users (few-shot)
 train_density = 0.005      # fraction of train prompts each seen user labels (47 of 9,402)

@@ -17,7 +17,7 @@ from PersonalLLM import personalllm  # noqa: E402
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
 K = 5
-alpha = 0
+alpha = 0.0
 num_shots = [1, 2, 5, 9, 20, 45]
 trials = 5
 N = 1000

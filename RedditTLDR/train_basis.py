@@ -25,7 +25,7 @@ from RedditTLDR import tldr  # noqa: E402
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
 K_list = [0, 1, 2, 3, 4, 5, 6]
-alpha_list = [0]
+alpha_list = [0.0]
 protocol = "published"     # "published" or "paper"
 max_train_pairs = 150      # per seen worker (a large number keeps all)
 max_fewshot_pairs = 50     # per unseen worker

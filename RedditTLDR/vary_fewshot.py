@@ -19,7 +19,7 @@ from RedditTLDR import tldr  # noqa: E402
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
 K = 5
-alpha = 0
+alpha = 0.0
 num_shots = [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
 trials = 20
 protocol = "published"     # "published" or "paper" (see train_basis.py)

@@ -294,6 +294,27 @@ def test_vary_shots_stacked_trials_equal_separate_fits():
     assert out[2][0] == pytest.approx(np.mean(ts)) and out[3][0] == pytest.approx(np.std(ts))
 
 
+def test_configure_in_a_notebook_floats_and_none_defaults(monkeypatch):
+    import sys
+    import types
+    fake_ipython = types.ModuleType("IPython")
+    fake_ipython.get_ipython = lambda: object()  # a running kernel
+    monkeypatch.setitem(sys.modules, "IPython", fake_ipython)
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel.json"])
+    cfg = {"alpha": 0.0, "stop_after_shards": None, "out_dir": None, "max_fewshot_pairs": 100}
+    assert utils.configure(cfg) == cfg  # the kernel's own argv is ignored
+    utils.configure(cfg, ["alpha=0.5", "stop_after_shards=3", "out_dir=2024", "max_fewshot_pairs=None"])
+    assert cfg == {"alpha": 0.5, "stop_after_shards": 3, "out_dir": "2024", "max_fewshot_pairs": None}
+    for bad in ["stop_after_shards=x", "stop_after_shards=1.5", "max_fewshot_pairs=x"]:
+        with pytest.raises(SystemExit, match="must be of type int"):
+            utils.configure(cfg, [bad])
+    cfg = {"_types": {"thing": float}, "thing": None}
+    utils.configure(cfg, ["thing=2"])
+    assert cfg["thing"] == 2.0
+    with pytest.raises(SystemExit, match="float"):
+        utils.configure(cfg | {"thing": None}, ["thing=abc"])
+
+
 def test_configure_overrides_and_type_checks():
     cfg = {"K_list": [0, 1], "lr": 0.5, "n": 3, "name": "a", "flag": False, "path": None}
     utils.configure(cfg, ["K_list=[2,3]", "lr=1", "name=hello", "flag=True", "path=/tmp/x"])
@@ -331,3 +352,25 @@ def test_load_tensors_errors(tmp_path):
     utils.save_tensors(tmp_path / "n.safetensors", {"a": torch.tensor([1.0, float("nan")])})
     with pytest.raises(ValueError, match="NaN"):
         utils.load_tensors(tmp_path / "n.safetensors")
+
+
+def test_numba_cache_survives_another_module_name(tmp_path):
+    """A normal run, then utils.py imported under another name, then both in one process: no crash."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("numba")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fit = "m.LoRe(None, 0, 2, 8, 2, 2).train([torch.randn(5, 8), torch.randn(4, 8)]); print(m.__name__, 'ok')"
+    other = ("import importlib.util, torch; spec = importlib.util.spec_from_file_location('lore_utils', "
+             f"{os.path.join(root, 'utils.py')!r}); o = importlib.util.module_from_spec(spec); "
+             "spec.loader.exec_module(o); m = o; " + fit)
+    plain = f"import sys; sys.path.insert(0, {root!r}); import torch, utils; m = utils; " + fit
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # `utils` importable only where asked
+    env["NUMBA_CACHE_DIR"] = str(tmp_path)
+    for code in [plain, other, plain, other + "; " + plain]:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.count(" ok") == code.count("ok")
+    assert any(tmp_path.rglob("*.nbi"))  # the canonical import did use the cache
