@@ -480,6 +480,74 @@ def _read_metadata(path):
         return None
 
 
+def _tensor_from_bytes(b):
+    """torch.storage._load_from_bytes, restricted to tensors and plain containers."""
+    import io
+    return torch.load(io.BytesIO(b), weights_only=True)
+
+
+_PICKLE_ALLOWED = {("torch._utils", "_rebuild_tensor_v2"): None,
+                   ("torch.storage", "_load_from_bytes"): _tensor_from_bytes,
+                   ("collections", "OrderedDict"): None, ("torch", "Size"): None}
+
+
+def load_pickle(path):
+    """Load an untrusted pickle of tensors and plain containers (lists, dicts, str, numbers): a torch.save file
+    with torch.load(weights_only=True), a plain pickle.dump file with an unpickler that allows only tensor
+    rebuilding. Anything else (code, arbitrary classes) is refused with a ValueError."""
+    import pickle
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in _PICKLE_ALLOWED:
+                raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+            return _PICKLE_ALLOWED[(module, name)] or super().find_class(module, name)
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first:
+        try:
+            with open(path, "rb") as f:
+                return Restricted(f).load()
+        except Exception as e:
+            raise ValueError(f"{path}: refused to load: only tensors and plain containers are read from untrusted "
+                             f"pickles (torch.load(weights_only=True): {first}; restricted unpickler: {e})") from e
+
+
+def read_score_weight(model_name):
+    """-> [F, 1] float32 reward head (score.weight.T) of a checkpoint, reading only that tensor from its safetensors
+    shard(s) (model.safetensors, or the shard named in model.safetensors.index.json): no model load, no GPU.
+    model_name: a local folder, or a hub id (only the index and the one shard are downloaded)."""
+    folder = Path(model_name)
+    if folder.is_dir():
+        def fetch(name):
+            return folder / name if (folder / name).is_file() else None
+    else:
+        from huggingface_hub import hf_hub_download
+
+        def fetch(name):
+            try:
+                return Path(hf_hub_download(str(model_name), name))
+            except Exception:
+                return None
+    index = fetch("model.safetensors.index.json")
+    shard = fetch(json.loads(index.read_text())["weight_map"].get("score.weight", "")) if index else None
+    shard = shard or fetch("model.safetensors")
+    if shard is None:
+        raise FileNotFoundError(f"{model_name}: no safetensors shard holding score.weight (expected "
+                                "model.safetensors or model.safetensors.index.json)")
+    with safe_open(str(shard), "pt") as f:
+        if "score.weight" not in f.keys():
+            raise ValueError(f"{shard} has no score.weight: not an AutoModelForSequenceClassification reward model")
+        weight = f.get_tensor("score.weight")
+    if weight.dim() != 2 or weight.shape[0] != 1:
+        raise ValueError(f"expected a scalar reward head, got score.weight of shape {tuple(weight.shape)}")
+    return weight.float().T.contiguous()
+
+
 def script_out_dir(script_file, out_dir=None):
     """Resolve a script's output folder: `out_dir` if given, else `results/` beside the script. It is created
     when possible; one that cannot be is left to save_or_fallback (the results are not lost)."""
@@ -1693,7 +1761,8 @@ def _default_attn(device, dtype):
     return "flash_attention_2" if dtype in (torch.bfloat16, torch.float16) else "sdpa"
 
 
-def load_reward_model(model_name, device=None, dtype=None, attn_implementation=None):
+def load_reward_model(model_name, device=None, dtype=None, attn_implementation=None, tokenizer_name=None,
+                      trust_remote_code=False):
     """-> (tokenizer, model): AutoTokenizer + AutoModelForSequenceClassification in eval mode on `device`.
     Defaults: device cuda:LOCAL_RANK if CUDA else cpu, dtype bf16 on CUDA / float32 on CPU,
     attention flash_attention_2 if available on CUDA else sdpa. Sets a pad token (eos) when the tokenizer has none."""
@@ -1702,8 +1771,8 @@ def load_reward_model(model_name, device=None, dtype=None, attn_implementation=N
     if attn_implementation is None:
         attn_implementation = _default_attn(device, dtype)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(model_name)
-    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or model_name, trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     if device.type == "cuda" and importlib.util.find_spec("accelerate") is not None:
         kwargs["device_map"] = str(device)  # weights load straight onto the GPU (needs accelerate)
     model = AutoModelForSequenceClassification.from_pretrained(model_name, **kwargs)
@@ -1970,13 +2039,13 @@ def _plan_shards(n_items, shard_size, settings, conv_digests, shard_dir, rank, w
 
 
 def _compute_shards(conversations, todo, ranges, shard_fps, shard_dir, shard_meta, *, model_name, device, dtype,
-                    max_length, truncation_side, padding_side, max_tokens_per_batch, max_batch_size,
+                    max_length, truncation_side, padding_side, max_tokens_per_batch, max_batch_size, model_kwargs,
                     stop_after_shards, progress):
     """Embed and save the shards `todo` (indices into ranges / shard_fps) -> True when stopped early
     (stop_after_shards). shard_meta: the metadata every shard file gets, besides its own."""
     if not todo:
         return False
-    tokenizer, model = load_reward_model(model_name, device=device, dtype=dtype)
+    tokenizer, model = load_reward_model(model_name, device=device, dtype=dtype, **model_kwargs)
     head = reward_head(model)
     shard_dir.mkdir(parents=True, exist_ok=True)
     pbar = tqdm(total=sum(ranges[k][1] - ranges[k][0] for k in todo), unit="seq", desc="embedding",
@@ -2048,7 +2117,7 @@ def _rewrite_extras(out_path, old_meta, groups, extras, metadata, extras_digest,
 def extract_embeddings(conversations, out_path, *, model_name, groups=None, extra_tensors=None, metadata=None,
                        max_tokens_per_batch=16384, max_batch_size=64, max_length=4096, truncation_side="left",
                        padding_side="right", shard_size=2048, stop_after_shards=None, device=None, dtype=None,
-                       keep_shards=False, progress=True):
+                       keep_shards=False, progress=True, tokenizer_name=None, trust_remote_code=False):
     """Embed M conversations with the reward model and write ONE safetensors file at out_path with
     `embeddings` [M, F] float32 (or, with groups={name: n, ...} summing to M, consecutive row blocks under those
     names), `head` [F, 1] float32 (score.weight.T), the caller's extra_tensors, and __metadata__ (caller metadata +
@@ -2057,7 +2126,8 @@ def extract_embeddings(conversations, out_path, *, model_name, groups=None, extr
     Skips the work when out_path is up to date (same fingerprint over conversations, model_name, max_length,
     truncation_side, dtype, groups; batching knobs only change rounding and are not part of it); only rewrites the
     file when just extra_tensors/metadata changed; resumes from finished shards of shard_size items in
-    <out_path>.shards/; under torchrun, rank r computes shards r, r + G, ... and rank 0 merges."""
+    <out_path>.shards/; under torchrun, rank r computes shards r, r + G, ... and rank 0 merges.
+    tokenizer_name: a tokenizer other than the model's (part of the fingerprint when given)."""
     conversations = _check_conversations(conversations)
     n_items = len(conversations)
     groups = _check_groups(groups, n_items)
@@ -2073,6 +2143,8 @@ def extract_embeddings(conversations, out_path, *, model_name, groups=None, extr
     dtype_name = str(dtype).removeprefix("torch.")
     settings = {"model_name": str(model_name), "max_length": max_length, "truncation_side": truncation_side,
                 "dtype": dtype_name}
+    if tokenizer_name is not None:
+        settings["tokenizer_name"] = str(tokenizer_name)
     conv_digests = [_sha256_json(conv) for conv in conversations]
     fingerprint = _fingerprint(settings, conv_digests, groups)
     extras_digest = _extras_digest(extras, metadata)
@@ -2103,7 +2175,9 @@ def extract_embeddings(conversations, out_path, *, model_name, groups=None, extr
                                   model_name=model_name, device=device, dtype=dtype, max_length=max_length,
                                   truncation_side=truncation_side, padding_side=padding_side,
                                   max_tokens_per_batch=max_tokens_per_batch, max_batch_size=max_batch_size,
-                                  stop_after_shards=stop_after_shards, progress=progress)
+                                  stop_after_shards=stop_after_shards, progress=progress,
+                                  model_kwargs={"tokenizer_name": tokenizer_name,
+                                                "trust_remote_code": trust_remote_code})
         if stopped:
             print0(f"extract_embeddings: stopped after {stop_after_shards} shard(s) per rank (stop_after_shards)")
 

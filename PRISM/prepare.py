@@ -45,12 +45,20 @@ max_length = 4096          # tokens; longer conversations keep their last max_le
 max_tokens_per_batch = 16384
 shard_size = 2048          # conversations per resumable shard
 stop_after_shards = None   # stop early after this many new shards (for testing resume)
+from_published = None      # folder with the published train_embeddings.pkl / test_embeddings.pkl: convert (no GPU)
 # -----------------------------------------------------------------------------
 config = utils.configure(globals())
 utils.check_settings(config, __file__, writable={"data_dir": "data"})
 HERE = Path(__file__).resolve().parent
 data_dir = Path(data_dir or HERE / "data")
 source = Path(dataset_path or data_dir)
+if from_published is not None:
+    files = [Path(from_published) / name for name in prism.PUBLISHED_FILES.values()]
+    out = utils.save_tensors(data_dir / "embeddings.safetensors",
+                             prism.convert_published(*files, utils.read_score_weight(model_name)),
+                             metadata={"converted_from": str(from_published)})
+    utils.print0(f"converted {files[0]} and {files[1].name} -> {out}")
+    sys.exit(0)
 
 paths = {}
 for name in prism.FILES:

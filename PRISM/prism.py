@@ -308,6 +308,50 @@ def make_synthetic(num_users=1000, num_features=64, rank=4, dirichlet_alpha=0.1,
     return t
 
 
+PUBLISHED_FILES = {"train": "train_embeddings.pkl", "test": "test_embeddings.pkl"}
+
+
+def convert_published(train_path, test_path, head):
+    """The published train_embeddings.pkl / test_embeddings.pkl (torch.save'd lists of {"prompt", "extra_info":
+    {"user_id", "dialog_id", "chosen_utterance", "rejected_utterance", "chosen_conv_embedding",
+    "rejected_conv_embedding", "seen", "split"}}; read with utils.load_pickle: untrusted) + the head [F, 1] -> the
+    dict of TENSORS that load() reads: one pair per record, the records of train_path with split 0 (train /
+    few-shot) and of test_path with split 1; seen users first (in order of appearance), then unseen ones."""
+    records = []
+    for code, path in enumerate([train_path, test_path]):
+        data = utils.load_pickle(path)
+        if not isinstance(data, (list, tuple)):
+            raise ValueError(f"{path}: expected a list of records, got {type(data).__name__}")
+        for i, r in enumerate(data):
+            try:
+                x = r["extra_info"]
+                records.append((code, str(x["user_id"]), str(x["dialog_id"]), bool(x["seen"]),
+                                torch.as_tensor(x["chosen_conv_embedding"], dtype=torch.float32).reshape(-1),
+                                torch.as_tensor(x["rejected_conv_embedding"], dtype=torch.float32).reshape(-1)))
+            except (KeyError, TypeError) as err:
+                raise ValueError(f"{path}: record {i} lacks extra_info fields ({err})") from err
+    if not records:
+        raise ValueError(f"{train_path}, {test_path}: no records")
+    seen_users = list(dict.fromkeys(r[1] for r in records if r[3]))
+    unseen_users = list(dict.fromkeys(r[1] for r in records if not r[3] and r[1] not in set(seen_users)))
+    index = {u: i for i, u in enumerate(seen_users + unseen_users)}
+    dialogs = {d: i for i, d in enumerate(dict.fromkeys(r[2] for r in records))}
+    records.sort(key=lambda r: (index[r[1]], r[0]))
+    turn, count = [], {}
+    for r in records:  # the position of the pair within its dialog
+        turn.append(count.get(r[2], 0))
+        count[r[2]] = turn[-1] + 1
+    n = len(records)
+    t = {"embeddings": torch.stack([r[4] for r in records] + [r[5] for r in records]), "head": head,
+         "chosen": torch.arange(n), "rejected": torch.arange(n, 2 * n),
+         "user": torch.tensor([index[r[1]] for r in records]), "dialog": torch.tensor([dialogs[r[2]] for r in records]),
+         "turn": torch.tensor(turn), "seen": torch.tensor([int(index[r[1]] < len(seen_users)) for r in records]),
+         "split": torch.tensor([r[0] for r in records])}
+    if head.shape != (t["embeddings"].shape[1], 1):
+        raise ValueError(f"head {tuple(head.shape)} does not match the embeddings' F = {t['embeddings'].shape[1]}")
+    return t
+
+
 def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_features=64, seed=0):
     """PRISM as published (see split_users) -> utils.PreferenceData.
 

@@ -11,10 +11,10 @@ import utils
 SUBSETS = ["Factuality", "Precise IF", "Math", "Safety", "Focus", "Ties"]
 
 
-def load_prompts(name="allenai/reward-bench-2", path=None, limit=None):
+def load_prompts(name="allenai/reward-bench-2", path=None, limit=None, split="test"):
     """RewardBench 2 test prompts as a DataFrame (id, prompt, chosen [list], rejected [list],
     subset), checked; `limit`: keep the first `limit` prompts of each subset (smoke runs)."""
-    df = utils.load_split(name, "test", path)
+    df = utils.load_split(name, split, path)
     utils.require_columns(df, ["id", "prompt", "chosen", "rejected", "subset"], name)
     for col in ["chosen", "rejected"]:
         df[col] = [list(v) if isinstance(v, (list, tuple, np.ndarray)) else v for v in df[col]]
@@ -70,4 +70,51 @@ def accuracy(rewards, prompt_row, is_chosen, subsets):
         per_subset.setdefault(subset, []).append(score)
     acc = {s: float(np.mean(per_subset[s])) for s in SUBSETS if s in per_subset}
     acc["overall"] = float(np.mean(list(acc.values())))
+    five = [acc[s] for s in SUBSETS[:-1] if s in acc]  # the published overall: mean(mean of the five, Ties)
+    acc["overall_published"] = float(np.mean([np.mean(five)] * bool(five) + [acc["Ties"]] * ("Ties" in acc)))
     return acc
+
+
+def failures(rewards, prompt_row, is_chosen, subsets):
+    """Indices of the prompts whose score (prompt_score) is below 1."""
+    rewards, prompt_row = np.asarray(rewards, dtype=np.float64), np.asarray(prompt_row)
+    is_chosen = np.asarray(is_chosen, dtype=bool)
+    scores = [prompt_score(rewards[(prompt_row == p) & is_chosen], rewards[(prompt_row == p) & ~is_chosen], subset)
+              for p, subset in enumerate(subsets)]
+    return [p for p, score in enumerate(scores) if score < 1]
+
+
+def load_head(path, head_key=None):
+    """A reward head V [F, K] (or [K, F], or [F]; oriented by the caller) from .safetensors, .npy, or .pt / .pth /
+    .bin (torch.load with weights_only=True: pickles are untrusted). A file holding several tensors: `head_key`,
+    else the first of V, head, weight, score.weight. -> (V float32 tensor, dict of all tensors in the file)."""
+    from pathlib import Path
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"head file {path} not found")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        tensors = utils.load_tensors(path)
+    elif suffix == ".npy":
+        try:
+            tensors = {"head": torch.from_numpy(np.load(path, allow_pickle=False))}
+        except ValueError as e:
+            raise ValueError(f"{path}: cannot read as a plain .npy array ({e})") from e
+    elif suffix in (".pt", ".pth", ".bin"):
+        import pickle
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, AttributeError) as e:
+            raise ValueError(f"{path}: refused to load: it holds more than tensors and plain containers (only "
+                             f"torch.load(weights_only=True) is used on untrusted pickles): {e}") from e
+        tensors = {"head": obj} if isinstance(obj, torch.Tensor) else {
+            str(k): v for k, v in (obj.items() if isinstance(obj, dict) else []) if isinstance(v, torch.Tensor)}
+    else:
+        raise ValueError(f"{path}: unknown head format {suffix!r} (.safetensors, .npy, .pt, .pth, .bin)")
+    keys = [head_key] if head_key else [k for k in ("V", "head", "weight", "score.weight") if k in tensors]
+    if not keys and len(tensors) == 1:
+        keys = list(tensors)
+    if not keys or keys[0] not in tensors:
+        raise ValueError(f"{path}: no head tensor {head_key or 'V / head / weight / score.weight'}; "
+                         f"it holds {sorted(tensors)} (pick one with head_key=)")
+    return tensors[keys[0]].float(), tensors

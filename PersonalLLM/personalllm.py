@@ -15,6 +15,32 @@ import torch
 import utils
 
 HERE = Path(__file__).resolve().parent
+NUM_RESPONSES = 8
+MODEL_NAMES = ["gemma_2b", "gemma_7b", "mistral_raft", "llama3_sfairx", "oasst_deberta_v3",
+               "beaver_7b", "oasst_pythia_7b", "oasst_pythia_1b", "mistral_ray", "mistral_weqweasdas"]
+
+
+def reward_tensor(df):
+    """[P, 8, 10] float32 scores of each response by each reward model (NaN where None)."""
+    import pandas as pd
+    cols = [f"response_{i}_{m}" for i in range(1, NUM_RESPONSES + 1) for m in MODEL_NAMES]
+    utils.require_columns(df, cols, "PersonalLLM scores")
+    values = df[cols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
+    return torch.from_numpy(values.reshape(len(df), NUM_RESPONSES, len(MODEL_NAMES)))
+
+
+def convert_published(embeddings_path, df, head, out_path):
+    """The published prepare.py output (safetensors with one key `embeddings` [P * 8, F], prompt-major, the train
+    split) + that split's rows `df` (for the scores) + the reward head [F, 1] -> out_path in the prepared format."""
+    E = utils.load_tensors(embeddings_path, ["embeddings"])["embeddings"].float()
+    if E.dim() != 2 or E.shape[0] != NUM_RESPONSES * len(df):
+        raise ValueError(f"{embeddings_path}: `embeddings` has shape {tuple(E.shape)}, expected "
+                         f"[{NUM_RESPONSES} * {len(df)}, F] for the {len(df)} prompts of the split")
+    if head.shape != (E.shape[1], 1):
+        raise ValueError(f"head has shape {tuple(head.shape)}, the embeddings have F = {E.shape[1]}")
+    tensors = {"embeddings": E, "scores": reward_tensor(df), "prompt_index": torch.arange(len(df)), "head": head}
+    return utils.save_tensors(out_path, tensors, metadata={"converted_from": str(embeddings_path),
+                                                            "reward_models": ",".join(MODEL_NAMES)})
 
 
 def read_split(path, make_cmd):

@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
+from PersonalLLM import personalllm  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
@@ -32,20 +32,12 @@ max_length = 4096          # tokens; longer conversations keep their last max_le
 max_tokens_per_batch = 16384
 shard_size = 2048          # conversations per resumable shard
 stop_after_shards = None   # stop early after this many new shards (for testing resume)
+from_published = None      # the published script's embeddings safetensors: convert it (train split, no GPU)
 # -----------------------------------------------------------------------------
 config = utils.configure(globals())
 utils.check_settings(config, __file__, writable={"data_dir": "data"})
 HERE = Path(__file__).resolve().parent
-NUM_RESPONSES = 8
-MODEL_NAMES = ["gemma_2b", "gemma_7b", "mistral_raft", "llama3_sfairx", "oasst_deberta_v3",
-               "beaver_7b", "oasst_pythia_7b", "oasst_pythia_1b", "mistral_ray", "mistral_weqweasdas"]
-
-
-def reward_tensor(df):
-    """[P, 8, 10] float32 scores of each response by each reward model (NaN where None)."""
-    cols = [f"response_{i}_{m}" for i in range(1, NUM_RESPONSES + 1) for m in MODEL_NAMES]
-    values = df[cols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
-    return torch.from_numpy(values.reshape(len(df), NUM_RESPONSES, len(MODEL_NAMES)))
+NUM_RESPONSES, MODEL_NAMES = personalllm.NUM_RESPONSES, personalllm.MODEL_NAMES
 
 
 def prepare(split_name):
@@ -68,13 +60,20 @@ def prepare(split_name):
     out = Path(data_dir or HERE / "data") / f"{split_name}.safetensors"
     return utils.extract_embeddings(
         conversations, out, model_name=model_name,
-        extra_tensors={"scores": reward_tensor(df),
+        extra_tensors={"scores": personalllm.reward_tensor(df),
                        "prompt_index": torch.as_tensor(np.flatnonzero(text_ok), dtype=torch.long)},
         metadata={"dataset": dataset_name, "split": split_name, "reward_models": ",".join(MODEL_NAMES)},
         max_tokens_per_batch=max_tokens_per_batch, max_length=max_length, shard_size=shard_size,
         stop_after_shards=stop_after_shards)
 
 
+if from_published is not None:  # the published output: train split only, scores from the dataset
+    out = Path(data_dir or HERE / "data") / "train.safetensors"
+    personalllm.convert_published(from_published, utils.load_split(dataset_name, "train", dataset_path),
+                                  utils.read_score_weight(model_name), out)
+    utils.print0(f"converted {from_published} -> {out} (the published script embeds the train split only; "
+                 f"make the test split with: python {Path(__file__)} split=test)")
+    sys.exit(0)
 for s in [split] if split else splits:
     path = prepare(s)
     if path is not None and utils.is_main_process():

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
+from RedditTLDR import tldr  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
@@ -36,6 +37,7 @@ max_length = 4096          # tokens; longer conversations keep their last max_le
 max_tokens_per_batch = 16384
 shard_size = 2048          # conversations per resumable shard
 stop_after_shards = None   # stop early after this many new shards (for testing resume)
+from_published = None      # folder with the published tldr_embeddings_{train,val}.pkl: convert them (no GPU)
 # -----------------------------------------------------------------------------
 config = utils.configure(globals())
 utils.check_settings(config, __file__, writable={"data_dir": "data"})
@@ -98,6 +100,14 @@ def prepare(split_name):
         stop_after_shards=stop_after_shards)
 
 
+if from_published is not None:
+    head = utils.read_score_weight(model_name)
+    for s, name in tldr.PUBLISHED_FILES.items():
+        tensors, names = tldr.convert_published(Path(from_published) / name, head)
+        out = utils.save_tensors(Path(data_dir or HERE / "data") / f"{s}.safetensors", tensors,
+                                 metadata={"workers": json.dumps(names), "converted_from": str(name)})
+        utils.print0(f"converted {Path(from_published) / name} -> {out}")
+    sys.exit(0)
 for s in [split] if split else splits:
     path = prepare(s)
     if path is not None and utils.is_main_process():

@@ -43,6 +43,45 @@ def read_split(path, make_cmd=None):
             "row": row, "head": head}
 
 
+PUBLISHED_FILES = {"train": "tldr_embeddings_train.pkl", "validation": "tldr_embeddings_val.pkl"}
+
+
+def _flat(x):
+    """[F] float32 from a tensor, an array or a list of them ([tensor F] in the published pickles)."""
+    if isinstance(x, (list, tuple)):
+        x = torch.stack([torch.as_tensor(v) for v in x])
+    return torch.as_tensor(x, dtype=torch.float32).reshape(-1)
+
+
+def convert_published(pkl_path, head):
+    """One published pickle {worker_id: [{"text", "winning_summary", "losing_summary", "embeddings": {"winning":
+    [tensor F], "losing": [tensor F]}}, ...]} (read with utils.load_pickle: untrusted) -> (tensors, worker names)
+    in the prepared layout: chosen, rejected [n, F], worker [n] (index into the sorted names), row [n] (order in
+    the file), head [F, 1]."""
+    data = utils.load_pickle(pkl_path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{pkl_path}: expected a dict {{worker_id: [comparison, ...]}}, got {type(data).__name__}")
+    names = sorted(str(w) for w in data)
+    chosen, rejected, worker = [], [], []
+    for w, items in data.items():
+        for i, item in enumerate(items):
+            try:
+                e = item["embeddings"]
+                chosen.append(_flat(e["winning"]))
+                rejected.append(_flat(e["losing"]))
+            except (KeyError, TypeError) as err:
+                raise ValueError(f"{pkl_path}: worker {w!r} comparison {i} lacks embeddings/winning/losing") from err
+            worker.append(names.index(str(w)))
+    if not chosen:
+        raise ValueError(f"{pkl_path}: no comparisons")
+    t = {"chosen": torch.stack(chosen), "rejected": torch.stack(rejected), "worker": torch.tensor(worker),
+         "row": torch.arange(len(worker)), "head": head}
+    if t["chosen"].shape != t["rejected"].shape or head.shape != (t["chosen"].shape[1], 1):
+        raise ValueError(f"{pkl_path}: embeddings {tuple(t['chosen'].shape)} / {tuple(t['rejected'].shape)} do not "
+                         f"match each other or the head {tuple(head.shape)}")
+    return t, names
+
+
 def make_synthetic(num_workers=60, num_features=64, rank=4, dirichlet_alpha=0.3, median_comparisons=200,
                    choice_temperature=4.0, head_noise=1.0, seed=0):
     """A Reddit-TLDR-shaped dataset with a planted low-rank per-worker structure -> (train, validation) in the

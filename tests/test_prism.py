@@ -96,7 +96,7 @@ def test_processing_gives_expected_pairs(prism_dir):
     dialogs = prism.build_dialogs(*rows)
     ids = {d["conversation_id"] for d in dialogs}
     assert "c_u0_1" not in ids and not any(i.startswith("c_ns_") for i in ids)  # no complete turn / no survey user
-    pairs, users, convs = prism.build_pairs(dialogs, seed=123)
+    pairs, users, convs = prism.build_pairs(dialogs, seed=123, user_split="filter_first")
     assert set(users["user_id"]) == {"u0", "u1", "u2", "u3", "u4"}  # 'few' has too few dialogs
     assert users["seen"].sum() == 4 and list(users["seen"]) == [True] * 4 + [False]
     assert (users["dialogs"] == 6).all() and (users["train_dialogs"] == 3).all()
@@ -180,12 +180,12 @@ def test_prepare_train_eval_end_to_end(prism_dir, tiny_reward_model, tmp_path):
 
     log = run_script("PRISM/train_basis.py", f"data_dir={data}", f"out_dir={out}", "K_list=[0,1,3]",
                      "num_iterations=30", "fewshot_iterations=20").stdout
-    assert "4 seen / 1 unseen users" in log
+    assert "3 seen / 2 unseen users" in log  # published split: a user with too few dialogs was among the first 80%
     res = json.loads((out / "train_basis.json").read_text())
     assert [r["K"] for r in res["results"]] == [0, 1, 3] and (out / "train_basis.png").is_file()
     head_file = out / "heads" / "K3_alpha10000.safetensors"
     h = utils.load_tensors(head_file, ["V", "W", "W_unseen"])
-    assert h["V"].shape[0] == 64 and h["W"].shape == (4, h["V"].shape[1]) and h["W_unseen"].shape[0] == 1
+    assert h["V"].shape[0] == 64 and h["W"].shape == (3, h["V"].shape[1]) and h["W_unseen"].shape[0] == 2
     torch.testing.assert_close(utils.load_tensors(out / "heads" / "K0_alpha10000.safetensors")["V"], t["head"])
 
     rb2 = write_rb2(tmp_path / "rb2")
@@ -193,11 +193,26 @@ def test_prepare_train_eval_end_to_end(prism_dir, tiny_reward_model, tmp_path):
                      f"model_name={tiny_reward_model}", f"data_dir={data}", f"out_dir={out}").stdout
     csv = pd.read_csv(out / "eval_rb2_K3_alpha10000_all_limit2.csv")
     K = h["V"].shape[1]
-    assert list(csv["head"]) == ["reference", "K3_alpha10000 uniform", "K3_alpha10000 user 0"] + [
-        f"K3_alpha10000 basis {j}" for j in range(K)]
-    assert list(csv.columns) == ["head"] + rewardbench.SUBSETS + ["overall"]
+    assert csv["head"][0] == "reference" and sorted(csv["head"][1:]) == sorted(
+        ["K3_alpha10000 uniform", "K3_alpha10000 user 0"] + [f"K3_alpha10000 basis {j}" for j in range(K)])
+    assert list(csv.columns) == ["head"] + rewardbench.SUBSETS + ["overall", "overall_published"]
     assert csv.iloc[:, 1:].apply(lambda c: c.between(0, 1)).all().all()
     assert "Precise IF" in log and (data / "rb2_limit2.safetensors").is_file()
+    five = csv[rewardbench.SUBSETS[:-1]].mean(axis=1)
+    assert np.allclose(csv["overall_published"], (five + csv["Ties"]) / 2)
+
+    # the published flags, a published .pt head [F, K] and no weights=: every column its own head, ranked
+    pt = tmp_path / "V.pt"
+    torch.save({"V": h["V"]}, pt)
+    log = run_script("PRISM/eval_rb2.py", "--model", tiny_reward_model, "--rm_head", pt, "--head_key", "V",
+                     "--head_bias", "0.5", "--split", "test", "--limit", "2", "--batch_size", "4", "--max_length",
+                     "4096", "--truncation_side", "left", "--device", "cpu", "--dtype", "float32", "--top_k", "1",
+                     "--save_csv", tmp_path / "published.csv", "--verbose_failures", "True", "--mode", "rm_head",
+                     f"dataset_path={rb2}", f"data_dir={data}").stdout
+    csv = pd.read_csv(tmp_path / "published.csv")
+    assert list(csv["head"])[0] == "reference" and sorted(csv["head"][1:]) == [f"V basis {j}" for j in range(K)]
+    assert list(csv["overall_published"][1:]) == sorted(csv["overall_published"][1:], reverse=True)
+    assert "prompts not fully correct" in log and "up to date" in log
     # the reference row is the model's own reward: recompute it from the model's logits
     df = rewardbench.load_prompts("rb2", rb2, limit=2)
     convs, prompt_row, is_chosen = rewardbench.conversations(df)

@@ -1,8 +1,12 @@
 """The published utils.py API, called the way the published scripts and notebooks call it: module names,
 list inputs, keyword names and defaults, return layouts, the helper functions the published file left broken."""
 import inspect
+import json
+import os
+import pickle
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,3 +190,95 @@ def test_run_results_plot_as_published(tmp_path):
     head_acc = np.mean(utils.eval_multiple([torch.ones(1)] * 8, head, test, verbose=False))
     assert res[1][0] == res[1][3] == pytest.approx(head_acc)  # K = 0 (the head) of each alpha
     assert f"{res[1][0]:.4f}" == f"{head_acc:.4f}"
+
+
+# ------------------------------------------------------------------------------------------------
+# the published files: converted by each prepare.py (from_published=...), no GPU, no model load
+
+def test_read_score_weight_from_single_and_sharded_checkpoints(tiny_reward_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+    weight = load_file(os.path.join(tiny_reward_model, "model.safetensors"))["score.weight"]
+    assert torch.equal(utils.read_score_weight(tiny_reward_model), weight.float().T)
+    save_file({"model.norm.weight": torch.ones(64)}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"score.weight": weight}, tmp_path / "model-00002-of-00002.safetensors")
+    index = {"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors",
+                            "score.weight": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert torch.equal(utils.read_score_weight(tmp_path), weight.float().T)
+    with pytest.raises(FileNotFoundError, match="score.weight"):
+        utils.read_score_weight(tmp_path / "missing")
+
+
+def test_load_pickle_reads_tensors_and_refuses_code(tmp_path):
+    obj = {"w1": [{"embeddings": {"winning": [torch.ones(3)]}}]}
+    with open(tmp_path / "plain.pkl", "wb") as f:
+        pickle.dump(obj, f)
+    torch.save(obj, tmp_path / "torch.pkl")
+    for name in ["plain.pkl", "torch.pkl"]:
+        assert torch.equal(utils.load_pickle(tmp_path / name)["w1"][0]["embeddings"]["winning"][0], torch.ones(3))
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"x": Evil()}, f)
+    with pytest.raises(ValueError, match="refused"):
+        utils.load_pickle(tmp_path / "evil.pkl")
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_personalllm_published_embeddings_convert(tmp_path):
+    from PersonalLLM import personalllm
+    P, F_dim = 3, 5
+    E = torch.randn(P * 8, F_dim)
+    utils.save_tensors(tmp_path / "embeddings.safetensors", {"embeddings": E})
+    rng = np.random.RandomState(0)
+    df = pd.DataFrame({f"response_{i}_{m}": rng.rand(P) for i in range(1, 9) for m in personalllm.MODEL_NAMES})
+    head = torch.randn(F_dim, 1)
+    out = personalllm.convert_published(tmp_path / "embeddings.safetensors", df, head, tmp_path / "train.safetensors")
+    E2, S, head2 = personalllm.read_split(out, "make")
+    assert torch.equal(E2, E) and torch.equal(head2, head) and S.shape == (P, 8, 10)
+    assert S[1, 2, 3] == pytest.approx(df[f"response_3_{personalllm.MODEL_NAMES[3]}"][1], rel=1e-6)
+    with pytest.raises(ValueError, match="expected"):
+        personalllm.convert_published(tmp_path / "embeddings.safetensors", df.iloc[:2], head, tmp_path / "x")
+
+
+def test_tldr_published_pickles_convert(tmp_path):
+    from RedditTLDR import tldr
+    head = torch.randn(4, 1)
+    for split, name in tldr.PUBLISHED_FILES.items():
+        data = {w: [{"text": "post", "winning_summary": "a", "losing_summary": "b",
+                     "embeddings": {"winning": [torch.full((4,), 1.0 + k)], "losing": [torch.zeros(4)]}}
+                    for k in range(n)] for w, n in [("wB", 2), ("wA", 3)]}
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump(data, f)
+    tensors, names = tldr.convert_published(tmp_path / tldr.PUBLISHED_FILES["train"], head)
+    utils.save_tensors(tmp_path / "train.safetensors", tensors, metadata={"workers": json.dumps(names)})
+    split = tldr.read_split(tmp_path / "train.safetensors")
+    assert list(split["worker"]) == ["wB", "wB", "wA", "wA", "wA"] and torch.equal(split["head"], head)
+    assert torch.equal(split["chosen"][:, 0], torch.tensor([1.0, 2.0, 1.0, 2.0, 3.0]))
+    assert torch.equal(split["rejected"], torch.zeros(5, 4))
+
+
+def test_prism_published_pickles_convert_and_load(tiny_reward_model, tmp_path):
+    from conftest import run_script
+    from PRISM import prism
+    g = torch.Generator().manual_seed(0)
+
+    def record(user, dialog, seen, split):
+        return {"prompt": "hi", "extra_info": {
+            "user_id": user, "dialog_id": dialog, "chosen_utterance": "c", "rejected_utterance": "r",
+            "chosen_conv_embedding": torch.randn(64, generator=g),
+            "rejected_conv_embedding": torch.randn(64, generator=g),
+            "seen": seen, "split": split}}
+    users = [("s1", True), ("s2", True), ("u1", False)]
+    for split in ["train", "test"]:
+        records = [record(u, f"{u}-{split}-{d}", seen, split) for u, seen in users for d in range(2)]
+        torch.save(records, tmp_path / prism.PUBLISHED_FILES[split])
+    run_script("PRISM/prepare.py", f"from_published={tmp_path}", f"data_dir={tmp_path / 'data'}",
+               f"model_name={tiny_reward_model}")
+    data = prism.load(tmp_path / "data")
+    assert (data.N, data.N_unseen) == (2, 1) and [len(p.user) for p in data.features] == [4, 4, 2, 2]
+    first = torch.load(tmp_path / "train_embeddings.pkl", weights_only=True)[0]["extra_info"]
+    assert torch.allclose(data.seen_train[0][0], first["chosen_conv_embedding"] - first["rejected_conv_embedding"])
+    assert torch.equal(data.head, utils.read_score_weight(tiny_reward_model))

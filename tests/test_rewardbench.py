@@ -2,8 +2,10 @@
 that use it end to end (PRISM/eval_rb2.py) are tested in test_prism.py."""
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from conftest import write_rb2
 from PRISM import rewardbench
@@ -17,7 +19,7 @@ def test_rb2_scoring_rules():
     assert rewardbench.prompt_score([3.0, 0.5], [1.0], "Ties") == 0.0
     rewards = [2, 1, 0, 1, 3, 5, 4, 0]  # prompt 0 (Math) right, prompt 1 (Math) wrong, prompt 2 (Ties) full
     acc = rewardbench.accuracy(rewards, [0, 0, 0, 1, 1, 2, 2, 2], [1, 0, 0, 1, 0, 1, 1, 0], ["Math", "Math", "Ties"])
-    assert acc == {"Math": 0.5, "Ties": 1.0, "overall": 0.75}
+    assert acc == {"Math": 0.5, "Ties": 1.0, "overall": 0.75, "overall_published": 0.75}
 
 
 def test_load_prompts_checks_and_limits(tmp_path, capsys):
@@ -39,3 +41,29 @@ def test_load_prompts_checks_and_limits(tmp_path, capsys):
     pd.DataFrame({"id": ["x"], "prompt": ["p"]}).to_parquet(tmp_path / "test.parquet")
     with pytest.raises(ValueError, match=r"missing column\(s\) \['chosen', 'rejected', 'subset'\]"):
         rewardbench.load_prompts("bad", tmp_path / "test.parquet")
+
+
+def test_overall_published_and_head_files(tmp_path):
+    rewards = [1.0, 0.0, 2.0, 0.0, 3.0, 1.5, 1.0]  # prompts 0, 1 (Math): right, wrong; prompt 2 (Ties): 0.5
+    acc = rewardbench.accuracy(rewards, [0, 0, 1, 1, 2, 2, 2], [1, 0, 0, 1, 1, 1, 0], ["Math", "Math", "Ties"])
+    assert acc["Math"] == 0.5 and acc["Ties"] == 0.5 and acc["overall_published"] == 0.5
+    acc = rewardbench.accuracy(rewards + [0.0, 1.0], [0, 0, 1, 1, 2, 2, 2, 3, 3], [1, 0, 0, 1, 1, 1, 0, 1, 0],
+                               ["Math", "Math", "Ties", "Safety"])
+    assert acc["overall"] == pytest.approx(1 / 3) and acc["overall_published"] == pytest.approx((0.25 + 0.5) / 2)
+    V = torch.randn(6, 3)
+    np.save(tmp_path / "V.npy", V.numpy())
+    torch.save(V, tmp_path / "V.pt")
+    torch.save({"other": torch.zeros(2), "V": V}, tmp_path / "V.bin")
+    torch.save({"weights": V}, tmp_path / "V.pth")
+    for name in ["V.npy", "V.pt", "V.bin"]:
+        assert torch.equal(rewardbench.load_head(tmp_path / name)[0], V)
+    assert torch.equal(rewardbench.load_head(tmp_path / "V.pth", head_key="weights")[0], V)
+    with pytest.raises(ValueError, match="head_key"):
+        rewardbench.load_head(tmp_path / "V.bin", head_key="missing")
+
+    class Evil:  # a pickle that runs code when loaded: refused
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"V": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="weights_only"):
+        rewardbench.load_head(tmp_path / "evil.pt")
