@@ -13,7 +13,7 @@ own head and the heads are ranked (top_k= shows the best k). weights= mixes the 
 "all". The reward model's own head (score.weight) is always scored first.
 The published flags work: --model --tokenizer --rm_head --head_bias --head_key --split --subset --limit
 --batch_size --max_length --truncation_side --device --dtype --trust_remote_code --save_csv --top_k
---verbose_failures (and --mode, which is accepted and recorded).
+--verbose_failures (and --mode, which is accepted and has no effect).
 Every (prompt, response) is embedded with the reward model once and cached in data_dir.
 
 A prompt counts as correct when every chosen response outscores every rejected one; Ties
@@ -42,7 +42,7 @@ model_name = "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"  # must be the model the
 model = None               # published flag: the same as model_name
 tokenizer = None           # another tokenizer than the model's (published flag)
 trust_remote_code = False
-mode = None                # published flag; accepted and recorded in the results
+mode = None                # published flag; accepted, no effect
 dataset_name = "allenai/reward-bench-2"
 dataset_path = None        # local copy: a save_to_disk folder, or a folder of test*.parquet / jsonl files
 split = "test"
