@@ -963,15 +963,15 @@ def sample_population_pairs(reward_tensor, embeddings, W, sample_percentage, rng
     return Pairs.from_indices(embeddings, chosen, rejected)
 
 
-def sample_shots(features, shots, rng=None):
+def sample_shots(train_features_unseen, shots, rng=None):
     """`shots` random pairs of each user (without replacement).
 
-    features: list of tensors [m_i, F] (returns a list of [shots, F]) or Pairs (returns Pairs).
+    train_features_unseen: list of tensors [m_i, F] (returns a list of [shots, F]) or Pairs (returns Pairs).
     A user with fewer than `shots` pairs is an error.
     """
     check_value("shots", shots, "int >= 1")
     rng = np.random if rng is None else rng
-    pairs = as_pairs(features)
+    pairs = as_pairs(train_features_unseen)
     counts = pairs.counts().tolist()
     short = [i for i, c in enumerate(counts) if c < shots]
     if short:
@@ -980,7 +980,7 @@ def sample_shots(features, shots, rng=None):
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     idx = np.concatenate([s + rng.choice(c, shots, replace=False) for s, c in zip(starts, counts)])
     out = pairs.select(idx)
-    return out if isinstance(features, Pairs) else out.to_list()
+    return out if isinstance(train_features_unseen, Pairs) else out.to_list()
 
 
 def _dialog_diffs(dialog):
