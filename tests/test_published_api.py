@@ -45,7 +45,8 @@ def test_published_keyword_names_and_defaults():
     more = {"sample_shots": ["train_features_unseen", "shots"], "simulate_user": ["reward_tensor", "features", "w"],
             "simulate_population": ["reward_tensor", "features", "W"], "evaluate_model": ["X", "V", "w"],
             "create_sparse_tensor": ["dense_tensor", "sample_percentage"], "generate_popupulation": ["alpha", "N"],
-            "eval_multiple": ["W_list", "V_list", "test_features"], "create_dataset_prism_shots": ["embeddings", "shots"]}
+            "eval_multiple": ["W_list", "V_list", "test_features"],
+            "create_dataset_prism_shots": ["embeddings", "shots"]}
     for name, params in more.items():
         assert list(inspect.signature(getattr(utils, name)).parameters)[:len(params)] == params, name
     X, _, _, _ = planted(num_users=5, pairs_per_user=8, F_dim=6, seed=1)
