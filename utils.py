@@ -264,7 +264,9 @@ SETTING_RULES = {
     "fewshot_iterations": "int >= 0",  # 0: unseen users keep uniform weights (run says so)
     "fewshot_learning_rate": "> 0", "num_shots": "each int >= 1 or None", "trials": "int >= 1",
     "synthetic_features": "int >= 1", "synthetic_prompts": "each int >= 1",
-    "weights": "one of uniform user basis all", "user": "int >= 0", "limit": "int >= 1 or None",
+    "weights": "one of uniform user basis all or None", "user": "int >= 0", "limit": "int >= 1 or None",
+    "top_k": "int >= 1 or None", "batch_size": "int >= 1", "truncation_side": "one of left right",
+    "user_split": "one of published filter_first",
     "seen_fraction": "in (0, 1)", "min_dialogs": "int >= 1", "max_length": "int >= 1",
     "max_tokens_per_batch": "int >= 1", "shard_size": "int >= 1", "stop_after_shards": "int >= 0 or None",
 }
