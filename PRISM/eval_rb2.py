@@ -73,7 +73,7 @@ if weights not in ("uniform", "user", "basis", "all"):
     raise SystemExit(f"error: weights must be uniform, user, basis or all, got {weights!r}")
 
 if rm_head is not None:  # read and check the head first: a bad file is reported before the long embedding pass
-    V, saved = rewardbench.load_head(rm_head, head_key)
+    V, saved = rewardbench.load_head(rm_head, head_key, make_cmd=f"python {HERE / 'train_basis.py'}")
     V = V.reshape(-1, 1) if V.dim() == 1 else V
     if V.dim() != 2:
         raise ValueError(f"{rm_head}: the head has shape {tuple(V.shape)}, expected V [F, K]; "

@@ -84,17 +84,18 @@ def failures(rewards, prompt_row, is_chosen, subsets):
     return [p for p, score in enumerate(scores) if score < 1]
 
 
-def load_head(path, head_key=None):
+def load_head(path, head_key=None, make_cmd=None):
     """A reward head V [F, K] (or [K, F], or [F]; oriented by the caller) from .safetensors, .npy, or .pt / .pth /
     .bin (torch.load with weights_only=True: pickles are untrusted). A file holding several tensors: `head_key`,
-    else the first of V, head, weight, score.weight. -> (V float32 tensor, dict of all tensors in the file)."""
+    else the first of V, head, weight, score.weight. make_cmd: the command that makes such a file, named in errors.
+    -> (V float32 tensor, dict of all tensors in the file)."""
     from pathlib import Path
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"head file {path} not found")
+        raise FileNotFoundError(f"{path} not found." + (f" Create it with:\n    {make_cmd}" if make_cmd else ""))
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        tensors = utils.load_tensors(path)
+        tensors = utils.load_tensors(path, make_cmd=make_cmd)
     elif suffix == ".npy":
         try:
             tensors = {"head": torch.from_numpy(np.load(path, allow_pickle=False))}
