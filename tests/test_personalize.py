@@ -1,0 +1,224 @@
+"""Tests of using a learned model: the model file, PersonalizedReward (reward, personalize) and the exported
+Hugging Face reward model, on the tiny random reward model (CPU, no download)."""
+import errno
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from test_embed import make_conversations
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import _personal as P
+import utils
+from conftest import make_tiny_reward_model
+
+F = 64  # hidden size of the tiny reward model
+
+
+def make_model_file(path, model_name, K=3, seed=0, metadata=None):
+    """A learned-model file with random V [F, K], 5 seen users 'a'..'e' and 2 unseen users 'x', 'y'."""
+    g = torch.Generator().manual_seed(seed)
+    V = torch.randn(F, K, generator=g)
+    W = torch.softmax(torch.randn(5, K, generator=g), 1)
+    W_u = torch.softmax(torch.randn(2, K, generator=g), 1)
+    P.save_lore_model(path, V, W, W_u, model_name=model_name, dataset="test", users=list("abcde"),
+                      unseen_users=["x", "y"], metadata={"K": K, "alpha": 0.0, "fewshot_pairs": 9, **(metadata or {})})
+    return path
+
+
+@pytest.fixture(scope="module")
+def rm(tiny_reward_model, tmp_path_factory):
+    path = make_model_file(tmp_path_factory.mktemp("models") / "K3_alpha0.safetensors", tiny_reward_model)
+    return P.PersonalizedReward.load(path)
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def hf_scores(model_dir, tokenizer, conversations):
+    """Logits of AutoModelForSequenceClassification.from_pretrained(model_dir) on one right-padded batch."""
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model, model(**enc).logits.squeeze(-1)
+
+
+def test_model_file_round_trip(tmp_path, tiny_reward_model):
+    path = make_model_file(tmp_path / "m.safetensors", tiny_reward_model, metadata={"fewshot_learning_rate": 0.5})
+    m = P.load_lore_model(path)
+    assert m["V"].shape == (F, 3) and m["W"].shape == (5, 3) and m["W_unseen"].shape == (2, 3)
+    assert m["users"] == list("abcde") and m["unseen_users"] == ["x", "y"]
+    assert (m["model_name"], m["dataset"], m["n_features"], m["logit_scale"]) == (tiny_reward_model, "test", F, 100.0)
+    assert m["K"] == 3 and m["alpha"] == 0.0 and m["fewshot_learning_rate"] == 0.5
+    rm = P.PersonalizedReward.load(path, model_name="elsewhere")
+    assert rm.model_name == "elsewhere" and rm.fewshot_learning_rate == 0.5 and rm.fewshot_pairs == 9
+    assert torch.equal(rm.weights("c"), m["W"][2]) and torch.equal(rm.weights("y"), m["W_unseen"][1])
+    # integer ids (simulated users) default to 0..C-1, then the unseen users
+    P.save_lore_model(tmp_path / "n.safetensors", m["V"], m["W"], m["W_unseen"], model_name="x", dataset="d")
+    n = P.PersonalizedReward.load(tmp_path / "n.safetensors")
+    assert n.users == [0, 1, 2, 3, 4] and n.unseen_users == [5, 6] and torch.equal(n.weights(6), m["W_unseen"][1])
+    # an embeddings file (any other safetensors) is refused with a clear error
+    utils.save_tensors(tmp_path / "other.safetensors", {"V": m["V"], "W": m["W"], "W_unseen": m["W_unseen"]})
+    with pytest.raises(ValueError, match="not a learned-model file"):
+        P.load_lore_model(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="unique"):
+        P.save_lore_model(tmp_path / "dup.safetensors", m["V"], m["W"], m["W_unseen"], model_name="x", dataset="d",
+                          users=list("abcdx"), unseen_users=["x", "y"])
+
+
+def test_weights_of_a_user(rm):
+    assert torch.allclose(rm.weights("uniform"), torch.full((3,), 1 / 3))
+    assert torch.equal(rm.weights([0.2, 0.3, 0.5]), torch.tensor([0.2, 0.3, 0.5]))
+    with pytest.raises(KeyError, match="not a seen or unseen user"):
+        rm.weights("zz")
+    with pytest.raises(ValueError, match="K = 3"):
+        rm.weights([0.5, 0.5])
+
+
+def test_reward_is_embedding_times_V_w(rm, tiny_reward_model):
+    convs = make_conversations(12, seed=3)
+    tokenizer, model = utils.load_reward_model(tiny_reward_model)
+    E = utils.embed_batch(tokenizer, model, convs)  # the extractor of prepare.py, one item at a time in spirit
+    assert torch.allclose(rm.embed(convs), E, atol=1e-5)
+    for user in ["b", "x", "uniform", [0.1, 0.0, 0.9]]:
+        w = rm.weights(user)
+        by_hand = torch.stack([sum(E[i, f] * sum(rm.V[f, k] * w[k] for k in range(3)) for f in range(F))
+                               for i in range(len(convs))])
+        assert torch.allclose(rm.reward(convs, user=user), by_hand, atol=1e-4)
+    # K = 0 (the reference head as V [F, 1], w = [1]) gives the reward model's own logit
+    ref = P.PersonalizedReward(utils.reward_head(model), torch.ones(1, 1), model_name=tiny_reward_model)
+    _, logits = hf_scores(tiny_reward_model, tokenizer, convs)
+    assert torch.allclose(ref.reward(convs, user=[1.0]), logits, atol=1e-4)
+
+
+def test_export_scores_like_reward_and_links_the_base(rm, tiny_reward_model, tmp_path):
+    base_file = os.path.join(tiny_reward_model, "model.safetensors")
+    before = (sha256(base_file), os.stat(base_file).st_mtime_ns, os.stat(base_file).st_size)
+    out = rm.export(tmp_path / "alice", user="b")
+    convs = make_conversations(10, seed=4)
+    model, logits = hf_scores(out, rm.load_reward_model()[0], convs)
+    expected = rm.reward(convs, user="b")
+    assert torch.allclose(logits, expected, atol=1e-4)
+    assert (logits - hf_scores(tiny_reward_model, rm.tokenizer, convs)[1]).abs().min() > 1e-2  # not the base head
+    assert torch.allclose(model.score.weight[0], rm.head("b"), atol=1e-6)
+
+    # small on disk: the base file is the same inode, the only new weights are the [1, F] head
+    files = sorted(os.listdir(out))
+    assert files == sorted(["base-model.safetensors", P.HEAD_FILE, P.INDEX_FILE, "config.json", "tokenizer.json",
+                            "tokenizer_config.json", "chat_template.jinja"])
+    assert os.stat(out / "base-model.safetensors").st_ino == os.stat(base_file).st_ino
+    assert os.path.getsize(out / P.HEAD_FILE) < 4 * F + 1024
+    own = sum(os.path.getsize(out / f) for f in files if os.stat(out / f).st_nlink == 1)
+    assert own < os.path.getsize(base_file) / 10
+    index = json.loads((out / P.INDEX_FILE).read_text())
+    assert index["weight_map"]["score.weight"] == P.HEAD_FILE
+    assert set(index["weight_map"]) == set(utils.load_tensors(base_file))
+    assert {v for k, v in index["weight_map"].items() if k != "score.weight"} == {"base-model.safetensors"}
+
+    # using the export (changing its weights in memory, saving it into its own folder) leaves the base intact
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2)
+    model.save_pretrained(out)
+    assert (sha256(base_file), os.stat(base_file).st_mtime_ns, os.stat(base_file).st_size) == before
+
+    # exporting again replaces the earlier export; any other non-empty folder is refused
+    rm.export(tmp_path / "alice", user="uniform")
+    assert torch.allclose(hf_scores(tmp_path / "alice", rm.tokenizer, convs)[1], rm.reward(convs, "uniform"),
+                          atol=1e-4)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        rm.export(tmp_path / "busy", user="b")
+    assert sha256(base_file) == before[0]
+
+
+def test_export_sharded_base_symlinked_without_pad_token(tmp_path):
+    """A sharded base (index + shards), no pad token, and no hard links (another filesystem): symlinks."""
+    tiny = make_tiny_reward_model(tmp_path / "tiny", with_pad_token=False)
+    base = str(tmp_path / "base")
+    AutoModelForSequenceClassification.from_pretrained(tiny).save_pretrained(base, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(base)
+    shards = sorted(f for f in os.listdir(base) if f.endswith(".safetensors"))
+    assert len(shards) > 2 and os.path.exists(os.path.join(base, P.INDEX_FILE))
+    rm = P.PersonalizedReward.load(make_model_file(tmp_path / "m.safetensors", base))
+
+    def no_hard_links(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+    real_link, os.link = os.link, no_hard_links
+    try:
+        out = rm.export(tmp_path / "exp", user="c")
+    finally:
+        os.link = real_link
+    for s in shards:
+        assert os.path.islink(out / f"base-{s}") and os.readlink(out / f"base-{s}") == os.path.realpath(
+            os.path.join(base, s))
+    assert (out / "config.json").read_bytes() == (tmp_path / "base" / "config.json").read_bytes()
+    # without a pad token, transformers scores one conversation at a time (its last token)
+    convs = make_conversations(4, seed=5)
+    tokenizer = rm.load_reward_model()[0]
+    logits = torch.cat([hf_scores(out, tokenizer, [c])[1] for c in convs])
+    assert torch.allclose(logits, rm.reward(convs, user="c"), atol=1e-4)
+
+
+def planted_pairs(rm, w, n_pairs, seed):
+    """(chosen, rejected) conversation lists: n_pairs random pairs ordered by the reward of w."""
+    convs = make_conversations(2 * n_pairs, seed=seed)
+    r = rm.embed(convs) @ rm.head(w)
+    first = (r[0::2] > r[1::2]).tolist()
+    chosen = [convs[2 * i] if f else convs[2 * i + 1] for i, f in enumerate(first)]
+    rejected = [convs[2 * i + 1] if f else convs[2 * i] for i, f in enumerate(first)]
+    return chosen, rejected
+
+
+def test_personalize_recovers_a_planted_w(tiny_reward_model, capsys):
+    """V [F, 3] = [a, b, -a] with a, b whitened principal directions of the embeddings; planted w = (0.7, 0.3, 0)
+    disagrees with the uniform w on about 40% of the pairs. Labels come from the planted reward."""
+    rm = P.PersonalizedReward(torch.zeros(F, 3), model_name=tiny_reward_model, fewshot_pairs=60)
+    E = rm.embed(make_conversations(200, seed=11))
+    _, S, Vh = torch.linalg.svd(E - E.mean(0), full_matrices=False)
+    a, b = (Vh[:2].T / S[:2] * len(E) ** 0.5).T
+    rm.V = 300 * torch.stack([a, b, -a], 1)
+    planted = torch.tensor([0.7, 0.3, 0.0])
+    w = rm.personalize(*planted_pairs(rm, planted, 50, seed=1))
+    assert "fewer than the 60" in capsys.readouterr().out  # 50 comparisons < the protocol's 60: a notice
+    assert w.shape == (3,) and abs(w.sum().item() - 1) < 1e-5 and (w >= 0).all()
+    assert (w - planted).abs().sum() < 0.4
+    chosen, rejected = planted_pairs(rm, planted, 100, seed=2)  # held-out pairs
+    agree = lambda u: (rm.reward(chosen, u) > rm.reward(rejected, u)).float().mean().item()  # noqa: E731
+    assert agree(w) >= 0.9 and agree("uniform") <= 0.7
+
+
+def test_personalize_input_checks(rm):
+    convs = make_conversations(4)
+    with pytest.raises(ValueError, match="3 chosen but 2 rejected"):
+        rm.personalize(convs[:3], convs[:2])
+    w = rm.personalize(convs[:1], convs[1:2])  # one comparison is allowed
+    assert w.shape == (3,) and torch.isfinite(w).all()
+    one = P.PersonalizedReward(torch.randn(F, 1), model_name=rm.model_name)  # K = 1: nothing to fit
+    assert torch.equal(one.personalize(convs[:2], convs[2:]), torch.ones(1))
+
+
+def test_read_comparisons_reports_bad_lines(tmp_path):
+    path = tmp_path / "my.jsonl"
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "a joke?"}]
+    path.write_text("\n".join([
+        json.dumps({"prompt": "Summarise this.", "chosen": "Short.", "rejected": "Long and rambling."}),
+        "",
+        json.dumps({"prompt": msgs, "chosen": "Knock knock.", "rejected": "No."}),
+        '{"prompt": "broken", "chosen": "x"',
+        json.dumps({"prompt": "p", "chosen": "c"}),
+        json.dumps({"prompt": [{"role": "user"}], "chosen": "c", "rejected": "r"}),
+        json.dumps(["p", "c", "r"]),
+    ]) + "\n")
+    chosen, rejected, bad = P.read_comparisons(path)
+    assert [n for n, _ in bad] == [4, 5, 6, 7]
+    assert "not valid JSON" in bad[0][1] and "missing rejected" in bad[1][1] and "messages" in bad[2][1]
+    assert chosen[0] == [{"role": "user", "content": "Summarise this."}, {"role": "assistant", "content": "Short."}]
+    assert rejected[1] == msgs + [{"role": "assistant", "content": "No."}]
