@@ -1,11 +1,11 @@
 """Score learned reward heads on RewardBench 2 (allenai/reward-bench-2, split 'test').
 
     python PRISM/eval_rb2.py                                      # the reward model's own head
-    python PRISM/eval_rb2.py rm_head=PRISM/results/heads/K10_alpha10000.safetensors
+    python PRISM/eval_rb2.py rm_head=PRISM/results/models/K10_alpha10000.safetensors
     python PRISM/eval_rb2.py --rm_head PATH weights=basis         # each basis column on its own
     python PRISM/eval_rb2.py --limit 5 model_name=/path/to/model  # smoke run: 5 prompts per subset
 
-rm_head: a file written by PRISM/train_basis.py (`V` [F, K], `W` [N, K]), or a head V [F, K] (or [K, F])
+rm_head: a model file written by a train_basis.py (`V` [F, K], `W` [N, K]), or a head V [F, K] (or [K, F])
 in .safetensors, .npy or .pt / .pth / .bin (the published heads; read with torch.load(weights_only=True));
 head_key= picks the tensor of a file that holds several. As published, every column of V is scored as its
 own head and the heads are ranked (top_k= shows the best k). weights= mixes the columns instead: "uniform"
@@ -33,7 +33,7 @@ from PRISM import rewardbench  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override as key=value; --key value also works)
-rm_head = None             # V [F, K]: .safetensors (train_basis.py heads/), .npy, .pt, .pth, .bin; None: own head only
+rm_head = None             # V [F, K]: .safetensors (train_basis.py models/), .npy, .pt, .pth, .bin; None: own head only
 head_key = None            # the tensor of rm_head to use (default: V, head, weight or score.weight)
 head_bias = 0.0            # added to every reward (published flag; it changes no comparison)
 weights = None             # None (published): every column its own head; or "uniform", "user", "basis", "all"
@@ -77,7 +77,7 @@ if rm_head is not None:  # read and check the head first: a bad file is reported
     V = V.reshape(-1, 1) if V.dim() == 1 else V
     if V.dim() != 2:
         raise ValueError(f"{rm_head}: the head has shape {tuple(V.shape)}, expected V [F, K]; "
-                         f"pass rm_head= a file of {HERE / 'results' / 'heads'}/ written by train_basis.py")
+                         f"pass rm_head= a file of {HERE / 'results' / 'models'}/ written by train_basis.py")
     if weights in ("user", "all") and ("W" not in saved or not 0 <= user < len(saved["W"])):
         shape = tuple(saved["W"].shape) if "W" in saved else None
         raise ValueError(f"user={user}: {rm_head} has no row {user} in the user weights W (shape {shape}); "

@@ -359,7 +359,8 @@ def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_feature
     generates make_synthetic when synthetic. seen_train / seen_test: Pairs of the seen users
     (0..N-1), unseen_fewshot / unseen_test: Pairs of the unseen users (renumbered 0..N_unseen-1),
     all indexing the embedding table [R, F]. info["fewshot_dialogs"] [m]: the dialog of each
-    unseen_fewshot pair (to draw whole dialogs as few-shot examples).
+    unseen_fewshot pair (to draw whole dialogs as few-shot examples); for prepared data also
+    "reward_model" (utils.reward_model_info) and "users" / "unseen_users" (PRISM user ids, from users.parquet).
     """
     make_cmd = f"python {HERE / 'prepare.py'}" + (f" data_dir={data_dir}" if data_dir else "")
     if synthetic:
@@ -396,5 +397,21 @@ def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_feature
     print(f"PRISM{' (synthetic)' if synthetic else ''}: {N} seen / {N_unseen} unseen users, F = {E.shape[1]}; "
           f"pairs: {len(out[0].user)} seen train, {len(out[1].user)} seen test, {len(out[2].user)} unseen few-shot, "
           f"{len(out[3].user)} unseen test")
-    fewshot_dialogs = t["dialog"][(~seen) & (split == 0)]
-    return utils.PreferenceData(*out, head=t["head"], info={"fewshot_dialogs": fewshot_dialogs})
+    info = {"fewshot_dialogs": t["dialog"][(~seen) & (split == 0)]}
+    if not synthetic:
+        info["reward_model"] = utils.reward_model_info(path)
+        info.update(_user_ids(path.parent / "users.parquet", N, N_unseen))
+    return utils.PreferenceData(*out, head=t["head"], info=info)
+
+
+def _user_ids(path, N, N_unseen):
+    """{"users": seen user ids, "unseen_users": unseen ones} from users.parquet (prepare.py), {} when absent."""
+    if not path.is_file():
+        return {}
+    import pandas as pd
+    users = pd.read_parquet(path).sort_values("user")
+    if list(users["user"]) != list(range(N + N_unseen)):
+        raise ValueError(f"{path} does not list users 0..{N + N_unseen - 1} of the embeddings; re-run: "
+                         f"python {HERE / 'prepare.py'}")
+    ids = [str(u) for u in users["user_id"]]
+    return {"users": ids[:N], "unseen_users": ids[N:]}

@@ -1,7 +1,7 @@
 """PRISM: learn K shared basis rewards on the seen users (regularized LoRe), personalize the unseen ones.
 
     python PRISM/prepare.py                  # once: pairs and embeddings -> PRISM/data/
-    python PRISM/train_basis.py              # K_list x alpha_list table, JSON, PNG and the learned heads
+    python PRISM/train_basis.py              # K_list x alpha_list table, JSON, PNG and the learned models
     python PRISM/train_basis.py synthetic=True   # offline, CPU, no download (about a minute)
 
 LoRe_regularized (pooled loss, alternating W / V steps, cosine pull of every basis column to
@@ -11,8 +11,10 @@ dialogs and tested on the other half; unseen users fit their weights on half of 
 (few-shot) and are tested on the rest.
 
 Writes to out_dir (default PRISM/results): train_basis.json, train_basis.png (accuracy vs rank)
-and heads/K{K}_alpha{alpha}.safetensors with `V` [F, K'] (the kept basis columns), `W` [N, K']
-(seen users) and `W_unseen` [N_unseen, K'], for PRISM/eval_rb2.py rm_head=...
+and models/K{K}_alpha{alpha}.safetensors (models_synthetic/ for synthetic data) with `V` [F, K']
+(the kept basis columns), `W` [N, K'] (seen users), `W_unseen` [N_unseen, K'] and metadata (PRISM
+user ids, reward model, ...; utils.save_lore_model), for PRISM/eval_rb2.py rm_head=...,
+PRISM/personalize.py and utils.PersonalizedReward.
 """
 import sys
 import time
@@ -34,7 +36,7 @@ seed = 0
 synthetic = False          # True: a generated PRISM-shaped dataset with a planted low-rank structure
 synthetic_users = 1000
 synthetic_features = 64    # embedding size F of the synthetic data
-save_heads = True          # write V, W, W_unseen of every (alpha, K) to out_dir/heads/
+save_models = True         # write V, W, W_unseen of every (alpha, K) to out_dir/models/
 data_dir = None            # default: PRISM/data (written by prepare.py)
 out_dir = None             # default: PRISM/results
 device = None              # default: cuda if available, else cpu
@@ -54,17 +56,12 @@ data = prism.load(data_dir=data_dir, synthetic=synthetic, synthetic_users=synthe
     fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_models=True)
 out = utils.script_out_dir(__file__, out_dir)
 name = "train_basis_synthetic" if synthetic else "train_basis"
-heads = {}
-if save_heads:
-    for (alpha, K), m in models.items():
-        path = out / ("heads_synthetic" if synthetic else "heads") / f"K{K}_alpha{alpha:g}.safetensors"
-        path = utils.save_or_fallback(path, lambda p: utils.save_tensors(
-            p, m, metadata={"K": K, "alpha": alpha, "kept": m["V"].shape[1], "synthetic": synthetic}))
-        heads[f"K={K} alpha={alpha:g}"] = str(path)
+paths = {}
+if save_models:
+    paths = utils.save_models(out / name.replace("train_basis", "models"), models, data, dataset="PRISM",
+                              fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate)
 utils.report_run(accuracies, K_list, alpha_list, config, out, name, "PRISM (synthetic)" if synthetic else "PRISM",
                  extra={"seconds": time.time() - t0, "num_iterations_used": num_iterations,
                         "kept_bases": {f"K={K} alpha={a:g}": m["V"].shape[1] for (a, K), m in models.items()},
-                        "heads": heads})
-if save_heads:
-    print(f"wrote the learned heads (V, W, W_unseen) to {out / ('heads_synthetic' if synthetic else 'heads')}/")
+                        "models": paths})
 print(f"done in {time.time() - t0:.0f}s")

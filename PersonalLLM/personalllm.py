@@ -183,11 +183,14 @@ def load(data_dir=None, synthetic=False, synthetic_prompts=(9402, 1000), synthet
 
     Draws the population with the global NumPy generator: call utils.set_seed(seed) first.
     Unseen users get int(fewshot_pool_density * P) few-shot pairs when it is given (a pool to draw
-    shots from), else int(fewshot_density * P). info: N, N_unseen, the densities and dirichlet_alpha.
+    shots from), else int(fewshot_density * P). info: N, N_unseen, the densities, dirichlet_alpha and
+    (prepared data) "reward_model": {"model_name", "max_length", "truncation_side"} of the embeddings.
     """
     E_tr, S_tr, E_te, S_te, head = read_splits(data_dir, synthetic, synthetic_prompts, synthetic_features, seed)
     pairs = population(E_tr, S_tr, E_te, S_te, N, N_unseen, train_density, fewshot_density, dirichlet_alpha,
                        fewshot_pool_density)
     info = {"train_density": train_density, "fewshot_density": fewshot_pool_density or fewshot_density,
             "dirichlet_alpha": dirichlet_alpha}
+    if not synthetic:
+        info["reward_model"] = utils.reward_model_info(Path(data_dir or HERE / "data") / "train.safetensors")
     return utils.PreferenceData(*pairs, head=head, info=info)

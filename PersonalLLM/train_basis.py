@@ -7,6 +7,11 @@
 Users are Dirichlet(0.1) mixtures of the 10 reward models; a user's pair on a prompt is its
 highest- vs lowest-scored response. Seen users see 0.5% of the train prompts (47 pairs), unseen
 users 0.1% (9 pairs); everyone is evaluated on all test prompts.
+
+Writes to out_dir (default PersonalLLM/results): train_basis.json, train_basis.png (accuracy vs rank)
+and models/K{K}_alpha{alpha}.safetensors (models_synthetic/ for synthetic data): V [F, K], W [N, K],
+W_unseen [N_unseen, K] and metadata (utils.save_lore_model), for utils.PersonalizedReward and
+PRISM/personalize.py. Simulated users are numbered: seen 0..N-1, unseen N..N+N_unseen-1.
 """
 import sys
 import time
@@ -35,6 +40,7 @@ synthetic_features = 128   # embedding size F of the synthetic data
 synthetic_prompts = [9402, 1000]  # train, test prompts of the synthetic data
 data_dir = None            # default: PersonalLLM/data (written by prepare.py)
 out_dir = None             # default: PersonalLLM/results
+save_models = True         # write V, W, W_unseen of every (alpha, K) to out_dir/models/
 device = None              # default: cuda if available, else cpu
 # -----------------------------------------------------------------------------
 config = utils.configure(globals())
@@ -47,10 +53,17 @@ utils.set_seed(seed)
 data = personalllm.load(data_dir=data_dir, synthetic=synthetic, synthetic_prompts=synthetic_prompts,
                         synthetic_features=synthetic_features, N=N, N_unseen=N_unseen, train_density=train_density,
                         fewshot_density=fewshot_density, dirichlet_alpha=dirichlet_alpha, seed=seed)
-accuracies = utils.run(K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, utils.get_device(device),
-                       num_iterations=num_iterations, learning_rate=learning_rate,
-                       fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed)
+*accuracies, models = utils.run(
+    K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, utils.get_device(device),
+    num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
+    fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_models=True)
+out = utils.script_out_dir(__file__, out_dir)
 name = "train_basis_synthetic" if synthetic else "train_basis"
-utils.report_run(accuracies, K_list, alpha_list, config, utils.script_out_dir(__file__, out_dir), name,
-                 "PersonalLLM (synthetic)" if synthetic else "PersonalLLM", extra={"seconds": time.time() - t0})
+paths = {}
+if save_models:
+    paths = utils.save_models(out / name.replace("train_basis", "models"), models, data, dataset="PersonalLLM",
+                              fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate)
+utils.report_run(accuracies, K_list, alpha_list, config, out, name,
+                 "PersonalLLM (synthetic)" if synthetic else "PersonalLLM",
+                 extra={"seconds": time.time() - t0, "models": paths})
 print(f"done in {time.time() - t0:.0f}s")

@@ -252,11 +252,15 @@ def load(data_dir=None, synthetic=False, synthetic_features=64, protocol="publis
          max_fewshot_pairs=50, min_comparisons=50, split_seed=0, seed=0):
     """A Reddit TLDR protocol (see split_pairs) on the prepared (or synthetic) data -> utils.PreferenceData.
 
-    The reference head is the reward model's own. info: N, N_unseen and "workers": {"protocol", "seen",
-    "unseen", "dropped" (worker names), "pairs": {role: count}}.
+    The reference head is the reward model's own. info: N, N_unseen, "workers": {"protocol", "seen",
+    "unseen", "dropped" (worker names), "pairs": {role: count}}, "users" / "unseen_users" (the seen / unseen
+    worker names, in user order) and (prepared data) "reward_model" (utils.reward_model_info).
     """
     utils.check_value("synthetic_features", synthetic_features, "int >= 1")
     train, test = read_splits(data_dir, synthetic, synthetic_features, seed)
     pairs, workers = split_pairs(train, test, protocol, max_train_pairs, max_fewshot_pairs, min_comparisons,
                                  split_seed=split_seed)
-    return utils.PreferenceData(*pairs, head=train["head"], info={"workers": workers})
+    info = {"workers": workers, "users": workers["seen"], "unseen_users": workers["unseen"]}
+    if not synthetic:
+        info["reward_model"] = utils.reward_model_info(Path(data_dir or HERE / "data") / f"{SPLITS[0]}.safetensors")
+    return utils.PreferenceData(*pairs, head=train["head"], info=info)

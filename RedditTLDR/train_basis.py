@@ -13,6 +13,11 @@ validation-split comparisons. protocol=paper: workers with fewer than 50 compari
 are dropped and each worker's comparisons are split half train (or few-shot), half test; the same
 caps apply. Capped subsets are seeded random subsets (split_seed). K = 0 is the reward model's own
 head, K = 1 one Bradley-Terry reward for everyone.
+
+Writes to out_dir (default RedditTLDR/results): train_basis[_paper].{json,png} and
+models[_paper]/K{K}_alpha{alpha}.safetensors (models_synthetic/ ... for synthetic data): V [F, K], W and
+W_unseen with the worker names as user ids (utils.save_lore_model), for utils.PersonalizedReward and
+PRISM/personalize.py.
 """
 import sys
 import time
@@ -40,6 +45,7 @@ synthetic = False          # True: a generated Reddit-TLDR-shaped dataset, no do
 synthetic_features = 64    # embedding size F of the synthetic data
 data_dir = None            # default: RedditTLDR/data (written by prepare.py)
 out_dir = None             # default: RedditTLDR/results
+save_models = True         # write V, W, W_unseen of every (alpha, K) to out_dir/models/
 device = None              # default: cuda if available, else cpu
 # -----------------------------------------------------------------------------
 config = utils.configure(globals())
@@ -50,11 +56,17 @@ utils.set_seed(seed)
 data = tldr.load(data_dir=data_dir, synthetic=synthetic, synthetic_features=synthetic_features, protocol=protocol,
                  max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs, min_comparisons=min_comparisons,
                  split_seed=split_seed, seed=seed)
-accuracies = utils.run(K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, utils.get_device(device),
-                       num_iterations=num_iterations, learning_rate=learning_rate,
-                       fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed)
+*accuracies, models = utils.run(
+    K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, utils.get_device(device),
+    num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
+    fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_models=True)
+out = utils.script_out_dir(__file__, out_dir)
 name = "train_basis" + ("_paper" if protocol == "paper" else "") + ("_synthetic" if synthetic else "")
 title = "Reddit TLDR" + (" paper split" if protocol == "paper" else "") + (" (synthetic)" if synthetic else "")
-utils.report_run(accuracies, K_list, alpha_list, config, utils.script_out_dir(__file__, out_dir), name, title,
-                 extra={"workers": data.info["workers"], "seconds": time.time() - t0})
+paths = {}
+if save_models:
+    paths = utils.save_models(out / name.replace("train_basis", "models"), models, data, dataset="RedditTLDR",
+                              fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate)
+utils.report_run(accuracies, K_list, alpha_list, config, out, name, title,
+                 extra={"workers": data.info["workers"], "seconds": time.time() - t0, "models": paths})
 print(f"done in {time.time() - t0:.0f}s")

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _personal as P  # noqa: E402
+import utils  # noqa: E402
 from conftest import make_tiny_reward_model  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -67,12 +67,11 @@ def main():
     g = torch.Generator().manual_seed(seed)
     V = torch.randn(F, K, generator=g)
     W = torch.softmax(torch.randn(4, K, generator=g), 1)
-    path = P.save_lore_model(os.path.join(tmp, "model.safetensors"), V, W, W[:0], model_name=base, dataset="bench")
-    rm = P.PersonalizedReward.load(path, device=dev)
+    path = utils.save_lore_model(os.path.join(tmp, "model.safetensors"), V, W, W[:0], model_name=base, dataset="bench")
+    rm = utils.PersonalizedReward.load(path, device=dev)
     if big:  # random 8B-shaped model behind the tiny tokenizer
         from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-        import utils
         tokenizer, _ = utils.load_reward_model(base, device="cpu")
         config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
                              num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,

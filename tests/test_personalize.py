@@ -10,9 +10,8 @@ import torch
 from test_embed import make_conversations
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import _personal as P
 import utils
-from conftest import make_tiny_reward_model
+from conftest import make_tiny_reward_model, run_script
 
 F = 64  # hidden size of the tiny reward model
 
@@ -23,7 +22,7 @@ def make_model_file(path, model_name, K=3, seed=0, metadata=None):
     V = torch.randn(F, K, generator=g)
     W = torch.softmax(torch.randn(5, K, generator=g), 1)
     W_u = torch.softmax(torch.randn(2, K, generator=g), 1)
-    P.save_lore_model(path, V, W, W_u, model_name=model_name, dataset="test", users=list("abcde"),
+    utils.save_lore_model(path, V, W, W_u, model_name=model_name, dataset="test", users=list("abcde"),
                       unseen_users=["x", "y"], metadata={"K": K, "alpha": 0.0, "fewshot_pairs": 9, **(metadata or {})})
     return path
 
@@ -31,7 +30,7 @@ def make_model_file(path, model_name, K=3, seed=0, metadata=None):
 @pytest.fixture(scope="module")
 def rm(tiny_reward_model, tmp_path_factory):
     path = make_model_file(tmp_path_factory.mktemp("models") / "K3_alpha0.safetensors", tiny_reward_model)
-    return P.PersonalizedReward.load(path)
+    return utils.PersonalizedReward.load(path)
 
 
 def sha256(path):
@@ -50,24 +49,24 @@ def hf_scores(model_dir, tokenizer, conversations):
 
 def test_model_file_round_trip(tmp_path, tiny_reward_model):
     path = make_model_file(tmp_path / "m.safetensors", tiny_reward_model, metadata={"fewshot_learning_rate": 0.5})
-    m = P.load_lore_model(path)
+    m = utils.load_lore_model(path)
     assert m["V"].shape == (F, 3) and m["W"].shape == (5, 3) and m["W_unseen"].shape == (2, 3)
     assert m["users"] == list("abcde") and m["unseen_users"] == ["x", "y"]
     assert (m["model_name"], m["dataset"], m["n_features"], m["logit_scale"]) == (tiny_reward_model, "test", F, 100.0)
     assert m["K"] == 3 and m["alpha"] == 0.0 and m["fewshot_learning_rate"] == 0.5
-    rm = P.PersonalizedReward.load(path, model_name="elsewhere")
+    rm = utils.PersonalizedReward.load(path, model_name="elsewhere")
     assert rm.model_name == "elsewhere" and rm.fewshot_learning_rate == 0.5 and rm.fewshot_pairs == 9
     assert torch.equal(rm.weights("c"), m["W"][2]) and torch.equal(rm.weights("y"), m["W_unseen"][1])
     # integer ids (simulated users) default to 0..C-1, then the unseen users
-    P.save_lore_model(tmp_path / "n.safetensors", m["V"], m["W"], m["W_unseen"], model_name="x", dataset="d")
-    n = P.PersonalizedReward.load(tmp_path / "n.safetensors")
+    utils.save_lore_model(tmp_path / "n.safetensors", m["V"], m["W"], m["W_unseen"], model_name="x", dataset="d")
+    n = utils.PersonalizedReward.load(tmp_path / "n.safetensors")
     assert n.users == [0, 1, 2, 3, 4] and n.unseen_users == [5, 6] and torch.equal(n.weights(6), m["W_unseen"][1])
     # an embeddings file (any other safetensors) is refused with a clear error
     utils.save_tensors(tmp_path / "other.safetensors", {"V": m["V"], "W": m["W"], "W_unseen": m["W_unseen"]})
     with pytest.raises(ValueError, match="not a learned-model file"):
-        P.load_lore_model(tmp_path / "other.safetensors")
+        utils.load_lore_model(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="unique"):
-        P.save_lore_model(tmp_path / "dup.safetensors", m["V"], m["W"], m["W_unseen"], model_name="x", dataset="d",
+        utils.save_lore_model(tmp_path / "dup.safetensors", m["V"], m["W"], m["W_unseen"], model_name="x", dataset="d",
                           users=list("abcdx"), unseen_users=["x", "y"])
 
 
@@ -91,7 +90,7 @@ def test_reward_is_embedding_times_V_w(rm, tiny_reward_model):
                                for i in range(len(convs))])
         assert torch.allclose(rm.reward(convs, user=user), by_hand, atol=1e-4)
     # K = 0 (the reference head as V [F, 1], w = [1]) gives the reward model's own logit
-    ref = P.PersonalizedReward(utils.reward_head(model), torch.ones(1, 1), model_name=tiny_reward_model)
+    ref = utils.PersonalizedReward(utils.reward_head(model), torch.ones(1, 1), model_name=tiny_reward_model)
     _, logits = hf_scores(tiny_reward_model, tokenizer, convs)
     assert torch.allclose(ref.reward(convs, user=[1.0]), logits, atol=1e-4)
 
@@ -109,14 +108,14 @@ def test_export_scores_like_reward_and_links_the_base(rm, tiny_reward_model, tmp
 
     # small on disk: the base file is the same inode, the only new weights are the [1, F] head
     files = sorted(os.listdir(out))
-    assert files == sorted(["base-model.safetensors", P.HEAD_FILE, P.INDEX_FILE, "config.json", "tokenizer.json",
-                            "tokenizer_config.json", "chat_template.jinja"])
+    assert files == sorted(["base-model.safetensors", utils.EXPORT_HEAD_FILE, utils.EXPORT_INDEX_FILE, "config.json",
+                            "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"])
     assert os.stat(out / "base-model.safetensors").st_ino == os.stat(base_file).st_ino
-    assert os.path.getsize(out / P.HEAD_FILE) < 4 * F + 1024
+    assert os.path.getsize(out / utils.EXPORT_HEAD_FILE) < 4 * F + 1024
     own = sum(os.path.getsize(out / f) for f in files if os.stat(out / f).st_nlink == 1)
     assert own < os.path.getsize(base_file) / 10
-    index = json.loads((out / P.INDEX_FILE).read_text())
-    assert index["weight_map"]["score.weight"] == P.HEAD_FILE
+    index = json.loads((out / utils.EXPORT_INDEX_FILE).read_text())
+    assert index["weight_map"]["score.weight"] == utils.EXPORT_HEAD_FILE
     assert set(index["weight_map"]) == set(utils.load_tensors(base_file))
     assert {v for k, v in index["weight_map"].items() if k != "score.weight"} == {"base-model.safetensors"}
 
@@ -145,8 +144,8 @@ def test_export_sharded_base_symlinked_without_pad_token(tmp_path):
     AutoModelForSequenceClassification.from_pretrained(tiny).save_pretrained(base, max_shard_size="100KB")
     AutoTokenizer.from_pretrained(tiny).save_pretrained(base)
     shards = sorted(f for f in os.listdir(base) if f.endswith(".safetensors"))
-    assert len(shards) > 2 and os.path.exists(os.path.join(base, P.INDEX_FILE))
-    rm = P.PersonalizedReward.load(make_model_file(tmp_path / "m.safetensors", base))
+    assert len(shards) > 2 and os.path.exists(os.path.join(base, utils.EXPORT_INDEX_FILE))
+    rm = utils.PersonalizedReward.load(make_model_file(tmp_path / "m.safetensors", base))
 
     def no_hard_links(src, dst):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
@@ -179,7 +178,7 @@ def planted_pairs(rm, w, n_pairs, seed):
 def test_personalize_recovers_a_planted_w(tiny_reward_model, capsys):
     """V [F, 3] = [a, b, -a] with a, b whitened principal directions of the embeddings; planted w = (0.7, 0.3, 0)
     disagrees with the uniform w on about 40% of the pairs. Labels come from the planted reward."""
-    rm = P.PersonalizedReward(torch.zeros(F, 3), model_name=tiny_reward_model, fewshot_pairs=60)
+    rm = utils.PersonalizedReward(torch.zeros(F, 3), model_name=tiny_reward_model, fewshot_pairs=60)
     E = rm.embed(make_conversations(200, seed=11))
     _, S, Vh = torch.linalg.svd(E - E.mean(0), full_matrices=False)
     a, b = (Vh[:2].T / S[:2] * len(E) ** 0.5).T
@@ -200,7 +199,7 @@ def test_personalize_input_checks(rm):
         rm.personalize(convs[:3], convs[:2])
     w = rm.personalize(convs[:1], convs[1:2])  # one comparison is allowed
     assert w.shape == (3,) and torch.isfinite(w).all()
-    one = P.PersonalizedReward(torch.randn(F, 1), model_name=rm.model_name)  # K = 1: nothing to fit
+    one = utils.PersonalizedReward(torch.randn(F, 1), model_name=rm.model_name)  # K = 1: nothing to fit
     assert torch.equal(one.personalize(convs[:2], convs[2:]), torch.ones(1))
 
 
@@ -217,8 +216,40 @@ def test_read_comparisons_reports_bad_lines(tmp_path):
         json.dumps({"prompt": [{"role": "user"}], "chosen": "c", "rejected": "r"}),
         json.dumps(["p", "c", "r"]),
     ]) + "\n")
-    chosen, rejected, bad = P.read_comparisons(path)
+    chosen, rejected, bad = utils.read_comparisons(path)
     assert [n for n, _ in bad] == [4, 5, 6, 7]
     assert "not valid JSON" in bad[0][1] and "missing rejected" in bad[1][1] and "messages" in bad[2][1]
     assert chosen[0] == [{"role": "user", "content": "Summarise this."}, {"role": "assistant", "content": "Short."}]
     assert rejected[1] == msgs + [{"role": "assistant", "content": "No."}]
+
+
+def test_personalize_command_end_to_end(tmp_path, tiny_reward_model):
+    """PRISM/personalize.py on a 5-line jsonl with one malformed line: reports it, prints w, exports."""
+    model_file = make_model_file(tmp_path / "K3_alpha0.safetensors", tiny_reward_model)
+    convs = make_conversations(8, seed=7)
+    rows = [{"prompt": c[0]["content"], "chosen": c[1]["content"], "rejected": r[1]["content"]}
+            for c, r in zip(convs[:4], convs[4:])]
+    rows[1]["prompt"] = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                         {"role": "user", "content": rows[1]["prompt"]}]
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(2, '{"prompt": "a broken line", "chosen": "x",')
+    (tmp_path / "my.jsonl").write_text("\n".join(lines) + "\n")
+    proc = run_script("PRISM/personalize.py", f"comparisons={tmp_path / 'my.jsonl'}", f"model={model_file}",
+                      f"out_dir={tmp_path / 'me'}")
+    out = proc.stdout
+    assert "my.jsonl:3: skipped, not valid JSON" in out and "4 comparisons read" in out and "1 bad lines" in out
+    assert "fewer than the 9" in out and "export: wrote" in out
+    printed = torch.tensor(json.loads(out.split("w = ")[1].splitlines()[0]))
+    # the same fit in this process
+    chosen, rejected, bad = utils.read_comparisons(tmp_path / "my.jsonl")
+    rm = utils.PersonalizedReward.load(model_file)
+    w = rm.personalize(chosen, rejected)
+    assert [n for n, _ in bad] == [3] and torch.allclose(printed, w, atol=1e-4)
+    assert f"ordered right: {int((rm.reward(chosen, w) > rm.reward(rejected, w)).sum())}/4" in out
+    _, logits = hf_scores(tmp_path / "me", rm.load_reward_model()[0], chosen + rejected)
+    assert torch.allclose(logits, rm.reward(chosen + rejected, w), atol=1e-4)
+    # no valid line: a clear error
+    (tmp_path / "bad.jsonl").write_text("[1, 2]\n")
+    proc = run_script("PRISM/personalize.py", f"comparisons={tmp_path / 'bad.jsonl'}", f"model={model_file}",
+                      check=False)
+    assert proc.returncode != 0 and "bad.jsonl:1: skipped" in proc.stdout and "no valid comparison" in proc.stderr

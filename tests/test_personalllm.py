@@ -70,7 +70,7 @@ def test_prepare_is_not_recomputed_when_up_to_date(prepared, tiny_reward_model):
     assert (root / "data" / "train.safetensors").read_bytes() == before
 
 
-def test_train_basis_on_prepared_data_skips_nan_prompts(prepared, tmp_path):
+def test_train_basis_on_prepared_data_skips_nan_prompts(prepared, tmp_path, tiny_reward_model):
     root, *_ = prepared
     proc = run_script("PersonalLLM/train_basis.py", f"data_dir={root / 'data'}", f"out_dir={tmp_path}",
                       "N=6", "N_unseen=4", "train_density=0.5", "fewshot_density=0.25", "K_list=[0,1,2]",
@@ -79,6 +79,18 @@ def test_train_basis_on_prepared_data_skips_nan_prompts(prepared, tmp_path):
     res = json.loads((tmp_path / "train_basis.json").read_text())
     assert [r["K"] for r in res["results"]] == [0, 1, 2]
     assert (tmp_path / "train_basis.png").stat().st_size > 1000
+    # the learned models, in the common format: simulated users numbered 0..5 (seen), 6..9 (unseen)
+    m = utils.load_lore_model(tmp_path / "models" / "K2_alpha0.safetensors")
+    assert m["V"].shape == (64, 2) and m["W"].shape == (6, 2) and m["W_unseen"].shape == (4, 2)
+    assert m["users"] == list(range(6)) and m["unseen_users"] == list(range(6, 10))
+    assert (m["model_name"], m["dataset"], m["n_features"], m["logit_scale"]) == (tiny_reward_model, "PersonalLLM",
+                                                                                  64, 100.0)
+    assert (m["K"], m["alpha"], m["fewshot_iterations"], m["fewshot_learning_rate"], m["fewshot_pairs"]) == (
+        2, 0, 10, 0.1, int(0.25 * 39))
+    assert (m["max_length"], m["truncation_side"]) == (4096, "left")
+    head = utils.load_tensors(root / "data" / "train.safetensors", allow_nan=("scores",))["head"]
+    assert torch.equal(utils.load_lore_model(tmp_path / "models" / "K0_alpha0.safetensors")["V"], head)
+    assert res["models"]["K=2 alpha=0"] == str(tmp_path / "models" / "K2_alpha0.safetensors")
 
 
 def test_missing_column_is_a_clear_error(tmp_path, tiny_reward_model):

@@ -183,10 +183,21 @@ def test_prepare_train_eval_end_to_end(prism_dir, tiny_reward_model, tmp_path):
     assert "3 seen / 2 unseen users" in log  # published split: a user with too few dialogs was among the first 80%
     res = json.loads((out / "train_basis.json").read_text())
     assert [r["K"] for r in res["results"]] == [0, 1, 3] and (out / "train_basis.png").is_file()
-    head_file = out / "heads" / "K3_alpha10000.safetensors"
+    head_file = out / "models" / "K3_alpha10000.safetensors"
     h = utils.load_tensors(head_file, ["V", "W", "W_unseen"])
     assert h["V"].shape[0] == 64 and h["W"].shape == (3, h["V"].shape[1]) and h["W_unseen"].shape[0] == 2
-    torch.testing.assert_close(utils.load_tensors(out / "heads" / "K0_alpha10000.safetensors")["V"], t["head"])
+    torch.testing.assert_close(utils.load_tensors(out / "models" / "K0_alpha10000.safetensors")["V"], t["head"])
+    # the common model format: PRISM user ids, the reward model, and rewards e^T V w of the data's own rows
+    m = utils.load_lore_model(head_file)
+    assert m["users"] == list(users["user_id"][:3]) and m["unseen_users"] == list(users["user_id"][3:])
+    assert (m["model_name"], m["dataset"], m["fewshot_learning_rate"]) == (tiny_reward_model, "PRISM", 0.5)
+    rm = utils.PersonalizedReward.load(head_file)
+    p = pairs.iloc[-1]  # a pair of the last unseen user
+    conv = [{"role": m_["role"], "content": m_["content"]} for m_ in p["prompt"]]
+    conv.append({"role": "assistant", "content": p["chosen"]})
+    torch.testing.assert_close(rm.reward([conv], user=p["user_id"]),
+                               t["embeddings"][[p["chosen_row"]]] @ m["V"] @ m["W_unseen"][p["user"] - 3],
+                               atol=1e-4, rtol=1e-4)
 
     rb2 = write_rb2(tmp_path / "rb2")
     log = run_script("PRISM/eval_rb2.py", "--rm_head", head_file, "weights=all", "--limit", "2", f"dataset_path={rb2}",
@@ -248,7 +259,7 @@ def test_train_basis_and_vary_fewshot_synthetic(tmp_path):
     assert "seen_test" in log
     res = json.loads((tmp_path / "train_basis_synthetic.json").read_text())
     assert len(res["results"]) == 6 and res["num_iterations_used"] == 50
-    assert (tmp_path / "heads_synthetic" / "K3_alpha0.safetensors").is_file()
+    assert (tmp_path / "models_synthetic" / "K3_alpha0.safetensors").is_file()
 
     run_script("PRISM/vary_fewshot.py", "synthetic=True", "synthetic_users=200", "K=3", "trials=2",
                "num_iterations=50", "fewshot_iterations=50", f"out_dir={tmp_path}")

@@ -82,7 +82,7 @@ def test_prepare_end_to_end(prepared, tiny_reward_model):
         torch.testing.assert_close(d["head"], utils.reward_head(model))
 
 
-def test_train_basis_on_prepared_files(prepared, tmp_path):
+def test_train_basis_on_prepared_files(prepared, tmp_path, tiny_reward_model):
     data_dir, _, _ = prepared
     run_script("RedditTLDR/train_basis.py", f"data_dir={data_dir}", f"out_dir={tmp_path}", "K_list=[0,1,2]",
                "num_iterations=20", "fewshot_iterations=20")
@@ -90,6 +90,14 @@ def test_train_basis_on_prepared_files(prepared, tmp_path):
     assert out["workers"]["dropped"] == ["w4", "w5"]
     assert sorted(out["workers"]["seen"] + out["workers"]["unseen"]) == ["w0", "w1", "w2", "w3"]
     assert [r["K"] for r in out["results"]] == [0, 1, 2] and (tmp_path / "train_basis.png").is_file()
+    # the learned models, in the common format, with the worker names as user ids
+    m = utils.load_lore_model(tmp_path / "models" / "K2_alpha0.safetensors")
+    assert m["users"] == out["workers"]["seen"] and m["unseen_users"] == out["workers"]["unseen"]
+    assert m["W"].shape == (2, m["V"].shape[1]) and m["W_unseen"].shape == (2, m["V"].shape[1])
+    assert (m["model_name"], m["dataset"], m["n_features"], m["fewshot_learning_rate"]) == (
+        tiny_reward_model, "RedditTLDR", 64, 0.1)
+    rm = utils.PersonalizedReward.load(tmp_path / "models" / "K2_alpha0.safetensors")
+    assert torch.equal(rm.weights(out["workers"]["unseen"][1]), m["W_unseen"][1])
 
 
 def test_prepare_missing_columns(tmp_path):
