@@ -45,7 +45,7 @@ for n, reason in bad:
     print(f"{comparisons}:{n}: skipped, {reason}")
 if not chosen:
     raise SystemExit(f"error: {comparisons} has no valid comparison")
-print(f"{len(chosen)} comparisons read from {comparisons}" + (f" ({len(bad)} bad lines skipped)" if bad else ""))
+print(f"{len(chosen)} comparisons read from {comparisons}" + (f" ({len(bad)} bad line(s) skipped)" if bad else ""))
 
 rm = utils.PersonalizedReward.load(model, model_name=model_name, device=device)
 print(rm)

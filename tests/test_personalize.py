@@ -237,7 +237,7 @@ def test_personalize_command_end_to_end(tmp_path, tiny_reward_model):
     proc = run_script("PRISM/personalize.py", f"comparisons={tmp_path / 'my.jsonl'}", f"model={model_file}",
                       f"out_dir={tmp_path / 'me'}")
     out = proc.stdout
-    assert "my.jsonl:3: skipped, not valid JSON" in out and "4 comparisons read" in out and "1 bad lines" in out
+    assert "my.jsonl:3: skipped, not valid JSON" in out and "4 comparisons read" in out and "1 bad line(s)" in out
     assert "fewer than the 9" in out and "export: wrote" in out
     printed = torch.tensor(json.loads(out.split("w = ")[1].splitlines()[0]))
     # the same fit in this process
