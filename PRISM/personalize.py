@@ -35,16 +35,18 @@ device = None              # reward model device; default: cuda if available, el
 config = utils.configure(globals())
 utils.check_settings(config, __file__, writable={"out_dir": "results"} if export else None,
                      rules={"learning_rate": "> 0 or None"})
-if comparisons is None or model is None:
-    raise SystemExit("usage: python PRISM/personalize.py comparisons=FILE.jsonl model=MODEL.safetensors")
+if comparisons is None or model is None:  # from here on an error ends the script with one `error:` line
+    raise ValueError(f"comparisons={comparisons}, model={model}: both are needed; pass "
+                     "comparisons=FILE.jsonl model=results/models/K..._alpha....safetensors")
 if not Path(comparisons).is_file():
-    raise SystemExit(f"error: comparisons={comparisons}: file not found")
+    raise FileNotFoundError(f"comparisons={comparisons}: no such file")
 
 chosen, rejected, bad = utils.read_comparisons(comparisons)
 for n, reason in bad:
     print(f"{comparisons}:{n}: skipped, {reason}")
 if not chosen:
-    raise SystemExit(f"error: {comparisons} has no valid comparison")
+    raise ValueError(f"comparisons={comparisons}: no valid comparison (see the lines above); each line must be "
+                     '{"prompt": ..., "chosen": ..., "rejected": ...}')
 print(f"{len(chosen)} comparisons read from {comparisons}" + (f" ({len(bad)} bad line(s) skipped)" if bad else ""))
 
 rm = utils.PersonalizedReward.load(model, model_name=model_name, device=device)

@@ -253,4 +253,5 @@ def test_personalize_command_end_to_end(tmp_path, tiny_reward_model):
     (tmp_path / "bad.jsonl").write_text("[1, 2]\n")
     proc = run_script("PRISM/personalize.py", f"comparisons={tmp_path / 'bad.jsonl'}", f"model={model_file}",
                       check=False)
-    assert proc.returncode != 0 and "bad.jsonl:1: skipped" in proc.stdout and "no valid comparison" in proc.stderr
+    assert proc.returncode == 2 and "bad.jsonl:1: skipped" in proc.stdout and "no valid comparison" in proc.stderr
+    assert "Traceback" not in proc.stderr
