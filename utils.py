@@ -2360,7 +2360,7 @@ class PersonalizedReward:
             raise ValueError(f"V must be [F, K], got shape {tuple(self.V.shape)}")
         K = self.V.shape[1]
         self.W = torch.zeros(0, K) if W is None else torch.as_tensor(W, dtype=torch.float32).cpu()
-        self.W_unseen = torch.zeros(0, K) if W_unseen is None else torch.as_tensor(W_unseen, dtype=torch.float32)
+        self.W_unseen = torch.zeros(0, K) if W_unseen is None else torch.as_tensor(W_unseen, dtype=torch.float32).cpu()
         self.users = list(range(len(self.W))) if users is None else list(users)
         self.unseen_users = [] if unseen_users is None else list(unseen_users)
         self.model_name, self.dataset, self.logit_scale, self.path = model_name, dataset, float(logit_scale), path
