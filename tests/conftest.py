@@ -11,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The tests use small tensors, for which one thread is fastest; on a busy 2-core machine, OpenMP threads
 # waiting for each other make small matrix products many times slower. Subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")  # the same for the fused numba kernel
 
 # Llama-3-style template: the text starts with BOS, every message is header + content + <|eot_id|>
 LLAMA3_CHAT_TEMPLATE = (
