@@ -131,6 +131,18 @@ def _process_group(device):
 _CONFIG_TYPES = (bool, int, float, str, list, tuple, dict, type(None))
 
 
+class SettingError(SystemExit):
+    """A bad setting: its one-line `error: ...` message is printed to stderr and the script exits with status 2."""
+
+    def __init__(self, message):
+        print(message, file=sys.stderr, flush=True)
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
 def _normalise_argv(argv):
     """`--key value` and `--key=value` -> `key=value` (the published READMEs use flags)."""
     out, argv = [], list(argv)
@@ -138,7 +150,7 @@ def _normalise_argv(argv):
         arg = argv.pop(0)
         if arg.startswith("--") and "=" not in arg:
             if not argv:
-                raise SystemExit(f"error: {arg} needs a value")
+                raise SettingError(f"error: {arg} needs a value")
             arg = f"{arg}={argv.pop(0)}"
         out.append(arg[2:] if arg.startswith("--") else arg)
     return out
@@ -173,10 +185,10 @@ def configure(config, argv=None):
         argv = [] if _in_notebook() else sys.argv[1:]
     for arg in _normalise_argv(argv):
         if "=" not in arg:
-            raise SystemExit(f"error: expected key=value, got {arg!r}. Config keys: {', '.join(keys)}")
+            raise SettingError(f"error: expected key=value, got {arg!r}. Config keys: {', '.join(keys)}")
         key, text = arg.split("=", 1)
         if key not in keys:
-            raise SystemExit(f"error: unknown config key {key!r}. Config keys: {', '.join(keys)}")
+            raise SettingError(f"error: unknown config key {key!r}. Config keys: {', '.join(keys)}")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -192,7 +204,7 @@ def configure(config, argv=None):
               or (isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)))
               or (not isinstance(default, (bool, float, list, tuple)) and type(value) is type(default)))
         if not ok:
-            raise SystemExit(f"error: {key}={text!r} must be of type {type(default).__name__} "
+            raise SettingError(f"error: {key}={text!r} must be of type {type(default).__name__} "
                              f"(default {keys[key]!r})")
         if isinstance(default, float) and not isinstance(value, bool):
             value = float(value)
@@ -291,8 +303,7 @@ def check_settings(config, script_file, writable=None, rules=None):
             folder = Path(config[key]) if config[key] else Path(script_file).resolve().parent / default
             _check_writable(key, folder)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        raise SettingError(f"error: {e}") from None
     sys.excepthook = _script_excepthook
 
 

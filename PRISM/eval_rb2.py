@@ -70,7 +70,7 @@ model_name = model or model_name
 if weights is None:
     weights = "basis"
 if weights not in ("uniform", "user", "basis", "all"):
-    raise SystemExit(f"error: weights must be uniform, user, basis or all, got {weights!r}")
+    raise utils.SettingError(f"error: weights must be uniform, user, basis or all, got {weights!r}")
 
 if rm_head is not None:  # read and check the head first: a bad file is reported before the long embedding pass
     V, saved = rewardbench.load_head(rm_head, head_key, make_cmd=f"python {HERE / 'train_basis.py'}")
@@ -88,7 +88,7 @@ if subset is not None:
     wanted = [subset]
     unknown = sorted(set(wanted) - set(rewardbench.SUBSETS))
     if unknown:
-        raise SystemExit(f"error: unknown subset(s) {unknown}; RewardBench 2 has {rewardbench.SUBSETS}")
+        raise utils.SettingError(f"error: unknown subset(s) {unknown}; RewardBench 2 has {rewardbench.SUBSETS}")
     df = df[df["subset"].isin(wanted)].reset_index(drop=True)
 conversations, prompt_row, is_chosen = rewardbench.conversations(df)
 print(f"RewardBench 2: {len(df)} prompts, {len(conversations)} responses; "

@@ -73,7 +73,7 @@ for name in prism.FILES:
 rows = {name: prism.read_jsonl(path) for name, path in paths.items()}
 dialogs = prism.build_dialogs(*(rows[name] for name in prism.FILES))
 if user_split not in prism.USER_SPLITS:
-    raise SystemExit(f"error: user_split must be one of {prism.USER_SPLITS}, got {user_split!r}")
+    raise utils.SettingError(f"error: user_split must be one of {prism.USER_SPLITS}, got {user_split!r}")
 pairs, users, conversations = prism.build_pairs(dialogs, seed, seen_fraction, min_dialogs, user_split)
 
 path = utils.extract_embeddings(

@@ -72,6 +72,7 @@ def test_bad_settings_fail_before_any_work(override, names, tmp_path):
 
 @pytest.mark.parametrize("override, names", [
     ("N=0", ["N=0", ">= 1"]),
+    ("N=many", ["N='many'", "must be of type int"]),  # configure's own type check
     ("fewshot_density=0.001", ["fewshot_density=0.001", "int(0.001 x 500 train prompts) = 0"]),
 ])
 def test_bad_settings_exit_status_in_a_real_process(override, names, tmp_path):
