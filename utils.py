@@ -14,10 +14,11 @@ Sections, each using only the ones above it:
   4. Preference pairs of many users (Pairs) and what a dataset loader returns (PreferenceData)
   5. Population simulation (the PersonalLLM seed functions)
   6. Models: LoRe, LoRe_regularized, PersonalizeBatch, then their fast kernels
-  7. Evaluation
-  8. Pipelines: run, run_regularized, run_few_shot_vary_shots
-  9. Embedding extraction (batched, resumable, multi-GPU)
- 10. Using a learned model: model files, PersonalizedReward, export as a Hugging Face reward model
+  7. Baselines of the paper's tables: PerUserBT, VPL, PAL
+  8. Evaluation
+  9. Pipelines: run, run_regularized, run_few_shot_vary_shots, run_baselines, run_baselines_vary_shots
+ 10. Embedding extraction (batched, resumable, multi-GPU)
+ 11. Using a learned model: model files, PersonalizedReward, export as a Hugging Face reward model
 """
 
 import ast
@@ -26,6 +27,7 @@ import dataclasses
 import datetime
 import hashlib
 import importlib.util
+import inspect
 import json
 import math
 import numbers
@@ -282,6 +284,15 @@ SETTING_RULES = {
     "user_split": "one of published filter_first",
     "seen_fraction": "in (0, 1)", "min_dialogs": "int >= 1", "max_length": "int >= 1",
     "max_tokens_per_batch": "int >= 1", "shard_size": "int >= 1", "stop_after_shards": "int >= 0 or None",
+    # the baselines' settings (the list `baselines` itself is checked by baseline_settings)
+    "per_user_bt_num_iterations": "int >= 1", "per_user_bt_learning_rate": "> 0",
+    "vpl_hidden_dim": "int >= 1", "vpl_latent_dim": "int >= 1", "vpl_num_contexts": "int >= 1", "vpl_beta": ">= 0",
+    "vpl_learning_rate": "> 0", "vpl_weight_decay": ">= 0", "vpl_batch_size": "int >= 1", "vpl_num_epochs": "int >= 0",
+    "vpl_warmup_ratio": ">= 0", "vpl_max_grad_norm": "> 0", "vpl_kl_period": "int >= 1",
+    "vpl_eval_latent": "one of normalized mean", "pal_variant": "one of A B", "pal_K": "int >= 1",
+    "pal_dim": "int >= 1", "pal_learning_rate": "> 0", "pal_weight_decay": ">= 0", "pal_user_learning_rate": "> 0",
+    "pal_tau_learning_rate": ">= 0", "pal_batch_size": "int >= 1", "pal_num_epochs": "int >= 0",
+    "pal_fewshot_learning_rate": "> 0", "pal_fewshot_epochs": "int >= 0", "pal_fewshot_batch_size": "int >= 1",
 }
 
 
@@ -641,6 +652,7 @@ def require_columns(df, columns, where):
 # ----------------------------------------------------------------------------------------
 
 RESULT_NAMES = ["seen_train", "seen_test", "unseen_fewshot", "unseen_test"]
+BASELINES = {"per_user_bt": "per-user BT", "vpl": "VPL", "pal": "PAL"}  # config name -> table name (section 7)
 
 
 def print_table(header, rows, fmt="{:.4f}"):
@@ -653,10 +665,11 @@ def print_table(header, rows, fmt="{:.4f}"):
     print("\n".join(lines))
 
 
-def save_plot(path, x, series, xlabel, ylabel, title, xticks=None):
+def save_plot(path, x, series, xlabel, ylabel, title, xticks=None, hlines=None):
     """Line plot with error bars, saved atomically as PNG.
 
-    x: [n] values; series: {label: (mean [n], std [n])}.
+    x: [n] values; series: {label: (mean [n], std [n])}; hlines: {label: (y, linestyle)} horizontal
+    reference lines (methods with one value for the whole x axis).
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -664,6 +677,11 @@ def save_plot(path, x, series, xlabel, ylabel, title, xticks=None):
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (mean, std) in series.items():
         ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=label)
+    colors = {}
+    for label, (y, style) in (hlines or {}).items():
+        method = label.split(",")[0]  # one colour per method: "VPL, seen users" and "VPL, unseen users"
+        colors.setdefault(method, f"C{(len(series) + len(colors)) % 10}")
+        ax.axhline(y, color=colors[method], linestyle=style, linewidth=1.2, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -671,7 +689,7 @@ def save_plot(path, x, series, xlabel, ylabel, title, xticks=None):
         ax.set_xticks(list(x))
         ax.set_xticklabels([str(t) for t in xticks])
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     try:
         with _atomic_path(path) as tmp:
@@ -681,26 +699,40 @@ def save_plot(path, x, series, xlabel, ylabel, title, xticks=None):
     return Path(path)
 
 
-def report_run(res, K_list, alpha_list, config, out_dir, name, title, extra=None):
+def _method_of(K):
+    """Row label of rank K in run tables: the reference head, one Bradley-Terry reward, or LoRe."""
+    return "ref" if K == 0 else "BT" if K == 1 else "LoRe"
+
+
+def report_run(res, K_list, alpha_list, config, out_dir, name, title, extra=None, baselines=None):
     """Print the accuracy table of a run()/run_regularized() result and write `name`.json / .png.
 
     res: the 8 arrays returned by run (4 means, 4 stds, each [len(alpha_list) * len(K_list)], alpha-major).
+    baselines: run_baselines' {method: {result name: {"mean", "std"}, "seconds"}}: extra table rows,
+    the JSON's "baselines" (each method under its name) and horizontal lines in the plot.
     """
     shape = (len(alpha_list), len(K_list))
     means, stds = [np.asarray(r).reshape(shape) for r in res[:4]], [np.asarray(r).reshape(shape) for r in res[4:8]]
     rows, results = [], []
     for a, al in enumerate(alpha_list):
         for k, K in enumerate(K_list):
-            rows.append([f"{al:g}", K] + [f"{means[r][a, k]:.4f} ± {stds[r][a, k]:.4f}" for r in range(4)])
+            rows.append([_method_of(K), f"{al:g}", K] +
+                        [f"{means[r][a, k]:.4f} ± {stds[r][a, k]:.4f}" for r in range(4)])
             results.append({"alpha": al, "K": K, **{n: {"mean": means[r][a, k], "std": stds[r][a, k]}
                                                     for r, n in enumerate(RESULT_NAMES)}})
+    baselines = baselines or {}
+    for method, acc in baselines.items():
+        rows.append([BASELINES[method], "", ""] + [f"{acc[n]['mean']:.4f} ± {acc[n]['std']:.4f}" for n in RESULT_NAMES])
     print(f"\n{title}: accuracy, mean ± std over users (K = 0: reference head, K = 1: Bradley-Terry)")
-    print_table(["alpha", "K"] + RESULT_NAMES, rows)
+    print_table(["method", "alpha", "K"] + RESULT_NAMES, rows)
     series = {f"{label} (alpha={al:g})": (means[r][a], stds[r][a]) for a, al in enumerate(alpha_list)
               for r, label in [(1, "seen users"), (3, "unseen users")]}
-    write_report(out_dir, name, {"config": config, "results": results, **(extra or {})},
+    hlines = {f"{BASELINES[m]}, {label}": (acc[key]["mean"], style) for m, acc in baselines.items()
+              for key, label, style in [("seen_test", "seen users", ":"), ("unseen_test", "unseen users", "--")]}
+    write_report(out_dir, name, {"config": config, "results": results,
+                                 **({"baselines": baselines} if baselines else {}), **(extra or {})},
                  lambda p: save_plot(p, list(range(len(K_list))), series, "K (0 = reference head, 1 = BT)",
-                                     "test accuracy", f"{title}: accuracy vs rank", xticks=K_list))
+                                     "test accuracy", f"{title}: accuracy vs rank", xticks=K_list, hlines=hlines))
     return results
 
 
@@ -717,22 +749,33 @@ def write_report(out_dir, name, payload, plot):
 
 
 def report_shots(res, num_shots, config, out_dir, name, title, K, alpha=None, skipped=None, extra=None,
-                 xlabel="few-shot pairs per user"):
+                 xlabel="few-shot pairs per user", baselines=None):
     """Print and save (JSON, PNG) a run_few_shot_vary_shots result for one K (and alpha).
 
-    res: its 4 arrays [len(num_shots)] (one alpha and one K).
+    res: its 4 arrays [len(num_shots)] (one alpha and one K). baselines: run_baselines_vary_shots'
+    {method: 4 arrays [len(num_shots)]} in the same layout: extra table columns (unseen test), the JSON's
+    "baselines" (each method under its name) and extra curves in the plot.
     """
     fs_m, fs_s, ts_m, ts_s = (np.asarray(r).reshape(-1) for r in res[:4])
     skipped = skipped or [0] * len(num_shots)
-    rows = [[s, f"{fs_m[j]:.4f} ± {fs_s[j]:.4f}", f"{ts_m[j]:.4f} ± {ts_s[j]:.4f}", skipped[j]]
+    baselines = {m: [np.asarray(r).reshape(-1) for r in b[:4]] for m, b in (baselines or {}).items()}
+    rows = [[s, f"{fs_m[j]:.4f} ± {fs_s[j]:.4f}", f"{ts_m[j]:.4f} ± {ts_s[j]:.4f}"] +
+            [f"{b[2][j]:.4f} ± {b[3][j]:.4f}" for b in baselines.values()] + [skipped[j]]
             for j, s in enumerate(num_shots)]
     print(f"\n{title}: K = {K}, accuracy mean ± std over trials")
-    print_table(["shots", "few-shot train", "unseen test", "users skipped"], rows)
-    results = [{"shots": s, "fewshot_train": {"mean": fs_m[j], "std": fs_s[j]},
-                "unseen_test": {"mean": ts_m[j], "std": ts_s[j]}, "users_skipped": skipped[j]}
-               for j, s in enumerate(num_shots)]
-    series = {"unseen users, test": (ts_m, ts_s), "unseen users, few-shot train": (fs_m, fs_s)}
-    write_report(out_dir, name, {"config": config, "K": K, "alpha": alpha, "results": results, **(extra or {})},
+    print_table(["shots", "few-shot train", "unseen test"] + [f"{BASELINES[m]} unseen test" for m in baselines] +
+                ["users skipped"], rows)
+
+    def entries(fs_m, fs_s, ts_m, ts_s):
+        return [{"shots": s, "fewshot_train": {"mean": fs_m[j], "std": fs_s[j]},
+                 "unseen_test": {"mean": ts_m[j], "std": ts_s[j]}, "users_skipped": skipped[j]}
+                for j, s in enumerate(num_shots)]
+    results = entries(fs_m, fs_s, ts_m, ts_s)
+    series = {f"LoRe K = {K}, unseen users, test": (ts_m, ts_s), f"LoRe K = {K}, unseen users, few-shot train":
+              (fs_m, fs_s), **{f"{BASELINES[m]}, unseen users, test": (b[2], b[3]) for m, b in baselines.items()}}
+    write_report(out_dir, name, {"config": config, "K": K, "alpha": alpha, "results": results,
+                                 **({"baselines": {m: entries(*b) for m, b in baselines.items()}} if baselines else {}),
+                                 **(extra or {})},
                  lambda p: save_plot(p, list(num_shots), series, xlabel, "accuracy",
                                      f"{title}: accuracy vs shots (K = {K})"))
     return results
@@ -800,6 +843,16 @@ class Pairs:
         if self.diffs is not None:
             return self.diffs
         return self.table[self.chosen] - self.table[self.rejected]
+
+    def sides(self):
+        """(table [R, F], chosen [M], rejected [M]): both embeddings of every pair, without a copy.
+        Methods that score each side on its own (VPL, PAL) need them; difference pairs cannot give them."""
+        if self.table is None:
+            raise ValueError("this method needs the chosen and rejected embeddings separately, but these pairs hold "
+                             "only differences d = e_chosen - e_rejected; build them from an embedding table with "
+                             "Pairs.from_indices(table, chosen, rejected) or Pairs(user, C, table=, chosen=, "
+                             "rejected=)")
+        return self.table, self.chosen, self.rejected
 
     def project(self, V):
         """[M, K] = d^T V for every pair, without materialising [M, F] for table pairs."""
@@ -1405,11 +1458,13 @@ class _ThinMatmul(torch.autograd.Function):
         return None, dV.t()
 
 
-def _njit(py_func):
+def _njit(py_func=None, *, parallel=True):
     """numba.njit for the CPU kernels. The on-disk cache is used only when this file is imported as `utils`:
     numba's cache refers to the module by name, so an entry written under another name (importlib, `from LoRe
     import utils`) would break every later import. See also _call_kernel."""
-    opts = dict(parallel=True, fastmath=True)
+    if py_func is None:  # @_njit(parallel=False)
+        return lambda f: _njit(f, parallel=parallel)
+    opts = dict(parallel=parallel, fastmath=True)
     if __name__ == "utils":
         try:
             return numba.njit(cache=True, **opts)(py_func)
@@ -1420,15 +1475,21 @@ def _njit(py_func):
 
 def _call_kernel(name, *args):
     """Call the numba kernel `name` of this module; when loading or writing its on-disk cache fails (a broken
-    or foreign cache file, an unwritable folder), compile it again without the cache and call that."""
+    or foreign cache file, an unwritable folder), compile it again without the cache and call that. PyTorch's
+    thread count is put back afterwards: numba's OpenMP layer sets it process-wide, and every later PyTorch op
+    would run with more threads than asked for."""
     kernel = globals()[name]
+    threads = torch.get_num_threads()
     try:
         return kernel(*args)
     except Exception:
         if isinstance(kernel._cache, numba.core.caching.NullCache):  # compiled without the cache: a real error
             raise
-        globals()[name] = numba.njit(parallel=True, fastmath=True)(kernel.py_func)
+        globals()[name] = numba.njit(**kernel.targetoptions)(kernel.py_func)
         return globals()[name](*args)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 if numba is not None:
@@ -1496,7 +1557,731 @@ def _bt_loss(X, V, Wu, pw):
 
 
 # ----------------------------------------------------------------------------------------
-# 7. Evaluation
+# 7. Baselines of the paper's tables on the same frozen embeddings: PerUserBT, VPL, PAL
+# ----------------------------------------------------------------------------------------
+# Every baseline fits on the seen users' pairs (`fit`), personalises new users from their few-shot
+# pairs (`personalize`: returns the new users' state, leaves the fitted model unchanged) and scores
+# pairs (`margins`: reward(chosen) - reward(rejected)); `accuracies` is, per user, the fraction of
+# pairs with a positive margin (a tie is wrong), as for LoRe.
+
+def _accuracy_by_user(margins, user, num_users):
+    """[C] per-user fraction of positive margins (a tie is wrong): margins [M], user [M]."""
+    margins, user = margins.detach().float().cpu(), user.cpu()
+    counts = torch.bincount(user, minlength=num_users).float()
+    correct = torch.zeros(num_users).index_add_(0, user, (margins > 0).float())
+    return (correct / counts).numpy()
+
+
+@contextlib.contextmanager
+def _seeded(seed):
+    """Seed PyTorch's global CPU generator inside the block only (module initialisation)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _mlp(sizes, act):
+    """Linear layers of `sizes` with `act` between them (none after the last)."""
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def _user_rows(pairs):
+    """Pair-row indices of each user: list of C tensors; every user must have a pair."""
+    counts = pairs.counts()
+    if (counts == 0).any():
+        raise ValueError(f"{int((counts == 0).sum())} user(s) have no pairs")
+    return pairs._rows_of(range(pairs.num_users))
+
+
+def _check_features(pairs, num_features):
+    if pairs.num_features != num_features:
+        raise ValueError(f"pairs have {pairs.num_features} features, the model expects {num_features}")
+
+
+def _used_rows(pairs):
+    """(rows [U], ic [M], ir [M]): the table rows that table pairs use, once each, and the position in `rows`
+    of every pair's chosen and rejected row (so that per-item features are computed once per row)."""
+    _, chosen, rejected = pairs.sides()
+    rows, inv = torch.unique(torch.cat([chosen, rejected]), return_inverse=True)
+    return rows, inv[:len(chosen)], inv[len(chosen):]
+
+
+def _map_rows(fn, table, rows, device, batch):
+    """fn(table[rows]) in batches of rows on `device` -> [U, ...] (on `device`)."""
+    return torch.cat([fn(table[rows[s:s + batch]].to(device, torch.float32)) for s in range(0, len(rows), batch)])
+
+
+class _Baseline(nn.Module):
+    """Shared evaluation: `accuracies(pairs, state)` from `margins(pairs, state)`."""
+
+    def _cached(self, key, pairs, device, compute):
+        """compute() once per (key, pairs object, device) until the next fit: features of the frozen shared
+        parts are reused when the same pairs are scored again (vary_fewshot scores one test set per trial)."""
+        cache = self.__dict__.setdefault("_cache", {})
+        hit = cache.get(key)
+        if hit is not None and hit[0] is pairs and hit[1] == device:
+            return hit[2]
+        cache[key] = (pairs, device, compute())
+        return cache[key][2]
+
+    def accuracies(self, pairs, state=None, device=None):
+        """[C] accuracy of each user of `pairs`; state: new users' state from `personalize` (None: seen users)."""
+        pairs = as_pairs(pairs)
+        return _accuracy_by_user(self.margins(pairs, state, device), pairs.user, pairs.num_users)
+
+
+# --- per-user Bradley-Terry ---
+
+class PerUserBT(_Baseline):
+    """One independent Bradley-Terry reward per user, r_i(x) = e(x)^T v_i with v_i [F].
+
+    Loss of user i: mean over its pairs of softplus(-d^T v_i / logit_scale); v_i starts at 0
+    (the loss is convex; a random start would leave noise in the directions no pair touches);
+    full-batch Adam (PyTorch's update). Users share nothing and Adam is per coordinate, so
+    fitting users together equals fitting them one by one. On CPU with numba, one kernel fits
+    each user's whole Adam run on its [m_i, F] pairs while they sit in cache (users in
+    parallel); otherwise (GPU, or no numba) users are fit in padded chunks [c, m_max, F] of
+    about `chunk_floats` values. Table pairs are gathered user by user: no [M, F] copy.
+    After `fit`, V [C, F].
+    """
+
+    def __init__(self, num_iterations=1000, learning_rate=0.01, logit_scale=LOGIT_SCALE, chunk_floats=2**26):
+        super().__init__()
+        self.num_iterations, self.learning_rate = num_iterations, learning_rate
+        self.logit_scale, self.chunk_floats = logit_scale, chunk_floats
+        self.V = None
+
+    def _fit(self, pairs, device):
+        """[C, F] rewards fit on `pairs`, one per user."""
+        pairs = as_pairs(pairs)
+        device = get_device(device)
+        counts = pairs.counts()
+        if (counts == 0).any():
+            raise ValueError(f"{int((counts == 0).sum())} user(s) have no pairs")
+        if numba is not None and device.type == "cpu":
+            V = self._fit_kernel(pairs, counts)
+        else:
+            V = self._fit_chunks(pairs, counts, device)
+        if not torch.isfinite(V).all():  # checked on the result: no [R, F] mask of a large table
+            raise ValueError("pairs contain NaN or inf: the fitted rewards are not finite")
+        return V
+
+    def _fit_kernel(self, pairs, counts):
+        """The numba path: users in parallel, each user's pairs gathered once into a [m_i, F] buffer."""
+        if pairs.table is not None:
+            table, chosen, rejected, two_sided = pairs.table, pairs.chosen, pairs.rejected, True
+        else:
+            table, chosen, two_sided = pairs.diffs, torch.arange(len(pairs.user)), False
+            rejected = chosen
+        table = table.float().contiguous().numpy()
+        order = torch.argsort(pairs.user, stable=True).numpy()
+        starts = (torch.cumsum(counts, 0) - counts).numpy()
+        counts = counts.numpy()
+        V = torch.zeros(pairs.num_users, pairs.num_features)
+        step = 64  # users per kernel call: a progress bar without a visible cost
+        bar = tqdm(total=pairs.num_users, desc="per-user BT", leave=False, disable=None)
+        for s in range(0, pairs.num_users, step):
+            V[s:s + step] = torch.from_numpy(_call_kernel(
+                "_per_user_bt_kernel", table, chosen.numpy(), rejected.numpy(), two_sided, order, starts[s:s + step],
+                counts[s:s + step], self.num_iterations, self.learning_rate, self.logit_scale))
+            bar.update(len(counts[s:s + step]))
+        bar.close()
+        return V
+
+    def _fit_chunks(self, pairs, counts, device):
+        """The PyTorch path: chunks of users sorted by pair count, padded to [c, m_max, F]; one Adam per chunk."""
+        rows = pairs._rows_of(range(pairs.num_users))
+        F = pairs.num_features
+        chunks, cur = [], []
+        for u in torch.argsort(counts, stable=True).tolist():  # ascending: padded size (len + 1) * counts[u] * F
+            if cur and (len(cur) + 1) * int(counts[u]) * F > self.chunk_floats:
+                chunks.append(cur)
+                cur = []
+            cur.append(u)
+        chunks.append(cur)
+        V = torch.zeros(pairs.num_users, F)
+        bar = tqdm(total=len(chunks) * self.num_iterations, desc="per-user BT", leave=False, disable=None)
+        for users in chunks:
+            m = int(counts[users].max())
+            D = torch.zeros(len(users), m, F)
+            w = torch.zeros(len(users), m)
+            for i, u in enumerate(users):
+                D[i, :len(rows[u])] = pairs.select(rows[u]).dense().float()
+                w[i, :len(rows[u])] = 1.0 / len(rows[u])
+            D, w = D.to(device), w.to(device)
+            v = torch.zeros(len(users), F, device=device, requires_grad=True)
+            opt = torch.optim.Adam([v], lr=self.learning_rate)
+            for _ in range(self.num_iterations):
+                with torch.no_grad():  # the gradient by hand: twice as fast as autograd through bmm
+                    z = torch.bmm(D, v[:, :, None])[:, :, 0] / self.logit_scale  # [c, m]
+                    g = -torch.sigmoid(-z) * w / self.logit_scale  # d/dz of sum_u mean_j softplus(-z_uj)
+                    v.grad = torch.bmm(g[:, None, :], D)[:, 0]
+                opt.step()
+                bar.update(1)
+            V[users] = v.detach().cpu()
+        bar.close()
+        return V
+
+    def fit(self, pairs, device=None):
+        """Fit every seen user's reward on its pairs -> self (V [C, F])."""
+        self.V = self._fit(pairs, device)
+        return self
+
+    def personalize(self, pairs, device=None):
+        """New users' rewards [C', F], each fit on its own few-shot pairs with the same settings."""
+        return self._fit(pairs, device)
+
+    @torch.no_grad()
+    def margins(self, pairs, V=None, device=None, chunk=8192):
+        """[M] d^T v_user for every pair; V [C, F] (default: the seen users' fit). With numba one parallel
+        pass reads each pair's rows once; otherwise chunks of `chunk` pairs."""
+        pairs = as_pairs(pairs)
+        V = self.V if V is None else torch.as_tensor(V, dtype=torch.float32)
+        if V is None:
+            raise ValueError("call fit(pairs) first, or pass V")
+        if V.shape != (pairs.num_users, pairs.num_features):
+            raise ValueError(f"V has shape {tuple(V.shape)}, expected ({pairs.num_users}, {pairs.num_features})")
+        if numba is not None and pairs.table is not None:
+            return torch.from_numpy(_call_kernel(
+                "_per_user_margins_kernel", pairs.table.float().contiguous().numpy(), pairs.chosen.numpy(),
+                pairs.rejected.numpy(), pairs.user.numpy(), V.contiguous().numpy()))
+        out = []
+        for s in range(0, len(pairs.user), chunk):
+            idx = torch.arange(s, min(s + chunk, len(pairs.user)))
+            out.append((pairs.select(idx).dense().float() * V[pairs.user[idx]]).sum(1))
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def weights_and_bases(self, V=None):
+        """The published learn_multiple layout: (W_list of C tensors [1], V_list of C tensors [F, 1])."""
+        V = self.V if V is None else V
+        return [torch.ones(1) for _ in range(len(V))], [v.reshape(-1, 1) for v in V]
+
+
+if numba is not None:
+    @_njit
+    def _per_user_bt_kernel(table, chosen, rejected, two_sided, order, starts, counts, iterations, lr, scale):
+        """[c, F] per-user BT rewards: user u's pairs are rows order[starts[u]:starts[u] + counts[u]], with
+        d = table[chosen] - table[rejected] (two_sided) or table[chosen]; full-batch Adam (PyTorch's update,
+        betas 0.9, 0.999, eps 1e-8) on mean softplus(-d^T v / scale), from v = 0."""
+        c, F = len(starts), table.shape[1]
+        V = np.zeros((c, F), np.float32)
+        for u in numba.prange(c):
+            m = counts[u]
+            D = np.empty((m, F), np.float32)
+            for j in range(m):
+                r = order[starts[u] + j]
+                if two_sided:
+                    D[j] = table[chosen[r]] - table[rejected[r]]
+                else:
+                    D[j] = table[chosen[r]]
+            v = np.zeros(F, np.float32)
+            m1 = np.zeros(F, np.float32)
+            m2 = np.zeros(F, np.float32)
+            g = np.empty(m, np.float32)
+            grad = np.empty(F, np.float32)
+            for t in range(1, iterations + 1):
+                for j in range(m):
+                    z = np.float32(0.0)
+                    for f in range(F):
+                        z += D[j, f] * v[f]
+                    g[j] = -1.0 / (1.0 + np.exp(z / scale)) / (m * scale)  # -sigmoid(-z / scale) / (m scale)
+                grad[:] = 0.0
+                for j in range(m):
+                    for f in range(F):
+                        grad[f] += g[j] * D[j, f]
+                step = lr / (1.0 - 0.9 ** t)
+                root_bc2 = np.sqrt(1.0 - 0.999 ** t)
+                for f in range(F):
+                    m1[f] = 0.9 * m1[f] + 0.1 * grad[f]
+                    m2[f] = 0.999 * m2[f] + 0.001 * grad[f] * grad[f]
+                    v[f] -= step * m1[f] / (np.sqrt(m2[f]) / root_bc2 + 1e-8)
+            V[u] = v
+        return V
+
+    @_njit
+    def _per_user_margins_kernel(table, chosen, rejected, user, V):
+        """[M] (table[chosen] - table[rejected]) . V[user], one pass over the pairs."""
+        M, F = len(user), table.shape[1]
+        out = np.empty(M, np.float32)
+        for j in numba.prange(M):
+            c, r, u = chosen[j], rejected[j], user[j]
+            s = np.float32(0.0)
+            for f in range(F):
+                s += (table[c, f] - table[r, f]) * V[u, f]
+            out[j] = s
+        return out
+
+
+# --- VPL (Poddar et al. 2024) ---
+
+def _warmup_cosine(total_steps, warmup_ratio):
+    """LambdaLR factor: linear warm-up over warmup_ratio * total_steps, then cosine decay to 0."""
+    warmup = int(math.ceil(warmup_ratio * total_steps))
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+    return factor
+
+
+def _decay_groups(modules, weight_decay):
+    """AdamW parameter groups: weight decay on weight matrices, none on biases."""
+    params = [p for m in modules for p in m.parameters()]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def _context_rows(rows, num_contexts, gen, exclude_self):
+    """Context pairs of every pair of one user: [n, C] positions in `rows` [n], -1 padded.
+
+    exclude_self: each of the user's pairs gets min(C, n - 1) other pairs of the user, drawn
+    without replacement; else every row gets the same min(C, n) pairs (the user's context)."""
+    n = len(rows)
+    if not exclude_self:
+        pick = torch.randperm(n, generator=gen)[:num_contexts] if n > num_contexts else torch.arange(n)
+        out = torch.full((num_contexts,), -1, dtype=torch.long)
+        out[:len(pick)] = rows[pick]
+        return out
+    c = min(num_contexts, n - 1)
+    out = torch.full((n, num_contexts), -1, dtype=torch.long)
+    block = max(1, 2**22 // n)  # bounded memory for users with very many pairs
+    for s in range(0, n, block):
+        b = min(block, n - s)
+        scores = torch.rand(b, n, generator=gen)
+        scores[torch.arange(b), torch.arange(s, s + b)] = 2.0  # never pick the pair itself
+        out[s:s + b, :c] = rows[scores.topk(c, dim=1, largest=False).indices]
+    return out
+
+
+class VPL(_Baseline):
+    """Variational preference learning (Poddar et al. 2024) on frozen embeddings e [F].
+
+    Encoder: MLP [e_chosen; e_rejected] (2F -> H -> H -> L, LeakyReLU(0.2)) per context pair,
+    one self-attention layer (q, k, v: Linear(L, L)) over a user's C contexts, masked mean,
+    linear heads for mu and log sigma^2 [L], both clamped to [-1, 1]. Training latent
+    z = normalize(mu + sigma * eps) * sqrt(L). Decoder: MLP [e_x; z] (F + L -> H -> H -> 1):
+    the reward r(x, z). Loss: mean softplus(-(r(chosen, z) - r(rejected, z))) + beta * anneal(t)
+    * KL(N(mu, sigma^2) || N(0, I)), anneal a cyclical cosine from 0.1 to 1 (period kl_period
+    steps). Each target pair's contexts: C other pairs of its user, resampled every epoch.
+    AdamW (no decay on biases), gradient clipping, cosine schedule with warm-up, batches of
+    pairs shuffled across users. A user's latent at evaluation is encoded from at most C of its
+    pairs (its training pairs for seen users, its few-shot pairs for new users; no gradient step):
+    eval_latent="normalized" uses normalize(mu) * sqrt(L), on the training latents' sphere;
+    "mean" uses mu as the released code does.
+    """
+
+    def __init__(self, num_features, hidden_dim=512, latent_dim=512, num_contexts=8, beta=1e-4, learning_rate=1e-4,
+                 weight_decay=1e-3, batch_size=32, num_epochs=2, warmup_ratio=0.03, max_grad_norm=1.0,
+                 kl_period=10000, eval_latent="normalized", eval_batch_size=1024, seed=0):
+        super().__init__()
+        if eval_latent not in ("normalized", "mean"):
+            raise ValueError(f"eval_latent must be 'normalized' or 'mean', got {eval_latent!r}")
+        self.num_features, self.latent_dim, self.num_contexts = num_features, latent_dim, num_contexts
+        self.beta, self.learning_rate, self.weight_decay = beta, learning_rate, weight_decay
+        self.batch_size, self.num_epochs, self.warmup_ratio = batch_size, num_epochs, warmup_ratio
+        self.max_grad_norm, self.kl_period, self.eval_latent = max_grad_norm, kl_period, eval_latent
+        self.eval_batch_size, self.seed = eval_batch_size, seed
+        act = lambda: nn.LeakyReLU(0.2)  # noqa: E731
+        with _seeded(seed):
+            self.encoder = _mlp([2 * num_features, hidden_dim, hidden_dim, latent_dim], act)
+            self.query, self.key, self.value = (nn.Linear(latent_dim, latent_dim) for _ in range(3))
+            self.mu_head, self.logvar_head = nn.Linear(latent_dim, latent_dim), nn.Linear(latent_dim, latent_dim)
+            self.decoder = _mlp([num_features + latent_dim, hidden_dim, hidden_dim, 1], act)
+        self.z_seen = None
+        self.losses = []
+
+    def encode(self, e_chosen, e_rejected, mask):
+        """(mu, logvar) [B, L] from context pairs e_chosen, e_rejected [B, C, F] and mask [B, C] (True = a pair)."""
+        h = self.encoder(torch.cat([e_chosen, e_rejected], -1))  # [B, C, L]
+        att = self.query(h) @ self.key(h).transpose(1, 2) / math.sqrt(self.latent_dim)  # [B, C, C]
+        att = att.masked_fill(~mask[:, None, :], -1e9).softmax(-1)
+        h = att @ self.value(h)
+        m = mask.float()[..., None]
+        h = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        return self.mu_head(h).clamp(-1, 1), self.logvar_head(h).clamp(-1, 1)
+
+    def reward(self, e, z):
+        """[B] reward of items e [B, F] for latents z [B, L]."""
+        return self.decoder(torch.cat([e, z], -1))[:, 0]
+
+    def anneal(self, step):
+        """KL weight factor at a step: cyclical cosine from 0.1 to 1 over kl_period steps."""
+        frac = (step % self.kl_period) / self.kl_period
+        return 0.1 + 0.9 * 0.5 * (1 - math.cos(math.pi * frac))
+
+    def _contexts(self, table, chosen, rejected, ctx):
+        """(e_chosen, e_rejected [B, C, F], mask [B, C]) of context pair rows ctx [B, C] (-1 = none)."""
+        mask = ctx >= 0
+        c = ctx.clamp(min=0)
+        return table[chosen[c]], table[rejected[c]], mask
+
+    def fit(self, pairs, device=None):
+        """Train on the seen users' pairs; then encode each seen user's latent from its pairs -> self."""
+        self._cache = {}
+        pairs = as_pairs(pairs)
+        _check_features(pairs, self.num_features)
+        device = get_device(device)
+        table, chosen, rejected = pairs.sides()
+        table, chosen, rejected = table.to(device, torch.float32), chosen.to(device), rejected.to(device)
+        rows = _user_rows(pairs)
+        self.to(device)
+        M = len(pairs.user)
+        steps_per_epoch = math.ceil(M / self.batch_size)
+        total = self.num_epochs * steps_per_epoch
+        opt = torch.optim.AdamW(_decay_groups([self], self.weight_decay), lr=self.learning_rate, fused=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(total, self.warmup_ratio))
+        gen = torch.Generator().manual_seed(self.seed)
+        step = 0
+        bar = tqdm(total=total, desc="VPL", leave=False, disable=None)
+        for _ in range(self.num_epochs):
+            ctx = torch.full((M, self.num_contexts), -1, dtype=torch.long)
+            for r in rows:
+                ctx[r] = _context_rows(r, self.num_contexts, gen, exclude_self=True)
+            ctx = ctx.to(device)
+            perm = torch.randperm(M, generator=gen).to(device)
+            for b in range(steps_per_epoch):
+                idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
+                mu, logvar = self.encode(*self._contexts(table, chosen, rejected, ctx[idx]))
+                eps = torch.randn(mu.shape, generator=gen).to(device)
+                z = F_nn.normalize(mu + torch.exp(0.5 * logvar) * eps, dim=-1) * math.sqrt(self.latent_dim)
+                margin = self.reward(table[chosen[idx]], z) - self.reward(table[rejected[idx]], z)
+                kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(-1).mean()
+                loss = F_nn.softplus(-margin).mean() + self.beta * self.anneal(step) * kl
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.parameters(), self.max_grad_norm)
+                opt.step()
+                sched.step()
+                step += 1
+                self.losses.append(loss.item())
+                bar.update(1)
+        bar.close()
+        self.z_seen = self.latents(pairs, device)
+        return self
+
+    @torch.no_grad()
+    def latents(self, pairs, device=None):
+        """[C, L] each user's latent, encoded from at most C of its pairs (subsampled with the seed)."""
+        pairs = as_pairs(pairs)
+        _check_features(pairs, self.num_features)
+        device = get_device(device)
+        table, chosen, rejected = pairs.sides()
+        self.to(device)
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        ctx = torch.stack([_context_rows(r, self.num_contexts, gen, exclude_self=False) for r in _user_rows(pairs)])
+        out = []
+        for s in range(0, len(ctx), self.eval_batch_size):  # gathered where the table is, then moved
+            e_c, e_r, mask = self._contexts(table, chosen, rejected, ctx[s:s + self.eval_batch_size])
+            mu, _ = self.encode(e_c.to(device, torch.float32), e_r.to(device, torch.float32), mask.to(device))
+            out.append(F_nn.normalize(mu, dim=-1) * math.sqrt(self.latent_dim)
+                       if self.eval_latent == "normalized" else mu)
+        return torch.cat(out).cpu()
+
+    def personalize(self, pairs, device=None):
+        """New users' latents [C', L] from their few-shot pairs: an encoder pass, no gradient step."""
+        return self.latents(pairs, device)
+
+    @torch.no_grad()
+    def margins(self, pairs, z=None, device=None):
+        """[M] r(chosen, z_user) - r(rejected, z_user); z [C, L] (default: the seen users' latents).
+
+        The decoder's first layer on [e; z] is W_e e + W_z z + b: W_e e is computed once per table row
+        used and W_z z + b once per user (test pairs of many users share their rows)."""
+        pairs = as_pairs(pairs)
+        _check_features(pairs, self.num_features)
+        device = get_device(device)
+        z = self.z_seen if z is None else z
+        if z is None:
+            raise ValueError("call fit(pairs) first, or pass the latents z")
+        if len(z) != pairs.num_users:
+            raise ValueError(f"got {len(z)} latents for {pairs.num_users} users")
+        table, _, _ = pairs.sides()
+        rows, ic, ir = _used_rows(pairs)
+        self.to(device)
+        first, rest = self.decoder[0], self.decoder[1:]
+        W_e, W_z = first.weight[:, :self.num_features], first.weight[:, self.num_features:]
+        item = self._cached("items", pairs, device, lambda: _map_rows(
+            lambda e: e @ W_e.t(), table, rows, device, self.eval_batch_size))  # [U, H]
+        person = z.to(device) @ W_z.t() + first.bias  # [C, H]
+        out = []
+        for s in range(0, len(pairs.user), self.eval_batch_size):
+            sl = slice(s, s + self.eval_batch_size)
+            pu = person[pairs.user[sl].to(device)]
+            rc = rest(item[ic[sl].to(device)] + pu)[:, 0]
+            rr = rest(item[ir[sl].to(device)] + pu)[:, 0]
+            out.append((rc - rr).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+# --- PAL (Chen et al. 2025) ---
+
+class PAL(_Baseline):
+    """Pluralistic alignment (Chen et al. 2025) on frozen embeddings e [F]; user weights softmax(W_u) [K].
+
+    Projectors: MLP F -> d -> d -> d (three Linear layers). variant="B" (GELU): K prompt maps
+    g_k and an item map f; ideal point a_u = sum_k softmax(W_u)_k g_k(e_prompt); score
+    s(x) = min(exp(tau), 100) * cos(a_u, f(e_x)), tau learnable; loss softplus(-(s_c - s_r)).
+    Each embedding here covers the whole conversation and there is no prompt-only embedding:
+    the prompt proxy is the mean of the pair's two rows (symmetric, so it does not leak the
+    label). variant="A" (ReLU): K prototypes P [K, F] (unit-norm Gaussian rows), a_u =
+    f(softmax(W_u) P); margin ||f(x_r) - a_u|| - ||f(x_c) - a_u||; hinge loss max(0, 1 - margin).
+    Adam: projectors lr 1e-4 with weight decay 0.01, W (and P) lr 5e-3, tau lr 0.1; batches of
+    pairs shuffled across users. New users: everything shared frozen, fresh W ~ randn, AdamW
+    lr 5e-3 without decay for a fixed number of epochs (no selection on test pairs).
+    """
+
+    def __init__(self, num_features, K=2, variant="B", dim=512, learning_rate=1e-4, weight_decay=0.01,
+                 user_learning_rate=5e-3, tau_learning_rate=0.1, batch_size=4, num_epochs=1,
+                 fewshot_learning_rate=5e-3, fewshot_epochs=20, fewshot_batch_size=4, tau_init=math.log(1 / 0.07),
+                 eval_batch_size=1024, seed=0):
+        super().__init__()
+        if variant not in ("A", "B"):
+            raise ValueError(f"PAL variant must be 'A' or 'B', got {variant!r}")
+        self.num_features, self.K, self.variant, self.dim = num_features, K, variant, dim
+        self.learning_rate, self.weight_decay = learning_rate, weight_decay
+        self.user_learning_rate, self.tau_learning_rate = user_learning_rate, tau_learning_rate
+        self.batch_size, self.num_epochs = batch_size, num_epochs
+        self.fewshot_learning_rate, self.fewshot_epochs = fewshot_learning_rate, fewshot_epochs
+        self.fewshot_batch_size, self.eval_batch_size, self.seed = fewshot_batch_size, eval_batch_size, seed
+        act = nn.GELU if variant == "B" else nn.ReLU
+        with _seeded(seed):
+            self.f = _mlp([num_features, dim, dim, dim], act)
+            if variant == "B":
+                self.g = nn.ModuleList(_mlp([num_features, dim, dim, dim], act) for _ in range(K))
+                self.tau = nn.Parameter(torch.tensor(float(tau_init)))
+            else:
+                P = torch.randn(K, num_features)
+                self.P = nn.Parameter(P / P.norm(dim=1, keepdim=True))
+        self.W = None  # [C, K] logits of the seen users, set by fit
+        self.losses = []
+
+    def _ideal(self, W_rows, e_chosen, e_rejected):
+        """[B, d] ideal points for user logits W_rows [B, K] and the pairs' embeddings [B, F]."""
+        w = torch.softmax(W_rows, -1)
+        if self.variant == "B":
+            prompt = 0.5 * (e_chosen + e_rejected)
+            G = torch.stack([g(prompt) for g in self.g], 1)  # [B, K, d]
+            return (w[:, :, None] * G).sum(1)
+        return self.f(w @ self.P)
+
+    def _margin(self, a, f_chosen, f_rejected):
+        """[B] margin from ideal points a and item features f(e) [B, d]."""
+        if self.variant == "B":
+            scale = self.tau.exp().clamp(max=100.0)
+            return scale * (F_nn.cosine_similarity(a, f_chosen, dim=-1) - F_nn.cosine_similarity(a, f_rejected, dim=-1))
+        return (f_rejected - a).norm(dim=-1) - (f_chosen - a).norm(dim=-1)
+
+    def _loss(self, margin):
+        return F_nn.softplus(-margin).mean() if self.variant == "B" else F_nn.relu(1 - margin).mean()
+
+    def _sides(self, pairs, device):
+        table, chosen, rejected = pairs.sides()
+        return table.to(device, torch.float32), chosen.to(device), rejected.to(device)
+
+    def fit(self, pairs, device=None):
+        """Train projectors, (prototypes, tau) and the seen users' W [C, K] on their pairs -> self."""
+        self._cache = {}
+        pairs = as_pairs(pairs)
+        _check_features(pairs, self.num_features)
+        _user_rows(pairs)  # every user has a pair
+        device = get_device(device)
+        table, chosen, rejected = self._sides(pairs, device)
+        user = pairs.user.to(device)
+        gen = torch.Generator().manual_seed(self.seed)
+        self.W = nn.Parameter(torch.randn(pairs.num_users, self.K, generator=gen))
+        self.to(device)
+        projectors = [self.f] + ([self.g] if self.variant == "B" else [])
+        groups = [{"params": [p for m in projectors for p in m.parameters()], "lr": self.learning_rate,
+                   "weight_decay": self.weight_decay},
+                  {"params": [self.W] + ([self.P] if self.variant == "A" else []), "lr": self.user_learning_rate,
+                   "weight_decay": 0.0}]
+        if self.variant == "B":
+            groups.append({"params": [self.tau], "lr": self.tau_learning_rate, "weight_decay": 0.0})
+        opt = torch.optim.Adam(groups, fused=True)  # one pass per tensor: 6x faster on CPU
+        M = len(user)
+        steps = math.ceil(M / self.batch_size)
+        bar = tqdm(total=self.num_epochs * steps, desc=f"PAL-{self.variant}", leave=False, disable=None)
+        for _ in range(self.num_epochs):
+            perm = torch.randperm(M, generator=gen).to(device)
+            for b in range(steps):
+                idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
+                ec, er = table[chosen[idx]], table[rejected[idx]]
+                margin = self._margin(self._ideal(self.W[user[idx]], ec, er), self.f(ec), self.f(er))
+                loss = self._loss(margin)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                self.losses.append(loss.item())
+                bar.update(1)
+        bar.close()
+        return self
+
+    @torch.no_grad()
+    def _features(self, pairs, device):
+        """The frozen inputs of every pair's score: (f(e) of each table row used [U, d], the pairs' chosen and
+        rejected positions in it [M], and for PAL-B the prompt maps g_k of each distinct unordered pair of rows
+        [P, K, d] with each pair's position in it [M]; None for PAL-A)."""
+        table, chosen, rejected = pairs.sides()
+        rows, ic, ir = _used_rows(pairs)
+        items = _map_rows(self.f, table, rows, device, self.eval_batch_size)
+        if self.variant == "A":
+            return items, ic.to(device), ir.to(device), None, None
+        R = len(table)  # the prompt proxy (e_c + e_r) / 2 is symmetric: one per unordered pair of rows
+        keys, ip = torch.unique(torch.minimum(chosen, rejected) * R + torch.maximum(chosen, rejected),
+                                return_inverse=True)
+        G = torch.cat([torch.stack([g(0.5 * (table[k // R].to(device, torch.float32)
+                                             + table[k % R].to(device, torch.float32))) for g in self.g], 1)
+                       for k in keys.split(self.eval_batch_size)])  # [P, K, d]
+        return items, ic.to(device), ir.to(device), G, ip.to(device)
+
+    def _scores(self, W_rows, idx, features):
+        """[B] margins of the pairs `idx` [B] for their users' logits W_rows [B, K], from _features."""
+        items, ic, ir, G, ip = features
+        w = torch.softmax(W_rows, -1)
+        a = (w[:, :, None] * G[ip[idx]]).sum(1) if self.variant == "B" else self.f(w @ self.P)
+        return self._margin(a, items[ic[idx]], items[ir[idx]])
+
+    def personalize(self, pairs, device=None):
+        """New users' logits W [C', K] fit on their few-shot pairs; every shared part stays frozen."""
+        pairs = as_pairs(pairs)
+        _check_features(pairs, self.num_features)
+        _user_rows(pairs)
+        device = get_device(device)
+        user = pairs.user.to(device)
+        self.to(device)
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        W = torch.randn(pairs.num_users, self.K, generator=gen).to(device).requires_grad_()
+        opt = torch.optim.AdamW([W], lr=self.fewshot_learning_rate, weight_decay=0.0, fused=True)
+        trainable = [p.requires_grad for p in self.parameters()]
+        for p in self.parameters():
+            p.requires_grad_(False)
+        try:
+            features = self._features(pairs, device)  # f, g, P and tau are frozen: their outputs are fixed
+            M = len(user)
+            if self.variant == "B" and numba is not None and device.type == "cpu":
+                perms = torch.stack([torch.randperm(M, generator=gen) for _ in range(self.fewshot_epochs)]) \
+                    if self.fewshot_epochs else torch.zeros(0, M, dtype=torch.long)
+                items, ic, ir, G, ip = (t.contiguous().numpy() for t in features)
+                scale = float(self.tau.exp().clamp(max=100.0))
+                return torch.from_numpy(_call_kernel(
+                    "_pal_b_new_users_kernel", items, ic, ir, G, ip, user.numpy(), W.detach().numpy().copy(),
+                    perms.numpy(), self.fewshot_batch_size, self.fewshot_learning_rate, scale))
+            steps = math.ceil(M / self.fewshot_batch_size)
+            bar = tqdm(total=self.fewshot_epochs * steps, desc=f"PAL-{self.variant} new users", leave=False,
+                       disable=None)
+            for _ in range(self.fewshot_epochs):
+                perm = torch.randperm(M, generator=gen).to(device)
+                for b in range(steps):
+                    idx = perm[b * self.fewshot_batch_size:(b + 1) * self.fewshot_batch_size]
+                    loss = self._loss(self._scores(W[user[idx]], idx, features))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    bar.update(1)
+            bar.close()
+        finally:
+            for p, r in zip(self.parameters(), trainable):
+                p.requires_grad_(r)
+        return W.detach().cpu()
+
+    @torch.no_grad()
+    def margins(self, pairs, W=None, device=None):
+        """[M] margin of every pair under its user's weights; W [C, K] logits (default: the seen users')."""
+        pairs = as_pairs(pairs)
+        _check_features(pairs, self.num_features)
+        device = get_device(device)
+        W = self.W if W is None else W
+        if W is None:
+            raise ValueError("call fit(pairs) first, or pass W")
+        if len(W) != pairs.num_users:
+            raise ValueError(f"got {len(W)} user weights for {pairs.num_users} users")
+        self.to(device)
+        W, user = W.detach().to(device), pairs.user.to(device)
+        features = self._cached("features", pairs, device, lambda: self._features(pairs, device))
+        out = []
+        for idx in torch.arange(len(user), device=device).split(self.eval_batch_size):
+            out.append(self._scores(W[user[idx]], idx, features).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def user_weights(self, W=None):
+        """[C, K] users' weights on the simplex (default: the seen users')."""
+        return torch.softmax((self.W if W is None else W).detach().cpu(), -1)
+
+
+if numba is not None:
+    @_njit(parallel=False)
+    def _pal_b_new_users_kernel(items, ic, ir, G, ip, user, W, perms, batch, lr, scale):
+        """PAL-B's new-user fit on CPU, step for step the PyTorch loop of PAL.personalize: for every epoch's
+        permutation, batches of `batch` pairs, loss mean softplus(-scale (cos(a, f_c) - cos(a, f_r))) with
+        a = sum_k softmax(W_u)_k G_k; AdamW without decay (betas 0.9, 0.999, eps 1e-8) on all of W [C, K]
+        (rows outside the batch move by their momentum, as with one parameter tensor). -> W [C, K]."""
+        C, K = W.shape
+        d = items.shape[1]
+        m1 = np.zeros((C, K), np.float32)
+        m2 = np.zeros((C, K), np.float32)
+        grad = np.zeros((C, K), np.float32)
+        a = np.empty(d, np.float32)
+        w = np.empty(K, np.float32)
+        gw = np.empty(K, np.float32)
+        t = 0
+        for e in range(perms.shape[0]):
+            for s in range(0, perms.shape[1], batch):
+                idx = perms[e, s:s + batch]
+                b = len(idx)
+                grad[:] = 0.0
+                for j in idx:
+                    u, gk, c, r = user[j], ip[j], ic[j], ir[j]
+                    mx = W[u].max()
+                    for k in range(K):
+                        w[k] = np.exp(W[u, k] - mx)
+                    w /= w.sum()
+                    a[:] = 0.0
+                    for k in range(K):
+                        a += w[k] * G[gk, k]
+                    na = np.sqrt((a * a).sum())
+                    nc = np.sqrt((items[c] * items[c]).sum())
+                    nr = np.sqrt((items[r] * items[r]).sum())
+                    cc = (a * items[c]).sum() / (na * nc)
+                    cr = (a * items[r]).sum() / (na * nr)
+                    margin = scale * (cc - cr)
+                    dm = -1.0 / (1.0 + np.exp(margin)) / b  # d mean softplus(-margin) / d margin
+                    # d cos(a, x) / da = x / (|a| |x|) - cos a / |a|^2
+                    ga = dm * scale * (items[c] / (na * nc) - items[r] / (na * nr) - (cc - cr) * a / (na * na))
+                    for k in range(K):
+                        gw[k] = (ga * G[gk, k]).sum()
+                    dot = (w * gw).sum()
+                    for k in range(K):
+                        grad[u, k] += w[k] * (gw[k] - dot)  # softmax backward
+                t += 1
+                step = lr / (1.0 - 0.9 ** t)
+                root_bc2 = np.sqrt(1.0 - 0.999 ** t)
+                for i in range(C):
+                    for k in range(K):
+                        m1[i, k] = 0.9 * m1[i, k] + 0.1 * grad[i, k]
+                        m2[i, k] = 0.999 * m2[i, k] + 0.001 * grad[i, k] * grad[i, k]
+                        W[i, k] -= step * m1[i, k] / (np.sqrt(m2[i, k]) / root_bc2 + 1e-8)
+        return W
+
+
+def make_baseline(name, num_features, seed=0, **settings):
+    """A baseline by config name ("per_user_bt", "vpl", "pal") with its settings (keyword arguments)."""
+    if name == "per_user_bt":
+        return PerUserBT(**settings)
+    if name == "vpl":
+        return VPL(num_features, seed=seed, **settings)
+    if name == "pal":
+        return PAL(num_features, seed=seed, **settings)
+    raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Evaluation
 # ----------------------------------------------------------------------------------------
 
 def evaluate_model(X, V, w):
@@ -1538,7 +2323,7 @@ def eval_multiple(W_list, V_list, test_features, verbose=True):
 
 
 # ----------------------------------------------------------------------------------------
-# 8. Pipelines
+# 9. Pipelines
 # ----------------------------------------------------------------------------------------
 
 def _fit_basis(model_cls, K, V_final, alpha, pairs, *, num_iterations, learning_rate, device):
@@ -1737,8 +2522,101 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
     return out + (skipped,) if return_skipped else out
 
 
+def baseline_settings(config):
+    """{method: {keyword: value}} for run_baselines from a script's config: `baselines` (config names of
+    BASELINES) and every key named <method>_<keyword> (e.g. vpl_beta -> VPL(beta=...)). Checked here, so
+    that a typo fails before any training."""
+    names = list(config.get("baselines") or [])
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)} (baselines=[] skips them)")
+    classes = {"per_user_bt": PerUserBT, "vpl": VPL, "pal": PAL}
+    out = {}
+    for name, cls in classes.items():
+        kw = {k[len(name) + 1:]: v for k, v in config.items() if k.startswith(name + "_")}
+        allowed = set(inspect.signature(cls).parameters) - {"num_features"}
+        bad = sorted(set(kw) - allowed)
+        if bad:
+            raise ValueError(f"config keys {[f'{name}_{k}' for k in bad]} are no {cls.__name__} argument "
+                             f"(arguments: {sorted(allowed)})")
+        out[name] = kw
+    return out
+
+
+def run_baselines(baselines, train_features, test_features_sparse, train_features_unseen,
+                  test_features_sparse_unseen, device=None, *, seed=0, settings=None):
+    """Fit each baseline on the seen users, personalise the unseen users from their few-shot pairs, evaluate.
+
+    baselines: config names ("per_user_bt", "vpl", "pal"); settings: {name: {keyword: value}} (see
+    baseline_settings). The same four pair sets as run(), the same accuracy definition. Returns
+    {name: {"seen_train", "seen_test", "unseen_fewshot", "unseen_test": {"mean", "std"} over users,
+    "seconds"}}, apart from run()'s arrays.
+    """
+    settings = settings or {}
+    unknown = [n for n in baselines if n not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
+    train, test, train_u, test_u = (as_pairs(x) for x in (train_features, test_features_sparse,
+                                                          train_features_unseen, test_features_sparse_unseen))
+    _check_users([("test_features_sparse", test, len(train)), ("test_features_sparse_unseen", test_u, len(train_u))])
+    out = {}
+    for name in baselines:
+        t0 = time.time()
+        set_seed(seed)
+        model = make_baseline(name, train.num_features, seed=seed, **settings.get(name, {}))
+        model.fit(train, device)
+        state = model.personalize(train_u, device)
+        accs = [model.accuracies(train, None, device), model.accuracies(test, None, device),
+                model.accuracies(train_u, state, device), model.accuracies(test_u, state, device)]
+        out[name] = {n: {"mean": float(np.mean(a)), "std": float(np.std(a))} for n, a in zip(RESULT_NAMES, accs)}
+        out[name]["seconds"] = time.time() - t0
+        print(f"{BASELINES[name]}: " + ", ".join(f"{n} {out[name][n]['mean']:.4f}" for n in RESULT_NAMES)
+              + f"  [{out[name]['seconds']:.1f}s]")
+    return out
+
+
+def run_baselines_vary_shots(baselines, trials, num_shots, train_features, train_features_unseen,
+                             test_features_sparse_unseen, device=None, *, shot_groups=None, seed=0, settings=None):
+    """run_few_shot_vary_shots for the baselines: each is fit once on the seen users, then every unseen user
+    is personalised from the same `shots` examples per trial as LoRe gets (same draws, same skipped users).
+
+    Returns {name: 4 arrays [len(num_shots)]}: few-shot train accuracy mean and std over trials, unseen-user
+    test accuracy mean and std over trials (each trial's value is the mean over users); NaN where no user has
+    enough examples.
+    """
+    settings = settings or {}
+    train, pool, test_u = (as_pairs(x) for x in (train_features, train_features_unseen, test_features_sparse_unseen))
+    _check_users([("test_features_sparse_unseen", test_u, len(pool))])
+    units = _shot_units(pool, shot_groups)
+    n_units = torch.tensor([len(u) for u in units])
+    out = {}
+    for name in baselines:
+        t0 = time.time()
+        set_seed(seed)
+        model = make_baseline(name, train.num_features, seed=seed, **settings.get(name, {})).fit(train, device)
+        res = np.full((4, len(num_shots)), np.nan)
+        for j, shots in enumerate(num_shots):
+            users = torch.nonzero(n_units >= shots).flatten().tolist()
+            if not users:
+                continue
+            stacked = _stack_trials(pool, units, users, shots, trials, seed)  # the draws LoRe gets
+            test = test_u.select_users(users)
+            fs, ts = [], []
+            for t in range(trials):
+                shot_pairs = stacked.select_users(range(t * len(users), (t + 1) * len(users)))
+                state = model.personalize(shot_pairs, device)
+                fs.append(model.accuracies(shot_pairs, state, device).mean())
+                ts.append(model.accuracies(test, state, device).mean())
+            res[:, j] = np.mean(fs), np.std(fs), np.mean(ts), np.std(ts)
+            print(f"{BASELINES[name]} shots={shots}: few-shot train {res[0, j]:.4f}, unseen test {res[2, j]:.4f} "
+                  f"+- {res[3, j]:.4f} ({len(users)} users, {trials} trials)")
+        out[name] = tuple(res)
+        print(f"{BASELINES[name]}: {time.time() - t0:.1f}s")
+    return out
+
+
 # ----------------------------------------------------------------------------------------
-# 9. Embedding extraction
+# 10. Embedding extraction
 #
 # e(x, y) = final hidden state (after the final norm) of a frozen reward model at the last
 # token of the chat-templated conversation. extract_embeddings() writes one safetensors file
@@ -2210,7 +3088,7 @@ def extract_embeddings(conversations, out_path, *, model_name, groups=None, extr
 
 
 # ----------------------------------------------------------------------------------------
-# 10. Using a learned model
+# 11. Using a learned model
 #
 # Every train_basis.py writes what it learned for each (alpha, K) to one safetensors file
 # (save_lore_model): V [F, K], W [C, K] (seen users), W_unseen [C_u, K], and metadata (each

@@ -191,18 +191,26 @@ def _cap(rows, m, rng):
     return np.sort(rng.choice(rows, m, replace=False))
 
 
-def _pairs(splits, rows):
-    """Pairs (dense diffs chosen - rejected) of len(rows) workers; rows: per worker an int array into the
-    concatenated `splits` (so that a worker's pairs can come from several splits)."""
+def _pairs(splits, roles):
+    """Table Pairs of the workers of each role, all over one embedding table -> list of Pairs.
+
+    roles: per role, per worker an int array of rows into the concatenated `splits`. The table [2U, F]
+    holds the chosen then the rejected embedding of each of the U rows used (once), so that methods
+    which score both sides (the baselines) can read them; LoRe's differences are taken from it."""
+    used = np.unique(np.concatenate([idx for rows in roles for idx in rows] + [np.zeros(0, dtype=np.int64)]))
     starts = np.cumsum([0] + [len(s["row"]) for s in splits])
-    diffs = []
-    for idx in rows:
-        parts = []
-        for s, a, b in zip(splits, starts[:-1], starts[1:]):
-            i = torch.as_tensor(idx[(idx >= a) & (idx < b)] - a, dtype=torch.long)
-            parts.append(s["chosen"][i] - s["rejected"][i])
-        diffs.append(torch.cat(parts))
-    return utils.Pairs.from_list(diffs)
+    F = splits[0]["chosen"].shape[1]
+    table = torch.empty(2 * len(used), F, dtype=splits[0]["chosen"].dtype)
+    for s, a, b in zip(splits, starts[:-1], starts[1:]):
+        here = np.flatnonzero((used >= a) & (used < b))
+        i = torch.as_tensor(used[here] - a, dtype=torch.long)
+        table[here] = s["chosen"][i]
+        table[len(used) + here] = s["rejected"][i]
+    out = []
+    for rows in roles:
+        pos = [np.searchsorted(used, idx) for idx in rows]
+        out.append(utils.Pairs.from_indices(table, pos, [p + len(used) for p in pos]))
+    return out
 
 
 def split_pairs(train, test, protocol="published", max_train_pairs=150, max_fewshot_pairs=50, min_comparisons=50,
@@ -239,9 +247,8 @@ def split_pairs(train, test, protocol="published", max_train_pairs=150, max_fews
             fit.append(_cap(own_train, cap, rng))
             evaluate.append(own_test)
         roles[group] = (fit, evaluate)
-    splits = [train, test]
-    features = (_pairs(splits, roles["seen"][0]), _pairs(splits, roles["seen"][1]),
-                _pairs(splits, roles["unseen"][0]), _pairs(splits, roles["unseen"][1]))
+    features = tuple(_pairs([train, test], [roles["seen"][0], roles["seen"][1], roles["unseen"][0],
+                                            roles["unseen"][1]]))
     info["pairs"] = {name: int(len(p.user)) for name, p in zip(utils.RESULT_NAMES, features)}
     print(f"protocol {protocol}: {len(info['seen'])} seen / {len(info['unseen'])} unseen workers "
           f"({len(info['dropped'])} dropped); pairs: " + ", ".join(f"{k} {v}" for k, v in info["pairs"].items()))

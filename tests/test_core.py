@@ -70,6 +70,19 @@ def test_fused_cpu_kernel_equals_two_pass_torch_path(monkeypatch):
     assert torch.allclose(v1, v2, atol=1e-6, rtol=1e-4) and torch.allclose(w1, w2, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.skipif(utils.numba is None, reason="numba not installed")
+def test_fused_cpu_kernel_keeps_the_torch_thread_count():
+    """numba's OpenMP layer sets the process-wide OpenMP thread count; the kernel puts PyTorch's back, or every
+    later PyTorch op (few-shot fits, baselines) runs with more threads than asked for."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        utils.LoRe(None, 0, 2, 300, 2, 3).train([torch.randn(50, 300), torch.randn(40, 300)], device="cpu")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_thin_matmul_gradient_matches_autograd():
     X, V = torch.randn(1000, 300), torch.randn(300, 4, requires_grad=True)
     G = torch.randn(1000, 4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import utils
-from conftest import run_script
+from conftest import FAST_BASELINES, run_script
 from PersonalLLM import personalllm
 
 MODELS = ["gemma_2b", "gemma_7b", "mistral_raft", "llama3_sfairx", "oasst_deberta_v3",
@@ -78,6 +78,7 @@ def test_train_basis_on_prepared_data_skips_nan_prompts(prepared, tmp_path, tiny
     assert "skipping 1 of 40 prompts with a missing (None/NaN) score" in proc.stdout
     res = json.loads((tmp_path / "train_basis.json").read_text())
     assert [r["K"] for r in res["results"]] == [0, 1, 2]
+    assert set(res["baselines"]) == {"per_user_bt", "vpl", "pal"}  # the baselines run on prepared files too
     assert (tmp_path / "train_basis.png").stat().st_size > 1000
     # the learned models, in the common format: simulated users numbered 0..5 (seen), 6..9 (unseen)
     m = utils.load_lore_model(tmp_path / "models" / "K2_alpha0.safetensors")
@@ -118,8 +119,8 @@ SMALL = ["synthetic=True", "synthetic_features=48", "synthetic_prompts=[3000,300
 
 
 def test_synthetic_train_basis_shows_paper_ordering_and_is_reproducible(tmp_path):
-    run_script("PersonalLLM/train_basis.py", *SMALL, "K_list=[0,1,3]", f"out_dir={tmp_path / 'a'}")
-    run_script("PersonalLLM/train_basis.py", *SMALL, "K_list=[0,1,3]", f"out_dir={tmp_path / 'b'}")
+    run_script("PersonalLLM/train_basis.py", *SMALL, "K_list=[0,1,3]", "baselines=[]", f"out_dir={tmp_path / 'a'}")
+    run_script("PersonalLLM/train_basis.py", *SMALL, "K_list=[0,1,3]", "baselines=[]", f"out_dir={tmp_path / 'b'}")
     a = json.loads((tmp_path / "a" / "train_basis_synthetic.json").read_text())
     b = json.loads((tmp_path / "b" / "train_basis_synthetic.json").read_text())
     assert a["results"] == b["results"]
@@ -130,12 +131,14 @@ def test_synthetic_train_basis_shows_paper_ordering_and_is_reproducible(tmp_path
 
 def test_synthetic_vary_fewshot_writes_outputs(tmp_path):
     proc = run_script("PersonalLLM/vary_fewshot.py", *SMALL, "K=3", "num_shots=[1,5,9,20]", "trials=2",
-                      f"out_dir={tmp_path}")
+                      "baselines=['per_user_bt']", f"out_dir={tmp_path}")
     assert "skipping 80 of 80 unseen users with fewer than 20 pairs" in proc.stdout  # pool is 15 pairs
     res = json.loads((tmp_path / "vary_fewshot_synthetic.json").read_text())
     acc = [r["unseen_test"]["mean"] for r in res["results"]]
     assert [r["shots"] for r in res["results"]] == [1, 5, 9, 20] and acc[3] is None
     assert acc[0] < acc[2]  # more shots help
+    bt = [r["unseen_test"]["mean"] for r in res["baselines"]["per_user_bt"]]  # on the same shots
+    assert bt[0] < bt[2] and bt[3] is None and "per-user BT unseen test" in proc.stdout
     assert (tmp_path / "vary_fewshot_synthetic.png").exists()
 
 
@@ -160,3 +163,13 @@ def test_load_draws_the_protocol_population():
     pooled = personalllm.load(**kw, fewshot_pool_density=0.1)
     assert pooled.unseen_fewshot.counts().tolist() == [20] * 5 and pooled.info["fewshot_density"] == 0.1
     assert torch.equal(pooled.seen_train.dense(), data.seen_train.dense())
+
+
+def test_synthetic_train_basis_baselines_beat_the_reference_head(tmp_path):
+    """All methods in one table and JSON; on unseen users every baseline beats the reward model's own head."""
+    proc = run_script("PersonalLLM/train_basis.py", *SMALL, "K_list=[0]", *FAST_BASELINES, f"out_dir={tmp_path}")
+    res = json.loads((tmp_path / "train_basis_synthetic.json").read_text())
+    ref = res["results"][0]["unseen_test"]["mean"]
+    unseen = {m: r["unseen_test"]["mean"] for m, r in res["baselines"].items()}
+    assert set(unseen) == {"per_user_bt", "vpl", "pal"} and all(u > ref + 0.03 for u in unseen.values()), (ref, unseen)
+    assert all(name in proc.stdout for name in ("ref", "per-user BT", "VPL", "PAL"))

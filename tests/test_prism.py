@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import utils
-from conftest import run_script, write_rb2
+from conftest import FAST_BASELINES, run_script, write_rb2
 from PRISM import prism, rewardbench
 
 # ------------------------------------------------------------------------------------------------
@@ -255,17 +255,25 @@ def test_synthetic_lore_beats_bt_beats_reference():
 
 def test_train_basis_and_vary_fewshot_synthetic(tmp_path):
     log = run_script("PRISM/train_basis.py", "synthetic=True", "synthetic_users=200", "K_list=[0,1,3]",
-                     "alpha_list=[0,1e4]", "num_iterations=50", "fewshot_iterations=50", f"out_dir={tmp_path}").stdout
-    assert "seen_test" in log
+                     "alpha_list=[0,1e4]", "num_iterations=50", "fewshot_iterations=50", *FAST_BASELINES,
+                     f"out_dir={tmp_path}").stdout
+    assert "seen_test" in log and all(name in log for name in ("per-user BT", "VPL", "PAL"))
     res = json.loads((tmp_path / "train_basis_synthetic.json").read_text())
     assert len(res["results"]) == 6 and res["num_iterations_used"] == 50
+    ref = res["results"][0]["unseen_test"]["mean"]  # on unseen users, every baseline beats the model's own head
+    baselines = {m: r["unseen_test"]["mean"] for m, r in res["baselines"].items()}
+    assert set(baselines) == {"per_user_bt", "vpl", "pal"} and all(b > ref + 0.02 for b in baselines.values()), \
+        (ref, baselines)
     assert (tmp_path / "models_synthetic" / "K3_alpha0.safetensors").is_file()
 
     run_script("PRISM/vary_fewshot.py", "synthetic=True", "synthetic_users=200", "K=3", "trials=2",
-               "num_iterations=50", "fewshot_iterations=50", f"out_dir={tmp_path}")
+               "num_iterations=50", "fewshot_iterations=50", "baselines=['vpl']", *FAST_BASELINES,
+               f"out_dir={tmp_path}")
     res = json.loads((tmp_path / "vary_fewshot_synthetic.json").read_text())
     shots = [r["shots"] for r in res["results"]]
     assert shots[0] == 1 and shots == list(range(1, len(shots) + 1)) and len(shots) >= 3
     assert res["results"][0]["users_skipped"] == 0 and res["results"][-1]["users_skipped"] > 0
     assert all(0 <= r["unseen_test"]["mean"] <= 1 for r in res["results"])
     assert (tmp_path / "vary_fewshot_synthetic.png").is_file()
+    vpl = res["baselines"]["vpl"]  # dialogs as shots, as for LoRe
+    assert [r["shots"] for r in vpl] == shots and all(0 < r["unseen_test"]["mean"] < 1 for r in vpl[:2])

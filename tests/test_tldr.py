@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import utils
-from conftest import run_script
+from conftest import FAST_BASELINES, run_script
 from RedditTLDR import tldr
 
 # -------------------------------------------------------------------------------------------
@@ -215,18 +215,27 @@ def test_paper_protocol(synthetic):
 # both scripts in synthetic mode
 
 def test_train_basis_synthetic(tmp_path):
-    run_script("RedditTLDR/train_basis.py", "synthetic=True", f"out_dir={tmp_path}", f"data_dir={tmp_path}",
-               "K_list=[0,1,4]")
+    """ref, BT, LoRe and the three baselines in one table and JSON; LoRe > BT > ref, and every baseline > ref."""
+    p = run_script("RedditTLDR/train_basis.py", "synthetic=True", f"out_dir={tmp_path}", f"data_dir={tmp_path}",
+                   "K_list=[0,1,4]", *FAST_BASELINES)
     out = json.loads((tmp_path / "train_basis_synthetic.json").read_text())
     unseen = [r["unseen_test"]["mean"] for r in out["results"]]
     assert unseen[2] > unseen[1] + 0.05 and unseen[1] > unseen[0] + 0.03  # LoRe > BT > reference head
+    baselines = {m: r["unseen_test"]["mean"] for m, r in out["baselines"].items()}
+    assert set(baselines) == {"per_user_bt", "vpl", "pal"} and all(b > unseen[0] + 0.02 for b in baselines.values()), \
+        (unseen, baselines)
+    assert all(name in p.stdout for name in ("LoRe", "per-user BT", "VPL", "PAL"))
     assert (tmp_path / "train_basis_synthetic.png").is_file()
 
 
 def test_vary_fewshot_synthetic(tmp_path):
     p = run_script("RedditTLDR/vary_fewshot.py", "synthetic=True", f"out_dir={tmp_path}", f"data_dir={tmp_path}", "K=3",
-                   "num_shots=[5,40]", "trials=2", "num_iterations=300", "fewshot_iterations=100")
+                   "num_shots=[5,40]", "trials=2", "num_iterations=300", "fewshot_iterations=100", "baselines=['pal']",
+                   *FAST_BASELINES)
     out = json.loads((tmp_path / "vary_fewshot_synthetic.json").read_text())
     assert [r["shots"] for r in out["results"]] == [5, 40]
     assert out["results"][0]["users_skipped"] == 0 and out["results"][1]["users_skipped"] >= 1
     assert "users skipped" in p.stdout and (tmp_path / "vary_fewshot_synthetic.png").is_file()
+    pal = out["baselines"]["pal"]  # the same shots, the same skipped workers
+    assert [r["shots"] for r in pal] == [5, 40] and [r["users_skipped"] for r in pal] == [
+        r["users_skipped"] for r in out["results"]] and all(0 < r["unseen_test"]["mean"] < 1 for r in pal)

@@ -1,0 +1,269 @@
+"""Baselines beside LoRe: per-user BT, VPL and PAL on planted user types."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import utils
+
+# small but learnable settings for planted data (the published defaults are for thousands of pairs in 4096-d)
+VPL_SMALL = dict(hidden_dim=32, latent_dim=16, learning_rate=3e-3, num_epochs=12)
+PAL_SMALL = {"B": dict(dim=32, learning_rate=3e-3, user_learning_rate=3e-2, num_epochs=5, batch_size=16,
+                       fewshot_epochs=10, fewshot_batch_size=8, fewshot_learning_rate=5e-2),
+             "A": dict(dim=64, learning_rate=3e-3, user_learning_rate=1e-2, num_epochs=10, batch_size=8,
+                       fewshot_epochs=20, fewshot_batch_size=4, fewshot_learning_rate=5e-2)}
+
+
+def planted(num_types=2, seen_per_type=15, unseen_per_type=10, n_train=30, n_fewshot=10, n_test=30, F_dim=16,
+            R=400, seed=0):
+    """Users of `num_types` types; a type's reward is e^T u_t with the u_t at equal angles in a random plane
+    (they sum to 0: one shared reward cannot serve them). Pairs are random row pairs of a table [R, F],
+    oriented by the user's type. -> dict of table Pairs (train, test, fewshot, test_unseen) and types."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(R, F_dim, generator=g)
+    Q, _ = torch.linalg.qr(torch.randn(F_dim, 2, generator=g))
+    ang = torch.arange(num_types) * 2 * math.pi / num_types
+    U = torch.cos(ang)[:, None] * Q[:, 0] + torch.sin(ang)[:, None] * Q[:, 1]  # [T, F]
+    seen = torch.arange(num_types).repeat_interleave(seen_per_type)
+    unseen = torch.arange(num_types).repeat_interleave(unseen_per_type)
+
+    def draw(types, m):
+        chosen, rejected = [], []
+        for t in types:
+            a, b = torch.randint(R, (2, m), generator=g)
+            b = torch.where(a == b, (b + 1) % R, b)
+            better = (table[a] @ U[t]) > (table[b] @ U[t])
+            chosen.append(torch.where(better, a, b))
+            rejected.append(torch.where(better, b, a))
+        return utils.Pairs.from_indices(table, chosen, rejected)
+    return dict(train=draw(seen, n_train), test=draw(seen, n_test), fewshot=draw(unseen, n_fewshot),
+                test_unseen=draw(unseen, n_test), types=seen, types_unseen=unseen, U=U)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return planted()
+
+
+@pytest.fixture(scope="module")
+def shared_bt(data):
+    """Mean unseen-user test accuracy of one Bradley-Terry reward for everyone (LoRe with K = 1, as in run)."""
+    utils.set_seed(0)
+    _, V = utils.solve_regularized(None, 0, data["train"], 1, device="cpu")
+    return utils.user_accuracies(data["test_unseen"], V, torch.ones(1)).mean()
+
+
+def nearest_type(seen_rep, seen_types, new_rep):
+    """Type of the nearest seen-type centroid (cosine) for each row of new_rep."""
+    cents = torch.stack([seen_rep[seen_types == t].mean(0) for t in range(int(seen_types.max()) + 1)])
+    return (F.normalize(new_rep, dim=1) @ F.normalize(cents, dim=1).t()).argmax(1)
+
+
+def fit_method(name, d, variant="B", seed=0):
+    """(model, new users' state, seen representation [C, r], unseen representation [C', r])."""
+    if name == "per_user_bt":
+        model = utils.PerUserBT().fit(d["train"], "cpu")
+        state = model.personalize(d["fewshot"], "cpu")
+        return model, state, model.V, state
+    if name == "vpl":
+        model = utils.VPL(16, seed=seed, **VPL_SMALL).fit(d["train"], "cpu")
+        state = model.personalize(d["fewshot"], "cpu")
+        return model, state, model.z_seen, state
+    model = utils.PAL(16, K=2, variant=variant, seed=seed, **PAL_SMALL[variant]).fit(d["train"], "cpu")
+    state = model.personalize(d["fewshot"], "cpu")
+    return model, state, model.user_weights(), model.user_weights(state)
+
+
+# per-user BT fits 16 numbers from 30 (seen) or 10 (new users) pairs on its own: it is the weakest here
+MIN_ACCURACY = {"per_user_bt": (0.7, 0.6), "vpl": (0.9, 0.9), "pal": (0.85, 0.75)}  # (seen, unseen) test
+
+
+@pytest.mark.parametrize("name,variant", [("per_user_bt", None), ("vpl", None), ("pal", "B"), ("pal", "A")])
+def test_planted_types_recovered_and_shared_bt_beaten(data, shared_bt, name, variant):
+    model, state, rep_seen, rep_new = fit_method(name, data, variant)
+    # seen users group by type, and new users land next to their own type
+    assert (nearest_type(rep_seen, data["types"], rep_seen) == data["types"]).float().mean() >= 0.9
+    assert (nearest_type(rep_seen, data["types"], rep_new) == data["types_unseen"]).float().mean() >= 0.8
+    seen_test = model.accuracies(data["test"]).mean()
+    unseen_test = model.accuracies(data["test_unseen"], state).mean()
+    assert shared_bt < 0.6  # the two types cancel out for one shared reward
+    lo_seen, lo_unseen = MIN_ACCURACY[name]
+    assert seen_test > lo_seen and unseen_test > lo_unseen and unseen_test > shared_bt + 0.1, \
+        (seen_test, unseen_test, shared_bt)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_per_user_bt_equals_a_plain_loop_of_bt_fits(kernel, monkeypatch):
+    """Both paths (the numba kernel, users in parallel; PyTorch, padded chunks) == one BT fit per user."""
+    if kernel and utils.numba is None:
+        pytest.skip("numba not installed")
+    if not kernel:
+        monkeypatch.setattr(utils, "numba", None)
+    g = torch.Generator().manual_seed(1)
+    X = [torch.randn(m, 8, generator=g) * 3 for m in (3, 9, 1, 5, 12)]
+    pairs = utils.Pairs.from_list(X)
+    # chunk_floats forces several padded chunks of users of different sizes
+    model = utils.PerUserBT(num_iterations=200, learning_rate=0.05, chunk_floats=2 * 9 * 8).fit(pairs)
+    for i, x in enumerate(X):
+        v = torch.zeros(8, requires_grad=True)
+        opt = torch.optim.Adam([v], lr=0.05)
+        for _ in range(200):
+            loss = F.softplus(-(x @ v) / utils.LOGIT_SCALE).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert torch.allclose(model.V[i], v.detach(), atol=1e-5, rtol=1e-4), i
+    W_list, V_list = model.weights_and_bases()
+    assert len(W_list) == len(V_list) == 5 and V_list[1].shape == (8, 1)
+    accs = utils.eval_multiple(W_list, V_list, X, verbose=False)
+    assert np.allclose(accs, model.accuracies(X))
+
+
+def test_per_user_bt_table_pairs_equal_difference_pairs(data):
+    small = data["train"].select_users(range(6))
+    a = utils.PerUserBT(num_iterations=50).fit(small)
+    b = utils.PerUserBT(num_iterations=50).fit(utils.Pairs(small.user, small.num_users, diffs=small.dense()))
+    assert torch.allclose(a.V, b.V, atol=1e-6)
+    assert np.array_equal(a.accuracies(small), b.accuracies(utils.Pairs(small.user, 6, diffs=small.dense())))
+
+
+def test_vpl_new_users_take_no_gradient_step(data):
+    model = utils.VPL(16, hidden_dim=16, latent_dim=8, num_epochs=1).fit(data["train"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    z_seen = model.z_seen.clone()
+    for p in model.parameters():
+        p.grad = None
+    z = model.personalize(data["fewshot"])
+    assert z.shape == (data["fewshot"].num_users, 8) and not z.requires_grad
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(model.z_seen, z_seen)
+    # the latent depends on the few-shot pairs: users of different types get different latents
+    assert not torch.allclose(z[0], z[-1])
+
+
+@pytest.mark.parametrize("variant", ["B", "A"])
+def test_pal_new_users_leave_shared_parts_unchanged(data, variant, monkeypatch):
+    model = utils.PAL(16, K=3, variant=variant, dim=16, batch_size=16, fewshot_epochs=3).fit(data["train"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.personalize(data["fewshot"])  # PAL-B on CPU: the numba kernel
+    monkeypatch.setattr(utils, "numba", None)
+    W = model.personalize(data["fewshot"])  # the PyTorch loop
+    assert W.shape == (data["fewshot"].num_users, 3)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and "W" in after
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert all(p.requires_grad for p in model.parameters())  # trainable again afterwards
+    # the new users' weights did move away from their random start
+    W0 = torch.randn(data["fewshot"].num_users, 3, generator=torch.Generator().manual_seed(model.seed + 1))
+    assert (W - W0).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("name", ["per_user_bt", "vpl", "pal"])
+def test_same_seed_same_numbers(data, name):
+    small = {k: (v.select_users(range(0, v.num_users, 5)) if isinstance(v, utils.Pairs) else v)
+             for k, v in data.items()}
+    settings = {"per_user_bt": dict(num_iterations=100), "vpl": dict(hidden_dim=16, latent_dim=8, num_epochs=2),
+                "pal": dict(dim=16, K=2, fewshot_epochs=2)}[name]
+    runs = [utils.run_baselines([name], small["train"], small["test"], small["fewshot"], small["test_unseen"],
+                                device="cpu", seed=s, settings={name: settings}) for s in (3, 3, 4)]
+    for r in runs:
+        r[name].pop("seconds")
+    assert runs[0] == runs[1]
+    assert set(runs[0][name]) == set(utils.RESULT_NAMES)
+    if name != "per_user_bt":  # a deterministic fit from zero: no seed involved
+        m0 = utils.make_baseline(name, 16, seed=3, **settings)
+        m1 = utils.make_baseline(name, 16, seed=4, **settings)
+        assert not all(torch.equal(p0, p1) for p0, p1 in zip(m0.parameters(), m1.parameters()))
+        assert runs[2] != runs[0]
+
+
+def test_difference_pairs_are_refused_where_both_sides_are_needed():
+    X = utils.Pairs.from_list([torch.randn(4, 16), torch.randn(3, 16)])
+    with pytest.raises(ValueError, match="chosen and rejected embeddings separately"):
+        utils.VPL(16, hidden_dim=8, latent_dim=4).fit(X)
+    with pytest.raises(ValueError, match="chosen and rejected embeddings separately"):
+        utils.PAL(16, dim=8).fit(X)
+    with pytest.raises(ValueError, match="features"):
+        utils.PAL(8, dim=8).fit(planted(F_dim=16, seen_per_type=1, unseen_per_type=1)["train"])
+    with pytest.raises(ValueError, match="unknown baseline"):
+        utils.make_baseline("lore", 16)
+    bad = [torch.randn(4, 16), torch.randn(3, 16)]
+    bad[1][0, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        utils.PerUserBT(num_iterations=5).fit(bad)
+
+
+def test_pairs_sides_hand_out_the_table_without_a_copy(data):
+    table, chosen, rejected = data["train"].sides()
+    assert table.data_ptr() == data["train"].table.data_ptr()
+    assert torch.equal(table[chosen] - table[rejected], data["train"].dense())
+
+
+def test_baseline_settings_from_a_script_config():
+    config = {"baselines": ["vpl", "pal"], "vpl_beta": 0.0, "pal_variant": "A", "pal_K": 3,
+              "per_user_bt_learning_rate": 0.1, "seed": 0, "palette": "x"}
+    assert utils.baseline_settings(config) == {"per_user_bt": {"learning_rate": 0.1}, "vpl": {"beta": 0.0},
+                                               "pal": {"variant": "A", "K": 3}}
+    with pytest.raises(ValueError, match="unknown baseline"):
+        utils.baseline_settings({"baselines": ["vlp"]})
+    with pytest.raises(ValueError, match="vpl_betta"):
+        utils.baseline_settings({"baselines": [], "vpl_betta": 0.1})
+
+
+def test_vary_shots_with_every_pair_equals_the_plain_run(data):
+    """Shots = a user's whole few-shot pool: every trial personalises from the same pairs as run_baselines."""
+    small = {k: (v.select_users(range(0, v.num_users, 3)) if isinstance(v, utils.Pairs) else v)
+             for k, v in data.items()}
+    settings = {"per_user_bt": dict(num_iterations=100)}
+    plain = utils.run_baselines(["per_user_bt"], small["train"], small["test"], small["fewshot"], small["test_unseen"],
+                                "cpu", settings=settings)["per_user_bt"]
+    shots = utils.run_baselines_vary_shots(["per_user_bt"], 2, [3, 10, 11], small["train"], small["fewshot"],
+                                           small["test_unseen"], "cpu", settings=settings)["per_user_bt"]
+    fs_mean, fs_std, ts_mean, ts_std = shots
+    assert fs_mean[1] == pytest.approx(plain["unseen_fewshot"]["mean"], abs=1e-6)
+    assert ts_mean[1] == pytest.approx(plain["unseen_test"]["mean"], abs=1e-6) and ts_std[1] < 1e-6
+    assert ts_std[0] > 0  # 3 random shots differ between the two trials
+    assert np.isnan(ts_mean[2])  # nobody has 11 few-shot pairs
+
+
+@pytest.mark.parametrize("name,variant", [("vpl", None), ("pal", "B"), ("pal", "A")])
+def test_margins_from_shared_row_features_equal_direct_scores(data, name, variant):
+    """margins() computes item features once per table row (and PAL-B's prompt maps once per pair of rows):
+    the same numbers as scoring every pair on its own."""
+    pairs = data["test"]
+    table, chosen, rejected = pairs.sides()
+    ec, er = table[chosen], table[rejected]
+    if name == "vpl":
+        model = utils.VPL(16, hidden_dim=16, latent_dim=8, num_epochs=1).fit(data["train"])
+        z = model.z_seen[pairs.user]
+        with torch.no_grad():
+            direct = model.reward(ec, z) - model.reward(er, z)
+    else:
+        model = utils.PAL(16, K=3, variant=variant, dim=16, batch_size=16).fit(data["train"])
+        with torch.no_grad():
+            direct = model._margin(model._ideal(model.W[pairs.user], ec, er), model.f(ec), model.f(er))
+    assert torch.allclose(model.margins(pairs), direct, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(utils.numba is None, reason="numba not installed")
+def test_pal_b_new_user_kernel_equals_the_pytorch_loop(data, monkeypatch):
+    """PAL-B's new-user fit on CPU (numba, step for step) == the autograd loop with fused AdamW."""
+    model = utils.PAL(16, K=3, dim=16, batch_size=16).fit(data["train"])
+    fast = model.personalize(data["fewshot"])
+    monkeypatch.setattr(utils, "numba", None)
+    slow = model.personalize(data["fewshot"])
+    assert torch.allclose(fast, slow, atol=1e-4, rtol=1e-4), (fast - slow).abs().max()
+    assert (fast - torch.randn(fast.shape, generator=torch.Generator().manual_seed(model.seed + 1))).abs().max() > 0.1
+
+
+def test_per_user_bt_fits_what_learn_multiple_fits():
+    g = torch.Generator().manual_seed(2)
+    X = [torch.randn(m, 8, generator=g) * 3 for m in (4, 7, 2)]
+    W_list, V_list = utils.PerUserBT(num_iterations=150).fit(X).weights_and_bases()
+    W_ref, V_ref = utils.learn_multiple(X, num_iterations=150, device="cpu")
+    assert all(torch.equal(w, r) for w, r in zip(W_list, W_ref))
+    assert all(torch.allclose(v, r, atol=1e-5, rtol=1e-4) for v, r in zip(V_list, V_ref))
