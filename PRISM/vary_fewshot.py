@@ -90,5 +90,6 @@ name = "vary_fewshot_synthetic" if synthetic else "vary_fewshot"
 utils.report_shots(accuracies, num_shots, config, utils.script_out_dir(__file__, out_dir), name,
                    "PRISM, few-shot dialogs" + (" (synthetic)" if synthetic else ""), K, alpha, skipped=skipped,
                    extra={"seconds": time.time() - t0, "num_iterations_used": num_iterations,
-                          "shots_are": "dialogs per unseen user"}, xlabel="few-shot dialogs per user", baselines=baseline_results)
+                          "shots_are": "dialogs per unseen user"}, xlabel="few-shot dialogs per user",
+                          baselines=baseline_results)
 print(f"done in {time.time() - t0:.0f}s")

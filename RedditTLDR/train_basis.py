@@ -100,5 +100,6 @@ if save_models:
     paths = utils.save_models(out / name.replace("train_basis", "models"), models, data, dataset="RedditTLDR",
                               fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate)
 utils.report_run(accuracies, K_list, alpha_list, config, out, name, title,
-                 extra={"workers": data.info["workers"], "seconds": time.time() - t0, "models": paths}, baselines=baseline_results)
+                 extra={"workers": data.info["workers"], "seconds": time.time() - t0, "models": paths},
+                 baselines=baseline_results)
 print(f"done in {time.time() - t0:.0f}s")

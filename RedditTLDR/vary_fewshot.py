@@ -86,5 +86,6 @@ baseline_results = utils.run_baselines_vary_shots(
 name = "vary_fewshot" + ("_paper" if protocol == "paper" else "") + ("_synthetic" if synthetic else "")
 title = "Reddit TLDR" + (" paper split" if protocol == "paper" else "") + (" (synthetic)" if synthetic else "")
 utils.report_shots(accuracies, num_shots, config, utils.script_out_dir(__file__, out_dir), name, title, K, alpha,
-                   skipped=skipped, extra={"workers": data.info["workers"], "seconds": time.time() - t0}, baselines=baseline_results)
+                   skipped=skipped, extra={"workers": data.info["workers"], "seconds": time.time() - t0},
+                   baselines=baseline_results)
 print(f"done in {time.time() - t0:.0f}s")
