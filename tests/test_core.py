@@ -1,4 +1,8 @@
 """The LoRe library: models, packing, simulation, evaluation and the run pipelines."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -70,17 +74,19 @@ def test_fused_cpu_kernel_equals_two_pass_torch_path(monkeypatch):
     assert torch.allclose(v1, v2, atol=1e-6, rtol=1e-4) and torch.allclose(w1, w2, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.skipif(utils.numba is None, reason="numba not installed")
+@pytest.mark.skipif(utils.numba is None or (os.cpu_count() or 1) < 2, reason="needs numba and 2 cores")
 def test_fused_cpu_kernel_keeps_the_torch_thread_count():
-    """numba's OpenMP layer sets the process-wide OpenMP thread count; the kernel puts PyTorch's back, or every
-    later PyTorch op (few-shot fits, baselines) runs with more threads than asked for."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        utils.LoRe(None, 0, 2, 300, 2, 3).train([torch.randn(50, 300), torch.randn(40, 300)], device="cpu")
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
+    """numba's OpenMP layer sets the process-wide OpenMP thread count when its kernel runs on 2 threads; the
+    kernel call puts PyTorch's back, or every later PyTorch op (few-shot fits, baselines) runs with more
+    threads than asked for. In a fresh process: the tests otherwise run numba on one thread."""
+    code = ("import torch, utils; torch.set_num_threads(1); "
+            "utils.LoRe(None, 0, 2, 300, 2, 3).train([torch.randn(50, 300), torch.randn(40, 300)], device='cpu'); "
+            "print('threads', torch.get_num_threads())")
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2", "PYTHONPATH": os.path.dirname(os.path.dirname(utils.__file__))
+           or "."}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "threads 1" in out.stdout, out.stdout
 
 
 def test_thin_matmul_gradient_matches_autograd():
