@@ -19,7 +19,7 @@ from RedditTLDR import tldr
 
 # PersonalLLM/train_basis.py on tiny synthetic data (about a second of fitting)
 TINY = ["synthetic=True", "synthetic_prompts=[500,100]", "synthetic_features=16", "fewshot_density=0.01", "N=50",
-        "N_unseen=20", "K_list=[0,2]", "num_iterations=30", "fewshot_iterations=20"]
+        "N_unseen=20", "K_list=[0,2]", "num_iterations=30", "fewshot_iterations=20", "baselines=[]"]
 
 
 def assert_one_line_error(proc, *names):
@@ -63,6 +63,9 @@ def run_inline(script, *overrides):
     ("out_dir=/etc/passwd/x", ["out_dir=/etc/passwd/x", "writable"]),
     ("num_iterations=-5", ["num_iterations=-5", ">= 1"]),
     ("synthetic_prompts=[500]", ["synthetic_prompts=[500]", "[train prompts, test prompts]"]),
+    ("baselines=['vlp']", ["'vlp'", "per_user_bt"]),
+    ("vpl_learning_rate=0.0", ["vpl_learning_rate=0.0", "> 0"]),
+    ("pal_variant=C", ["pal_variant='C'", "A, B"]),
 ])
 def test_bad_settings_fail_before_any_work(override, names, tmp_path):
     out = [] if override.startswith("out_dir") else [f"out_dir={tmp_path / 'out'}"]
