@@ -1384,51 +1384,46 @@ def learn_multiple_few_shot_weighted(alpha, train_features, current_dialog_featu
     return model._fit(torch.cat([XV_t, XV_c]), torch.cat([train.user, current.user]), pw, device)
 
 
-def _fit_bt(pairs, per_user, V_ref=None, alpha=0.0, num_iterations=1000, learning_rate=0.01, device=None):
-    """Bradley-Terry rewards fit by Adam from 0 -> [F, C] (per_user: column i fits user i alone, mean over its
-    pairs) or [F, 1] (one reward, mean over all pairs pooled, plus alpha * ||v - V_ref||^2 when V_ref is given)."""
+def _fit_bt(pairs, V_ref=None, alpha=0.0, num_iterations=1000, learning_rate=0.01, device=None):
+    """One Bradley-Terry reward [F, 1] fit by Adam from 0 on all pairs pooled (mean over pairs), plus
+    alpha * ||v - V_ref||^2 when V_ref is given."""
     device = get_device(device)
     diffs, user, counts = _pack(pairs, device)
     if (counts == 0).any():
         raise ValueError(f"{int((counts == 0).sum())} user(s) have no pairs")
-    C = len(counts) if per_user else 1
-    Vt = torch.zeros(C, diffs.shape[1], device=device, requires_grad=True)  # row c: reward c
+    v = torch.zeros(1, diffs.shape[1], device=device, requires_grad=True)
     ref = None if V_ref is None else torch.as_tensor(V_ref, dtype=torch.float32).reshape(1, -1).to(device)
-    pw = 1.0 / counts[user] if per_user else torch.full((len(user),), 1.0 / len(user), device=device)
-    opt = torch.optim.Adam([Vt], lr=learning_rate)
+    pw = torch.full((len(user),), 1.0 / len(user), device=device)
+    opt = torch.optim.Adam([v], lr=learning_rate)
     for _ in tqdm(range(num_iterations), desc="Bradley-Terry", leave=False, disable=None):
         opt.zero_grad(set_to_none=True)
-        if per_user:  # one batch: each row's gradient comes from its user's pairs only, as in separate fits
-            loss = (F_nn.softplus(-(diffs * Vt[user]).sum(1) / LOGIT_SCALE) * pw).sum()
-        else:
-            loss = _bt_loss(diffs, Vt.t(), torch.ones(len(user), 1, device=device), pw)
+        loss = _bt_loss(diffs, v.t(), torch.ones(len(user), 1, device=device), pw)
         if ref is not None and alpha:
-            loss = loss + alpha * ((Vt - ref) ** 2).sum()
+            loss = loss + alpha * ((v - ref) ** 2).sum()
         loss.backward()
         opt.step()
-    return Vt.detach().t().cpu()
+    return v.detach().t().cpu()
 
 
 def learn_multiple(train_features, num_iterations=1000, learning_rate=0.01, device=None):
     """One independent Bradley-Terry reward per user (a per-user baseline) -> (W_list, V_list): C weights [1]
     (ones) and C rewards [F, 1], usable with eval_multiple(W_list, V_list, test_features). User i's reward
-    minimises its mean -log sigmoid(d^T v_i / 100), from v_i = 0; all users are fit in one batch."""
-    V = _fit_bt(as_pairs(train_features), True, num_iterations=num_iterations, learning_rate=learning_rate,
-                device=device)
-    return [torch.ones(1) for _ in range(V.shape[1])], [V[:, i:i + 1] for i in range(V.shape[1])]
+    minimises its mean -log sigmoid(d^T v_i / 100), from v_i = 0: the PerUserBT baseline (section 7)."""
+    model = PerUserBT(num_iterations=num_iterations, learning_rate=learning_rate)
+    return model.fit(as_pairs(train_features), device).weights_and_bases()
 
 
 def learn_single_reward(train_features, num_iterations=1000, learning_rate=0.01, device=None):
     """One Bradley-Terry reward for everyone: the mean -log sigmoid(d^T v / 100) over all pairs pooled,
     from v = 0 -> V [F, 1]."""
-    return _fit_bt(as_pairs(train_features), False, num_iterations=num_iterations, learning_rate=learning_rate,
+    return _fit_bt(as_pairs(train_features), num_iterations=num_iterations, learning_rate=learning_rate,
                    device=device)
 
 
 def learn_single_reward_regularized(V_ref, alpha, train_features, num_iterations=1000, learning_rate=0.01,
                                     device=None):
     """learn_single_reward pulled towards V_ref [F, 1]: plus alpha * ||v - V_ref||^2 -> V [F, 1]."""
-    return _fit_bt(as_pairs(train_features), False, V_ref, alpha, num_iterations, learning_rate, device)
+    return _fit_bt(as_pairs(train_features), V_ref, alpha, num_iterations, learning_rate, device)
 
 
 class _ThinMatmul(torch.autograd.Function):

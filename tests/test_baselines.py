@@ -258,12 +258,3 @@ def test_pal_b_new_user_kernel_equals_the_pytorch_loop(data, monkeypatch):
     slow = model.personalize(data["fewshot"])
     assert torch.allclose(fast, slow, atol=1e-4, rtol=1e-4), (fast - slow).abs().max()
     assert (fast - torch.randn(fast.shape, generator=torch.Generator().manual_seed(model.seed + 1))).abs().max() > 0.1
-
-
-def test_per_user_bt_fits_what_learn_multiple_fits():
-    g = torch.Generator().manual_seed(2)
-    X = [torch.randn(m, 8, generator=g) * 3 for m in (4, 7, 2)]
-    W_list, V_list = utils.PerUserBT(num_iterations=150).fit(X).weights_and_bases()
-    W_ref, V_ref = utils.learn_multiple(X, num_iterations=150, device="cpu")
-    assert all(torch.equal(w, r) for w, r in zip(W_list, W_ref))
-    assert all(torch.allclose(v, r, atol=1e-5, rtol=1e-4) for v, r in zip(V_list, V_ref))

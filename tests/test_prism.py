@@ -254,15 +254,17 @@ def test_synthetic_lore_beats_bt_beats_reference():
 
 
 def test_train_basis_and_vary_fewshot_synthetic(tmp_path):
-    log = run_script("PRISM/train_basis.py", "synthetic=True", "synthetic_users=200", "K_list=[0,1,3]",
-                     "alpha_list=[0,1e4]", "num_iterations=50", "fewshot_iterations=50", *FAST_BASELINES,
-                     f"out_dir={tmp_path}").stdout
+    # F = 8: a user's few dialogs (about 18 pairs for an unseen user) pin down a reward of its own; at the
+    # default F = 64 per-user BT falls below the head (the README's table)
+    log = run_script("PRISM/train_basis.py", "synthetic=True", "synthetic_users=200", "synthetic_features=8",
+                     "K_list=[0,1,3]", "alpha_list=[0,1e4]", "num_iterations=50", "fewshot_iterations=50",
+                     *FAST_BASELINES, f"out_dir={tmp_path}").stdout
     assert "seen_test" in log and all(name in log for name in ("per-user BT", "VPL", "PAL"))
     res = json.loads((tmp_path / "train_basis_synthetic.json").read_text())
     assert len(res["results"]) == 6 and res["num_iterations_used"] == 50
     ref = res["results"][0]["unseen_test"]["mean"]  # on unseen users, every baseline beats the model's own head
     baselines = {m: r["unseen_test"]["mean"] for m, r in res["baselines"].items()}
-    assert set(baselines) == {"per_user_bt", "vpl", "pal"} and all(b > ref + 0.02 for b in baselines.values()), \
+    assert set(baselines) == {"per_user_bt", "vpl", "pal"} and all(b > ref + 0.05 for b in baselines.values()), \
         (ref, baselines)
     assert (tmp_path / "models_synthetic" / "K3_alpha0.safetensors").is_file()
 
