@@ -2565,6 +2565,7 @@ def run_baselines(baselines, train_features, test_features_sparse, train_feature
                 model.accuracies(train_u, state, device), model.accuracies(test_u, state, device)]
         out[name] = {n: {"mean": float(np.mean(a)), "std": float(np.std(a))} for n, a in zip(RESULT_NAMES, accs)}
         out[name]["seconds"] = time.time() - t0
+        _progress["finished"].append(BASELINES[name])
         print(f"{BASELINES[name]}: " + ", ".join(f"{n} {out[name][n]['mean']:.4f}" for n in RESULT_NAMES)
               + f"  [{out[name]['seconds']:.1f}s]")
     return out
@@ -2606,6 +2607,7 @@ def run_baselines_vary_shots(baselines, trials, num_shots, train_features, train
             print(f"{BASELINES[name]} shots={shots}: few-shot train {res[0, j]:.4f}, unseen test {res[2, j]:.4f} "
                   f"+- {res[3, j]:.4f} ({len(users)} users, {trials} trials)")
         out[name] = tuple(res)
+        _progress["finished"].append(f"{BASELINES[name]} (every shot count)")
         print(f"{BASELINES[name]}: {time.time() - t0:.1f}s")
     return out
 

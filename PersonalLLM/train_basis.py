@@ -87,14 +87,14 @@ data = personalllm.load(data_dir=data_dir, synthetic=synthetic, synthetic_prompt
     K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, utils.get_device(device),
     num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
     fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_models=True)
-baseline_results = utils.run_baselines(baselines, *data.features, utils.get_device(device), seed=seed,
-                                       settings=baseline_kw)
 out = utils.script_out_dir(__file__, out_dir)
 name = "train_basis_synthetic" if synthetic else "train_basis"
 paths = {}
 if save_models:
     paths = utils.save_models(out / name.replace("train_basis", "models"), models, data, dataset="PersonalLLM",
                               fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate)
+baseline_results = utils.run_baselines(baselines, *data.features, utils.get_device(device), seed=seed,
+                                       settings=baseline_kw)  # after LoRe's models are saved
 utils.report_run(accuracies, K_list, alpha_list, config, out, name,
                  "PersonalLLM (synthetic)" if synthetic else "PersonalLLM",
                  extra={"seconds": time.time() - t0, "models": paths}, baselines=baseline_results)

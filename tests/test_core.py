@@ -374,22 +374,28 @@ def test_load_tensors_errors(tmp_path):
 
 
 def test_numba_cache_survives_another_module_name(tmp_path):
-    """A normal run, then utils.py imported under another name, then both in one process: no crash."""
+    """utils.py imported under another name, then normally, in one process; then normally again: no crash, only
+    the canonical import writes the numba cache, and the next run loads it without writing."""
     import os
     import subprocess
     import sys
     pytest.importorskip("numba")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    fit = "m.LoRe(None, 0, 2, 8, 2, 2).train([torch.randn(5, 8), torch.randn(4, 8)]); print(m.__name__, 'ok')"
-    other = ("import importlib.util, torch; spec = importlib.util.spec_from_file_location('lore_utils', "
+    fit = "m.LoRe(None, 0, 2, 8, 2, 2).train([torch.randn(5, 8), torch.randn(4, 8)]); print(m.__name__, 'ok'); "
+    count = f"print('cache files', len(list(pathlib.Path({str(tmp_path)!r}).rglob('*.nb*')))); "
+    other = ("import importlib.util, pathlib, torch; spec = importlib.util.spec_from_file_location('lore_utils', "
              f"{os.path.join(root, 'utils.py')!r}); o = importlib.util.module_from_spec(spec); "
-             "spec.loader.exec_module(o); m = o; " + fit)
+             "spec.loader.exec_module(o); m = o; " + fit + count)
     plain = f"import sys; sys.path.insert(0, {root!r}); import torch, utils; m = utils; " + fit
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # `utils` importable only where asked
     env["NUMBA_CACHE_DIR"] = str(tmp_path)
-    for code in [plain, other, plain, other + "; " + plain]:
+    stamps, logs = [], []
+    for code in [other + plain, plain]:
         proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.count(" ok") == code.count("ok")
-    assert any(tmp_path.rglob("*.nbi"))  # the canonical import did use the cache
+        stamps.append({p: (p.stat().st_mtime_ns, p.stat().st_size) for p in tmp_path.rglob("*.nb*")})
+        logs.append(proc.stdout)
+    assert "cache files 0" in logs[0]  # the run under another name wrote nothing
+    assert stamps[0] and stamps[1] == stamps[0]  # the canonical one did; the next run only read it
