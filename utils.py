@@ -1945,7 +1945,8 @@ class VPL(_Baseline):
                 mu, logvar = self.encode(*self._contexts(table, chosen, rejected, ctx[idx]))
                 eps = torch.randn(mu.shape, generator=gen).to(device)
                 z = F_nn.normalize(mu + torch.exp(0.5 * logvar) * eps, dim=-1) * math.sqrt(self.latent_dim)
-                margin = self.reward(table[chosen[idx]], z) - self.reward(table[rejected[idx]], z)
+                r = self.reward(table[torch.cat([chosen[idx], rejected[idx]])], torch.cat([z, z]))  # one pass
+                margin = r[:len(idx)] - r[len(idx):]
                 kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(-1).mean()
                 loss = F_nn.softplus(-margin).mean() + self.beta * self.anneal(step) * kl
                 opt.zero_grad(set_to_none=True)
@@ -2107,7 +2108,8 @@ class PAL(_Baseline):
             for b in range(steps):
                 idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
                 ec, er = table[chosen[idx]], table[rejected[idx]]
-                margin = self._margin(self._ideal(self.W[user[idx]], ec, er), self.f(ec), self.f(er))
+                items = self.f(torch.cat([ec, er]))  # both sides in one pass: each weight is read once
+                margin = self._margin(self._ideal(self.W[user[idx]], ec, er), items[:len(idx)], items[len(idx):])
                 loss = self._loss(margin)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
