@@ -1624,6 +1624,17 @@ class _Baseline(nn.Module):
         cache[key] = (pairs, device, compute())
         return cache[key][2]
 
+    def _margin_inputs(self, pairs, state, seen, what, device):
+        """(pairs, state, device) for `margins`: state (one row per user) defaults to the seen users' `seen`."""
+        pairs = as_pairs(pairs)
+        _check_features(pairs, self.num_features)
+        state = seen if state is None else state
+        if state is None:
+            raise ValueError(f"call fit(pairs) first, or pass {what}")
+        if len(state) != pairs.num_users:
+            raise ValueError(f"got {what} for {len(state)} users, but the pairs have {pairs.num_users} users")
+        return pairs, state, get_device(device)
+
     def accuracies(self, pairs, state=None, device=None):
         """[C] accuracy of each user of `pairs`; state: new users' state from `personalize` (None: seen users)."""
         pairs = as_pairs(pairs)
@@ -1972,8 +1983,9 @@ class VPL(_Baseline):
         gen = torch.Generator().manual_seed(self.seed + 1)
         ctx = torch.stack([_context_rows(r, self.num_contexts, gen, exclude_self=False) for r in _user_rows(pairs)])
         out = []
-        for s in range(0, len(ctx), self.eval_batch_size):  # gathered where the table is, then moved
-            e_c, e_r, mask = self._contexts(table, chosen, rejected, ctx[s:s + self.eval_batch_size])
+        step = max(1, self.eval_batch_size // self.num_contexts)  # users per batch: eval_batch_size context pairs
+        for s in range(0, len(ctx), step):  # gathered where the table is, then moved
+            e_c, e_r, mask = self._contexts(table, chosen, rejected, ctx[s:s + step])
             mu, _ = self.encode(e_c.to(device, torch.float32), e_r.to(device, torch.float32), mask.to(device))
             out.append(F_nn.normalize(mu, dim=-1) * math.sqrt(self.latent_dim)
                        if self.eval_latent == "normalized" else mu)
@@ -1989,14 +2001,7 @@ class VPL(_Baseline):
 
         The decoder's first layer on [e; z] is W_e e + W_z z + b: W_e e is computed once per table row
         used and W_z z + b once per user (test pairs of many users share their rows)."""
-        pairs = as_pairs(pairs)
-        _check_features(pairs, self.num_features)
-        device = get_device(device)
-        z = self.z_seen if z is None else z
-        if z is None:
-            raise ValueError("call fit(pairs) first, or pass the latents z")
-        if len(z) != pairs.num_users:
-            raise ValueError(f"got {len(z)} latents for {pairs.num_users} users")
+        pairs, z, device = self._margin_inputs(pairs, z, self.z_seen, "latents z", device)
         table, _, _ = pairs.sides()
         rows, ic, ir = _used_rows(pairs)
         self.to(device)
@@ -2190,14 +2195,7 @@ class PAL(_Baseline):
     @torch.no_grad()
     def margins(self, pairs, W=None, device=None):
         """[M] margin of every pair under its user's weights; W [C, K] logits (default: the seen users')."""
-        pairs = as_pairs(pairs)
-        _check_features(pairs, self.num_features)
-        device = get_device(device)
-        W = self.W if W is None else W
-        if W is None:
-            raise ValueError("call fit(pairs) first, or pass W")
-        if len(W) != pairs.num_users:
-            raise ValueError(f"got {len(W)} user weights for {pairs.num_users} users")
+        pairs, W, device = self._margin_inputs(pairs, W, self.W, "user weights W", device)
         self.to(device)
         W, user = W.detach().to(device), pairs.user.to(device)
         features = self._cached("features", pairs, device, lambda: self._features(pairs, device))
