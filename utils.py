@@ -910,6 +910,12 @@ def as_pairs(features):
     return features if isinstance(features, Pairs) else Pairs.from_list(features)
 
 
+def _check_counts(counts):
+    """Raise unless every user has a pair: counts [C] from Pairs.counts()."""
+    if (counts == 0).any():
+        raise ValueError(f"{int((counts == 0).sum())} user(s) have no pairs")
+
+
 @dataclasses.dataclass
 class PreferenceData:
     """What every dataset's `load(...)` returns: the four pair sets of the protocol, the reference
@@ -1181,8 +1187,7 @@ class LoRe(nn.Module):
             raise ValueError(f"pairs have {diffs.shape[1]} features, the model expects {self.num_features}")
         if len(counts) != self.num_classes:
             raise ValueError(f"got {len(counts)} users, the model was built for num_classes={self.num_classes}")
-        if (counts == 0).any():
-            raise ValueError(f"{int((counts == 0).sum())} user(s) have no pairs")
+        _check_counts(counts)
         if not torch.isfinite(diffs).all():
             raise ValueError("pairs contain NaN or inf")
 
@@ -1304,8 +1309,7 @@ class PersonalizeBatch(nn.Module):
             raise ValueError("PersonalizeBatch.train(X, V) needs the basis V [F, K]")
         pairs, XV = self._project(X, V)
         counts = pairs.counts()
-        if (counts == 0).any():
-            raise ValueError(f"{int((counts == 0).sum())} user(s) have no pairs")
+        _check_counts(counts)
         return self._fit(XV, pairs.user, 1.0 / counts[pairs.user].float(), device)
 
     def _fit(self, XV, user, pw, device=None):
@@ -1389,8 +1393,7 @@ def _fit_bt(pairs, V_ref=None, alpha=0.0, num_iterations=1000, learning_rate=0.0
     alpha * ||v - V_ref||^2 when V_ref is given."""
     device = get_device(device)
     diffs, user, counts = _pack(pairs, device)
-    if (counts == 0).any():
-        raise ValueError(f"{int((counts == 0).sum())} user(s) have no pairs")
+    _check_counts(counts)
     v = torch.zeros(1, diffs.shape[1], device=device, requires_grad=True)
     ref = None if V_ref is None else torch.as_tensor(V_ref, dtype=torch.float32).reshape(1, -1).to(device)
     pw = torch.full((len(user),), 1.0 / len(user), device=device)
@@ -1588,8 +1591,7 @@ def _mlp(sizes, act):
 def _user_rows(pairs):
     """Pair-row indices of each user: list of C tensors; every user must have a pair."""
     counts = pairs.counts()
-    if (counts == 0).any():
-        raise ValueError(f"{int((counts == 0).sum())} user(s) have no pairs")
+    _check_counts(counts)
     return pairs._rows_of(range(pairs.num_users))
 
 
@@ -1667,8 +1669,7 @@ class PerUserBT(_Baseline):
         pairs = as_pairs(pairs)
         device = get_device(device)
         counts = pairs.counts()
-        if (counts == 0).any():
-            raise ValueError(f"{int((counts == 0).sum())} user(s) have no pairs")
+        _check_counts(counts)
         if numba is not None and device.type == "cpu":
             V = self._fit_kernel(pairs, counts)
         else:
@@ -2264,15 +2265,21 @@ if numba is not None:
         return W
 
 
+BASELINE_CLASSES = {"per_user_bt": PerUserBT, "vpl": VPL, "pal": PAL}  # config name -> class (names: BASELINES)
+
+
+def _check_baseline_names(names):
+    unknown = [n for n in names if n not in BASELINE_CLASSES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)} (baselines=[] skips them)")
+
+
 def make_baseline(name, num_features, seed=0, **settings):
     """A baseline by config name ("per_user_bt", "vpl", "pal") with its settings (keyword arguments)."""
-    if name == "per_user_bt":
+    _check_baseline_names([name])
+    if name == "per_user_bt":  # no learned features, no random start
         return PerUserBT(**settings)
-    if name == "vpl":
-        return VPL(num_features, seed=seed, **settings)
-    if name == "pal":
-        return PAL(num_features, seed=seed, **settings)
-    raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+    return BASELINE_CLASSES[name](num_features, seed=seed, **settings)
 
 
 # ----------------------------------------------------------------------------------------
@@ -2521,13 +2528,9 @@ def baseline_settings(config):
     """{method: {keyword: value}} for run_baselines from a script's config: `baselines` (config names of
     BASELINES) and every key named <method>_<keyword> (e.g. vpl_beta -> VPL(beta=...)). Checked here, so
     that a typo fails before any training."""
-    names = list(config.get("baselines") or [])
-    unknown = [n for n in names if n not in BASELINES]
-    if unknown:
-        raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)} (baselines=[] skips them)")
-    classes = {"per_user_bt": PerUserBT, "vpl": VPL, "pal": PAL}
+    _check_baseline_names(list(config.get("baselines") or []))
     out = {}
-    for name, cls in classes.items():
+    for name, cls in BASELINE_CLASSES.items():
         kw = {k[len(name) + 1:]: v for k, v in config.items() if k.startswith(name + "_")}
         allowed = set(inspect.signature(cls).parameters) - {"num_features"}
         bad = sorted(set(kw) - allowed)
@@ -2548,9 +2551,7 @@ def run_baselines(baselines, train_features, test_features_sparse, train_feature
     "seconds"}}, apart from run()'s arrays.
     """
     settings = settings or {}
-    unknown = [n for n in baselines if n not in BASELINES]
-    if unknown:
-        raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
+    _check_baseline_names(baselines)
     train, test, train_u, test_u = (as_pairs(x) for x in (train_features, test_features_sparse,
                                                           train_features_unseen, test_features_sparse_unseen))
     _check_users([("test_features_sparse", test, len(train)), ("test_features_sparse_unseen", test_u, len(train_u))])
@@ -2581,6 +2582,7 @@ def run_baselines_vary_shots(baselines, trials, num_shots, train_features, train
     enough examples.
     """
     settings = settings or {}
+    _check_baseline_names(baselines)
     train, pool, test_u = (as_pairs(x) for x in (train_features, train_features_unseen, test_features_sparse_unseen))
     _check_users([("test_features_sparse_unseen", test_u, len(pool))])
     units = _shot_units(pool, shot_groups)
