@@ -5,20 +5,22 @@ with e(x, y) [F] a frozen reward-model embedding, V [F, K] K shared basis reward
 on the simplex. A comparison is stored as d = e(x, chosen) - e(x, rejected) and trained
 with the Bradley-Terry likelihood sigmoid(d^T V w_i / 100). Each dataset's own code (loading,
 split protocol, synthetic data) lives in its folder (PersonalLLM/personalllm.py, RedditTLDR/tldr.py,
-PRISM/prism.py, PRISM/rewardbench.py) and imports this module; this module imports none of them.
+PRISM/prism.py, PRISM/rewardbench.py) and the other papers' methods (VPL, PAL) in baselines.py; they
+import this module, and this module imports none of them.
 
 Sections, each using only the ones above it:
-  1. Configuration, device and process helpers
+  1. Configuration, errors (InputError), device and process helpers, range rules
   2. File I/O: atomic writes, checked loads, dataset files
   3. Reporting: tables, results JSON and plots
   4. Preference pairs of many users (Pairs) and what a dataset loader returns (PreferenceData)
-  5. Population simulation (the PersonalLLM seed functions)
-  6. Models: LoRe, LoRe_regularized, PersonalizeBatch, then their fast kernels
-  7. Baselines of the paper's tables: PerUserBT, VPL, PAL
-  8. Evaluation
-  9. Pipelines: run, run_regularized, run_few_shot_vary_shots, run_baselines, run_baselines_vary_shots
+  5. Population simulation (the PersonalLLM protocol, without [N, P, F])
+  6. Evaluation
+  7. Fast kernels (numba on CPU) and thin products
+  8. Models: LoRe, LoRe_regularized, PersonalizeBatch, PerUserBT
+  9. Pipelines: run, run_regularized, run_few_shot_vary_shots
  10. Embedding extraction (batched, resumable, multi-GPU)
  11. Using a learned model: model files, PersonalizedReward, export as a Hugging Face reward model
+ 12. The published interface: the published helper names, each a thin wrapper over the sections above
 """
 
 import ast
@@ -50,19 +52,27 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-try:  # optional: a fused one-pass CPU kernel for the Bradley-Terry loss (section 6)
+try:  # optional: fused one-pass CPU kernels (section 7)
     import numba
 except ImportError:
     numba = None
-
-F = F_nn  # published name: torch.nn.functional (the code below says F_nn, as F is also a feature count)
 
 LOGIT_SCALE = 100.0  # P(chosen > rejected) = sigmoid(d^T V w / LOGIT_SCALE), as in the published code
 
 
 # ----------------------------------------------------------------------------------------
-# 1. Configuration, device and process helpers
+# 1. Configuration, errors, device and process helpers
 # ----------------------------------------------------------------------------------------
+
+class InputError(ValueError):
+    """Bad input: a setting out of its range, an unreadable or inconsistent file, impossible protocol arithmetic.
+    A script ends on it with one `error: ...` line and exit status 2 (see configure); every other exception is a
+    bug and keeps its traceback."""
+
+
+class MissingFileError(InputError, FileNotFoundError):
+    """An input file that is not there (the message names it and the command that makes it)."""
+
 
 def dist_info():
     """-> (rank, world_size, local_rank): from torch.distributed if initialised, else from torchrun's env vars."""
@@ -92,9 +102,6 @@ def get_device(device=None):
         index = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else torch.cuda.current_device()
         device = torch.device("cuda", index)
     return device
-
-
-device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # published name, decided at import
 
 
 def set_seed(seed):
@@ -130,19 +137,101 @@ def _process_group(device):
             dist.destroy_process_group()
 
 
+# --- range rules: one per setting, checked by check_value(s) ---
+
+# The range of every setting of the scripts and of the core classes and pipelines (a rule of check_value).
+# A baseline class of baselines.py carries the rules of its own settings (its `rules`).
+RULES = {
+    "K_list": "each int >= 0", "K": "int >= 0", "alpha_list": "each >= 0", "alpha": ">= 0",
+    "N": "int >= 1", "N_unseen": "int >= 1", "synthetic_users": "int >= 2",
+    "num_classes": "int >= 1", "num_features": "int >= 1", "num_basis_vectors": "int >= 1",
+    "train_density": "in (0, 1]", "fewshot_density": "in (0, 1]", "fewshot_pool_density": "in (0, 1] or None",
+    "dirichlet_alpha": "> 0", "max_train_pairs": "int >= 1 or None", "max_fewshot_pairs": "int >= 1 or None",
+    "min_comparisons": "int >= 2", "protocol": "one of published paper",
+    "num_iterations": "int >= 1", "learning_rate": "> 0",
+    "fewshot_iterations": "int >= 0",  # 0: unseen users keep uniform weights (run says so)
+    "fewshot_learning_rate": "> 0", "num_shots": "each int >= 1", "shots": "int >= 1", "trials": "int >= 1",
+    "synthetic_features": "int >= 1", "synthetic_prompts": "each int >= 1",
+    "weights": "one of uniform user basis all", "user": "int >= 0", "limit": "int >= 1",
+    "top_k": "int >= 1", "batch_size": "int >= 1", "truncation_side": "one of left right",
+    "user_split": "one of published filter_first",
+    "seen_fraction": "in (0, 1)", "min_dialogs": "int >= 1", "max_length": "int >= 1",
+    "max_tokens_per_batch": "int >= 1", "shard_size": "int >= 1", "stop_after_shards": "int >= 0",
+}
+
+
+def _describe(rule):
+    """The words of a check_value rule: 'int >= 1' -> 'an integer >= 1', 'in (0, 1]' -> 'a number in (0, 1]'."""
+    if rule.startswith("one of "):
+        return "one of " + ", ".join(rule[len("one of "):].split())
+    if rule == "number":
+        return "a finite number"
+    if rule.startswith("int "):
+        return f"an integer {rule[4:]}"
+    return f"a number {rule}"
+
+
+def _passes(value, rule):
+    """Does `value` satisfy the single-value rule ('int >= 1', '> 0', 'in (0, 1]', 'number', 'one of a b c')?"""
+    if rule.startswith("one of "):
+        return value in rule[len("one of "):].split()
+    is_int = rule.startswith("int ")
+    rule = rule[4:] if is_int else rule
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if is_int else numbers.Real):
+        return False
+    if not math.isfinite(value):
+        return False
+    if rule == "number":
+        return True
+    if rule == "in (0, 1]":
+        return 0 < value <= 1
+    if rule == "in (0, 1)":
+        return 0 < value < 1
+    op, bound = rule.split()
+    return value >= float(bound) if op == ">=" else value > float(bound)
+
+
+def check_value(name, value, rule=None):
+    """Raise InputError('<name>=<value>: <why>; <what to do>') unless `value` satisfies `rule` (default RULES[name]).
+
+    rule: ['each '] ('int ' | '') ('>= x' | '> x' | 'in (0, 1]' | 'in (0, 1)' | 'number') [' or None'], or
+    'one of a b c'. 'each': a non-empty list whose every entry satisfies the rest; 'or None': None is accepted too.
+    """
+    rule = RULES[name] if rule is None else rule
+    if rule.endswith(" or None"):
+        if value is None:
+            return
+        rule = rule[:-len(" or None")]
+    if rule.startswith("each "):
+        rule = rule[len("each "):]
+        if not isinstance(value, (list, tuple)) or len(value) == 0:
+            raise InputError(f"{name}={value!r}: must be a non-empty list, each entry {_describe(rule)}; "
+                             f"pass {name}=[...] with such entries")
+        bad = [v for v in value if not _passes(v, rule)]
+        if bad:
+            raise InputError(f"{name}={value!r}: the entry {bad[0]!r} is not {_describe(rule)}; "
+                             f"make every entry of {name} {_describe(rule)}")
+        return
+    if not _passes(value, rule):
+        raise InputError(f"{name}={value!r}: must be {_describe(rule)}; pass {name}=<{_describe(rule)}>")
+
+
+def check_values(values, rules=None):
+    """check_value for every entry of `values` ({name: value}) that `rules` (default RULES) has a rule for."""
+    rules = RULES if rules is None else rules
+    for name, value in values.items():
+        if name in rules:
+            check_value(name, value, rules[name])
+
+
+# --- script configuration ---
+
 _CONFIG_TYPES = (bool, int, float, str, list, tuple, dict, type(None))
 
-
-class SettingError(SystemExit):
-    """A bad setting: its one-line `error: ...` message is printed to stderr and the script exits with status 2."""
-
-    def __init__(self, message):
-        print(message, file=sys.stderr, flush=True)
-        super().__init__(2)
-        self.message = message
-
-    def __str__(self):
-        return self.message
+# The type of the settings whose default is None (a script may add its own in a `_types = {name: type}` dict).
+NONE_DEFAULT_TYPES = {"data_dir": str, "out_dir": str, "dataset_path": str, "device": str, "split": str,
+                      "rm_head": str, "from_published": str, "stop_after_shards": int, "limit": int,
+                      "num_iterations": int, "num_shots": list, "max_fewshot_pairs": int}
 
 
 def _normalise_argv(argv):
@@ -152,16 +241,10 @@ def _normalise_argv(argv):
         arg = argv.pop(0)
         if arg.startswith("--") and "=" not in arg:
             if not argv:
-                raise SettingError(f"error: {arg} needs a value")
+                raise InputError(f"{arg} needs a value")
             arg = f"{arg}={argv.pop(0)}"
         out.append(arg[2:] if arg.startswith("--") else arg)
     return out
-
-
-# The type of the settings whose default is None (a script may add its own in a `_types = {name: type}` dict).
-NONE_DEFAULT_TYPES = {"data_dir": str, "out_dir": str, "dataset_path": str, "device": str, "split": str,
-                      "rm_head": str, "from_published": str, "stop_after_shards": int, "limit": int,
-                      "num_iterations": int, "num_shots": list, "max_fewshot_pairs": int}
 
 
 def _in_notebook():
@@ -170,27 +253,17 @@ def _in_notebook():
     return ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None
 
 
-def configure(config, argv=None):
-    """Apply `key=value` (or `--key value`) command-line overrides to a script's config, in place.
-
-    config: the script's globals(); every public name bound to a bool/int/float/str/list/
-    tuple/dict/None is a config key. Values are parsed as Python literals (a bare word is a
-    string) and must keep the type of the default (an int is accepted for a float). A None
-    default takes None or a value of its type in NONE_DEFAULT_TYPES / the script's `_types`
-    (anything when neither names it). argv None: sys.argv[1:], or nothing in a notebook kernel.
-    Returns {key: value} of the config, for the results JSON.
-    """
+def _parse_overrides(config, argv):
+    """Apply the key=value overrides `argv` to `config` (a script's globals()) -> {key: value} of its config."""
     keys = {k: v for k, v in config.items()
-            if not k.startswith("_") and isinstance(v, _CONFIG_TYPES)}
+            if not k.startswith("_") and isinstance(v, _CONFIG_TYPES) and not isinstance(v, type)}
     none_types = {**NONE_DEFAULT_TYPES, **config.get("_types", {})}
-    if argv is None:
-        argv = [] if _in_notebook() else sys.argv[1:]
     for arg in _normalise_argv(argv):
         if "=" not in arg:
-            raise SettingError(f"error: expected key=value, got {arg!r}. Config keys: {', '.join(keys)}")
+            raise InputError(f"expected key=value, got {arg!r}. Config keys: {', '.join(keys)}")
         key, text = arg.split("=", 1)
         if key not in keys:
-            raise SettingError(f"error: unknown config key {key!r}. Config keys: {', '.join(keys)}")
+            raise InputError(f"unknown config key {key!r}. Config keys: {', '.join(keys)}")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -206,133 +279,67 @@ def configure(config, argv=None):
               or (isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)))
               or (not isinstance(default, (bool, float, list, tuple)) and type(value) is type(default)))
         if not ok:
-            raise SettingError(f"error: {key}={text!r} must be of type {type(default).__name__} "
-                             f"(default {keys[key]!r})")
+            raise InputError(f"{key}={text!r} must be of type {type(default).__name__} (default {keys[key]!r})")
         if isinstance(default, float) and not isinstance(value, bool):
             value = float(value)
         if isinstance(default, list) and isinstance(value, tuple):
             value = list(value)
         print0(f"config: {key} = {value!r}")
         config[key] = keys[key] = value
+    return keys
+
+
+def configure(config, argv=None, *, script=None, writable=None, checks=()):
+    """Apply `key=value` (or `--key value`) command-line overrides to a script's config, in place, and check it.
+
+    config: the script's globals(); every public name bound to a bool/int/float/str/list/tuple/dict/None is a
+    config key. Values are parsed as Python literals (a bare word is a string) and must keep the type of the
+    default (an int is accepted for a float). A None default takes None or a value of its type in
+    NONE_DEFAULT_TYPES / the script's `_types` (anything when neither names it). argv None: sys.argv[1:], or
+    nothing in a notebook kernel. Every setting with a rule in RULES is range-checked (a None default also
+    accepts None).
+    script: the script's __file__. Given, configure also creates and test-writes the output folders `writable`
+    ({key: default folder name beside the script}, e.g. {"out_dir": "results"}), runs `checks` (functions of the
+    config dict that raise InputError: a dataset's or the baselines' own checks), and makes the script end on an
+    InputError with one `error: ...` line (exit status 2) and on Ctrl-C with what was finished (exit status 130);
+    every other exception keeps its traceback. All of it happens before any data is loaded.
+    Returns {key: value} of the config, for the results JSON.
+    """
+    if script is not None:
+        sys.excepthook = _script_excepthook
+    if argv is None:
+        argv = [] if _in_notebook() else sys.argv[1:]
+    defaults = dict(config)
+    keys = _parse_overrides(config, argv)
+    check_values({k: v for k, v in keys.items() if not (v is None and defaults.get(k) is None)})
+    for key, default in (writable or {}).items():
+        folder = Path(keys[key]) if keys[key] else Path(script).resolve().parent / default
+        _check_writable(key, folder)
+    for check in checks:
+        check(keys)
     return dict(keys)
 
 
-def _describe(rule):
-    """The words of a check_value rule: 'int >= 1' -> 'an integer >= 1', 'in (0, 1]' -> 'a number in (0, 1]'."""
-    if rule.startswith("one of "):
-        return "one of " + ", ".join(rule[len("one of "):].split())
-    if rule.startswith("int "):
-        return f"an integer {rule[4:]}"
-    return f"a number {rule}"
-
-
-def _passes(value, rule):
-    """Does `value` satisfy the single-value rule ('int >= 1', '> 0', 'in (0, 1]', 'one of a b c')?"""
-    if rule.startswith("one of "):
-        return value in rule[len("one of "):].split()
-    is_int = rule.startswith("int ")
-    rule = rule[4:] if is_int else rule
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral if is_int else numbers.Real):
-        return False
-    if not math.isfinite(value):
-        return False
-    if rule == "in (0, 1]":
-        return 0 < value <= 1
-    if rule == "in (0, 1)":
-        return 0 < value < 1
-    op, bound = rule.split()
-    return value >= float(bound) if op == ">=" else value > float(bound)
-
-
-def check_value(name, value, rule):
-    """Raise ValueError('<name>=<value>: <why>; <what to do>') unless `value` satisfies `rule`.
-
-    rule: ['each '] ('int ' | '') ('>= x' | '> x' | 'in (0, 1]' | 'in (0, 1)') [' or None'], or 'one of a b c'.
-    'each': a non-empty list whose every entry satisfies the rest; 'or None': None is accepted too.
-    """
-    if rule.endswith(" or None"):
-        if value is None:
-            return
-        rule = rule[:-len(" or None")]
-    if rule.startswith("each "):
-        rule = rule[len("each "):]
-        if not isinstance(value, (list, tuple)) or len(value) == 0:
-            raise ValueError(f"{name}={value!r}: must be a non-empty list, each entry {_describe(rule)}; "
-                             f"pass {name}=[...] with such entries")
-        bad = [v for v in value if not _passes(v, rule)]
-        if bad:
-            raise ValueError(f"{name}={value!r}: the entry {bad[0]!r} is not {_describe(rule)}; "
-                             f"make every entry of {name} {_describe(rule)}")
-        return
-    if not _passes(value, rule):
-        raise ValueError(f"{name}={value!r}: must be {_describe(rule)}; pass {name}=<{_describe(rule)}>")
-
-
-# The range of every script setting (a rule of check_value); check_settings checks those a script has.
-SETTING_RULES = {
-    "K_list": "each int >= 0", "K": "int >= 0", "alpha_list": "each >= 0", "alpha": ">= 0",
-    "N": "int >= 1", "N_unseen": "int >= 1", "synthetic_users": "int >= 2",
-    "train_density": "in (0, 1]", "fewshot_density": "in (0, 1]", "fewshot_pool_density": "in (0, 1] or None",
-    "dirichlet_alpha": "> 0", "max_train_pairs": "int >= 1 or None", "max_fewshot_pairs": "int >= 1 or None",
-    "min_comparisons": "int >= 2", "protocol": "one of published paper",
-    "num_iterations": "int >= 1 or None", "learning_rate": "> 0",
-    "fewshot_iterations": "int >= 0",  # 0: unseen users keep uniform weights (run says so)
-    "fewshot_learning_rate": "> 0", "num_shots": "each int >= 1 or None", "trials": "int >= 1",
-    "synthetic_features": "int >= 1", "synthetic_prompts": "each int >= 1",
-    "weights": "one of uniform user basis all or None", "user": "int >= 0", "limit": "int >= 1 or None",
-    "top_k": "int >= 1 or None", "batch_size": "int >= 1", "truncation_side": "one of left right",
-    "user_split": "one of published filter_first",
-    "seen_fraction": "in (0, 1)", "min_dialogs": "int >= 1", "max_length": "int >= 1",
-    "max_tokens_per_batch": "int >= 1", "shard_size": "int >= 1", "stop_after_shards": "int >= 0 or None",
-    # the baselines' settings (the list `baselines` itself is checked by baseline_settings)
-    "per_user_bt_num_iterations": "int >= 1", "per_user_bt_learning_rate": "> 0",
-    "vpl_hidden_dim": "int >= 1", "vpl_latent_dim": "int >= 1", "vpl_num_contexts": "int >= 1", "vpl_beta": ">= 0",
-    "vpl_learning_rate": "> 0", "vpl_weight_decay": ">= 0", "vpl_batch_size": "int >= 1", "vpl_num_epochs": "int >= 0",
-    "vpl_warmup_ratio": ">= 0", "vpl_max_grad_norm": "> 0", "vpl_kl_period": "int >= 1",
-    "vpl_eval_latent": "one of normalized mean", "pal_variant": "one of A B", "pal_K": "int >= 1",
-    "pal_dim": "int >= 1", "pal_learning_rate": "> 0", "pal_weight_decay": ">= 0", "pal_user_learning_rate": "> 0",
-    "pal_tau_learning_rate": ">= 0", "pal_batch_size": "int >= 1", "pal_num_epochs": "int >= 0",
-    "pal_fewshot_learning_rate": "> 0", "pal_fewshot_epochs": "int >= 0", "pal_fewshot_batch_size": "int >= 1",
-}
-
-
-def check_settings(config, script_file, writable=None, rules=None):
-    """Check a script's settings before any data is loaded, and make the rest of the script end in one line.
-
-    config: {key: value} from configure; every key of SETTING_RULES (updated with `rules`) that the script
-    has is checked. writable: {key: default folder name beside script_file} of output folders (e.g.
-    {"out_dir": "results"}): each is created and proven writable with a temp file. A failure prints
-    `error: <setting>=<value>: <why>; <what to do>` to stderr and exits with status 2. From here on, a
-    ValueError or FileNotFoundError that ends the script (a bad prepared file, a bad argument) is printed the
-    same way, and Ctrl-C prints what was finished and written (exit status 130).
-    """
-    try:
-        for key, rule in {**SETTING_RULES, **(rules or {})}.items():
-            if key in config:
-                check_value(key, config[key], rule)
-        for key, default in (writable or {}).items():
-            folder = Path(config[key]) if config[key] else Path(script_file).resolve().parent / default
-            _check_writable(key, folder)
-    except ValueError as e:
-        raise SettingError(f"error: {e}") from None
-    sys.excepthook = _script_excepthook
-
-
 def _check_writable(key, folder):
-    """Create `folder` and write (and remove) a temp file there; else ValueError naming the setting `key`."""
+    """Create `folder` and write (and remove) a temp file there; else InputError naming the setting `key`."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f"{key}={folder}: cannot create or write this folder ({e.strerror or e}); "
+        raise InputError(f"{key}={folder}: cannot create or write this folder ({e.strerror or e}); "
                          f"choose a writable folder with {key}=PATH") from None
 
 
 # What the running script has finished, for the Ctrl-C message: files written (atomically, so complete),
 # results computed but not yet saved, and how to resume unfinished work.
 _progress = {"written": [], "finished": [], "resume": None}
+
+
+def note_finished(what):
+    """Record a finished piece of work (a str) for the Ctrl-C message."""
+    _progress["finished"].append(what)
 
 
 def _interrupt_message():
@@ -348,11 +355,11 @@ def _interrupt_message():
 
 
 def _script_excepthook(exc_type, exc, tb):
-    """sys.excepthook of a checked script: one `error:` line (exit 2) for a ValueError or FileNotFoundError,
-    what was finished for Ctrl-C (exit 130), the usual traceback for anything else."""
+    """sys.excepthook of a configured script: one `error:` line (exit 2) for an InputError, what was finished for
+    Ctrl-C (exit 130), the usual traceback for anything else (a bug)."""
     if issubclass(exc_type, KeyboardInterrupt):
         message, code = _interrupt_message(), 130
-    elif issubclass(exc_type, (ValueError, FileNotFoundError)):
+    elif issubclass(exc_type, InputError):
         message, code = f"error: {exc}", 2
     else:
         return sys.__excepthook__(exc_type, exc, tb)
@@ -432,28 +439,28 @@ def _remake(make_cmd):
 
 
 def _check_file(path, make_cmd=None):
-    """FileNotFoundError (one line, naming the file and make_cmd) unless `path` is a file."""
+    """MissingFileError (one line, naming the file and make_cmd) unless `path` is a file."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} not found" + (f"; create it with: {make_cmd}" if make_cmd else ""))
+        raise MissingFileError(f"{path} not found" + (f"; create it with: {make_cmd}" if make_cmd else ""))
 
 
 def tensor_shapes(path, make_cmd=None):
     """{name: shape (list)} of the tensors of a safetensors file, from its header only (no data read).
-    A missing or unreadable file raises FileNotFoundError / ValueError naming it and make_cmd."""
+    A missing or unreadable file raises MissingFileError / InputError naming it and make_cmd."""
     _check_file(path, make_cmd)
     try:
         with safe_open(str(path), "pt") as f:
             return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error type for a corrupted or truncated file
-        raise ValueError(f"{path}: cannot be read as safetensors, the file is corrupted or truncated "
+        raise InputError(f"{path}: cannot be read as safetensors, the file is corrupted or truncated "
                          f"({e}){_remake(make_cmd)}") from None
 
 
 def load_tensors(path, keys=(), make_cmd=None, allow_nan=()):
     """Load a safetensors file -> dict of tensors, checking that it exists, can be read and holds `keys`.
 
-    make_cmd: the command that creates the file, named in the one-line error (FileNotFoundError for a
-    missing file, ValueError for a corrupted or truncated one, missing keys or NaN values).
+    make_cmd: the command that creates the file, named in the one-line error (MissingFileError for a
+    missing file, InputError for a corrupted or truncated one, missing keys or NaN values).
     Floating tensors must be finite, except those named in `allow_nan` (e.g. missing scores).
     """
     path = Path(path)
@@ -461,19 +468,19 @@ def load_tensors(path, keys=(), make_cmd=None, allow_nan=()):
     try:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error type for a corrupted or truncated file
-        raise ValueError(f"{path}: cannot be read as safetensors, the file is corrupted or truncated "
+        raise InputError(f"{path}: cannot be read as safetensors, the file is corrupted or truncated "
                          f"({e}){_remake(make_cmd)}") from None
     missing = [k for k in keys if k not in tensors]
     if missing:
-        raise ValueError(f"{path} lacks tensor(s) {missing}; it holds {sorted(tensors)}{_remake(make_cmd)}")
+        raise InputError(f"{path} lacks tensor(s) {missing}; it holds {sorted(tensors)}{_remake(make_cmd)}")
     for k, v in tensors.items():
         if v.is_floating_point() and k not in allow_nan and not torch.isfinite(v).all():
-            raise ValueError(f"{path}: tensor {k!r} contains NaN or inf values{_remake(make_cmd)}")
+            raise InputError(f"{path}: tensor {k!r} contains NaN or inf values{_remake(make_cmd)}")
     return tensors
 
 
 def check_shapes(path, shapes, make_cmd=None):
-    """ValueError naming `path` and make_cmd unless every tensor has its expected shape.
+    """InputError naming `path` and make_cmd unless every tensor has its expected shape.
 
     shapes: {name: (actual shape, expected shape with letters for free sizes)}, e.g.
     {"head": (t["head"].shape, ("F", 1))}; a letter must take the same value everywhere it appears."""
@@ -486,7 +493,7 @@ def check_shapes(path, shapes, make_cmd=None):
         if not ok:
             have = ", ".join(f"{n} {tuple(a)}" for n, (a, _) in shapes.items())
             want = ", ".join(f"{n} [{', '.join(map(str, e))}]" for n, (_, e) in shapes.items())
-            raise ValueError(f"{path}: tensor {name!r} has the wrong shape ({have}; expected {want})"
+            raise InputError(f"{path}: tensor {name!r} has the wrong shape ({have}; expected {want})"
                              f"{_remake(make_cmd)}")
     return sizes
 
@@ -519,11 +526,11 @@ _PICKLE_ALLOWED = {("torch._utils", "_rebuild_tensor_v2"): None,
 def load_pickle(path):
     """Load an untrusted pickle of tensors and plain containers (lists, dicts, str, numbers): a torch.save file
     with torch.load(weights_only=True), a plain pickle.dump file with an unpickler that allows only tensor
-    rebuilding. Anything else (code, arbitrary classes) is refused with a ValueError."""
+    rebuilding. Anything else (code, arbitrary classes) is refused with an InputError."""
     import pickle
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
+        raise MissingFileError(f"{path} not found")
 
     class Restricted(pickle.Unpickler):
         def find_class(self, module, name):
@@ -538,7 +545,7 @@ def load_pickle(path):
             with open(path, "rb") as f:
                 return Restricted(f).load()
         except Exception as e:
-            raise ValueError(f"{path}: refused to load: only tensors and plain containers are read from untrusted "
+            raise InputError(f"{path}: refused to load: only tensors and plain containers are read from untrusted "
                              f"pickles (torch.load(weights_only=True): {first}; restricted unpickler: {e})") from e
 
 
@@ -562,14 +569,14 @@ def read_score_weight(model_name):
     shard = fetch(json.loads(index.read_text())["weight_map"].get("score.weight", "")) if index else None
     shard = shard or fetch("model.safetensors")
     if shard is None:
-        raise FileNotFoundError(f"{model_name}: no safetensors shard holding score.weight (expected "
-                                "model.safetensors or model.safetensors.index.json)")
+        raise MissingFileError(f"{model_name}: no safetensors shard holding score.weight (expected "
+                               "model.safetensors or model.safetensors.index.json)")
     with safe_open(str(shard), "pt") as f:
         if "score.weight" not in f.keys():
-            raise ValueError(f"{shard} has no score.weight: not an AutoModelForSequenceClassification reward model")
+            raise InputError(f"{shard} has no score.weight: not an AutoModelForSequenceClassification reward model")
         weight = f.get_tensor("score.weight")
     if weight.dim() != 2 or weight.shape[0] != 1:
-        raise ValueError(f"expected a scalar reward head, got score.weight of shape {tuple(weight.shape)}")
+        raise InputError(f"expected a scalar reward head, got score.weight of shape {tuple(weight.shape)}")
     return weight.float().T.contiguous()
 
 
@@ -621,11 +628,11 @@ def load_split(name, split, path=None, config=None):
         return datasets.load_dataset(name, config, split=split).to_pandas()
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"dataset_path {path} does not exist")
+        raise MissingFileError(f"dataset_path {path} does not exist")
     if path.is_dir() and (path / "dataset_dict.json").exists():
         dd = datasets.load_from_disk(str(path))
         if split not in dd:
-            raise ValueError(f"{path} has splits {list(dd)}, not {split!r}")
+            raise InputError(f"{path} has splits {list(dd)}, not {split!r}")
         return dd[split].to_pandas()
     if path.is_dir() and (path / "state.json").exists():
         return datasets.load_from_disk(str(path)).to_pandas()
@@ -633,8 +640,8 @@ def load_split(name, split, path=None, config=None):
         f for d in (path, path / "data") if d.is_dir() for f in d.iterdir()
         if f.name.startswith(split) and f.suffix in (".parquet", ".jsonl", ".json"))
     if not files:
-        raise FileNotFoundError(f"no {split!r} split in {path}: expected a save_to_disk folder or "
-                                f"{split}*.parquet / {split}*.jsonl files")
+        raise MissingFileError(f"no {split!r} split in {path}: expected a save_to_disk folder or "
+                               f"{split}*.parquet / {split}*.jsonl files")
     frames = [pd.read_parquet(f) if f.suffix == ".parquet" else pd.read_json(f, lines=f.suffix == ".jsonl")
               for f in files]
     return pd.concat(frames, ignore_index=True)
@@ -644,7 +651,7 @@ def require_columns(df, columns, where):
     """Raise a clear error when the DataFrame `df` lacks any of `columns`."""
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ValueError(f"{where}: missing column(s) {missing}; found {list(df.columns)}")
+        raise InputError(f"{where}: missing column(s) {missing}; found {list(df.columns)}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -652,7 +659,6 @@ def require_columns(df, columns, where):
 # ----------------------------------------------------------------------------------------
 
 RESULT_NAMES = ["seen_train", "seen_test", "unseen_fewshot", "unseen_test"]
-BASELINES = {"per_user_bt": "per-user BT", "vpl": "VPL", "pal": "PAL"}  # config name -> table name (section 7)
 
 
 def print_table(header, rows, fmt="{:.4f}"):
@@ -708,8 +714,8 @@ def report_run(res, K_list, alpha_list, config, out_dir, name, title, extra=None
     """Print the accuracy table of a run()/run_regularized() result and write `name`.json / .png.
 
     res: the 8 arrays returned by run (4 means, 4 stds, each [len(alpha_list) * len(K_list)], alpha-major).
-    baselines: run_baselines' {method: {result name: {"mean", "std"}, "seconds"}}: extra table rows,
-    the JSON's "baselines" (each method under its name) and horizontal lines in the plot.
+    baselines: baselines.run_baselines' {method: {"label", "settings", "seconds", result name: {"mean", "std"}}}:
+    extra table rows, the JSON's "baselines" (each method under its name) and horizontal lines in the plot.
     """
     shape = (len(alpha_list), len(K_list))
     means, stds = [np.asarray(r).reshape(shape) for r in res[:4]], [np.asarray(r).reshape(shape) for r in res[4:8]]
@@ -721,13 +727,13 @@ def report_run(res, K_list, alpha_list, config, out_dir, name, title, extra=None
             results.append({"alpha": al, "K": K, **{n: {"mean": means[r][a, k], "std": stds[r][a, k]}
                                                     for r, n in enumerate(RESULT_NAMES)}})
     baselines = baselines or {}
-    for method, acc in baselines.items():
-        rows.append([BASELINES[method], "", ""] + [f"{acc[n]['mean']:.4f} ± {acc[n]['std']:.4f}" for n in RESULT_NAMES])
+    for acc in baselines.values():
+        rows.append([acc["label"], "", ""] + [f"{acc[n]['mean']:.4f} ± {acc[n]['std']:.4f}" for n in RESULT_NAMES])
     print(f"\n{title}: accuracy, mean ± std over users (K = 0: reference head, K = 1: Bradley-Terry)")
     print_table(["method", "alpha", "K"] + RESULT_NAMES, rows)
     series = {f"{label} (alpha={al:g})": (means[r][a], stds[r][a]) for a, al in enumerate(alpha_list)
               for r, label in [(1, "seen users"), (3, "unseen users")]}
-    hlines = {f"{BASELINES[m]}, {label}": (acc[key]["mean"], style) for m, acc in baselines.items()
+    hlines = {f"{acc['label']}, {label}": (acc[key]["mean"], style) for acc in baselines.values()
               for key, label, style in [("seen_test", "seen users", ":"), ("unseen_test", "unseen users", "--")]}
     write_report(out_dir, name, {"config": config, "results": results,
                                  **({"baselines": baselines} if baselines else {}), **(extra or {})},
@@ -752,19 +758,21 @@ def report_shots(res, num_shots, config, out_dir, name, title, K, alpha=None, sk
                  xlabel="few-shot pairs per user", baselines=None):
     """Print and save (JSON, PNG) a run_few_shot_vary_shots result for one K (and alpha).
 
-    res: its 4 arrays [len(num_shots)] (one alpha and one K). baselines: run_baselines_vary_shots'
-    {method: 4 arrays [len(num_shots)]} in the same layout: extra table columns (unseen test), the JSON's
-    "baselines" (each method under its name) and extra curves in the plot.
+    res: its 4 arrays [len(num_shots)] (one alpha and one K). baselines: baselines.run_baselines_vary_shots'
+    {method: {"label", "settings", "seconds", "accuracies": 4 arrays [len(num_shots)] in the same layout}}:
+    extra table columns (unseen test), the JSON's "baselines" (each method under its name, its accuracies as
+    "results") and extra curves in the plot.
     """
     fs_m, fs_s, ts_m, ts_s = (np.asarray(r).reshape(-1) for r in res[:4])
     skipped = skipped or [0] * len(num_shots)
-    baselines = {m: [np.asarray(r).reshape(-1) for r in b[:4]] for m, b in (baselines or {}).items()}
+    baselines = baselines or {}
+    curves = {m: [np.asarray(r).reshape(-1) for r in b["accuracies"][:4]] for m, b in baselines.items()}
     rows = [[s, f"{fs_m[j]:.4f} ± {fs_s[j]:.4f}", f"{ts_m[j]:.4f} ± {ts_s[j]:.4f}"] +
-            [f"{b[2][j]:.4f} ± {b[3][j]:.4f}" for b in baselines.values()] + [skipped[j]]
+            [f"{c[2][j]:.4f} ± {c[3][j]:.4f}" for c in curves.values()] + [skipped[j]]
             for j, s in enumerate(num_shots)]
     print(f"\n{title}: K = {K}, accuracy mean ± std over trials")
-    print_table(["shots", "few-shot train", "unseen test"] + [f"{BASELINES[m]} unseen test" for m in baselines] +
-                ["users skipped"], rows)
+    print_table(["shots", "few-shot train", "unseen test"] + [f"{b['label']} unseen test" for b in baselines.values()]
+                + ["users skipped"], rows)
 
     def entries(fs_m, fs_s, ts_m, ts_s):
         return [{"shots": s, "fewshot_train": {"mean": fs_m[j], "std": fs_s[j]},
@@ -772,10 +780,12 @@ def report_shots(res, num_shots, config, out_dir, name, title, K, alpha=None, sk
                 for j, s in enumerate(num_shots)]
     results = entries(fs_m, fs_s, ts_m, ts_s)
     series = {f"LoRe K = {K}, unseen users, test": (ts_m, ts_s), f"LoRe K = {K}, unseen users, few-shot train":
-              (fs_m, fs_s), **{f"{BASELINES[m]}, unseen users, test": (b[2], b[3]) for m, b in baselines.items()}}
+              (fs_m, fs_s), **{f"{b['label']}, unseen users, test": (curves[m][2], curves[m][3])
+                               for m, b in baselines.items()}}
+    json_baselines = {m: {**{k: v for k, v in b.items() if k != "accuracies"}, "results": entries(*curves[m])}
+                      for m, b in baselines.items()}
     write_report(out_dir, name, {"config": config, "K": K, "alpha": alpha, "results": results,
-                                 **({"baselines": {m: entries(*b) for m, b in baselines.items()}} if baselines else {}),
-                                 **(extra or {})},
+                                 **({"baselines": json_baselines} if baselines else {}), **(extra or {})},
                  lambda p: save_plot(p, list(num_shots), series, xlabel, "accuracy",
                                      f"{title}: accuracy vs shots (K = {K})"))
     return results
@@ -815,7 +825,7 @@ class Pairs:
         """From the published format: a list of C tensors [m_i, F] of differences."""
         tensors = list(tensors)
         if not tensors:
-            raise ValueError("no users given")
+            raise InputError("no users given")
         counts = [len(t) for t in tensors]
         user = torch.repeat_interleave(torch.arange(len(tensors)), torch.tensor(counts))
         diffs = torch.cat([torch.as_tensor(t, dtype=torch.float32) for t in tensors])
@@ -848,7 +858,7 @@ class Pairs:
         """(table [R, F], chosen [M], rejected [M]): both embeddings of every pair, without a copy.
         Methods that score each side on its own (VPL, PAL) need them; difference pairs cannot give them."""
         if self.table is None:
-            raise ValueError("this method needs the chosen and rejected embeddings separately, but these pairs hold "
+            raise InputError("this method needs the chosen and rejected embeddings separately, but these pairs hold "
                              "only differences d = e_chosen - e_rejected; build them from an embedding table with "
                              "Pairs.from_indices(table, chosen, rejected) or Pairs(user, C, table=, chosen=, "
                              "rejected=)")
@@ -910,10 +920,10 @@ def as_pairs(features):
     return features if isinstance(features, Pairs) else Pairs.from_list(features)
 
 
-def _check_counts(counts):
+def check_counts(counts):
     """Raise unless every user has a pair: counts [C] from Pairs.counts()."""
     if (counts == 0).any():
-        raise ValueError(f"{int((counts == 0).sum())} user(s) have no pairs")
+        raise InputError(f"{int((counts == 0).sum())} user(s) have no pairs")
 
 
 @dataclasses.dataclass
@@ -937,10 +947,10 @@ class PreferenceData:
         for name, pairs, other in [("seen_test", self.seen_test, self.seen_train),
                                    ("unseen_test", self.unseen_test, self.unseen_fewshot)]:
             if len(pairs) != len(other):
-                raise ValueError(f"{name} has {len(pairs)} users, but its train / few-shot pairs have {len(other)}")
+                raise InputError(f"{name} has {len(pairs)} users, but its train / few-shot pairs have {len(other)}")
         F = self.seen_train.num_features
         if self.head.shape != (F, 1):
-            raise ValueError(f"head has shape {tuple(self.head.shape)}, expected ({F}, 1)")
+            raise InputError(f"head has shape {tuple(self.head.shape)}, expected ({F}, 1)")
         self.info = {"N": self.N, "N_unseen": self.N_unseen, **self.info}
 
     @property
@@ -960,57 +970,8 @@ class PreferenceData:
 
 
 # ----------------------------------------------------------------------------------------
-# 5. Population simulation (PersonalLLM protocol)
+# 5. Population simulation (the PersonalLLM protocol, without [N, P, F])
 # ----------------------------------------------------------------------------------------
-
-def generate_population(alpha, N):
-    """N users' weights over the reward models: Dirichlet(alpha) samples, [N, len(alpha)]."""
-    return np.random.dirichlet(alpha, N)
-
-
-generate_popupulation = generate_population  # the published name
-
-
-def _as_array(x):
-    """A float64 NumPy array from nested lists / tuples / object arrays of numbers, arrays or tensors
-    (the published inputs: a list of P lists of R tensors [F], a NumPy object array of scores)."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().double().numpy()
-    if isinstance(x, (list, tuple)) or (isinstance(x, np.ndarray) and x.dtype == object and x.ndim > 0):
-        return np.stack([_as_array(e) for e in x])
-    return np.asarray(x, dtype=np.float64)
-
-
-def simulate_user(reward_tensor, features, w):
-    """One user's pair per prompt, highest- minus lowest-scored response: [P, F].
-
-    reward_tensor: [P, R, M] scores of R responses by M reward models (also a NumPy object array);
-    features: [P, R, F] embeddings (also a list of P lists of R tensors [F], as published);
-    w: [M] the user's weights over the reward models.
-    """
-    scores = _as_array(reward_tensor) @ np.asarray(w, dtype=np.float64)  # [P, R]
-    best, worst = scores.argmax(1), scores.argmin(1)
-    feats = features if isinstance(features, torch.Tensor) else torch.from_numpy(_as_array(features))
-    feats = feats.float()
-    rows = torch.arange(len(best))
-    return feats[rows, torch.as_tensor(best)] - feats[rows, torch.as_tensor(worst)]
-
-
-def simulate_population(reward_tensor, features, W):
-    """[N, P, F] differences for N users (small inputs only: see sample_population_pairs)."""
-    if not isinstance(features, torch.Tensor):  # convert the published nested list once, not per user
-        features = torch.from_numpy(_as_array(features)).float()
-    reward_tensor = _as_array(reward_tensor)
-    return torch.stack([simulate_user(reward_tensor, features, w) for w in W])
-
-
-def create_sparse_tensor(dense_tensor, sample_percentage):
-    """Keep int(sample_percentage * P) random prompts of each user: list of N tensors [m, F]."""
-    N, P = dense_tensor.shape[:2]
-    m = int(sample_percentage * P)
-    return [torch.as_tensor(dense_tensor[i][np.random.choice(P, m, replace=False)], dtype=torch.float32)
-            for i in range(N)]
-
 
 def sample_population_pairs(reward_tensor, embeddings, W, sample_percentage, rng=None):
     """Memory-lean simulate_population + create_sparse_tensor: a table Pairs.
@@ -1025,7 +986,7 @@ def sample_population_pairs(reward_tensor, embeddings, W, sample_percentage, rng
     reward_tensor = np.asarray(reward_tensor, dtype=np.float64)
     P, R, _ = reward_tensor.shape
     if embeddings.shape[0] != P * R:
-        raise ValueError(f"embeddings has {embeddings.shape[0]} rows, expected P*R = {P}*{R} = {P * R}")
+        raise InputError(f"embeddings has {embeddings.shape[0]} rows, expected P*R = {P}*{R} = {P * R}")
     m = int(sample_percentage * P)
     chosen, rejected = [], []
     for w in np.asarray(W, dtype=np.float64):
@@ -1036,62 +997,165 @@ def sample_population_pairs(reward_tensor, embeddings, W, sample_percentage, rng
     return Pairs.from_indices(embeddings, chosen, rejected)
 
 
-def sample_shots(train_features_unseen, shots, rng=None):
-    """`shots` random pairs of each user (without replacement).
+# ----------------------------------------------------------------------------------------
+# 6. Evaluation
+# ----------------------------------------------------------------------------------------
 
-    train_features_unseen: list of tensors [m_i, F] (returns a list of [shots, F]) or Pairs (returns Pairs).
-    A user with fewer than `shots` pairs is an error.
-    """
-    check_value("shots", shots, "int >= 1")
-    rng = np.random if rng is None else rng
-    pairs = as_pairs(train_features_unseen)
-    counts = pairs.counts().tolist()
-    short = [i for i, c in enumerate(counts) if c < shots]
-    if short:
-        raise ValueError(f"sample_shots: {len(short)} user(s) have fewer than shots={shots} pairs "
-                         f"(user {short[0]} has {counts[short[0]]}); drop them or ask for fewer shots")
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    idx = np.concatenate([s + rng.choice(c, shots, replace=False) for s, c in zip(starts, counts)])
-    out = pairs.select(idx)
-    return out if isinstance(train_features_unseen, Pairs) else out.to_list()
+def accuracy_by_user(margins, user, num_users):
+    """[C] per-user fraction of positive margins (a tie is wrong): margins [M], user [M]."""
+    margins, user = margins.detach().float().cpu(), user.cpu()
+    counts = torch.bincount(user, minlength=num_users).float()
+    correct = torch.zeros(num_users).index_add_(0, user, (margins > 0).float())
+    return (correct / counts).numpy()
 
 
-def _dialog_diffs(dialog):
-    """[m, F] differences of one published PRISM dialog {"chosen": [...], "rejected": [...]}: entry j of
-    chosen (an [F] embedding) against entry j of rejected (an [F] embedding, or [r, F]: each row its own pair)."""
-    chosen, rejected = dialog["chosen"], dialog["rejected"]
-    if len(chosen) != len(rejected):
-        raise ValueError(f"a dialog has {len(chosen)} chosen but {len(rejected)} rejected entries")
-    rows = []
-    for c, r in zip(chosen, rejected):
-        c, r = torch.as_tensor(c, dtype=torch.float32).reshape(-1), torch.as_tensor(r, dtype=torch.float32)
-        rows.append(c[None] - r.reshape(-1, c.shape[0]))
-    if not rows:
-        raise ValueError("a dialog has no chosen / rejected embeddings")
-    return torch.cat(rows)
-
-
-def create_dataset_prism(embeddings):
-    """The published PRISM builder: {user: {dialog: {"chosen": [e [F], ...], "rejected": [e [F] or [r, F], ...]}}}
-    -> list of per-user tensors [m_i, F] of chosen - rejected differences (users and dialogs in dict order)."""
-    return [torch.cat([_dialog_diffs(d) for d in dialogs.values()]) for dialogs in embeddings.values()]
-
-
-def create_dataset_prism_shots(embeddings, shots):
-    """As create_dataset_prism, from `shots` random dialogs of each user (np.random.choice without
-    replacement). A user with fewer than `shots` dialogs is an error."""
-    out = []
-    for user, dialogs in embeddings.items():
-        dialogs = list(dialogs.values())
-        if len(dialogs) < shots:
-            raise ValueError(f"create_dataset_prism_shots: user {user!r} has {len(dialogs)} dialogs, "
-                             f"fewer than shots={shots}")
-        out.append(torch.cat([_dialog_diffs(dialogs[j]) for j in np.random.choice(len(dialogs), shots, replace=False)]))
-    return out
+def user_accuracies(pairs, V, W):
+    """[C] accuracy of each user on its pairs: W [C, K] (or [K], shared) and V [F, K]."""
+    pairs = as_pairs(pairs)
+    XV = pairs.project(torch.as_tensor(V, dtype=torch.float32)).float()
+    W = torch.as_tensor(W, dtype=torch.float32).to(XV.device)
+    W = W.expand(pairs.num_users, -1) if W.dim() == 1 else W
+    return accuracy_by_user((XV * W[pairs.user.to(XV.device)]).sum(1), pairs.user, pairs.num_users)
 
 
 # ----------------------------------------------------------------------------------------
-# 6. Models (the fast kernels they use come after them)
+# 7. Fast kernels (numba on CPU) and thin products
+# ----------------------------------------------------------------------------------------
+
+class _ThinMatmul(torch.autograd.Function):
+    """X [M, F] @ V [F, K] for a tall X and a thin V; X gets no gradient.
+
+    On CPU (MKL) both products are memory-bound, and the layout matters: the forward reads V
+    column-major (2-3x faster than row-major), and dV = (G^T X)^T is accumulated over blocks
+    of rows (autograd's X^T G is ~12x slower)."""
+
+    @staticmethod
+    def forward(ctx, X, V):
+        ctx.save_for_backward(X)
+        if X.is_cuda:
+            return X @ V
+        return X @ V.t().contiguous().t()
+
+    @staticmethod
+    def backward(ctx, G):
+        (X,) = ctx.saved_tensors
+        if X.is_cuda:
+            return None, (G.t() @ X).t()
+        Gt = G.t().contiguous()  # [K, M]
+        dV = torch.zeros(G.shape[1], X.shape[1], dtype=X.dtype)
+        block = max(256, 2**20 // X.shape[1])  # rows per block: about 1M floats of X
+        for i in range(0, X.shape[0], block):
+            dV.addmm_(Gt[:, i:i + block], X[i:i + block])
+        return None, dV.t()
+
+
+class _Kernel:
+    """A numba kernel, called like the function it compiles.
+
+    Its on-disk cache is used only when its module is imported under its own file name (`utils`, `baselines`):
+    numba's cache refers to the module by name, so an entry written under another name (importlib, `from LoRe
+    import utils`) would break every later import. When loading or writing the cache fails at a call (a broken
+    or foreign cache file, an unwritable folder), it is compiled again without the cache. PyTorch's thread count
+    is put back after every call: numba's OpenMP layer sets it process-wide, and every later PyTorch op would
+    run with more threads than asked for."""
+
+    def __init__(self, py_func, parallel):
+        self.py_func, self.options = py_func, dict(parallel=parallel, fastmath=True)
+        self.dispatcher = None
+        if py_func.__module__ == Path(inspect.getfile(py_func)).stem:
+            with contextlib.suppress(Exception):  # e.g. no writable cache location
+                self.dispatcher = numba.njit(cache=True, **self.options)(py_func)
+        if self.dispatcher is None:
+            self.dispatcher = numba.njit(**self.options)(py_func)
+
+    def __call__(self, *args):
+        threads = torch.get_num_threads()
+        try:
+            return self.dispatcher(*args)
+        except Exception:
+            if isinstance(self.dispatcher._cache, numba.core.caching.NullCache):  # no cache: a real error
+                raise
+            self.dispatcher = numba.njit(**self.options)(self.py_func)
+            return self.dispatcher(*args)
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+
+
+def cpu_kernel(py_func=None, *, parallel=True):
+    """Decorator: compile a function with numba (fastmath; numba.prange loops in parallel) -> a _Kernel.
+    Use it under `if numba is not None:`."""
+    if py_func is None:  # @cpu_kernel(parallel=False)
+        return lambda f: _Kernel(f, parallel)
+    return _Kernel(py_func, parallel)
+
+
+if numba is not None:
+    @cpu_kernel
+    def _bt_loss_kernel(X, Vt, Wu, pw, scale):
+        """One pass over X [M, F]: loss = sum_m pw_m softplus(-z_m), z_m = x_m^T V wu_m / scale,
+        with dL/dV^T [K, F] and XV [M, K], g [M] (dL/dXV_m = g_m wu_m). Vt [K, F], Wu [M, K]."""
+        M, F = X.shape
+        K = Vt.shape[0]
+        nblocks = 16  # fixed, so that the sums do not depend on the number of threads
+        dVs = np.zeros((nblocks, K, F), np.float32)
+        losses = np.zeros(nblocks)
+        XV = np.empty((M, K), np.float32)
+        g = np.empty(M, np.float32)
+        for b in numba.prange(nblocks):
+            for m in range(b * M // nblocks, (b + 1) * M // nblocks):
+                z = 0.0
+                for k in range(K):
+                    s = np.float32(0.0)
+                    for f in range(F):
+                        s += X[m, f] * Vt[k, f]
+                    XV[m, k] = s
+                    z += s * Wu[m, k]
+                z /= scale
+                e = np.exp(-abs(z))  # stable softplus(-z) and sigmoid(-z)
+                losses[b] += pw[m] * (np.log1p(e) + max(-z, 0.0))
+                sig = e / (1.0 + e) if z > 0 else 1.0 / (1.0 + e)
+                g[m] = -sig * pw[m] / scale
+                for k in range(K):
+                    gk = np.float32(g[m] * Wu[m, k])
+                    for f in range(F):
+                        dVs[b, k, f] += gk * X[m, f]
+        dVt = np.zeros((K, F), np.float32)
+        for b in range(nblocks):
+            dVt += dVs[b]
+        return losses.sum(), dVt, XV, g
+
+
+class _FusedBTLoss(torch.autograd.Function):
+    """sum_m pw_m softplus(-x_m^T V wu_m / 100) and its gradients in one pass over X (CPU, numba)."""
+
+    @staticmethod
+    def forward(ctx, X, V, Wu, pw):
+        loss, dVt, XV, g = _bt_loss_kernel(X.numpy(), V.detach().t().contiguous().numpy(),
+                                           Wu.detach().contiguous().numpy(), pw.contiguous().numpy(), LOGIT_SCALE)
+        XV, g = torch.from_numpy(XV), torch.from_numpy(g)
+        ctx.save_for_backward(torch.from_numpy(dVt).t(), g[:, None] * XV)
+        return torch.tensor(loss, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dV, dWu = ctx.saved_tensors
+        return None, grad * dV, grad * dWu, None
+
+
+def _bt_loss(X, V, Wu, pw):
+    """sum_m pw_m * softplus(-x_m^T V wu_m / 100) for X [M, F], V [F, K], Wu [M, K], pw [M].
+
+    On CPU with numba installed, one fused pass over X computes the loss and both gradients
+    (the memory-bandwidth floor); otherwise forward and backward are two thin products."""
+    if numba is not None and not X.is_cuda and X.dtype == torch.float32 and X.is_contiguous():
+        return _FusedBTLoss.apply(X, V, Wu, pw)
+    z = (_ThinMatmul.apply(X, V) * Wu).sum(1) / LOGIT_SCALE
+    return (F_nn.softplus(-z) * pw).sum()
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Models: LoRe, LoRe_regularized, PersonalizeBatch, PerUserBT
 # ----------------------------------------------------------------------------------------
 
 def _pack(X, device):
@@ -1122,12 +1186,9 @@ class LoRe(nn.Module):
     def __init__(self, V_sft, alpha, num_classes, num_features, num_basis_vectors,
                  num_iterations=1000, learning_rate=0.5):
         super().__init__()
-        for name, value, rule in [("alpha", alpha, ">= 0"), ("num_classes", num_classes, "int >= 1"),
-                                  ("num_features", num_features, "int >= 1"),
-                                  ("num_basis_vectors", num_basis_vectors, "int >= 1"),
-                                  ("num_iterations", num_iterations, "int >= 1"),
-                                  ("learning_rate", learning_rate, "> 0")]:
-            check_value(name, value, rule)
+        check_values(dict(alpha=alpha, num_classes=num_classes, num_features=num_features,
+                          num_basis_vectors=num_basis_vectors, num_iterations=num_iterations,
+                          learning_rate=learning_rate))
         self.V_sft = None if V_sft is None else torch.as_tensor(V_sft, dtype=torch.float32).reshape(num_features, -1)
         self.alpha, self.num_classes = float(alpha), num_classes
         self.num_features, self.K = num_features, num_basis_vectors
@@ -1184,12 +1245,12 @@ class LoRe(nn.Module):
 
     def _check(self, diffs, counts):
         if diffs.shape[1] != self.num_features:
-            raise ValueError(f"pairs have {diffs.shape[1]} features, the model expects {self.num_features}")
+            raise InputError(f"pairs have {diffs.shape[1]} features, the model expects {self.num_features}")
         if len(counts) != self.num_classes:
-            raise ValueError(f"got {len(counts)} users, the model was built for num_classes={self.num_classes}")
-        _check_counts(counts)
+            raise InputError(f"got {len(counts)} users, the model was built for num_classes={self.num_classes}")
+        check_counts(counts)
         if not torch.isfinite(diffs).all():
-            raise ValueError("pairs contain NaN or inf")
+            raise InputError("pairs contain NaN or inf")
 
 
 class LoRe_regularized(LoRe):
@@ -1271,11 +1332,9 @@ class PersonalizeBatch(nn.Module):
 
     def __init__(self, num_classes, num_features, num_basis_vectors, num_iterations=500, learning_rate=0.1):
         super().__init__()
-        for name, value, rule in [("num_classes", num_classes, "int >= 1"), ("num_features", num_features, "int >= 1"),
-                                  ("num_basis_vectors", num_basis_vectors, "int >= 1"),
-                                  ("num_iterations", num_iterations, "int >= 0"),  # 0: uniform weights
-                                  ("learning_rate", learning_rate, "> 0")]:
-            check_value(name, value, rule)
+        check_values(dict(num_classes=num_classes, num_features=num_features, num_basis_vectors=num_basis_vectors))
+        check_value("num_iterations", num_iterations, RULES["fewshot_iterations"])  # 0: uniform weights
+        check_value("learning_rate", learning_rate, RULES["fewshot_learning_rate"])
         self.num_classes, self.num_features, self.K = num_classes, num_features, num_basis_vectors
         self.num_iterations, self.learning_rate = num_iterations, learning_rate
         self.W = nn.Parameter(torch.zeros(num_classes, num_basis_vectors))
@@ -1289,10 +1348,10 @@ class PersonalizeBatch(nn.Module):
         """(Pairs of X, XV [M, K] = d^T V): V is frozen, so project once."""
         pairs = as_pairs(X)
         if len(pairs) != self.num_classes:
-            raise ValueError(f"got {len(pairs)} users, expected num_classes={self.num_classes}")
+            raise InputError(f"got {len(pairs)} users, expected num_classes={self.num_classes}")
         V = torch.as_tensor(V, dtype=torch.float32)
         if V.shape != (self.num_features, self.K):
-            raise ValueError(f"V has shape {tuple(V.shape)}, expected ({self.num_features}, {self.K})")
+            raise InputError(f"V has shape {tuple(V.shape)}, expected ({self.num_features}, {self.K})")
         return pairs, pairs.project(V).float()
 
     def forward(self, X, V):
@@ -1306,10 +1365,10 @@ class PersonalizeBatch(nn.Module):
         if _train_mode_call(X):
             return super().train(True if X is None else X)
         if V is None:
-            raise ValueError("PersonalizeBatch.train(X, V) needs the basis V [F, K]")
+            raise InputError("PersonalizeBatch.train(X, V) needs the basis V [F, K]")
         pairs, XV = self._project(X, V)
         counts = pairs.counts()
-        _check_counts(counts)
+        check_counts(counts)
         return self._fit(XV, pairs.user, 1.0 / counts[pairs.user].float(), device)
 
     def _fit(self, XV, user, pw, device=None):
@@ -1327,326 +1386,72 @@ class PersonalizeBatch(nn.Module):
         return list(self.weights().detach())
 
 
-# The published helper functions, with their published names, parameters and defaults (the pipelines pass
-# their own values). train_features: a list of C per-user tensors [m_i, F], or Pairs.
-
-def solve_regularized(V_sft, alpha, train_features, num_basis_vectors, num_iterations=1000, learning_rate=0.01,
-                      device=None):
-    """Fit LoRe (alpha * sum_j ||V_j - V_sft||^2) -> (W [C, K], V [F, K])."""
-    pairs = as_pairs(train_features)
-    model = LoRe(V_sft, alpha, len(pairs), pairs.num_features, num_basis_vectors, num_iterations, learning_rate)
-    return model.train(pairs, device=device)
-
-
-def solve_regularized_simplex(V_sft, alpha, train_features, num_basis_vectors, num_iterations=1000,
-                              learning_rate=0.01, device=None):
-    """Fit LoRe_regularized -> (W [C, K'], V [F, K']) with unused bases dropped."""
-    pairs = as_pairs(train_features)
-    model = LoRe_regularized(V_sft, alpha, len(pairs), pairs.num_features, num_basis_vectors, num_iterations,
-                             learning_rate)
-    return model.train(pairs, device=device)
-
-
-def solve(train_features, num_basis_vectors, num_iterations=1000, learning_rate=0.01, device=None):
-    """Fit LoRe without the regulariser (alpha = 0) -> (W [C, K], V [F, K])."""
-    return solve_regularized(None, 0.0, train_features, num_basis_vectors, num_iterations, learning_rate, device)
-
-
-def solve_multi_reward(train_features, num_basis_vectors, num_iterations=1000, learning_rate=0.01, device=None):
-    """Fit K basis rewards jointly with the users' weights (LoRe, alpha = 0) -> the fitted LoRe model
-    (.V [F, K], .weights() [C, K], .losses)."""
-    pairs = as_pairs(train_features)
-    model = LoRe(None, 0.0, len(pairs), pairs.num_features, num_basis_vectors, num_iterations, learning_rate)
-    model.train(pairs, device=device)
-    return model
-
-
-def learn_multiple_few_shot(train_features, V, num_iterations=1000, learning_rate=0.01, device=None):
-    """Few-shot weights of new users on a frozen V [F, K] -> list of C simplex vectors [K]."""
-    pairs = as_pairs(train_features)
+def personalize_users(pairs, V, num_iterations=500, learning_rate=0.1, device=None):
+    """[C, K] few-shot simplex weights of the users of `pairs` on a frozen basis V [F, K] (PersonalizeBatch)."""
+    pairs = as_pairs(pairs)
     V = torch.as_tensor(V)
     model = PersonalizeBatch(len(pairs), V.shape[0], V.shape[1], num_iterations, learning_rate)
-    return model.train(pairs, V, device=device)
-
-
-def learn_multiple_few_shot_weighted(alpha, train_features, current_dialog_features, V, num_iterations=1000,
-                                     learning_rate=0.01, device=None):
-    """Few-shot weights of new users on a frozen V [F, K] from two sets of pairs per user, the current dialog's
-    weighted by alpha: user i minimises mean_train_i(-log sigmoid) + alpha * mean_current_i(-log sigmoid)
-    (a user with no pairs in one set gets only the other term; alpha = 0 is learn_multiple_few_shot).
-    -> list of C simplex vectors [K]."""
-    train, current = as_pairs(train_features), as_pairs(current_dialog_features)
-    if len(train) != len(current):
-        raise ValueError(f"train_features has {len(train)} users, current_dialog_features {len(current)}")
-    V = torch.as_tensor(V, dtype=torch.float32)
-    model = PersonalizeBatch(len(train), V.shape[0], V.shape[1], num_iterations, learning_rate)
-    (_, XV_t), (_, XV_c) = model._project(train, V), model._project(current, V)
-    n_t, n_c = train.counts(), current.counts()
-    if ((n_t == 0) & (n_c == 0)).any():
-        raise ValueError("a user has no pairs in either set")
-    pw = torch.cat([1.0 / n_t.clamp(min=1)[train.user].float(), alpha / n_c.clamp(min=1)[current.user].float()])
-    return model._fit(torch.cat([XV_t, XV_c]), torch.cat([train.user, current.user]), pw, device)
-
-
-def _fit_bt(pairs, V_ref=None, alpha=0.0, num_iterations=1000, learning_rate=0.01, device=None):
-    """One Bradley-Terry reward [F, 1] fit by Adam from 0 on all pairs pooled (mean over pairs), plus
-    alpha * ||v - V_ref||^2 when V_ref is given."""
-    device = get_device(device)
-    diffs, user, counts = _pack(pairs, device)
-    _check_counts(counts)
-    v = torch.zeros(1, diffs.shape[1], device=device, requires_grad=True)
-    ref = None if V_ref is None else torch.as_tensor(V_ref, dtype=torch.float32).reshape(1, -1).to(device)
-    pw = torch.full((len(user),), 1.0 / len(user), device=device)
-    opt = torch.optim.Adam([v], lr=learning_rate)
-    for _ in tqdm(range(num_iterations), desc="Bradley-Terry", leave=False, disable=None):
-        opt.zero_grad(set_to_none=True)
-        loss = _bt_loss(diffs, v.t(), torch.ones(len(user), 1, device=device), pw)
-        if ref is not None and alpha:
-            loss = loss + alpha * ((v - ref) ** 2).sum()
-        loss.backward()
-        opt.step()
-    return v.detach().t().cpu()
-
-
-def learn_multiple(train_features, num_iterations=1000, learning_rate=0.01, device=None):
-    """One independent Bradley-Terry reward per user (a per-user baseline) -> (W_list, V_list): C weights [1]
-    (ones) and C rewards [F, 1], usable with eval_multiple(W_list, V_list, test_features). User i's reward
-    minimises its mean -log sigmoid(d^T v_i / 100), from v_i = 0: the PerUserBT baseline (section 7)."""
-    model = PerUserBT(num_iterations=num_iterations, learning_rate=learning_rate)
-    return model.fit(as_pairs(train_features), device).weights_and_bases()
-
-
-def learn_single_reward(train_features, num_iterations=1000, learning_rate=0.01, device=None):
-    """One Bradley-Terry reward for everyone: the mean -log sigmoid(d^T v / 100) over all pairs pooled,
-    from v = 0 -> V [F, 1]."""
-    return _fit_bt(as_pairs(train_features), num_iterations=num_iterations, learning_rate=learning_rate,
-                   device=device)
-
-
-def learn_single_reward_regularized(V_ref, alpha, train_features, num_iterations=1000, learning_rate=0.01,
-                                    device=None):
-    """learn_single_reward pulled towards V_ref [F, 1]: plus alpha * ||v - V_ref||^2 -> V [F, 1]."""
-    return _fit_bt(as_pairs(train_features), V_ref, alpha, num_iterations, learning_rate, device)
-
-
-class _ThinMatmul(torch.autograd.Function):
-    """X [M, F] @ V [F, K] for a tall X and a thin V; X gets no gradient.
-
-    On CPU (MKL) both products are memory-bound, and the layout matters: the forward reads V
-    column-major (2-3x faster than row-major), and dV = (G^T X)^T is accumulated over blocks
-    of rows (autograd's X^T G is ~12x slower)."""
-
-    @staticmethod
-    def forward(ctx, X, V):
-        ctx.save_for_backward(X)
-        if X.is_cuda:
-            return X @ V
-        return X @ V.t().contiguous().t()
-
-    @staticmethod
-    def backward(ctx, G):
-        (X,) = ctx.saved_tensors
-        if X.is_cuda:
-            return None, (G.t() @ X).t()
-        Gt = G.t().contiguous()  # [K, M]
-        dV = torch.zeros(G.shape[1], X.shape[1], dtype=X.dtype)
-        block = max(256, 2**20 // X.shape[1])  # rows per block: about 1M floats of X
-        for i in range(0, X.shape[0], block):
-            dV.addmm_(Gt[:, i:i + block], X[i:i + block])
-        return None, dV.t()
-
-
-def _njit(py_func=None, *, parallel=True):
-    """numba.njit for the CPU kernels. The on-disk cache is used only when this file is imported as `utils`:
-    numba's cache refers to the module by name, so an entry written under another name (importlib, `from LoRe
-    import utils`) would break every later import. See also _call_kernel."""
-    if py_func is None:  # @_njit(parallel=False)
-        return lambda f: _njit(f, parallel=parallel)
-    opts = dict(parallel=parallel, fastmath=True)
-    if __name__ == "utils":
-        try:
-            return numba.njit(cache=True, **opts)(py_func)
-        except Exception:  # e.g. no writable cache location
-            pass
-    return numba.njit(**opts)(py_func)
-
-
-def _call_kernel(name, *args):
-    """Call the numba kernel `name` of this module; when loading or writing its on-disk cache fails (a broken
-    or foreign cache file, an unwritable folder), compile it again without the cache and call that. PyTorch's
-    thread count is put back afterwards: numba's OpenMP layer sets it process-wide, and every later PyTorch op
-    would run with more threads than asked for."""
-    kernel = globals()[name]
-    threads = torch.get_num_threads()
-    try:
-        return kernel(*args)
-    except Exception:
-        if isinstance(kernel._cache, numba.core.caching.NullCache):  # compiled without the cache: a real error
-            raise
-        globals()[name] = numba.njit(**kernel.targetoptions)(kernel.py_func)
-        return globals()[name](*args)
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+    return torch.stack(model.train(pairs, V, device=device))
 
 
 if numba is not None:
-    @_njit
-    def _bt_loss_kernel(X, Vt, Wu, pw, scale):
-        """One pass over X [M, F]: loss = sum_m pw_m softplus(-z_m), z_m = x_m^T V wu_m / scale,
-        with dL/dV^T [K, F] and XV [M, K], g [M] (dL/dXV_m = g_m wu_m). Vt [K, F], Wu [M, K]."""
-        M, F = X.shape
-        K = Vt.shape[0]
-        nblocks = 16  # fixed, so that the sums do not depend on the number of threads
-        dVs = np.zeros((nblocks, K, F), np.float32)
-        losses = np.zeros(nblocks)
-        XV = np.empty((M, K), np.float32)
-        g = np.empty(M, np.float32)
-        for b in numba.prange(nblocks):
-            for m in range(b * M // nblocks, (b + 1) * M // nblocks):
-                z = 0.0
-                for k in range(K):
-                    s = np.float32(0.0)
+    @cpu_kernel
+    def _per_user_bt_kernel(table, chosen, rejected, two_sided, order, starts, counts, iterations, lr, scale):
+        """[c, F] per-user BT rewards: user u's pairs are rows order[starts[u]:starts[u] + counts[u]], with
+        d = table[chosen] - table[rejected] (two_sided) or table[chosen]; full-batch Adam (PyTorch's update,
+        betas 0.9, 0.999, eps 1e-8) on mean softplus(-d^T v / scale), from v = 0."""
+        c, F = len(starts), table.shape[1]
+        V = np.zeros((c, F), np.float32)
+        for u in numba.prange(c):
+            m = counts[u]
+            D = np.empty((m, F), np.float32)
+            for j in range(m):
+                r = order[starts[u] + j]
+                if two_sided:
+                    D[j] = table[chosen[r]] - table[rejected[r]]
+                else:
+                    D[j] = table[chosen[r]]
+            v = np.zeros(F, np.float32)
+            m1 = np.zeros(F, np.float32)
+            m2 = np.zeros(F, np.float32)
+            g = np.empty(m, np.float32)
+            grad = np.empty(F, np.float32)
+            for t in range(1, iterations + 1):
+                for j in range(m):
+                    z = np.float32(0.0)
                     for f in range(F):
-                        s += X[m, f] * Vt[k, f]
-                    XV[m, k] = s
-                    z += s * Wu[m, k]
-                z /= scale
-                e = np.exp(-abs(z))  # stable softplus(-z) and sigmoid(-z)
-                losses[b] += pw[m] * (np.log1p(e) + max(-z, 0.0))
-                sig = e / (1.0 + e) if z > 0 else 1.0 / (1.0 + e)
-                g[m] = -sig * pw[m] / scale
-                for k in range(K):
-                    gk = np.float32(g[m] * Wu[m, k])
+                        z += D[j, f] * v[f]
+                    g[j] = -1.0 / (1.0 + np.exp(z / scale)) / (m * scale)  # -sigmoid(-z / scale) / (m scale)
+                grad[:] = 0.0
+                for j in range(m):
                     for f in range(F):
-                        dVs[b, k, f] += gk * X[m, f]
-        dVt = np.zeros((K, F), np.float32)
-        for b in range(nblocks):
-            dVt += dVs[b]
-        return losses.sum(), dVt, XV, g
+                        grad[f] += g[j] * D[j, f]
+                step = lr / (1.0 - 0.9 ** t)
+                root_bc2 = np.sqrt(1.0 - 0.999 ** t)
+                for f in range(F):
+                    m1[f] = 0.9 * m1[f] + 0.1 * grad[f]
+                    m2[f] = 0.999 * m2[f] + 0.001 * grad[f] * grad[f]
+                    v[f] -= step * m1[f] / (np.sqrt(m2[f]) / root_bc2 + 1e-8)
+            V[u] = v
+        return V
+
+    @cpu_kernel
+    def _per_user_margins_kernel(table, chosen, rejected, user, V):
+        """[M] (table[chosen] - table[rejected]) . V[user], one pass over the pairs."""
+        M, F = len(user), table.shape[1]
+        out = np.empty(M, np.float32)
+        for j in numba.prange(M):
+            c, r, u = chosen[j], rejected[j], user[j]
+            s = np.float32(0.0)
+            for f in range(F):
+                s += (table[c, f] - table[r, f]) * V[u, f]
+            out[j] = s
+        return out
 
 
-class _FusedBTLoss(torch.autograd.Function):
-    """sum_m pw_m softplus(-x_m^T V wu_m / 100) and its gradients in one pass over X (CPU, numba)."""
-
-    @staticmethod
-    def forward(ctx, X, V, Wu, pw):
-        loss, dVt, XV, g = _call_kernel("_bt_loss_kernel", X.numpy(), V.detach().t().contiguous().numpy(),
-                                        Wu.detach().contiguous().numpy(), pw.contiguous().numpy(), LOGIT_SCALE)
-        XV, g = torch.from_numpy(XV), torch.from_numpy(g)
-        ctx.save_for_backward(torch.from_numpy(dVt).t(), g[:, None] * XV)
-        return torch.tensor(loss, dtype=torch.float32)
-
-    @staticmethod
-    def backward(ctx, grad):
-        dV, dWu = ctx.saved_tensors
-        return None, grad * dV, grad * dWu, None
-
-
-def _bt_loss(X, V, Wu, pw):
-    """sum_m pw_m * softplus(-x_m^T V wu_m / 100) for X [M, F], V [F, K], Wu [M, K], pw [M].
-
-    On CPU with numba installed, one fused pass over X computes the loss and both gradients
-    (the memory-bandwidth floor); otherwise forward and backward are two thin products."""
-    if numba is not None and not X.is_cuda and X.dtype == torch.float32 and X.is_contiguous():
-        return _FusedBTLoss.apply(X, V, Wu, pw)
-    z = (_ThinMatmul.apply(X, V) * Wu).sum(1) / LOGIT_SCALE
-    return (F_nn.softplus(-z) * pw).sum()
-
-
-# ----------------------------------------------------------------------------------------
-# 7. Baselines of the paper's tables on the same frozen embeddings: PerUserBT, VPL, PAL
-# ----------------------------------------------------------------------------------------
-# Every baseline fits on the seen users' pairs (`fit`), personalises new users from their few-shot
-# pairs (`personalize`: returns the new users' state, leaves the fitted model unchanged) and scores
-# pairs (`margins`: reward(chosen) - reward(rejected)); `accuracies` is, per user, the fraction of
-# pairs with a positive margin (a tie is wrong), as for LoRe.
-
-def _accuracy_by_user(margins, user, num_users):
-    """[C] per-user fraction of positive margins (a tie is wrong): margins [M], user [M]."""
-    margins, user = margins.detach().float().cpu(), user.cpu()
-    counts = torch.bincount(user, minlength=num_users).float()
-    correct = torch.zeros(num_users).index_add_(0, user, (margins > 0).float())
-    return (correct / counts).numpy()
-
-
-@contextlib.contextmanager
-def _seeded(seed):
-    """Seed PyTorch's global CPU generator inside the block only (module initialisation)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _mlp(sizes, act):
-    """Linear layers of `sizes` with `act` between them (none after the last)."""
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers)
-
-
-def _user_rows(pairs):
-    """Pair-row indices of each user: list of C tensors; every user must have a pair."""
-    counts = pairs.counts()
-    _check_counts(counts)
-    return pairs._rows_of(range(pairs.num_users))
-
-
-def _check_features(pairs, num_features):
-    if pairs.num_features != num_features:
-        raise ValueError(f"pairs have {pairs.num_features} features, the model expects {num_features}")
-
-
-def _used_rows(pairs):
-    """(rows [U], ic [M], ir [M]): the table rows that table pairs use, once each, and the position in `rows`
-    of every pair's chosen and rejected row (so that per-item features are computed once per row)."""
-    _, chosen, rejected = pairs.sides()
-    rows, inv = torch.unique(torch.cat([chosen, rejected]), return_inverse=True)
-    return rows, inv[:len(chosen)], inv[len(chosen):]
-
-
-def _map_rows(fn, table, rows, device, batch):
-    """fn(table[rows]) in batches of rows on `device` -> [U, ...] (on `device`)."""
-    return torch.cat([fn(table[rows[s:s + batch]].to(device, torch.float32)) for s in range(0, len(rows), batch)])
-
-
-class _Baseline(nn.Module):
-    """Shared evaluation: `accuracies(pairs, state)` from `margins(pairs, state)`."""
-
-    def _cached(self, key, pairs, device, compute):
-        """compute() once per (key, pairs object, device) until the next fit: features of the frozen shared
-        parts are reused when the same pairs are scored again (vary_fewshot scores one test set per trial)."""
-        cache = self.__dict__.setdefault("_cache", {})
-        hit = cache.get(key)
-        if hit is not None and hit[0] is pairs and hit[1] == device:
-            return hit[2]
-        cache[key] = (pairs, device, compute())
-        return cache[key][2]
-
-    def _margin_inputs(self, pairs, state, seen, what, device):
-        """(pairs, state, device) for `margins`: state (one row per user) defaults to the seen users' `seen`."""
-        pairs = as_pairs(pairs)
-        _check_features(pairs, self.num_features)
-        state = seen if state is None else state
-        if state is None:
-            raise ValueError(f"call fit(pairs) first, or pass {what}")
-        if len(state) != pairs.num_users:
-            raise ValueError(f"got {what} for {len(state)} users, but the pairs have {pairs.num_users} users")
-        return pairs, state, get_device(device)
-
-    def accuracies(self, pairs, state=None, device=None):
-        """[C] accuracy of each user of `pairs`; state: new users' state from `personalize` (None: seen users)."""
-        pairs = as_pairs(pairs)
-        return _accuracy_by_user(self.margins(pairs, state, device), pairs.user, pairs.num_users)
-
-
-# --- per-user Bradley-Terry ---
-
-class PerUserBT(_Baseline):
-    """One independent Bradley-Terry reward per user, r_i(x) = e(x)^T v_i with v_i [F].
+class PerUserBT(nn.Module):
+    """One independent Bradley-Terry reward per user, r_i(x) = e(x)^T v_i with v_i [F]: the published
+    `learn_multiple`, and the per-user baseline of the paper's tables (baselines.py lists it with VPL and PAL).
 
     Loss of user i: mean over its pairs of softplus(-d^T v_i / logit_scale); v_i starts at 0
     (the loss is convex; a random start would leave noise in the directions no pair touches);
@@ -1655,27 +1460,34 @@ class PerUserBT(_Baseline):
     each user's whole Adam run on its [m_i, F] pairs while they sit in cache (users in
     parallel); otherwise (GPU, or no numba) users are fit in padded chunks [c, m_max, F] of
     about `chunk_floats` values. Table pairs are gathered user by user: no [M, F] copy.
-    After `fit`, V [C, F].
+    num_features (checked against the pairs when given) and seed (nothing here is random) make the
+    constructor the same as every baseline's. After `fit`, V [C, F].
     """
+    label = "per-user BT"
+    rules = {"num_iterations": "int >= 1", "learning_rate": "> 0", "logit_scale": "> 0", "chunk_floats": "int >= 1"}
 
-    def __init__(self, num_iterations=1000, learning_rate=0.01, logit_scale=LOGIT_SCALE, chunk_floats=2**26):
+    def __init__(self, num_features=None, num_iterations=1000, learning_rate=0.01, logit_scale=LOGIT_SCALE,
+                 chunk_floats=2**26, seed=0):
         super().__init__()
-        self.num_iterations, self.learning_rate = num_iterations, learning_rate
+        check_values(locals(), self.rules)
+        self.num_features, self.num_iterations, self.learning_rate = num_features, num_iterations, learning_rate
         self.logit_scale, self.chunk_floats = logit_scale, chunk_floats
         self.V = None
 
     def _fit(self, pairs, device):
         """[C, F] rewards fit on `pairs`, one per user."""
         pairs = as_pairs(pairs)
+        if self.num_features is not None and pairs.num_features != self.num_features:
+            raise InputError(f"pairs have {pairs.num_features} features, the model expects {self.num_features}")
         device = get_device(device)
         counts = pairs.counts()
-        _check_counts(counts)
+        check_counts(counts)
         if numba is not None and device.type == "cpu":
             V = self._fit_kernel(pairs, counts)
         else:
             V = self._fit_chunks(pairs, counts, device)
         if not torch.isfinite(V).all():  # checked on the result: no [R, F] mask of a large table
-            raise ValueError("pairs contain NaN or inf: the fitted rewards are not finite")
+            raise InputError("pairs contain NaN or inf: the fitted rewards are not finite")
         return V
 
     def _fit_kernel(self, pairs, counts):
@@ -1693,9 +1505,9 @@ class PerUserBT(_Baseline):
         step = 64  # users per kernel call: a progress bar without a visible cost
         bar = tqdm(total=pairs.num_users, desc="per-user BT", leave=False, disable=None)
         for s in range(0, pairs.num_users, step):
-            V[s:s + step] = torch.from_numpy(_call_kernel(
-                "_per_user_bt_kernel", table, chosen.numpy(), rejected.numpy(), two_sided, order, starts[s:s + step],
-                counts[s:s + step], self.num_iterations, self.learning_rate, self.logit_scale))
+            V[s:s + step] = torch.from_numpy(_per_user_bt_kernel(
+                table, chosen.numpy(), rejected.numpy(), two_sided, order, starts[s:s + step], counts[s:s + step],
+                self.num_iterations, self.learning_rate, self.logit_scale))
             bar.update(len(counts[s:s + step]))
         bar.close()
         return V
@@ -1750,13 +1562,13 @@ class PerUserBT(_Baseline):
         pairs = as_pairs(pairs)
         V = self.V if V is None else torch.as_tensor(V, dtype=torch.float32)
         if V is None:
-            raise ValueError("call fit(pairs) first, or pass V")
+            raise InputError("call fit(pairs) first, or pass V")
         if V.shape != (pairs.num_users, pairs.num_features):
-            raise ValueError(f"V has shape {tuple(V.shape)}, expected ({pairs.num_users}, {pairs.num_features})")
+            raise InputError(f"V has shape {tuple(V.shape)}, expected ({pairs.num_users}, {pairs.num_features})")
         if numba is not None and pairs.table is not None:
-            return torch.from_numpy(_call_kernel(
-                "_per_user_margins_kernel", pairs.table.float().contiguous().numpy(), pairs.chosen.numpy(),
-                pairs.rejected.numpy(), pairs.user.numpy(), V.contiguous().numpy()))
+            return torch.from_numpy(_per_user_margins_kernel(
+                pairs.table.float().contiguous().numpy(), pairs.chosen.numpy(), pairs.rejected.numpy(),
+                pairs.user.numpy(), V.contiguous().numpy()))
         out = []
         for s in range(0, len(pairs.user), chunk):
             idx = torch.arange(s, min(s + chunk, len(pairs.user)))
@@ -1768,564 +1580,14 @@ class PerUserBT(_Baseline):
         V = self.V if V is None else V
         return [torch.ones(1) for _ in range(len(V))], [v.reshape(-1, 1) for v in V]
 
-
-if numba is not None:
-    @_njit
-    def _per_user_bt_kernel(table, chosen, rejected, two_sided, order, starts, counts, iterations, lr, scale):
-        """[c, F] per-user BT rewards: user u's pairs are rows order[starts[u]:starts[u] + counts[u]], with
-        d = table[chosen] - table[rejected] (two_sided) or table[chosen]; full-batch Adam (PyTorch's update,
-        betas 0.9, 0.999, eps 1e-8) on mean softplus(-d^T v / scale), from v = 0."""
-        c, F = len(starts), table.shape[1]
-        V = np.zeros((c, F), np.float32)
-        for u in numba.prange(c):
-            m = counts[u]
-            D = np.empty((m, F), np.float32)
-            for j in range(m):
-                r = order[starts[u] + j]
-                if two_sided:
-                    D[j] = table[chosen[r]] - table[rejected[r]]
-                else:
-                    D[j] = table[chosen[r]]
-            v = np.zeros(F, np.float32)
-            m1 = np.zeros(F, np.float32)
-            m2 = np.zeros(F, np.float32)
-            g = np.empty(m, np.float32)
-            grad = np.empty(F, np.float32)
-            for t in range(1, iterations + 1):
-                for j in range(m):
-                    z = np.float32(0.0)
-                    for f in range(F):
-                        z += D[j, f] * v[f]
-                    g[j] = -1.0 / (1.0 + np.exp(z / scale)) / (m * scale)  # -sigmoid(-z / scale) / (m scale)
-                grad[:] = 0.0
-                for j in range(m):
-                    for f in range(F):
-                        grad[f] += g[j] * D[j, f]
-                step = lr / (1.0 - 0.9 ** t)
-                root_bc2 = np.sqrt(1.0 - 0.999 ** t)
-                for f in range(F):
-                    m1[f] = 0.9 * m1[f] + 0.1 * grad[f]
-                    m2[f] = 0.999 * m2[f] + 0.001 * grad[f] * grad[f]
-                    v[f] -= step * m1[f] / (np.sqrt(m2[f]) / root_bc2 + 1e-8)
-            V[u] = v
-        return V
-
-    @_njit
-    def _per_user_margins_kernel(table, chosen, rejected, user, V):
-        """[M] (table[chosen] - table[rejected]) . V[user], one pass over the pairs."""
-        M, F = len(user), table.shape[1]
-        out = np.empty(M, np.float32)
-        for j in numba.prange(M):
-            c, r, u = chosen[j], rejected[j], user[j]
-            s = np.float32(0.0)
-            for f in range(F):
-                s += (table[c, f] - table[r, f]) * V[u, f]
-            out[j] = s
-        return out
-
-
-# --- VPL (Poddar et al. 2024) ---
-
-def _warmup_cosine(total_steps, warmup_ratio):
-    """LambdaLR factor: linear warm-up over warmup_ratio * total_steps, then cosine decay to 0."""
-    warmup = int(math.ceil(warmup_ratio * total_steps))
-
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-    return factor
-
-
-def _decay_groups(modules, weight_decay):
-    """AdamW parameter groups: weight decay on weight matrices, none on biases."""
-    params = [p for m in modules for p in m.parameters()]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def _context_rows(rows, num_contexts, gen, exclude_self):
-    """Context pairs of every pair of one user: [n, C] positions in `rows` [n], -1 padded.
-
-    exclude_self: each of the user's pairs gets min(C, n - 1) other pairs of the user, drawn
-    without replacement; else every row gets the same min(C, n) pairs (the user's context)."""
-    n = len(rows)
-    if not exclude_self:
-        pick = torch.randperm(n, generator=gen)[:num_contexts] if n > num_contexts else torch.arange(n)
-        out = torch.full((num_contexts,), -1, dtype=torch.long)
-        out[:len(pick)] = rows[pick]
-        return out
-    c = min(num_contexts, n - 1)
-    out = torch.full((n, num_contexts), -1, dtype=torch.long)
-    block = max(1, 2**22 // n)  # bounded memory for users with very many pairs
-    for s in range(0, n, block):
-        b = min(block, n - s)
-        scores = torch.rand(b, n, generator=gen)
-        scores[torch.arange(b), torch.arange(s, s + b)] = 2.0  # never pick the pair itself
-        out[s:s + b, :c] = rows[scores.topk(c, dim=1, largest=False).indices]
-    return out
-
-
-class VPL(_Baseline):
-    """Variational preference learning (Poddar et al. 2024) on frozen embeddings e [F].
-
-    Encoder: MLP [e_chosen; e_rejected] (2F -> H -> H -> L, LeakyReLU(0.2)) per context pair,
-    one self-attention layer (q, k, v: Linear(L, L)) over a user's C contexts, masked mean,
-    linear heads for mu and log sigma^2 [L], both clamped to [-1, 1]. Training latent
-    z = normalize(mu + sigma * eps) * sqrt(L). Decoder: MLP [e_x; z] (F + L -> H -> H -> 1):
-    the reward r(x, z). Loss: mean softplus(-(r(chosen, z) - r(rejected, z))) + beta * anneal(t)
-    * KL(N(mu, sigma^2) || N(0, I)), anneal a cyclical cosine from 0.1 to 1 (period kl_period
-    steps). Each target pair's contexts: C other pairs of its user, resampled every epoch.
-    AdamW (no decay on biases), gradient clipping, cosine schedule with warm-up, batches of
-    pairs shuffled across users. A user's latent at evaluation is encoded from at most C of its
-    pairs (its training pairs for seen users, its few-shot pairs for new users; no gradient step):
-    eval_latent="normalized" uses normalize(mu) * sqrt(L), on the training latents' sphere;
-    "mean" uses mu as the released code does.
-    """
-
-    def __init__(self, num_features, hidden_dim=512, latent_dim=512, num_contexts=8, beta=1e-4, learning_rate=1e-4,
-                 weight_decay=1e-3, batch_size=32, num_epochs=2, warmup_ratio=0.03, max_grad_norm=1.0,
-                 kl_period=10000, eval_latent="normalized", eval_batch_size=1024, seed=0):
-        super().__init__()
-        if eval_latent not in ("normalized", "mean"):
-            raise ValueError(f"eval_latent must be 'normalized' or 'mean', got {eval_latent!r}")
-        self.num_features, self.latent_dim, self.num_contexts = num_features, latent_dim, num_contexts
-        self.beta, self.learning_rate, self.weight_decay = beta, learning_rate, weight_decay
-        self.batch_size, self.num_epochs, self.warmup_ratio = batch_size, num_epochs, warmup_ratio
-        self.max_grad_norm, self.kl_period, self.eval_latent = max_grad_norm, kl_period, eval_latent
-        self.eval_batch_size, self.seed = eval_batch_size, seed
-        act = lambda: nn.LeakyReLU(0.2)  # noqa: E731
-        with _seeded(seed):
-            self.encoder = _mlp([2 * num_features, hidden_dim, hidden_dim, latent_dim], act)
-            self.query, self.key, self.value = (nn.Linear(latent_dim, latent_dim) for _ in range(3))
-            self.mu_head, self.logvar_head = nn.Linear(latent_dim, latent_dim), nn.Linear(latent_dim, latent_dim)
-            self.decoder = _mlp([num_features + latent_dim, hidden_dim, hidden_dim, 1], act)
-        self.z_seen = None
-        self.losses = []
-
-    def encode(self, e_chosen, e_rejected, mask):
-        """(mu, logvar) [B, L] from context pairs e_chosen, e_rejected [B, C, F] and mask [B, C] (True = a pair)."""
-        h = self.encoder(torch.cat([e_chosen, e_rejected], -1))  # [B, C, L]
-        att = self.query(h) @ self.key(h).transpose(1, 2) / math.sqrt(self.latent_dim)  # [B, C, C]
-        att = att.masked_fill(~mask[:, None, :], -1e9).softmax(-1)
-        h = att @ self.value(h)
-        m = mask.float()[..., None]
-        h = (h * m).sum(1) / m.sum(1).clamp(min=1)
-        return self.mu_head(h).clamp(-1, 1), self.logvar_head(h).clamp(-1, 1)
-
-    def reward(self, e, z):
-        """[B] reward of items e [B, F] for latents z [B, L]."""
-        return self.decoder(torch.cat([e, z], -1))[:, 0]
-
-    def anneal(self, step):
-        """KL weight factor at a step: cyclical cosine from 0.1 to 1 over kl_period steps."""
-        frac = (step % self.kl_period) / self.kl_period
-        return 0.1 + 0.9 * 0.5 * (1 - math.cos(math.pi * frac))
-
-    def _contexts(self, table, chosen, rejected, ctx):
-        """(e_chosen, e_rejected [B, C, F], mask [B, C]) of context pair rows ctx [B, C] (-1 = none)."""
-        mask = ctx >= 0
-        c = ctx.clamp(min=0)
-        return table[chosen[c]], table[rejected[c]], mask
-
-    def fit(self, pairs, device=None):
-        """Train on the seen users' pairs; then encode each seen user's latent from its pairs -> self."""
-        self._cache = {}
+    def accuracies(self, pairs, V=None, device=None):
+        """[C] accuracy of each user of `pairs`; V: new users' rewards from `personalize` (None: seen users)."""
         pairs = as_pairs(pairs)
-        _check_features(pairs, self.num_features)
-        device = get_device(device)
-        table, chosen, rejected = pairs.sides()
-        table, chosen, rejected = table.to(device, torch.float32), chosen.to(device), rejected.to(device)
-        rows = _user_rows(pairs)
-        self.to(device)
-        M = len(pairs.user)
-        steps_per_epoch = math.ceil(M / self.batch_size)
-        total = self.num_epochs * steps_per_epoch
-        opt = torch.optim.AdamW(_decay_groups([self], self.weight_decay), lr=self.learning_rate, fused=True)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(total, self.warmup_ratio))
-        gen = torch.Generator().manual_seed(self.seed)
-        step = 0
-        bar = tqdm(total=total, desc="VPL", leave=False, disable=None)
-        for _ in range(self.num_epochs):
-            ctx = torch.full((M, self.num_contexts), -1, dtype=torch.long)
-            for r in rows:
-                ctx[r] = _context_rows(r, self.num_contexts, gen, exclude_self=True)
-            ctx = ctx.to(device)
-            perm = torch.randperm(M, generator=gen).to(device)
-            for b in range(steps_per_epoch):
-                idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
-                mu, logvar = self.encode(*self._contexts(table, chosen, rejected, ctx[idx]))
-                eps = torch.randn(mu.shape, generator=gen).to(device)
-                z = F_nn.normalize(mu + torch.exp(0.5 * logvar) * eps, dim=-1) * math.sqrt(self.latent_dim)
-                r = self.reward(table[torch.cat([chosen[idx], rejected[idx]])], torch.cat([z, z]))  # one pass
-                margin = r[:len(idx)] - r[len(idx):]
-                kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(-1).mean()
-                loss = F_nn.softplus(-margin).mean() + self.beta * self.anneal(step) * kl
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(self.parameters(), self.max_grad_norm)
-                opt.step()
-                sched.step()
-                step += 1
-                self.losses.append(loss.item())
-                bar.update(1)
-        bar.close()
-        self.z_seen = self.latents(pairs, device)
-        return self
-
-    @torch.no_grad()
-    def latents(self, pairs, device=None):
-        """[C, L] each user's latent, encoded from at most C of its pairs (subsampled with the seed)."""
-        pairs = as_pairs(pairs)
-        _check_features(pairs, self.num_features)
-        device = get_device(device)
-        table, chosen, rejected = pairs.sides()
-        self.to(device)
-        gen = torch.Generator().manual_seed(self.seed + 1)
-        ctx = torch.stack([_context_rows(r, self.num_contexts, gen, exclude_self=False) for r in _user_rows(pairs)])
-        out = []
-        step = max(1, self.eval_batch_size // self.num_contexts)  # users per batch: eval_batch_size context pairs
-        for s in range(0, len(ctx), step):  # gathered where the table is, then moved
-            e_c, e_r, mask = self._contexts(table, chosen, rejected, ctx[s:s + step])
-            mu, _ = self.encode(e_c.to(device, torch.float32), e_r.to(device, torch.float32), mask.to(device))
-            out.append(F_nn.normalize(mu, dim=-1) * math.sqrt(self.latent_dim)
-                       if self.eval_latent == "normalized" else mu)
-        return torch.cat(out).cpu()
-
-    def personalize(self, pairs, device=None):
-        """New users' latents [C', L] from their few-shot pairs: an encoder pass, no gradient step."""
-        return self.latents(pairs, device)
-
-    @torch.no_grad()
-    def margins(self, pairs, z=None, device=None):
-        """[M] r(chosen, z_user) - r(rejected, z_user); z [C, L] (default: the seen users' latents).
-
-        The decoder's first layer on [e; z] is W_e e + W_z z + b: W_e e is computed once per table row
-        used and W_z z + b once per user (test pairs of many users share their rows)."""
-        pairs, z, device = self._margin_inputs(pairs, z, self.z_seen, "latents z", device)
-        table, _, _ = pairs.sides()
-        rows, ic, ir = _used_rows(pairs)
-        self.to(device)
-        first, rest = self.decoder[0], self.decoder[1:]
-        W_e, W_z = first.weight[:, :self.num_features], first.weight[:, self.num_features:]
-        item = self._cached("items", pairs, device, lambda: _map_rows(
-            lambda e: e @ W_e.t(), table, rows, device, self.eval_batch_size))  # [U, H]
-        person = z.to(device) @ W_z.t() + first.bias  # [C, H]
-        out = []
-        for s in range(0, len(pairs.user), self.eval_batch_size):
-            sl = slice(s, s + self.eval_batch_size)
-            pu = person[pairs.user[sl].to(device)]
-            rc = rest(item[ic[sl].to(device)] + pu)[:, 0]
-            rr = rest(item[ir[sl].to(device)] + pu)[:, 0]
-            out.append((rc - rr).cpu())
-        return torch.cat(out) if out else torch.zeros(0)
-
-
-# --- PAL (Chen et al. 2025) ---
-
-class PAL(_Baseline):
-    """Pluralistic alignment (Chen et al. 2025) on frozen embeddings e [F]; user weights softmax(W_u) [K].
-
-    Projectors: MLP F -> d -> d -> d (three Linear layers). variant="B" (GELU): K prompt maps
-    g_k and an item map f; ideal point a_u = sum_k softmax(W_u)_k g_k(e_prompt); score
-    s(x) = min(exp(tau), 100) * cos(a_u, f(e_x)), tau learnable; loss softplus(-(s_c - s_r)).
-    Each embedding here covers the whole conversation and there is no prompt-only embedding:
-    the prompt proxy is the mean of the pair's two rows (symmetric, so it does not leak the
-    label). variant="A" (ReLU): K prototypes P [K, F] (unit-norm Gaussian rows), a_u =
-    f(softmax(W_u) P); margin ||f(x_r) - a_u|| - ||f(x_c) - a_u||; hinge loss max(0, 1 - margin).
-    Adam: projectors lr 1e-4 with weight decay 0.01, W (and P) lr 5e-3, tau lr 0.1; batches of
-    pairs shuffled across users. New users: everything shared frozen, fresh W ~ randn, AdamW
-    lr 5e-3 without decay for a fixed number of epochs (no selection on test pairs).
-    """
-
-    def __init__(self, num_features, K=2, variant="B", dim=512, learning_rate=1e-4, weight_decay=0.01,
-                 user_learning_rate=5e-3, tau_learning_rate=0.1, batch_size=4, num_epochs=1,
-                 fewshot_learning_rate=5e-3, fewshot_epochs=20, fewshot_batch_size=4, tau_init=math.log(1 / 0.07),
-                 eval_batch_size=1024, seed=0):
-        super().__init__()
-        if variant not in ("A", "B"):
-            raise ValueError(f"PAL variant must be 'A' or 'B', got {variant!r}")
-        self.num_features, self.K, self.variant, self.dim = num_features, K, variant, dim
-        self.learning_rate, self.weight_decay = learning_rate, weight_decay
-        self.user_learning_rate, self.tau_learning_rate = user_learning_rate, tau_learning_rate
-        self.batch_size, self.num_epochs = batch_size, num_epochs
-        self.fewshot_learning_rate, self.fewshot_epochs = fewshot_learning_rate, fewshot_epochs
-        self.fewshot_batch_size, self.eval_batch_size, self.seed = fewshot_batch_size, eval_batch_size, seed
-        act = nn.GELU if variant == "B" else nn.ReLU
-        with _seeded(seed):
-            self.f = _mlp([num_features, dim, dim, dim], act)
-            if variant == "B":
-                self.g = nn.ModuleList(_mlp([num_features, dim, dim, dim], act) for _ in range(K))
-                self.tau = nn.Parameter(torch.tensor(float(tau_init)))
-            else:
-                P = torch.randn(K, num_features)
-                self.P = nn.Parameter(P / P.norm(dim=1, keepdim=True))
-        self.W = None  # [C, K] logits of the seen users, set by fit
-        self.losses = []
-
-    def _ideal(self, W_rows, e_chosen, e_rejected):
-        """[B, d] ideal points for user logits W_rows [B, K] and the pairs' embeddings [B, F]."""
-        w = torch.softmax(W_rows, -1)
-        if self.variant == "B":
-            prompt = 0.5 * (e_chosen + e_rejected)
-            G = torch.stack([g(prompt) for g in self.g], 1)  # [B, K, d]
-            return (w[:, :, None] * G).sum(1)
-        return self.f(w @ self.P)
-
-    def _margin(self, a, f_chosen, f_rejected):
-        """[B] margin from ideal points a and item features f(e) [B, d]."""
-        if self.variant == "B":
-            scale = self.tau.exp().clamp(max=100.0)
-            return scale * (F_nn.cosine_similarity(a, f_chosen, dim=-1) - F_nn.cosine_similarity(a, f_rejected, dim=-1))
-        return (f_rejected - a).norm(dim=-1) - (f_chosen - a).norm(dim=-1)
-
-    def _loss(self, margin):
-        return F_nn.softplus(-margin).mean() if self.variant == "B" else F_nn.relu(1 - margin).mean()
-
-    def _sides(self, pairs, device):
-        table, chosen, rejected = pairs.sides()
-        return table.to(device, torch.float32), chosen.to(device), rejected.to(device)
-
-    def fit(self, pairs, device=None):
-        """Train projectors, (prototypes, tau) and the seen users' W [C, K] on their pairs -> self."""
-        self._cache = {}
-        pairs = as_pairs(pairs)
-        _check_features(pairs, self.num_features)
-        _user_rows(pairs)  # every user has a pair
-        device = get_device(device)
-        table, chosen, rejected = self._sides(pairs, device)
-        user = pairs.user.to(device)
-        gen = torch.Generator().manual_seed(self.seed)
-        self.W = nn.Parameter(torch.randn(pairs.num_users, self.K, generator=gen))
-        self.to(device)
-        projectors = [self.f] + ([self.g] if self.variant == "B" else [])
-        groups = [{"params": [p for m in projectors for p in m.parameters()], "lr": self.learning_rate,
-                   "weight_decay": self.weight_decay},
-                  {"params": [self.W] + ([self.P] if self.variant == "A" else []), "lr": self.user_learning_rate,
-                   "weight_decay": 0.0}]
-        if self.variant == "B":
-            groups.append({"params": [self.tau], "lr": self.tau_learning_rate, "weight_decay": 0.0})
-        opt = torch.optim.Adam(groups, fused=True)  # one pass per tensor: 6x faster on CPU
-        M = len(user)
-        steps = math.ceil(M / self.batch_size)
-        bar = tqdm(total=self.num_epochs * steps, desc=f"PAL-{self.variant}", leave=False, disable=None)
-        for _ in range(self.num_epochs):
-            perm = torch.randperm(M, generator=gen).to(device)
-            for b in range(steps):
-                idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
-                ec, er = table[chosen[idx]], table[rejected[idx]]
-                items = self.f(torch.cat([ec, er]))  # both sides in one pass: each weight is read once
-                margin = self._margin(self._ideal(self.W[user[idx]], ec, er), items[:len(idx)], items[len(idx):])
-                loss = self._loss(margin)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                self.losses.append(loss.item())
-                bar.update(1)
-        bar.close()
-        return self
-
-    @torch.no_grad()
-    def _features(self, pairs, device):
-        """The frozen inputs of every pair's score: (f(e) of each table row used [U, d], the pairs' chosen and
-        rejected positions in it [M], and for PAL-B the prompt maps g_k of each distinct unordered pair of rows
-        [P, K, d] with each pair's position in it [M]; None for PAL-A)."""
-        table, chosen, rejected = pairs.sides()
-        rows, ic, ir = _used_rows(pairs)
-        items = _map_rows(self.f, table, rows, device, self.eval_batch_size)
-        if self.variant == "A":
-            return items, ic.to(device), ir.to(device), None, None
-        R = len(table)  # the prompt proxy (e_c + e_r) / 2 is symmetric: one per unordered pair of rows
-        keys, ip = torch.unique(torch.minimum(chosen, rejected) * R + torch.maximum(chosen, rejected),
-                                return_inverse=True)
-        G = torch.cat([torch.stack([g(0.5 * (table[k // R].to(device, torch.float32)
-                                             + table[k % R].to(device, torch.float32))) for g in self.g], 1)
-                       for k in keys.split(self.eval_batch_size)])  # [P, K, d]
-        return items, ic.to(device), ir.to(device), G, ip.to(device)
-
-    def _scores(self, W_rows, idx, features):
-        """[B] margins of the pairs `idx` [B] for their users' logits W_rows [B, K], from _features."""
-        items, ic, ir, G, ip = features
-        w = torch.softmax(W_rows, -1)
-        a = (w[:, :, None] * G[ip[idx]]).sum(1) if self.variant == "B" else self.f(w @ self.P)
-        return self._margin(a, items[ic[idx]], items[ir[idx]])
-
-    def personalize(self, pairs, device=None):
-        """New users' logits W [C', K] fit on their few-shot pairs; every shared part stays frozen."""
-        pairs = as_pairs(pairs)
-        _check_features(pairs, self.num_features)
-        _user_rows(pairs)
-        device = get_device(device)
-        user = pairs.user.to(device)
-        self.to(device)
-        gen = torch.Generator().manual_seed(self.seed + 1)
-        W = torch.randn(pairs.num_users, self.K, generator=gen).to(device).requires_grad_()
-        opt = torch.optim.AdamW([W], lr=self.fewshot_learning_rate, weight_decay=0.0, fused=True)
-        trainable = [p.requires_grad for p in self.parameters()]
-        for p in self.parameters():
-            p.requires_grad_(False)
-        try:
-            features = self._features(pairs, device)  # f, g, P and tau are frozen: their outputs are fixed
-            M = len(user)
-            if self.variant == "B" and numba is not None and device.type == "cpu":
-                perms = torch.stack([torch.randperm(M, generator=gen) for _ in range(self.fewshot_epochs)]) \
-                    if self.fewshot_epochs else torch.zeros(0, M, dtype=torch.long)
-                items, ic, ir, G, ip = (t.contiguous().numpy() for t in features)
-                scale = float(self.tau.exp().clamp(max=100.0))
-                return torch.from_numpy(_call_kernel(
-                    "_pal_b_new_users_kernel", items, ic, ir, G, ip, user.numpy(), W.detach().numpy().copy(),
-                    perms.numpy(), self.fewshot_batch_size, self.fewshot_learning_rate, scale))
-            steps = math.ceil(M / self.fewshot_batch_size)
-            bar = tqdm(total=self.fewshot_epochs * steps, desc=f"PAL-{self.variant} new users", leave=False,
-                       disable=None)
-            for _ in range(self.fewshot_epochs):
-                perm = torch.randperm(M, generator=gen).to(device)
-                for b in range(steps):
-                    idx = perm[b * self.fewshot_batch_size:(b + 1) * self.fewshot_batch_size]
-                    loss = self._loss(self._scores(W[user[idx]], idx, features))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    bar.update(1)
-            bar.close()
-        finally:
-            for p, r in zip(self.parameters(), trainable):
-                p.requires_grad_(r)
-        return W.detach().cpu()
-
-    @torch.no_grad()
-    def margins(self, pairs, W=None, device=None):
-        """[M] margin of every pair under its user's weights; W [C, K] logits (default: the seen users')."""
-        pairs, W, device = self._margin_inputs(pairs, W, self.W, "user weights W", device)
-        self.to(device)
-        W, user = W.detach().to(device), pairs.user.to(device)
-        features = self._cached("features", pairs, device, lambda: self._features(pairs, device))
-        out = []
-        for idx in torch.arange(len(user), device=device).split(self.eval_batch_size):
-            out.append(self._scores(W[user[idx]], idx, features).cpu())
-        return torch.cat(out) if out else torch.zeros(0)
-
-    def user_weights(self, W=None):
-        """[C, K] users' weights on the simplex (default: the seen users')."""
-        return torch.softmax((self.W if W is None else W).detach().cpu(), -1)
-
-
-if numba is not None:
-    @_njit(parallel=False)
-    def _pal_b_new_users_kernel(items, ic, ir, G, ip, user, W, perms, batch, lr, scale):
-        """PAL-B's new-user fit on CPU, step for step the PyTorch loop of PAL.personalize: for every epoch's
-        permutation, batches of `batch` pairs, loss mean softplus(-scale (cos(a, f_c) - cos(a, f_r))) with
-        a = sum_k softmax(W_u)_k G_k; AdamW without decay (betas 0.9, 0.999, eps 1e-8) on all of W [C, K]
-        (rows outside the batch move by their momentum, as with one parameter tensor). -> W [C, K]."""
-        C, K = W.shape
-        d = items.shape[1]
-        m1 = np.zeros((C, K), np.float32)
-        m2 = np.zeros((C, K), np.float32)
-        grad = np.zeros((C, K), np.float32)
-        a = np.empty(d, np.float32)
-        w = np.empty(K, np.float32)
-        gw = np.empty(K, np.float32)
-        t = 0
-        for e in range(perms.shape[0]):
-            for s in range(0, perms.shape[1], batch):
-                idx = perms[e, s:s + batch]
-                b = len(idx)
-                grad[:] = 0.0
-                for j in idx:
-                    u, gk, c, r = user[j], ip[j], ic[j], ir[j]
-                    mx = W[u].max()
-                    for k in range(K):
-                        w[k] = np.exp(W[u, k] - mx)
-                    w /= w.sum()
-                    a[:] = 0.0
-                    for k in range(K):
-                        a += w[k] * G[gk, k]
-                    na = np.sqrt((a * a).sum())
-                    nc = np.sqrt((items[c] * items[c]).sum())
-                    nr = np.sqrt((items[r] * items[r]).sum())
-                    cc = (a * items[c]).sum() / (na * nc)
-                    cr = (a * items[r]).sum() / (na * nr)
-                    margin = scale * (cc - cr)
-                    dm = -1.0 / (1.0 + np.exp(margin)) / b  # d mean softplus(-margin) / d margin
-                    # d cos(a, x) / da = x / (|a| |x|) - cos a / |a|^2
-                    ga = dm * scale * (items[c] / (na * nc) - items[r] / (na * nr) - (cc - cr) * a / (na * na))
-                    for k in range(K):
-                        gw[k] = (ga * G[gk, k]).sum()
-                    dot = (w * gw).sum()
-                    for k in range(K):
-                        grad[u, k] += w[k] * (gw[k] - dot)  # softmax backward
-                t += 1
-                step = lr / (1.0 - 0.9 ** t)
-                root_bc2 = np.sqrt(1.0 - 0.999 ** t)
-                for i in range(C):
-                    for k in range(K):
-                        m1[i, k] = 0.9 * m1[i, k] + 0.1 * grad[i, k]
-                        m2[i, k] = 0.999 * m2[i, k] + 0.001 * grad[i, k] * grad[i, k]
-                        W[i, k] -= step * m1[i, k] / (np.sqrt(m2[i, k]) / root_bc2 + 1e-8)
-        return W
-
-
-BASELINE_CLASSES = {"per_user_bt": PerUserBT, "vpl": VPL, "pal": PAL}  # config name -> class (names: BASELINES)
-
-
-def _check_baseline_names(names):
-    unknown = [n for n in names if n not in BASELINE_CLASSES]
-    if unknown:
-        raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)} (baselines=[] skips them)")
-
-
-def make_baseline(name, num_features, seed=0, **settings):
-    """A baseline by config name ("per_user_bt", "vpl", "pal") with its settings (keyword arguments)."""
-    _check_baseline_names([name])
-    if name == "per_user_bt":  # no learned features, no random start
-        return PerUserBT(**settings)
-    return BASELINE_CLASSES[name](num_features, seed=seed, **settings)
+        return accuracy_by_user(self.margins(pairs, V, device), pairs.user, pairs.num_users)
 
 
 # ----------------------------------------------------------------------------------------
-# 8. Evaluation
-# ----------------------------------------------------------------------------------------
-
-def evaluate_model(X, V, w):
-    """Fraction of rows of X [m, F] with X @ V @ w > 0 (a tie counts as wrong)."""
-    V = torch.as_tensor(V, dtype=torch.float32)
-    w = torch.as_tensor(w, dtype=torch.float32).to(V.device).reshape(-1)
-    X = torch.as_tensor(X, dtype=torch.float32).to(V.device)
-    return ((X @ V @ w) > 0).float().mean().item()
-
-
-def user_accuracies(pairs, V, W):
-    """[C] accuracy of each user on its pairs: W [C, K] (or [K], shared) and V [F, K]."""
-    pairs = as_pairs(pairs)
-    V = torch.as_tensor(V, dtype=torch.float32)
-    XV = pairs.project(V).float()
-    W = torch.as_tensor(W, dtype=torch.float32).to(XV.device)
-    W = W.expand(pairs.num_users, -1) if W.dim() == 1 else W
-    user = pairs.user.to(XV.device)
-    correct = ((XV * W[user]).sum(1) > 0).float()
-    counts = pairs.counts().to(XV.device).float()
-    return (torch.zeros(pairs.num_users, device=XV.device).index_add_(0, user, correct) / counts).cpu().numpy()
-
-
-def eval_multiple(W_list, V_list, test_features, verbose=True):
-    """Per-user accuracies [C] (list of floats); prints the mean and std over users.
-
-    W_list: C weight vectors [K] (or a [C, K] tensor); V_list: one V [F, K] shared by all
-    users, or a list of C of them; test_features: list of C tensors [m_i, F] or Pairs.
-    """
-    pairs = as_pairs(test_features)
-    W = torch.stack([torch.as_tensor(w, dtype=torch.float32).cpu().reshape(-1) for w in W_list])
-    if isinstance(V_list, (list, tuple)):
-        accs = [user_accuracies(pairs.select_users([i]), V_list[i], W[i:i + 1])[0] for i in range(len(pairs))]
-    else:
-        accs = user_accuracies(pairs, V_list, W).tolist()
-    if verbose:
-        print(f"accuracy: mean {np.mean(accs):.4f}, std {np.std(accs):.4f} over {len(accs)} users")
-    return list(accs)
-
-
-# ----------------------------------------------------------------------------------------
-# 9. Pipelines
+# 9. Pipelines: run, run_regularized, run_few_shot_vary_shots
 # ----------------------------------------------------------------------------------------
 
 def _fit_basis(model_cls, K, V_final, alpha, pairs, *, num_iterations, learning_rate, device):
@@ -2337,34 +1599,29 @@ def _fit_basis(model_cls, K, V_final, alpha, pairs, *, num_iterations, learning_
     return model.train(pairs, device=device)
 
 
-def _check_pipeline_args(K_list, alpha_list, N, N_unseen, num_iterations, learning_rate, fewshot_iterations,
-                         fewshot_learning_rate):
-    """ValueError naming the argument for the range errors of run / run_regularized / run_few_shot_vary_shots;
+def _check_pipeline_args(**settings):
+    """InputError naming the argument for the range errors of run / run_regularized / run_few_shot_vary_shots;
     says so when fewshot_iterations=0 (unseen users keep uniform weights over the basis)."""
-    for name, value, rule in [("K_list", K_list, "each int >= 0"), ("alpha_list", alpha_list, "each >= 0"),
-                              ("N", N, "int >= 1"), ("N_unseen", N_unseen, "int >= 1"),
-                              ("num_iterations", num_iterations, "int >= 1"), ("learning_rate", learning_rate, "> 0"),
-                              ("fewshot_iterations", fewshot_iterations, "int >= 0"),
-                              ("fewshot_learning_rate", fewshot_learning_rate, "> 0")]:
-        check_value(name, value, rule)
-    if fewshot_iterations == 0:
+    check_values(settings)
+    if settings["fewshot_iterations"] == 0:
         print("fewshot_iterations=0: no few-shot fit, unseen users keep uniform weights over the basis")
 
 
-def _check_users(named_pairs):
+def check_users(named_pairs):
     """Raise when a Pairs has another number of users than expected: named_pairs [(name, pairs, n)]."""
     for name, pairs, n in named_pairs:
         if len(pairs) != n:
-            raise ValueError(f"{name} has {len(pairs)} users, expected {n}")
+            raise InputError(f"{name} has {len(pairs)} users, expected {n}")
 
 
 def _run(model_cls, K_list, alpha_list, V_final, features, N, N_unseen, device, *, num_iterations, learning_rate,
          fewshot_iterations, fewshot_learning_rate, seed, return_models):
     """run / run_regularized with the model class `model_cls`; features: the four pair sets of `run`."""
-    _check_pipeline_args(K_list, alpha_list, N, N_unseen, num_iterations, learning_rate, fewshot_iterations,
-                         fewshot_learning_rate)
+    _check_pipeline_args(K_list=K_list, alpha_list=alpha_list, N=N, N_unseen=N_unseen, num_iterations=num_iterations,
+                         learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
+                         fewshot_learning_rate=fewshot_learning_rate)
     train, test, train_u, test_u = (as_pairs(x) for x in features)
-    _check_users([("train_features", train, N), ("test_features_sparse", test, N),
+    check_users([("train_features", train, N), ("test_features_sparse", test, N),
                   ("train_features_unseen", train_u, N_unseen), ("test_features_sparse_unseen", test_u, N_unseen)])
     shape = (len(alpha_list), len(K_list))
     means, stds = np.zeros((4,) + shape), np.zeros((4,) + shape)
@@ -2378,14 +1635,13 @@ def _run(model_cls, K_list, alpha_list, V_final, features, N, N_unseen, device, 
             if K <= 1:  # reference head or a single BT reward: everyone gets w = [1]
                 W_u = torch.ones(N_unseen, V.shape[1])
             else:
-                W_u = torch.stack(learn_multiple_few_shot(train_u, V, fewshot_iterations, fewshot_learning_rate,
-                                                          device))
+                W_u = personalize_users(train_u, V, fewshot_iterations, fewshot_learning_rate, device)
             V, W, W_u = V.cpu(), W.cpu(), W_u.cpu()
             accs = [user_accuracies(train, V, W), user_accuracies(test, V, W),
                     user_accuracies(train_u, V, W_u), user_accuracies(test_u, V, W_u)]
             for r, acc in enumerate(accs):
                 means[r, a, k], stds[r, a, k] = acc.mean(), acc.std()
-            _progress["finished"].append(f"alpha={alpha:g} K={K}")
+            note_finished(f"alpha={alpha:g} K={K}")
             print(f"alpha={alpha:g} K={K} (kept {V.shape[1]}): " + ", ".join(
                 f"{n} {m:.4f}" for n, m in zip(RESULT_NAMES, means[:, a, k])) + f"  [{time.time() - t0:.1f}s]")
             models[(alpha, K)] = {"V": V, "W": W, "W_unseen": W_u}
@@ -2422,7 +1678,7 @@ def run_regularized(K_list, alpha_list, V_final, train_features, test_features_s
                 fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_models=return_models)
 
 
-def _shot_units(pool, shot_groups=None):
+def shot_units(pool, shot_groups=None):
     """Each user's few-shot examples: per user of `pool` (Pairs), a list of tensors of pair rows of `pool`,
     one per example: a single pair, or with shot_groups ([m] group id of every pair) all pairs of a group."""
     units = []
@@ -2435,7 +1691,7 @@ def _shot_units(pool, shot_groups=None):
     return units
 
 
-def _stack_trials(pool, units, users, shots, trials, seed):
+def stack_trials(pool, units, users, shots, trials, seed):
     """`shots` random examples of each of `users` in every trial, all in one Pairs of rows of `pool`:
     user t * len(users) + i is users[i] in trial t. Trial t draws with np.random.RandomState(seed * 100003 + t)."""
     rows, owner = [], []
@@ -2475,14 +1731,13 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
         num_iterations = 20000 if regularized else 500
     if fewshot_learning_rate is None:
         fewshot_learning_rate = 0.5 if regularized else 0.1
-    _check_pipeline_args(K_list, alpha_list, N, N_unseen, num_iterations, learning_rate, fewshot_iterations,
-                         fewshot_learning_rate)
-    check_value("trials", trials, "int >= 1")
-    check_value("num_shots", num_shots, "each int >= 1")
+    _check_pipeline_args(K_list=K_list, alpha_list=alpha_list, N=N, N_unseen=N_unseen, num_iterations=num_iterations,
+                         learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
+                         fewshot_learning_rate=fewshot_learning_rate, trials=trials, num_shots=num_shots)
     train, pool, test_u = (as_pairs(x) for x in (train_features, train_features_unseen, test_features_sparse_unseen))
-    _check_users([("train_features", train, N), ("train_features_unseen", pool, N_unseen),
+    check_users([("train_features", train, N), ("train_features_unseen", pool, N_unseen),
                   ("test_features_sparse_unseen", test_u, N_unseen)])
-    units = _shot_units(pool, shot_groups)
+    units = shot_units(pool, shot_groups)
     n_units = torch.tensor([len(u) for u in units])
     unit_name = "pairs" if shot_groups is None else "groups"
     skipped = [int((n_units < s).sum()) for s in num_shots]
@@ -2505,113 +1760,22 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
                 if not users:
                     res[:, a, k, j] = np.nan
                     continue
-                shot_pairs = _stack_trials(pool_V, units, users, shots, trials, seed)
+                shot_pairs = stack_trials(pool_V, units, users, shots, trials, seed)
                 if V.shape[1] <= 1:
                     W_u = torch.ones(shot_pairs.num_users, V.shape[1])
                 else:
-                    W_u = torch.stack(learn_multiple_few_shot(shot_pairs, eye, fewshot_iterations,
-                                                              fewshot_learning_rate, device)).cpu()
+                    W_u = personalize_users(shot_pairs, eye, fewshot_iterations, fewshot_learning_rate, device).cpu()
                 fs = user_accuracies(shot_pairs, eye, W_u).reshape(trials, len(users)).mean(1)
                 test = test_V.select_users(users)
                 ts = [user_accuracies(test, eye, W_u[t * len(users):(t + 1) * len(users)]).mean()
                       for t in range(trials)]
                 res[:, a, k, j] = np.mean(fs), np.std(fs), np.mean(ts), np.std(ts)
-                _progress["finished"].append(f"alpha={alpha:g} K={K} shots={shots}")
+                note_finished(f"alpha={alpha:g} K={K} shots={shots}")
                 print(f"alpha={alpha:g} K={K} shots={shots}: few-shot train {res[0, a, k, j]:.4f}, "
                       f"unseen test {res[2, a, k, j]:.4f} +- {res[3, a, k, j]:.4f} "
                       f"({len(users)} users, {trials} trials)")
     out = tuple(res.reshape(4, -1))
     return out + (skipped,) if return_skipped else out
-
-
-def baseline_settings(config):
-    """{method: {keyword: value}} for run_baselines from a script's config: `baselines` (config names of
-    BASELINES) and every key named <method>_<keyword> (e.g. vpl_beta -> VPL(beta=...)). Checked here, so
-    that a typo fails before any training."""
-    _check_baseline_names(list(config.get("baselines") or []))
-    out = {}
-    for name, cls in BASELINE_CLASSES.items():
-        kw = {k[len(name) + 1:]: v for k, v in config.items() if k.startswith(name + "_")}
-        allowed = set(inspect.signature(cls).parameters) - {"num_features"}
-        bad = sorted(set(kw) - allowed)
-        if bad:
-            raise ValueError(f"config keys {[f'{name}_{k}' for k in bad]} are no {cls.__name__} argument "
-                             f"(arguments: {sorted(allowed)})")
-        out[name] = kw
-    return out
-
-
-def run_baselines(baselines, train_features, test_features_sparse, train_features_unseen,
-                  test_features_sparse_unseen, device=None, *, seed=0, settings=None):
-    """Fit each baseline on the seen users, personalise the unseen users from their few-shot pairs, evaluate.
-
-    baselines: config names ("per_user_bt", "vpl", "pal"); settings: {name: {keyword: value}} (see
-    baseline_settings). The same four pair sets as run(), the same accuracy definition. Returns
-    {name: {"seen_train", "seen_test", "unseen_fewshot", "unseen_test": {"mean", "std"} over users,
-    "seconds"}}, apart from run()'s arrays.
-    """
-    settings = settings or {}
-    _check_baseline_names(baselines)
-    train, test, train_u, test_u = (as_pairs(x) for x in (train_features, test_features_sparse,
-                                                          train_features_unseen, test_features_sparse_unseen))
-    _check_users([("test_features_sparse", test, len(train)), ("test_features_sparse_unseen", test_u, len(train_u))])
-    out = {}
-    for name in baselines:
-        t0 = time.time()
-        set_seed(seed)
-        model = make_baseline(name, train.num_features, seed=seed, **settings.get(name, {}))
-        model.fit(train, device)
-        state = model.personalize(train_u, device)
-        accs = [model.accuracies(train, None, device), model.accuracies(test, None, device),
-                model.accuracies(train_u, state, device), model.accuracies(test_u, state, device)]
-        out[name] = {n: {"mean": float(np.mean(a)), "std": float(np.std(a))} for n, a in zip(RESULT_NAMES, accs)}
-        out[name]["seconds"] = time.time() - t0
-        _progress["finished"].append(BASELINES[name])
-        print(f"{BASELINES[name]}: " + ", ".join(f"{n} {out[name][n]['mean']:.4f}" for n in RESULT_NAMES)
-              + f"  [{out[name]['seconds']:.1f}s]")
-    return out
-
-
-def run_baselines_vary_shots(baselines, trials, num_shots, train_features, train_features_unseen,
-                             test_features_sparse_unseen, device=None, *, shot_groups=None, seed=0, settings=None):
-    """run_few_shot_vary_shots for the baselines: each is fit once on the seen users, then every unseen user
-    is personalised from the same `shots` examples per trial as LoRe gets (same draws, same skipped users).
-
-    Returns {name: 4 arrays [len(num_shots)]}: few-shot train accuracy mean and std over trials, unseen-user
-    test accuracy mean and std over trials (each trial's value is the mean over users); NaN where no user has
-    enough examples.
-    """
-    settings = settings or {}
-    _check_baseline_names(baselines)
-    train, pool, test_u = (as_pairs(x) for x in (train_features, train_features_unseen, test_features_sparse_unseen))
-    _check_users([("test_features_sparse_unseen", test_u, len(pool))])
-    units = _shot_units(pool, shot_groups)
-    n_units = torch.tensor([len(u) for u in units])
-    out = {}
-    for name in baselines:
-        t0 = time.time()
-        set_seed(seed)
-        model = make_baseline(name, train.num_features, seed=seed, **settings.get(name, {})).fit(train, device)
-        res = np.full((4, len(num_shots)), np.nan)
-        for j, shots in enumerate(num_shots):
-            users = torch.nonzero(n_units >= shots).flatten().tolist()
-            if not users:
-                continue
-            stacked = _stack_trials(pool, units, users, shots, trials, seed)  # the draws LoRe gets
-            test = test_u.select_users(users)
-            fs, ts = [], []
-            for t in range(trials):
-                shot_pairs = stacked.select_users(range(t * len(users), (t + 1) * len(users)))
-                state = model.personalize(shot_pairs, device)
-                fs.append(model.accuracies(shot_pairs, state, device).mean())
-                ts.append(model.accuracies(test, state, device).mean())
-            res[:, j] = np.mean(fs), np.std(fs), np.mean(ts), np.std(ts)
-            print(f"{BASELINES[name]} shots={shots}: few-shot train {res[0, j]:.4f}, unseen test {res[2, j]:.4f} "
-                  f"+- {res[3, j]:.4f} ({len(users)} users, {trials} trials)")
-        out[name] = tuple(res)
-        _progress["finished"].append(f"{BASELINES[name]} (every shot count)")
-        print(f"{BASELINES[name]}: {time.time() - t0:.1f}s")
-    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -2670,7 +1834,7 @@ def load_reward_model(model_name, device=None, dtype=None, attn_implementation=N
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer of {model_name} has neither a pad nor an eos token")
+            raise InputError(f"tokenizer of {model_name} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -2681,21 +1845,21 @@ def reward_head(model):
     """-> [F, 1] float32 CPU copy of model.score.weight.T (the reward is embedding @ head)."""
     score = getattr(model, "score", None)
     if score is None or not hasattr(score, "weight"):
-        raise ValueError(f"{type(model).__name__} has no `score` layer; load the reward model with "
+        raise InputError(f"{type(model).__name__} has no `score` layer; load the reward model with "
                          "AutoModelForSequenceClassification")
     if score.weight.shape[0] != 1:
-        raise ValueError(f"expected a scalar reward head, got score.weight of shape {tuple(score.weight.shape)}")
+        raise InputError(f"expected a scalar reward head, got score.weight of shape {tuple(score.weight.shape)}")
     if getattr(score, "bias", None) is not None:
-        raise ValueError("the score layer has a bias, which embedding @ head cannot represent")
+        raise InputError("the score layer has a bias, which embedding @ head cannot represent")
     return score.weight.detach().float().T.contiguous().cpu()
 
 
 def _check_conversations(conversations):
-    """-> list of M conversations, each a non-empty list of {'role': str, 'content': str} dicts; else ValueError."""
+    """-> list of M conversations, each a non-empty list of {'role': str, 'content': str} dicts; else InputError."""
     if hasattr(conversations, "tolist"):  # numpy array / pandas Series
         conversations = conversations.tolist()
     if not isinstance(conversations, (list, tuple)) or len(conversations) == 0:
-        raise ValueError("conversations must be a non-empty list of conversations "
+        raise InputError("conversations must be a non-empty list of conversations "
                          "(each a list of {'role': ..., 'content': ...} dicts)")
     out = []
     for i, conv in enumerate(conversations):
@@ -2705,7 +1869,7 @@ def _check_conversations(conversations):
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in conv)
         if not ok:
-            raise ValueError(f"conversations[{i}] must be a non-empty list of {{'role': str, 'content': str}} "
+            raise InputError(f"conversations[{i}] must be a non-empty list of {{'role': str, 'content': str}} "
                              f"dicts, got {conv!r:.200}")
         out.append(list(conv))
     return out
@@ -2713,7 +1877,7 @@ def _check_conversations(conversations):
 
 def _check_side(name, side):
     if side not in ("left", "right"):
-        raise ValueError(f"{name} must be 'left' or 'right', got {side!r}")
+        raise InputError(f"{name} must be 'left' or 'right', got {side!r}")
 
 
 def tokenize_conversations(tokenizer, conversations, max_length=None, truncation_side="left"):
@@ -2727,7 +1891,7 @@ def tokenize_conversations(tokenizer, conversations, max_length=None, truncation
     n_truncated = 0
     for i, ids in enumerate(token_ids):
         if len(ids) == 0:
-            raise ValueError(f"conversation {i} renders to zero tokens")
+            raise InputError(f"conversation {i} renders to zero tokens")
         if max_length is not None and len(ids) > max_length:
             token_ids[i] = ids[-max_length:] if truncation_side == "left" else ids[:max_length]
             n_truncated += 1
@@ -2815,13 +1979,13 @@ def _check_groups(groups, n_items):
     out = []
     for name, n in groups.items():
         if not isinstance(name, str) or not name or name == "head":
-            raise ValueError(f"bad group name {name!r} (non-empty str, not 'head')")
+            raise InputError(f"bad group name {name!r} (non-empty str, not 'head')")
         if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"group {name!r} must have a non-negative int size, got {n!r}")
+            raise InputError(f"group {name!r} must have a non-negative int size, got {n!r}")
         out.append((name, int(n)))
     groups = out
     if sum(n for _, n in groups) != n_items:
-        raise ValueError(f"group sizes {dict(groups)} sum to {sum(n for _, n in groups)}, "
+        raise InputError(f"group sizes {dict(groups)} sum to {sum(n for _, n in groups)}, "
                          f"but there are {n_items} conversations")
     return groups
 
@@ -2832,9 +1996,9 @@ def _check_extras(extra_tensors, groups):
     for name, t in (extra_tensors or {}).items():
         t = torch.as_tensor(t).detach().cpu().contiguous()
         if not isinstance(name, str) or name == "head" or name in dict(groups):
-            raise ValueError(f"extra tensor name {name!r} clashes with 'head' or a group name")
+            raise InputError(f"extra tensor name {name!r} clashes with 'head' or a group name")
         if t.dtype not in _ST_DTYPES:
-            raise ValueError(f"extra tensor {name!r} has unsupported dtype {t.dtype}")
+            raise InputError(f"extra tensor {name!r} has unsupported dtype {t.dtype}")
         extras[name] = t
     return extras
 
@@ -2844,7 +2008,7 @@ def _check_metadata(metadata):
     metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
     clash = sorted(set(metadata) & set(_RESERVED_METADATA))
     if clash:
-        raise ValueError(f"metadata keys {clash} are reserved by extract_embeddings")
+        raise InputError(f"metadata keys {clash} are reserved by extract_embeddings")
     return metadata
 
 
@@ -2978,7 +2142,7 @@ def _merge_shards(out_path, shard_dir, ranges, shard_fps, groups, extras, metada
         for path in paths:
             shard = load_file(str(path))
             if not torch.equal(shard["head"], head):
-                raise ValueError(f"{path} was computed with another reward head")
+                raise InputError(f"{path} was computed with another reward head")
             yield shard["embeddings"]
 
     n_items = ranges[-1][1]
@@ -3027,7 +2191,7 @@ def extract_embeddings(conversations, out_path, *, model_name, groups=None, extr
     _check_side("truncation_side", truncation_side)
     _check_side("padding_side", padding_side)
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise InputError(f"shard_size must be >= 1, got {shard_size}")
     out_path = Path(out_path)
     device = get_device(device)
     dtype = _resolve_dtype(dtype, device)
@@ -3121,18 +2285,18 @@ def save_lore_model(path, V, W, W_unseen, *, model_name, dataset, users=None, un
     V, W, W_unseen = (torch.as_tensor(t, dtype=torch.float32).cpu() for t in (V, W, W_unseen))
     if V.dim() != 2 or W.dim() != 2 or W_unseen.dim() != 2 or W.shape[1] != V.shape[1] \
             or W_unseen.shape[1] != V.shape[1]:
-        raise ValueError(f"expected V [F, K], W [C, K], W_unseen [C_u, K]; got {tuple(V.shape)}, {tuple(W.shape)}, "
+        raise InputError(f"expected V [F, K], W [C, K], W_unseen [C_u, K]; got {tuple(V.shape)}, {tuple(W.shape)}, "
                          f"{tuple(W_unseen.shape)}")
     users = list(range(len(W))) if users is None else list(users)
     unseen_users = list(range(len(W), len(W) + len(W_unseen))) if unseen_users is None else list(unseen_users)
     if len(users) != len(W) or len(unseen_users) != len(W_unseen):
-        raise ValueError(f"{len(users)} user ids for {len(W)} rows of W, {len(unseen_users)} for {len(W_unseen)} "
+        raise InputError(f"{len(users)} user ids for {len(W)} rows of W, {len(unseen_users)} for {len(W_unseen)} "
                          "rows of W_unseen")
     ids = [u.item() if isinstance(u, np.generic) else u for u in users + unseen_users]
     if not all(isinstance(u, (str, int)) and not isinstance(u, bool) for u in ids):
-        raise ValueError("user ids must be str or int")
+        raise InputError("user ids must be str or int")
     if len(set(map(str, ids))) != len(ids):
-        raise ValueError("user ids must be unique (seen and unseen users together)")
+        raise InputError("user ids must be unique (seen and unseen users together)")
     meta = dict(metadata or {})
     meta.update(format=MODEL_FORMAT, model_name=None if model_name is None else str(model_name), dataset=str(dataset),
                 n_features=V.shape[0], logit_scale=float(logit_scale), users=ids[:len(users)],
@@ -3149,15 +2313,15 @@ def load_lore_model(path):
     try:
         meta = {k: json.loads(v) for k, v in load_metadata(path).items()}
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not a learned-model file (its metadata is not JSON: {e})") from None
+        raise InputError(f"{path} is not a learned-model file (its metadata is not JSON: {e})") from None
     missing = [k for k in _MODEL_REQUIRED if k not in meta]
     if missing or meta.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path} is not a learned-model file ({MODEL_FORMAT}): its metadata lacks "
+        raise InputError(f"{path} is not a learned-model file ({MODEL_FORMAT}): its metadata lacks "
                          f"{missing or 'format'}; train_basis.py writes these under results/models/")
     V, W, W_u = tensors["V"], tensors["W"], tensors["W_unseen"]
     if V.shape[0] != meta["n_features"] or W.shape != (len(meta["users"]), V.shape[1]) \
             or W_u.shape != (len(meta["unseen_users"]), V.shape[1]):
-        raise ValueError(f"{path}: V {tuple(V.shape)}, W {tuple(W.shape)}, W_unseen {tuple(W_u.shape)} do not match "
+        raise InputError(f"{path}: V {tuple(V.shape)}, W {tuple(W.shape)}, W_unseen {tuple(W_u.shape)} do not match "
                          f"F = {meta['n_features']}, {len(meta['users'])} users, {len(meta['unseen_users'])} unseen")
     return {**meta, **tensors, "path": str(path)}
 
@@ -3192,7 +2356,7 @@ def as_conversation(prompt, response):
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in x):
             return [{"role": m["role"], "content": m["content"]} for m in x]
-        raise ValueError(f"expected a string or a non-empty list of {{'role': str, 'content': str}} messages, "
+        raise InputError(f"expected a string or a non-empty list of {{'role': str, 'content': str}} messages, "
                          f"got {x!r:.100}")
     return messages(prompt, "user") + messages(response, "assistant")
 
@@ -3222,7 +2386,7 @@ def read_comparisons(path):
                 continue
             try:
                 c, r = as_conversation(row["prompt"], row["chosen"]), as_conversation(row["prompt"], row["rejected"])
-            except ValueError as e:
+            except InputError as e:
                 bad.append((n, str(e)))
                 continue
             chosen.append(c)
@@ -3245,7 +2409,7 @@ class PersonalizedReward:
                  device=None, dtype=None, path=None):
         self.V = torch.as_tensor(V, dtype=torch.float32).cpu()
         if self.V.dim() != 2:
-            raise ValueError(f"V must be [F, K], got shape {tuple(self.V.shape)}")
+            raise InputError(f"V must be [F, K], got shape {tuple(self.V.shape)}")
         K = self.V.shape[1]
         self.W = torch.zeros(0, K) if W is None else torch.as_tensor(W, dtype=torch.float32).cpu()
         self.W_unseen = torch.zeros(0, K) if W_unseen is None else torch.as_tensor(W_unseen, dtype=torch.float32).cpu()
@@ -3291,7 +2455,7 @@ class PersonalizedReward:
             w = torch.as_tensor(user if torch.is_tensor(user) else np.asarray(user, dtype=np.float32),
                                 dtype=torch.float32).cpu().reshape(-1)
             if w.numel() != self.K or not torch.isfinite(w).all():
-                raise ValueError(f"a weight vector must have K = {self.K} finite entries, got {tuple(w.shape)}")
+                raise InputError(f"a weight vector must have K = {self.K} finite entries, got {tuple(w.shape)}")
             return w
         for ids, W in ((self.users, self.W), (self.unseen_users, self.W_unseen)):
             for i, u in enumerate(ids):
@@ -3310,12 +2474,12 @@ class PersonalizedReward:
         """-> (tokenizer, model), loaded once (load_reward_model)."""
         if self.model is None:
             if self.model_name is None:
-                raise ValueError(f"{self.path or 'this model'} was fit on synthetic embeddings and names no reward "
+                raise InputError(f"{self.path or 'this model'} was fit on synthetic embeddings and names no reward "
                                  "model: give one with model_name=... (its hidden size must be F)")
             self.tokenizer, self.model = load_reward_model(self.model_name, self.device, self.dtype)
             hidden = self.model.config.get_text_config().hidden_size
             if hidden != self.F:
-                raise ValueError(f"{self.model_name} has hidden size {hidden}, but V has F = {self.F} rows: load the "
+                raise InputError(f"{self.model_name} has hidden size {hidden}, but V has F = {self.F} rows: load the "
                                  "reward model this basis was trained with (model_name=...)")
         return self.tokenizer, self.model
 
@@ -3344,7 +2508,7 @@ class PersonalizedReward:
         Fewer comparisons than an unseen user had in the few-shot protocol print a notice."""
         diffs = torch.as_tensor(diffs, dtype=torch.float32).cpu()
         if diffs.dim() != 2 or diffs.shape[1] != self.F or len(diffs) == 0:
-            raise ValueError(f"diffs must be [m >= 1, F = {self.F}], got {tuple(diffs.shape)}")
+            raise InputError(f"diffs must be [m >= 1, F = {self.F}], got {tuple(diffs.shape)}")
         if len(diffs) < self.fewshot_pairs:
             print(f"personalize: {len(diffs)} comparison(s), fewer than the {self.fewshot_pairs} of an unseen user "
                   f"in the {self.dataset} few-shot protocol; w may follow these few closely")
@@ -3360,7 +2524,7 @@ class PersonalizedReward:
         chosen = _check_conversations(chosen_conversations)
         rejected = _check_conversations(rejected_conversations)
         if len(chosen) != len(rejected):
-            raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected conversations")
+            raise InputError(f"{len(chosen)} chosen but {len(rejected)} rejected conversations")
         m = len(chosen)
         E = self.embed(chosen + rejected)
         return self.fit_weights(E[:m] - E[m:], num_iterations, learning_rate)
@@ -3407,15 +2571,15 @@ def base_weight_files(model_name):
             return {k: "model.safetensors" for k in f.keys()}, {"model.safetensors": single}
     index = _base_file(model_name, EXPORT_INDEX_FILE)
     if index is None:
-        raise FileNotFoundError(f"{model_name} has neither model.safetensors nor {EXPORT_INDEX_FILE}: export needs "
-                                "a reward model saved as safetensors (save_pretrained writes them)")
+        raise MissingFileError(f"{model_name} has neither model.safetensors nor {EXPORT_INDEX_FILE}: export needs "
+                               "a reward model saved as safetensors (save_pretrained writes them)")
     with open(index, encoding="utf-8") as f:
         weight_map = json.load(f)["weight_map"]
     files = {}
     for name in sorted(set(weight_map.values())):
         files[name] = _base_file(model_name, name)
         if files[name] is None:
-            raise FileNotFoundError(f"{model_name}: shard {name} listed in {EXPORT_INDEX_FILE} is missing")
+            raise MissingFileError(f"{model_name}: shard {name} listed in {EXPORT_INDEX_FILE} is missing")
     return weight_map, files
 
 
@@ -3430,6 +2594,10 @@ def _link(src, dst):
     except OSError:
         os.symlink(real, dst)
         return "symlink"
+
+
+class FolderInUseError(InputError, FileExistsError):
+    """An output folder that holds something else (export_reward_model never writes into it)."""
 
 
 def export_reward_model(model_name, score_weight, out_dir, info=None):
@@ -3447,22 +2615,22 @@ def export_reward_model(model_name, score_weight, out_dir, info=None):
     weight_map, files = base_weight_files(model_name)
     score_file = weight_map.get("score.weight")
     if score_file is None or "score.bias" in weight_map:
-        raise ValueError(f"{model_name} has no bias-free `score` head (score.weight); export needs a reward model "
+        raise InputError(f"{model_name} has no bias-free `score` head (score.weight); export needs a reward model "
                          "loadable with AutoModelForSequenceClassification")
     with safe_open(files[score_file], "pt") as f:
         base_score = f.get_slice("score.weight")
         shape, dtype = base_score.get_shape(), base_score.get_dtype()
     score_weight = torch.as_tensor(score_weight).detach().float().cpu().reshape(1, -1)
     if list(score_weight.shape) != list(shape):
-        raise ValueError(f"the new head has shape {tuple(score_weight.shape)}, {model_name}'s score.weight {shape}")
+        raise InputError(f"the new head has shape {tuple(score_weight.shape)}, {model_name}'s score.weight {shape}")
     torch_dtype = {v: k for k, v in _ST_DTYPES.items()}[dtype]
     config = _base_file(model_name, "config.json")
     if config is None:
-        raise FileNotFoundError(f"{model_name} has no config.json")
+        raise MissingFileError(f"{model_name} has no config.json")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / EXPORT_HEAD_FILE).exists():
-        raise FileExistsError(f"{out_dir} exists and is not an earlier export: give an empty or new folder")
+        raise FolderInUseError(f"{out_dir} exists and is not an earlier export: give an empty or new folder")
     if out_dir.exists() and any(Path(p).resolve().parent == out_dir.resolve() for p in files.values()):
-        raise ValueError(f"out_dir {out_dir} is the base model's own folder")
+        raise InputError(f"out_dir {out_dir} is the base model's own folder")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -3500,3 +2668,247 @@ def export_reward_model(model_name, score_weight, out_dir, info=None):
     print(f"export: wrote {out_dir} (score.weight [1, {shape[1]}] in {EXPORT_HEAD_FILE}; {len(links)} base file(s) "
           f"of {model_name} {' and '.join(sorted(set(links.values())))}ed, not copied)")
     return out_dir
+
+
+# ----------------------------------------------------------------------------------------
+# 12. The published interface
+#
+# The published utils.py names, parameters, defaults and return layouts that notebooks and scripts
+# written for it rely on, each a thin wrapper over the sections above. Inputs are lists of per-user
+# tensors [m_i, F] (or Pairs). `from utils import *` also gives torch, nn, optim, F, np, random, device.
+# ----------------------------------------------------------------------------------------
+
+F = F_nn  # torch.nn.functional (the code above says F_nn, as F is also a feature count)
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # decided at import
+
+
+# --- population simulation (the PersonalLLM seed functions; sample_population_pairs is the lean one) ---
+
+def generate_population(alpha, N):
+    """N users' weights over the reward models: Dirichlet(alpha) samples, [N, len(alpha)]."""
+    return np.random.dirichlet(alpha, N)
+
+
+generate_popupulation = generate_population  # the published name
+
+
+def _as_array(x):
+    """A float64 NumPy array from nested lists / tuples / object arrays of numbers, arrays or tensors
+    (the published inputs: a list of P lists of R tensors [F], a NumPy object array of scores)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().double().numpy()
+    if isinstance(x, (list, tuple)) or (isinstance(x, np.ndarray) and x.dtype == object and x.ndim > 0):
+        return np.stack([_as_array(e) for e in x])
+    return np.asarray(x, dtype=np.float64)
+
+
+def simulate_user(reward_tensor, features, w):
+    """One user's pair per prompt, highest- minus lowest-scored response: [P, F].
+
+    reward_tensor: [P, R, M] scores of R responses by M reward models (also a NumPy object array);
+    features: [P, R, F] embeddings (also a list of P lists of R tensors [F], as published);
+    w: [M] the user's weights over the reward models.
+    """
+    scores = _as_array(reward_tensor) @ np.asarray(w, dtype=np.float64)  # [P, R]
+    best, worst = scores.argmax(1), scores.argmin(1)
+    feats = features if isinstance(features, torch.Tensor) else torch.from_numpy(_as_array(features))
+    feats = feats.float()
+    rows = torch.arange(len(best))
+    return feats[rows, torch.as_tensor(best)] - feats[rows, torch.as_tensor(worst)]
+
+
+def simulate_population(reward_tensor, features, W):
+    """[N, P, F] differences for N users (small inputs only: see sample_population_pairs)."""
+    if not isinstance(features, torch.Tensor):  # convert the published nested list once, not per user
+        features = torch.from_numpy(_as_array(features)).float()
+    reward_tensor = _as_array(reward_tensor)
+    return torch.stack([simulate_user(reward_tensor, features, w) for w in W])
+
+
+def create_sparse_tensor(dense_tensor, sample_percentage):
+    """Keep int(sample_percentage * P) random prompts of each user: list of N tensors [m, F]."""
+    N, P = dense_tensor.shape[:2]
+    m = int(sample_percentage * P)
+    return [torch.as_tensor(dense_tensor[i][np.random.choice(P, m, replace=False)], dtype=torch.float32)
+            for i in range(N)]
+
+
+def sample_shots(train_features_unseen, shots, rng=None):
+    """`shots` random pairs of each user (without replacement).
+
+    train_features_unseen: list of tensors [m_i, F] (returns a list of [shots, F]) or Pairs (returns Pairs).
+    A user with fewer than `shots` pairs is an error.
+    """
+    check_value("shots", shots)
+    rng = np.random if rng is None else rng
+    pairs = as_pairs(train_features_unseen)
+    counts = pairs.counts().tolist()
+    short = [i for i, c in enumerate(counts) if c < shots]
+    if short:
+        raise InputError(f"sample_shots: {len(short)} user(s) have fewer than shots={shots} pairs "
+                         f"(user {short[0]} has {counts[short[0]]}); drop them or ask for fewer shots")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    idx = np.concatenate([s + rng.choice(c, shots, replace=False) for s, c in zip(starts, counts)])
+    out = pairs.select(idx)
+    return out if isinstance(train_features_unseen, Pairs) else out.to_list()
+
+
+# --- the PRISM nested-dict format ---
+
+def _dialog_diffs(dialog):
+    """[m, F] differences of one published PRISM dialog {"chosen": [...], "rejected": [...]}: entry j of
+    chosen (an [F] embedding) against entry j of rejected (an [F] embedding, or [r, F]: each row its own pair)."""
+    chosen, rejected = dialog["chosen"], dialog["rejected"]
+    if len(chosen) != len(rejected):
+        raise InputError(f"a dialog has {len(chosen)} chosen but {len(rejected)} rejected entries")
+    rows = []
+    for c, r in zip(chosen, rejected):
+        c, r = torch.as_tensor(c, dtype=torch.float32).reshape(-1), torch.as_tensor(r, dtype=torch.float32)
+        rows.append(c[None] - r.reshape(-1, c.shape[0]))
+    if not rows:
+        raise InputError("a dialog has no chosen / rejected embeddings")
+    return torch.cat(rows)
+
+
+def create_dataset_prism(embeddings):
+    """The published PRISM builder: {user: {dialog: {"chosen": [e [F], ...], "rejected": [e [F] or [r, F], ...]}}}
+    -> list of per-user tensors [m_i, F] of chosen - rejected differences (users and dialogs in dict order)."""
+    return [torch.cat([_dialog_diffs(d) for d in dialogs.values()]) for dialogs in embeddings.values()]
+
+
+def create_dataset_prism_shots(embeddings, shots):
+    """As create_dataset_prism, from `shots` random dialogs of each user (np.random.choice without
+    replacement). A user with fewer than `shots` dialogs is an error."""
+    out = []
+    for user, dialogs in embeddings.items():
+        dialogs = list(dialogs.values())
+        if len(dialogs) < shots:
+            raise InputError(f"create_dataset_prism_shots: user {user!r} has {len(dialogs)} dialogs, "
+                             f"fewer than shots={shots}")
+        out.append(torch.cat([_dialog_diffs(dialogs[j]) for j in np.random.choice(len(dialogs), shots, replace=False)]))
+    return out
+
+
+# --- fits ---
+
+def solve_regularized(V_sft, alpha, train_features, num_basis_vectors, num_iterations=1000, learning_rate=0.01,
+                      device=None):
+    """Fit LoRe (alpha * sum_j ||V_j - V_sft||^2) -> (W [C, K], V [F, K])."""
+    pairs = as_pairs(train_features)
+    model = LoRe(V_sft, alpha, len(pairs), pairs.num_features, num_basis_vectors, num_iterations, learning_rate)
+    return model.train(pairs, device=device)
+
+
+def solve_regularized_simplex(V_sft, alpha, train_features, num_basis_vectors, num_iterations=1000,
+                              learning_rate=0.01, device=None):
+    """Fit LoRe_regularized -> (W [C, K'], V [F, K']) with unused bases dropped."""
+    pairs = as_pairs(train_features)
+    model = LoRe_regularized(V_sft, alpha, len(pairs), pairs.num_features, num_basis_vectors, num_iterations,
+                             learning_rate)
+    return model.train(pairs, device=device)
+
+
+def solve(train_features, num_basis_vectors, num_iterations=1000, learning_rate=0.01, device=None):
+    """Fit LoRe without the regulariser (alpha = 0) -> (W [C, K], V [F, K])."""
+    return solve_regularized(None, 0.0, train_features, num_basis_vectors, num_iterations, learning_rate, device)
+
+
+def solve_multi_reward(train_features, num_basis_vectors, num_iterations=1000, learning_rate=0.01, device=None):
+    """Fit K basis rewards jointly with the users' weights (LoRe, alpha = 0) -> the fitted LoRe model
+    (.V [F, K], .weights() [C, K], .losses)."""
+    pairs = as_pairs(train_features)
+    model = LoRe(None, 0.0, len(pairs), pairs.num_features, num_basis_vectors, num_iterations, learning_rate)
+    model.train(pairs, device=device)
+    return model
+
+
+def learn_multiple_few_shot(train_features, V, num_iterations=1000, learning_rate=0.01, device=None):
+    """Few-shot weights of new users on a frozen V [F, K] -> list of C simplex vectors [K] (personalize_users)."""
+    return list(personalize_users(train_features, V, num_iterations, learning_rate, device))
+
+
+def learn_multiple_few_shot_weighted(alpha, train_features, current_dialog_features, V, num_iterations=1000,
+                                     learning_rate=0.01, device=None):
+    """Few-shot weights of new users on a frozen V [F, K] from two sets of pairs per user, the current dialog's
+    weighted by alpha: user i minimises mean_train_i(-log sigmoid) + alpha * mean_current_i(-log sigmoid)
+    (a user with no pairs in one set gets only the other term; alpha = 0 is learn_multiple_few_shot).
+    -> list of C simplex vectors [K]."""
+    train, current = as_pairs(train_features), as_pairs(current_dialog_features)
+    if len(train) != len(current):
+        raise InputError(f"train_features has {len(train)} users, current_dialog_features {len(current)}")
+    V = torch.as_tensor(V, dtype=torch.float32)
+    model = PersonalizeBatch(len(train), V.shape[0], V.shape[1], num_iterations, learning_rate)
+    (_, XV_t), (_, XV_c) = model._project(train, V), model._project(current, V)
+    n_t, n_c = train.counts(), current.counts()
+    if ((n_t == 0) & (n_c == 0)).any():
+        raise InputError("a user has no pairs in either set")
+    pw = torch.cat([1.0 / n_t.clamp(min=1)[train.user].float(), alpha / n_c.clamp(min=1)[current.user].float()])
+    return model._fit(torch.cat([XV_t, XV_c]), torch.cat([train.user, current.user]), pw, device)
+
+
+def _fit_bt(pairs, V_ref=None, alpha=0.0, num_iterations=1000, learning_rate=0.01, device=None):
+    """One Bradley-Terry reward [F, 1] fit by Adam from 0 on all pairs pooled (mean over pairs), plus
+    alpha * ||v - V_ref||^2 when V_ref is given."""
+    device = get_device(device)
+    diffs, user, counts = _pack(pairs, device)
+    check_counts(counts)
+    v = torch.zeros(1, diffs.shape[1], device=device, requires_grad=True)
+    ref = None if V_ref is None else torch.as_tensor(V_ref, dtype=torch.float32).reshape(1, -1).to(device)
+    pw = torch.full((len(user),), 1.0 / len(user), device=device)
+    opt = torch.optim.Adam([v], lr=learning_rate)
+    for _ in tqdm(range(num_iterations), desc="Bradley-Terry", leave=False, disable=None):
+        opt.zero_grad(set_to_none=True)
+        loss = _bt_loss(diffs, v.t(), torch.ones(len(user), 1, device=device), pw)
+        if ref is not None and alpha:
+            loss = loss + alpha * ((v - ref) ** 2).sum()
+        loss.backward()
+        opt.step()
+    return v.detach().t().cpu()
+
+
+def learn_multiple(train_features, num_iterations=1000, learning_rate=0.01, device=None):
+    """One independent Bradley-Terry reward per user (a per-user baseline) -> (W_list, V_list): C weights [1]
+    (ones) and C rewards [F, 1], usable with eval_multiple(W_list, V_list, test_features). User i's reward
+    minimises its mean -log sigmoid(d^T v_i / 100), from v_i = 0: PerUserBT (section 8)."""
+    model = PerUserBT(num_iterations=num_iterations, learning_rate=learning_rate)
+    return model.fit(as_pairs(train_features), device).weights_and_bases()
+
+
+def learn_single_reward(train_features, num_iterations=1000, learning_rate=0.01, device=None):
+    """One Bradley-Terry reward for everyone: the mean -log sigmoid(d^T v / 100) over all pairs pooled,
+    from v = 0 -> V [F, 1]."""
+    return _fit_bt(as_pairs(train_features), num_iterations=num_iterations, learning_rate=learning_rate,
+                   device=device)
+
+
+def learn_single_reward_regularized(V_ref, alpha, train_features, num_iterations=1000, learning_rate=0.01,
+                                    device=None):
+    """learn_single_reward pulled towards V_ref [F, 1]: plus alpha * ||v - V_ref||^2 -> V [F, 1]."""
+    return _fit_bt(as_pairs(train_features), V_ref, alpha, num_iterations, learning_rate, device)
+
+
+# --- evaluation ---
+
+def evaluate_model(X, V, w):
+    """Fraction of rows of X [m, F] with X @ V @ w > 0 (a tie counts as wrong)."""
+    V = torch.as_tensor(V, dtype=torch.float32)
+    w = torch.as_tensor(w, dtype=torch.float32).to(V.device).reshape(-1)
+    X = torch.as_tensor(X, dtype=torch.float32).to(V.device)
+    return ((X @ V @ w) > 0).float().mean().item()
+
+
+def eval_multiple(W_list, V_list, test_features, verbose=True):
+    """Per-user accuracies [C] (list of floats); prints the mean and std over users.
+
+    W_list: C weight vectors [K] (or a [C, K] tensor); V_list: one V [F, K] shared by all
+    users, or a list of C of them; test_features: list of C tensors [m_i, F] or Pairs.
+    """
+    pairs = as_pairs(test_features)
+    W = torch.stack([torch.as_tensor(w, dtype=torch.float32).cpu().reshape(-1) for w in W_list])
+    if isinstance(V_list, (list, tuple)):
+        accs = [user_accuracies(pairs.select_users([i]), V_list[i], W[i:i + 1])[0] for i in range(len(pairs))]
+    else:
+        accs = user_accuracies(pairs, V_list, W).tolist()
+    if verbose:
+        print(f"accuracy: mean {np.mean(accs):.4f}, std {np.std(accs):.4f} over {len(accs)} users")
+    return list(accs)

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
 from PRISM import rewardbench  # noqa: E402
+from utils import InputError  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override as key=value; --key value also works)
@@ -63,24 +64,21 @@ shard_size = 2048
 _types = {"head_key": str, "weights": str, "model": str, "tokenizer": str, "mode": str, "subset": str,
           "top_k": int, "save_csv": str, "dtype": str}
 # -----------------------------------------------------------------------------
-config = utils.configure(globals())
-utils.check_settings(config, __file__, writable={"out_dir": "results", "data_dir": "data"})
+config = utils.configure(globals(), script=__file__, writable={"out_dir": "results", "data_dir": "data"})
 HERE = Path(__file__).resolve().parent
 model_name = model or model_name
 if weights is None:
     weights = "basis"
-if weights not in ("uniform", "user", "basis", "all"):
-    raise utils.SettingError(f"error: weights must be uniform, user, basis or all, got {weights!r}")
 
 if rm_head is not None:  # read and check the head first: a bad file is reported before the long embedding pass
     V, saved = rewardbench.load_head(rm_head, head_key, make_cmd=f"python {HERE / 'train_basis.py'}")
     V = V.reshape(-1, 1) if V.dim() == 1 else V
     if V.dim() != 2:
-        raise ValueError(f"{rm_head}: the head has shape {tuple(V.shape)}, expected V [F, K]; "
+        raise InputError(f"{rm_head}: the head has shape {tuple(V.shape)}, expected V [F, K]; "
                          f"pass rm_head= a file of {HERE / 'results' / 'models'}/ written by train_basis.py")
     if weights in ("user", "all") and ("W" not in saved or not 0 <= user < len(saved["W"])):
         shape = tuple(saved["W"].shape) if "W" in saved else None
-        raise ValueError(f"user={user}: {rm_head} has no row {user} in the user weights W (shape {shape}); "
+        raise InputError(f"user={user}: {rm_head} has no row {user} in the user weights W (shape {shape}); "
                          "pass a smaller user= or weights=uniform")
 
 df = rewardbench.load_prompts(dataset_name, dataset_path, limit, split=split)
@@ -88,7 +86,7 @@ if subset is not None:
     wanted = [subset]
     unknown = sorted(set(wanted) - set(rewardbench.SUBSETS))
     if unknown:
-        raise utils.SettingError(f"error: unknown subset(s) {unknown}; RewardBench 2 has {rewardbench.SUBSETS}")
+        raise InputError(f"subset={subset!r}: unknown subset(s) {unknown}; RewardBench 2 has {rewardbench.SUBSETS}")
     df = df[df["subset"].isin(wanted)].reset_index(drop=True)
 conversations, prompt_row, is_chosen = rewardbench.conversations(df)
 print(f"RewardBench 2: {len(df)} prompts, {len(conversations)} responses; "
@@ -115,7 +113,7 @@ learned = []
 if rm_head is not None:
     F = E.shape[1]
     if F not in V.shape:
-        raise ValueError(f"{rm_head}: head of shape {tuple(V.shape)} has no side of {model_name}'s F = {F}; "
+        raise InputError(f"{rm_head}: head of shape {tuple(V.shape)} has no side of {model_name}'s F = {F}; "
                          "score a head with the model it was trained on")
     V = V if V.shape[0] == F else V.T  # [K, F] (e.g. a Linear weight) -> [F, K]
     stem = Path(rm_head).stem

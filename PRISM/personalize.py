@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
+from utils import InputError, MissingFileError  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
@@ -32,20 +33,18 @@ num_iterations = None      # few-shot Adam steps; default: the model file's (500
 learning_rate = None       # few-shot learning rate; default: the model file's
 device = None              # reward model device; default: cuda if available, else cpu
 # -----------------------------------------------------------------------------
-config = utils.configure(globals())
-utils.check_settings(config, __file__, writable={"out_dir": "results"} if export else None,
-                     rules={"learning_rate": "> 0 or None"})
-if comparisons is None or model is None:  # from here on an error ends the script with one `error:` line
-    raise ValueError(f"comparisons={comparisons}, model={model}: both are needed; pass "
+config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"} if export else None)
+if comparisons is None or model is None:
+    raise InputError(f"comparisons={comparisons}, model={model}: both are needed; pass "
                      "comparisons=FILE.jsonl model=results/models/K..._alpha....safetensors")
 if not Path(comparisons).is_file():
-    raise FileNotFoundError(f"comparisons={comparisons}: no such file")
+    raise MissingFileError(f"comparisons={comparisons}: no such file")
 
 chosen, rejected, bad = utils.read_comparisons(comparisons)
 for n, reason in bad:
     print(f"{comparisons}:{n}: skipped, {reason}")
 if not chosen:
-    raise ValueError(f"comparisons={comparisons}: no valid comparison (see the lines above); each line must be "
+    raise InputError(f"comparisons={comparisons}: no valid comparison (see the lines above); each line must be "
                      '{"prompt": ..., "chosen": ..., "rejected": ...}')
 print(f"{len(chosen)} comparisons read from {comparisons}" + (f" ({len(bad)} bad line(s) skipped)" if bad else ""))
 

@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
 from PRISM import prism  # noqa: E402
+from utils import MissingFileError  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
@@ -47,8 +48,7 @@ shard_size = 2048          # conversations per resumable shard
 stop_after_shards = None   # stop early after this many new shards (for testing resume)
 from_published = None      # folder with the published train_embeddings.pkl / test_embeddings.pkl: convert (no GPU)
 # -----------------------------------------------------------------------------
-config = utils.configure(globals())
-utils.check_settings(config, __file__, writable={"data_dir": "data"})
+config = utils.configure(globals(), script=__file__, writable={"data_dir": "data"})
 HERE = Path(__file__).resolve().parent
 data_dir = Path(data_dir or HERE / "data")
 source = Path(dataset_path or data_dir)
@@ -65,15 +65,13 @@ for name in prism.FILES:
     paths[name] = source / name
     if not paths[name].is_file():
         if dataset_path is not None:
-            raise FileNotFoundError(f"{paths[name]} not found (dataset_path={dataset_path})")
+            raise MissingFileError(f"{paths[name]} not found (dataset_path={dataset_path})")
         from huggingface_hub import hf_hub_download
         utils.print0(f"downloading {name} from {prism.REPO} to {source}")
         paths[name] = Path(hf_hub_download(prism.REPO, name, repo_type="dataset", local_dir=source))
 
 rows = {name: prism.read_jsonl(path) for name, path in paths.items()}
 dialogs = prism.build_dialogs(*(rows[name] for name in prism.FILES))
-if user_split not in prism.USER_SPLITS:
-    raise utils.SettingError(f"error: user_split must be one of {prism.USER_SPLITS}, got {user_split!r}")
 pairs, users, conversations = prism.build_pairs(dialogs, seed, seen_fraction, min_dialogs, user_split)
 
 path = utils.extract_embeddings(

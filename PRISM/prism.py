@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import utils
+from utils import InputError
 
 HERE = Path(__file__).resolve().parent
 
@@ -184,7 +185,7 @@ def split_users(dialog_users, seed=123, seen_fraction=0.8, min_dialogs=6, user_s
         rng.shuffle(users)
         num_seen = int(seen_fraction * len(users))
     else:
-        raise ValueError(f"user_split must be one of {USER_SPLITS}, got {user_split!r}")
+        utils.check_value("user_split", user_split)
     dialog_split = [-1] * len(dialog_users)
     for u in users:
         ds = list(by_user[u])
@@ -211,7 +212,7 @@ def build_pairs(dialogs, seed=123, seen_fraction=0.8, min_dialogs=6, user_split=
     users, num_seen, dialog_split = split_users([d["user_id"] for d in dialogs], seed, seen_fraction, min_dialogs,
                                                 user_split)
     if not users:
-        raise ValueError(f"no user has at least {min_dialogs} dialogs")
+        raise InputError(f"no user has at least {min_dialogs} dialogs")
     index = {u: i for i, u in enumerate(users)}
     order = sorted((index[d["user_id"]], dialog_split[i], i) for i, d in enumerate(dialogs) if dialog_split[i] >= 0)
     rows, chosen_convs, rejected_convs = [], [], []
@@ -321,7 +322,7 @@ def convert_published(train_path, test_path, head):
     for code, path in enumerate([train_path, test_path]):
         data = utils.load_pickle(path)
         if not isinstance(data, (list, tuple)):
-            raise ValueError(f"{path}: expected a list of records, got {type(data).__name__}")
+            raise InputError(f"{path}: expected a list of records, got {type(data).__name__}")
         for i, r in enumerate(data):
             try:
                 x = r["extra_info"]
@@ -329,9 +330,9 @@ def convert_published(train_path, test_path, head):
                                 torch.as_tensor(x["chosen_conv_embedding"], dtype=torch.float32).reshape(-1),
                                 torch.as_tensor(x["rejected_conv_embedding"], dtype=torch.float32).reshape(-1)))
             except (KeyError, TypeError) as err:
-                raise ValueError(f"{path}: record {i} lacks extra_info fields ({err})") from err
+                raise InputError(f"{path}: record {i} lacks extra_info fields ({err})") from err
     if not records:
-        raise ValueError(f"{train_path}, {test_path}: no records")
+        raise InputError(f"{train_path}, {test_path}: no records")
     seen_users = list(dict.fromkeys(r[1] for r in records if r[3]))
     unseen_users = list(dict.fromkeys(r[1] for r in records if not r[3] and r[1] not in set(seen_users)))
     index = {u: i for i, u in enumerate(seen_users + unseen_users)}
@@ -348,7 +349,7 @@ def convert_published(train_path, test_path, head):
          "turn": torch.tensor(turn), "seen": torch.tensor([int(index[r[1]] < len(seen_users)) for r in records]),
          "split": torch.tensor([r[0] for r in records])}
     if head.shape != (t["embeddings"].shape[1], 1):
-        raise ValueError(f"head {tuple(head.shape)} does not match the embeddings' F = {t['embeddings'].shape[1]}")
+        raise InputError(f"head {tuple(head.shape)} does not match the embeddings' F = {t['embeddings'].shape[1]}")
     return t
 
 
@@ -364,8 +365,7 @@ def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_feature
     """
     make_cmd = f"python {HERE / 'prepare.py'}" + (f" data_dir={data_dir}" if data_dir else "")
     if synthetic:
-        utils.check_value("synthetic_users", synthetic_users, "int >= 2")
-        utils.check_value("synthetic_features", synthetic_features, "int >= 1")
+        utils.check_values(dict(synthetic_users=synthetic_users, synthetic_features=synthetic_features))
         t = make_synthetic(synthetic_users, synthetic_features, seed=seed)
     else:
         path = Path(data_dir or HERE / "data") / "embeddings.safetensors"
@@ -376,12 +376,12 @@ def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_feature
         R = len(t["embeddings"])
         for k in ("chosen", "rejected"):
             if len(t[k]) and not (0 <= int(t[k].min()) and int(t[k].max()) < R):
-                raise ValueError(f"{path}: `{k}` indexes rows outside the {R} embeddings; recreate it with: {make_cmd}")
+                raise InputError(f"{path}: `{k}` indexes rows outside the {R} embeddings; recreate it with: {make_cmd}")
     E, user, seen, split = t["embeddings"], t["user"], t["seen"].bool(), t["split"]
     N = int(user[seen].max()) + 1 if seen.any() else 0
     N_unseen = int(user.max()) + 1 - N
     if N == 0 or N_unseen <= 0 or bool((seen != (user < N)).any()):
-        raise ValueError(f"{'synthetic data' if synthetic else path}: expected seen users 0..N-1 then unseen users; "
+        raise InputError(f"{'synthetic data' if synthetic else path}: expected seen users 0..N-1 then unseen users; "
                          f"re-run: {make_cmd}")
 
     def part(is_seen, code):
@@ -393,7 +393,7 @@ def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_feature
     counts = [p.counts() for p in out]
     for name, c in zip(["seen train", "seen test", "unseen few-shot", "unseen test"], counts):
         if (c == 0).any():
-            raise ValueError(f"{int((c == 0).sum())} users have no {name} pairs")
+            raise InputError(f"{int((c == 0).sum())} users have no {name} pairs")
     print(f"PRISM{' (synthetic)' if synthetic else ''}: {N} seen / {N_unseen} unseen users, F = {E.shape[1]}; "
           f"pairs: {len(out[0].user)} seen train, {len(out[1].user)} seen test, {len(out[2].user)} unseen few-shot, "
           f"{len(out[3].user)} unseen test")
@@ -411,7 +411,7 @@ def _user_ids(path, N, N_unseen):
     import pandas as pd
     users = pd.read_parquet(path).sort_values("user")
     if list(users["user"]) != list(range(N + N_unseen)):
-        raise ValueError(f"{path} does not list users 0..{N + N_unseen - 1} of the embeddings; re-run: "
+        raise InputError(f"{path} does not list users 0..{N + N_unseen - 1} of the embeddings; re-run: "
                          f"python {HERE / 'prepare.py'}")
     ids = [str(u) for u in users["user_id"]]
     return {"users": ids[:N], "unseen_users": ids[N:]}

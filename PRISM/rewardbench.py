@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 import utils
+from utils import InputError, MissingFileError
 
 SUBSETS = ["Factuality", "Precise IF", "Math", "Safety", "Focus", "Ties"]
 
@@ -92,7 +93,7 @@ def load_head(path, head_key=None, make_cmd=None):
     from pathlib import Path
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found." + (f" Create it with:\n    {make_cmd}" if make_cmd else ""))
+        raise MissingFileError(f"{path} not found" + (f"; create it with: {make_cmd}" if make_cmd else ""))
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         tensors = utils.load_tensors(path, make_cmd=make_cmd)
@@ -100,22 +101,22 @@ def load_head(path, head_key=None, make_cmd=None):
         try:
             tensors = {"head": torch.from_numpy(np.load(path, allow_pickle=False))}
         except ValueError as e:
-            raise ValueError(f"{path}: cannot read as a plain .npy array ({e})") from e
+            raise InputError(f"{path}: cannot read as a plain .npy array ({e})") from e
     elif suffix in (".pt", ".pth", ".bin"):
         import pickle
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, AttributeError) as e:
-            raise ValueError(f"{path}: refused to load: it holds more than tensors and plain containers (only "
+            raise InputError(f"{path}: refused to load: it holds more than tensors and plain containers (only "
                              f"torch.load(weights_only=True) is used on untrusted pickles): {e}") from e
         tensors = {"head": obj} if isinstance(obj, torch.Tensor) else {
             str(k): v for k, v in (obj.items() if isinstance(obj, dict) else []) if isinstance(v, torch.Tensor)}
     else:
-        raise ValueError(f"{path}: unknown head format {suffix!r} (.safetensors, .npy, .pt, .pth, .bin)")
+        raise InputError(f"{path}: unknown head format {suffix!r} (.safetensors, .npy, .pt, .pth, .bin)")
     keys = [head_key] if head_key else [k for k in ("V", "head", "weight", "score.weight") if k in tensors]
     if not keys and len(tensors) == 1:
         keys = list(tensors)
     if not keys or keys[0] not in tensors:
-        raise ValueError(f"{path}: no head tensor {head_key or 'V / head / weight / score.weight'}; "
+        raise InputError(f"{path}: no head tensor {head_key or 'V / head / weight / score.weight'}; "
                          f"it holds {sorted(tensors)} (pick one with head_key=)")
     return tensors[keys[0]].float(), tensors

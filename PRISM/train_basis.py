@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
+from baselines import check_baselines, run_baselines  # noqa: E402
 from PRISM import prism  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -40,39 +41,11 @@ save_models = True         # write V, W, W_unseen of every (alpha, K) to out_dir
 data_dir = None            # default: PRISM/data (written by prepare.py)
 out_dir = None             # default: PRISM/results
 device = None              # default: cuda if available, else cpu
-# baselines beside LoRe, on the same users, pairs, few-shot examples and seed (utils.py section 7);
-# baselines=[] skips them. Defaults: the published settings (README, "Baselines").
-baselines = ["per_user_bt", "vpl", "pal"]
-per_user_bt_num_iterations = 1000  # one Bradley-Terry reward per user: the published learn_multiple defaults
-per_user_bt_learning_rate = 0.01
-vpl_hidden_dim = 512       # VPL (Poddar et al. 2024), settings of the LoRe appendix and the released code
-vpl_latent_dim = 512
-vpl_num_contexts = 8       # context pairs encoded per user
-vpl_beta = 1e-4            # KL weight: none published for this dataset (released runs used 1e-4, 3e-6 and 0)
-vpl_learning_rate = 1e-4   # AdamW, cosine schedule with warm-up, gradient clipping
-vpl_weight_decay = 1e-3
-vpl_batch_size = 32
-vpl_num_epochs = 2
-vpl_warmup_ratio = 0.03
-vpl_max_grad_norm = 1.0
-vpl_kl_period = 10000      # steps of one cycle of the KL annealing
-vpl_eval_latent = "normalized"  # a user's latent at evaluation: "normalized" (as in training) or "mean" (released)
-pal_variant = "B"          # PAL (Chen et al. 2025): "B" (the released Reddit TLDR config) or "A"
-pal_K = 2                  # prototypes: not stated in the LoRe paper; the released Reddit TLDR config uses 2
-pal_dim = 512
-pal_learning_rate = 1e-4   # projectors (Adam)
-pal_weight_decay = 0.01
-pal_user_learning_rate = 5e-3   # user weights (and PAL-A's prototypes)
-pal_tau_learning_rate = 0.1
-pal_batch_size = 4
-pal_num_epochs = 1         # the released config's; none published for this dataset
-pal_fewshot_learning_rate = 5e-3  # new users: only their weights are fit
-pal_fewshot_epochs = 20
-pal_fewshot_batch_size = 4
+baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
+baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 # -----------------------------------------------------------------------------
-config = utils.configure(globals())
-utils.check_settings(config, __file__, writable={"out_dir": "results"})
-baseline_kw = utils.baseline_settings(config)  # checked before any training
+config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"},
+                         checks=[check_baselines])  # every setting checked before any work
 if num_iterations is None:
     num_iterations = 500 if synthetic else 20000
 
@@ -90,8 +63,8 @@ paths = {}
 if save_models:
     paths = utils.save_models(out / name.replace("train_basis", "models"), models, data, dataset="PRISM",
                               fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate)
-baseline_results = utils.run_baselines(baselines, *data.features, utils.get_device(device), seed=seed,
-                                       settings=baseline_kw)  # after LoRe's models are saved
+baseline_results = run_baselines(baselines, *data.features, utils.get_device(device), seed=seed,
+                                 settings=baseline_settings)  # after LoRe's models are saved
 utils.report_run(accuracies, K_list, alpha_list, config, out, name, "PRISM (synthetic)" if synthetic else "PRISM",
                  extra={"seconds": time.time() - t0, "num_iterations_used": num_iterations,
                         "kept_bases": {f"K={K} alpha={a:g}": m["V"].shape[1] for (a, K), m in models.items()},

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 import utils
+from utils import InputError
 
 HERE = Path(__file__).resolve().parent
 NUM_RESPONSES = 8
@@ -34,10 +35,10 @@ def convert_published(embeddings_path, df, head, out_path):
     split) + that split's rows `df` (for the scores) + the reward head [F, 1] -> out_path in the prepared format."""
     E = utils.load_tensors(embeddings_path, ["embeddings"])["embeddings"].float()
     if E.dim() != 2 or E.shape[0] != NUM_RESPONSES * len(df):
-        raise ValueError(f"{embeddings_path}: `embeddings` has shape {tuple(E.shape)}, expected "
+        raise InputError(f"{embeddings_path}: `embeddings` has shape {tuple(E.shape)}, expected "
                          f"[{NUM_RESPONSES} * {len(df)}, F] for the {len(df)} prompts of the split")
     if head.shape != (E.shape[1], 1):
-        raise ValueError(f"head has shape {tuple(head.shape)}, the embeddings have F = {E.shape[1]}")
+        raise InputError(f"head has shape {tuple(head.shape)}, the embeddings have F = {E.shape[1]}")
     tensors = {"embeddings": E, "scores": reward_tensor(df), "prompt_index": torch.arange(len(df)), "head": head}
     return utils.save_tensors(out_path, tensors, metadata={"converted_from": str(embeddings_path),
                                                             "reward_models": ",".join(MODEL_NAMES)})
@@ -51,7 +52,7 @@ def read_split(path, make_cmd):
     utils.check_shapes(path, {"embeddings": (E.shape, ("rows", "F")), "scores": (scores.shape, ("P", "R", "M")),
                               "head": (t["head"].shape, ("F", 1))}, make_cmd)
     if E.shape[0] != scores.shape[0] * scores.shape[1]:
-        raise ValueError(f"{path}: {E.shape[0]} embeddings do not match scores of shape {tuple(scores.shape)} "
+        raise InputError(f"{path}: {E.shape[0]} embeddings do not match scores of shape {tuple(scores.shape)} "
                          f"(expected P*R rows); re-run: {make_cmd}")
     P, R, _ = scores.shape
     keep = torch.isfinite(scores).all(dim=(1, 2))
@@ -104,7 +105,7 @@ def read_splits(data_dir=None, synthetic=False, synthetic_prompts=(9402, 1000), 
         E_tr, S_tr, head = read_split(data_dir / "train.safetensors", make_cmd)
         E_te, S_te, head_te = read_split(data_dir / "test.safetensors", make_cmd)
         if E_te.shape[1] != E_tr.shape[1] or S_te.shape[1:] != S_tr.shape[1:] or not head_te.equal(head):
-            raise ValueError(f"{data_dir}: train.safetensors (F = {E_tr.shape[1]}, scores [P, {S_tr.shape[1]}, "
+            raise InputError(f"{data_dir}: train.safetensors (F = {E_tr.shape[1]}, scores [P, {S_tr.shape[1]}, "
                              f"{S_tr.shape[2]}]) and test.safetensors (F = {E_te.shape[1]}, scores [P, "
                              f"{S_te.shape[1]}, {S_te.shape[2]}]) were not prepared with the same reward model; "
                              f"recreate both with: {make_cmd}")
@@ -119,9 +120,9 @@ def _make_cmd(data_dir=None):
 
 
 def _check_synthetic_prompts(synthetic_prompts):
-    utils.check_value("synthetic_prompts", synthetic_prompts, "each int >= 1")
+    utils.check_value("synthetic_prompts", synthetic_prompts)
     if len(synthetic_prompts) != 2:
-        raise ValueError(f"synthetic_prompts={list(synthetic_prompts)!r}: must be [train prompts, test prompts]; "
+        raise InputError(f"synthetic_prompts={list(synthetic_prompts)!r}: must be [train prompts, test prompts]; "
                          "pass two numbers, e.g. synthetic_prompts=[9402,1000]")
 
 
@@ -134,20 +135,29 @@ def num_train_prompts(data_dir=None, synthetic=False, synthetic_prompts=(9402, 1
     path = Path(data_dir or HERE / "data") / "train.safetensors"
     shapes = utils.tensor_shapes(path, _make_cmd(data_dir))
     if len(shapes.get("scores", [])) != 3:
-        raise ValueError(f"{path}: no `scores` [P, R, M] tensor (it has {sorted(shapes)}); "
+        raise InputError(f"{path}: no `scores` [P, R, M] tensor (it has {sorted(shapes)}); "
                          f"recreate it with: {_make_cmd(data_dir)}")
     return shapes["scores"][0]
 
 
 def check_pairs_per_user(P, **densities):
-    """ValueError when a density (given as name=value) gives int(density * P) = 0 pairs per user."""
+    """InputError when a density (given as name=value) gives int(density * P) = 0 pairs per user."""
     for name, density in densities.items():
         if density is None:
             continue
-        utils.check_value(name, density, "in (0, 1]")
+        utils.check_value(name, density)
         if int(density * P) < 1:
-            raise ValueError(f"{name}={density}: int({density} x {P} train prompts) = 0 pairs per user; "
+            raise InputError(f"{name}={density}: int({density} x {P} train prompts) = 0 pairs per user; "
                              f"raise {name} to at least {1 / P:.3g} (1 / {P}) or use more prompts")
+
+
+def check_config(config):
+    """The scripts' check before any work (utils.configure(..., checks=[check_config])): each density of the
+    config gives every user at least one of the P train prompts (P read from the prepared file's header)."""
+    P = num_train_prompts(config.get("data_dir"), config.get("synthetic", False),
+                          config.get("synthetic_prompts", (9402, 1000)))
+    check_pairs_per_user(P, **{k: config[k] for k in ("train_density", "fewshot_density", "fewshot_pool_density")
+                               if k in config})
 
 
 def population(E_train, S_train, E_test, S_test, N, N_unseen, train_density, fewshot_density, dirichlet_alpha,
@@ -158,9 +168,7 @@ def population(E_train, S_train, E_test, S_test, N, N_unseen, train_density, few
     each; N_unseen new users with int(fewshot_density * P) few-shot pairs (or
     fewshot_pool_density, for a larger pool to draw shots from); everyone on all test prompts.
     """
-    for name, value, rule in [("N", N, "int >= 1"), ("N_unseen", N_unseen, "int >= 1"),
-                              ("dirichlet_alpha", dirichlet_alpha, "> 0")]:
-        utils.check_value(name, value, rule)
+    utils.check_values(dict(N=N, N_unseen=N_unseen, dirichlet_alpha=dirichlet_alpha))
     check_pairs_per_user(len(S_train), train_density=train_density,
                          **({"fewshot_pool_density": fewshot_pool_density} if fewshot_pool_density
                             else {"fewshot_density": fewshot_density}))

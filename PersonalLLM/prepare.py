@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
 from PersonalLLM import personalllm  # noqa: E402
+from utils import InputError  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
@@ -34,8 +35,7 @@ shard_size = 2048          # conversations per resumable shard
 stop_after_shards = None   # stop early after this many new shards (for testing resume)
 from_published = None      # the published script's embeddings safetensors: convert it (train split, no GPU)
 # -----------------------------------------------------------------------------
-config = utils.configure(globals())
-utils.check_settings(config, __file__, writable={"data_dir": "data"})
+config = utils.configure(globals(), script=__file__, writable={"data_dir": "data"})
 HERE = Path(__file__).resolve().parent
 NUM_RESPONSES, MODEL_NAMES = personalllm.NUM_RESPONSES, personalllm.MODEL_NAMES
 
@@ -47,7 +47,7 @@ def prepare(split_name):
     missing_scores = [f"response_{i}_{m}" for i in range(1, NUM_RESPONSES + 1) for m in MODEL_NAMES
                       if f"response_{i}_{m}" not in df.columns]
     if missing_scores:
-        raise ValueError(f"{dataset_name} [{split_name}]: missing score column(s) {missing_scores[:5]}"
+        raise InputError(f"{dataset_name} [{split_name}]: missing score column(s) {missing_scores[:5]}"
                          f"{' ...' if len(missing_scores) > 5 else ''}")
     text_ok = df[["prompt"] + responses].map(lambda v: isinstance(v, str)).all(axis=1).to_numpy()
     if not text_ok.all():

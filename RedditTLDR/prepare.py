@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
 from RedditTLDR import tldr  # noqa: E402
+from utils import InputError  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
@@ -39,8 +40,7 @@ shard_size = 2048          # conversations per resumable shard
 stop_after_shards = None   # stop early after this many new shards (for testing resume)
 from_published = None      # folder with the published tldr_embeddings_{train,val}.pkl: convert them (no GPU)
 # -----------------------------------------------------------------------------
-config = utils.configure(globals())
-utils.check_settings(config, __file__, writable={"data_dir": "data"})
+config = utils.configure(globals(), script=__file__, writable={"data_dir": "data"})
 HERE = Path(__file__).resolve().parent
 COLUMNS = ["info", "summaries", "choice", "worker"]
 
@@ -82,7 +82,7 @@ def prepare(split_name):
         utils.print0(f"{split_name}: skipping {sum(skipped.values())} of {len(df)} rows ("
                      + ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) + ")")
     if not rows:
-        raise ValueError(f"{dataset_name} [{split_name}]: no usable comparisons")
+        raise InputError(f"{dataset_name} [{split_name}]: no usable comparisons")
     index, workers, posts, winners, losers = zip(*rows)
     names = sorted(set(workers))
     worker_id = {w: j for j, w in enumerate(names)}

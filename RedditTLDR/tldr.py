@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import utils
+from utils import InputError
 
 HERE = Path(__file__).resolve().parent
 SPLITS = ("train", "validation")  # train: training and few-shot pairs; validation: test pairs
@@ -30,15 +31,15 @@ def read_split(path, make_cmd=None):
     names = json.loads(utils.load_metadata(path).get("workers", "null"))
     hint = f" Re-create it with: {make_cmd}" if make_cmd else ""
     if not isinstance(names, list):
-        raise ValueError(f"{path}: metadata lacks the 'workers' list (JSON).{hint}")
+        raise InputError(f"{path}: metadata lacks the 'workers' list (JSON).{hint}")
     chosen, rejected, worker, row, head = (t[k] for k in ("chosen", "rejected", "worker", "row", "head"))
     n, F = chosen.shape
     if rejected.shape != chosen.shape or worker.shape != (n,) or row.shape != (n,) or head.shape != (F, 1):
-        raise ValueError(f"{path}: inconsistent shapes chosen {tuple(chosen.shape)}, rejected "
+        raise InputError(f"{path}: inconsistent shapes chosen {tuple(chosen.shape)}, rejected "
                          f"{tuple(rejected.shape)}, worker {tuple(worker.shape)}, row {tuple(row.shape)}, "
                          f"head {tuple(head.shape)} (expected [n, F], [n, F], [n], [n], [F, 1]).{hint}")
     if n and (worker.min() < 0 or worker.max() >= len(names)):
-        raise ValueError(f"{path}: worker ids must lie in [0, {len(names)}).{hint}")
+        raise InputError(f"{path}: worker ids must lie in [0, {len(names)}).{hint}")
     return {"chosen": chosen, "rejected": rejected, "worker": np.asarray(names, dtype=str)[worker.numpy()],
             "row": row, "head": head}
 
@@ -60,7 +61,7 @@ def convert_published(pkl_path, head):
     the file), head [F, 1]."""
     data = utils.load_pickle(pkl_path)
     if not isinstance(data, dict):
-        raise ValueError(f"{pkl_path}: expected a dict {{worker_id: [comparison, ...]}}, got {type(data).__name__}")
+        raise InputError(f"{pkl_path}: expected a dict {{worker_id: [comparison, ...]}}, got {type(data).__name__}")
     names = sorted(str(w) for w in data)
     chosen, rejected, worker = [], [], []
     for w, items in data.items():
@@ -70,14 +71,14 @@ def convert_published(pkl_path, head):
                 chosen.append(_flat(e["winning"]))
                 rejected.append(_flat(e["losing"]))
             except (KeyError, TypeError) as err:
-                raise ValueError(f"{pkl_path}: worker {w!r} comparison {i} lacks embeddings/winning/losing") from err
+                raise InputError(f"{pkl_path}: worker {w!r} comparison {i} lacks embeddings/winning/losing") from err
             worker.append(names.index(str(w)))
     if not chosen:
-        raise ValueError(f"{pkl_path}: no comparisons")
+        raise InputError(f"{pkl_path}: no comparisons")
     t = {"chosen": torch.stack(chosen), "rejected": torch.stack(rejected), "worker": torch.tensor(worker),
          "row": torch.arange(len(worker)), "head": head}
     if t["chosen"].shape != t["rejected"].shape or head.shape != (t["chosen"].shape[1], 1):
-        raise ValueError(f"{pkl_path}: embeddings {tuple(t['chosen'].shape)} / {tuple(t['rejected'].shape)} do not "
+        raise InputError(f"{pkl_path}: embeddings {tuple(t['chosen'].shape)} / {tuple(t['rejected'].shape)} do not "
                          f"match each other or the head {tuple(head.shape)}")
     return t, names
 
@@ -135,7 +136,7 @@ def read_splits(data_dir=None, synthetic=False, synthetic_features=64, seed=0):
         data_dir = Path(data_dir or HERE / "data")
         train, test = (read_split(Path(data_dir) / f"{s}.safetensors", make_cmd) for s in SPLITS)
         if train["head"].shape != test["head"].shape or not torch.equal(train["head"], test["head"]):
-            raise ValueError(f"{data_dir}: train.safetensors (F = {train['head'].shape[0]}) and validation"
+            raise InputError(f"{data_dir}: train.safetensors (F = {train['head'].shape[0]}) and validation"
                              f".safetensors (F = {test['head'].shape[0]}) were embedded with different reward "
                              f"models; recreate both with: {make_cmd}")
     print(f"data: {len(train['row'])} train / {len(test['row'])} validation comparisons, "
@@ -162,17 +163,16 @@ def select_workers(train_worker, test_worker, protocol="published", min_comparis
         dropped = sorted(name for _, name in fewest)
         workers = sorted(set(train_names.tolist()) & set(test_names.tolist()) - set(dropped))
     elif protocol == "paper":
-        if min_comparisons < 2:
-            raise ValueError(f"min_comparisons must be >= 2 (half train, half test), got {min_comparisons}")
+        utils.check_value("min_comparisons", min_comparisons)  # half train, half test
         counts = dict(zip(train_names.tolist(), train_counts.tolist()))
         for name, c in zip(test_names.tolist(), test_counts.tolist()):
             counts[name] = counts.get(name, 0) + c
         dropped = sorted(w for w, c in counts.items() if c < min_comparisons)
         workers = sorted(w for w, c in counts.items() if c >= min_comparisons)
     else:
-        raise ValueError(f"protocol must be 'published' or 'paper', got {protocol!r}")
+        utils.check_value("protocol", protocol)
     if len(workers) < 2:
-        raise ValueError(f"protocol {protocol!r} leaves {len(workers)} worker(s); need at least 2")
+        raise InputError(f"protocol {protocol!r} leaves {len(workers)} worker(s); need at least 2")
     random.Random(split_seed).shuffle(workers)
     half = len(workers) // 2
     return {"seen": workers[:half], "unseen": workers[half:], "dropped": dropped}
@@ -226,9 +226,7 @@ def split_pairs(train, test, protocol="published", max_train_pairs=150, max_fews
     Capped subsets are seeded random subsets (np.random.RandomState(split_seed)), kept in dataset order;
     None keeps all. info: {"protocol", "seen", "unseen", "dropped", "pairs": {role: count}}.
     """
-    for name, cap in (("max_train_pairs", max_train_pairs), ("max_fewshot_pairs", max_fewshot_pairs)):
-        if cap is not None and cap < 1:
-            raise ValueError(f"{name} must be None or >= 1, got {cap}")
+    utils.check_values(dict(max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs))
     info = {"protocol": protocol, **select_workers(train["worker"], test["worker"], protocol,
                                                    min_comparisons, drop_fewest, split_seed)}
     rng = np.random.RandomState(split_seed)
@@ -263,7 +261,7 @@ def load(data_dir=None, synthetic=False, synthetic_features=64, protocol="publis
     "unseen", "dropped" (worker names), "pairs": {role: count}}, "users" / "unseen_users" (the seen / unseen
     worker names, in user order) and (prepared data) "reward_model" (utils.reward_model_info).
     """
-    utils.check_value("synthetic_features", synthetic_features, "int >= 1")
+    utils.check_value("synthetic_features", synthetic_features)
     train, test = read_splits(data_dir, synthetic, synthetic_features, seed)
     pairs, workers = split_pairs(train, test, protocol, max_train_pairs, max_fewshot_pairs, min_comparisons,
                                  split_seed=split_seed)

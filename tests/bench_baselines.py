@@ -22,6 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import baselines  # noqa: E402
 import utils  # noqa: E402
 from PersonalLLM import personalllm  # noqa: E402
 
@@ -45,7 +46,7 @@ def run_child(method):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        res = utils.run_baselines([method], *data.features, device, seed=seed)[method]
+        res = baselines.run_baselines([method], *data.features, device, seed=seed)[method]
         out["seconds"] = time.perf_counter() - t
         out.update({k: res[k]["mean"] for k in utils.RESULT_NAMES})
         if torch.cuda.is_available() and utils.get_device(device).type == "cuda":
@@ -67,7 +68,7 @@ def main():
             raise SystemExit(f"{method} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         r = json.loads(lines[-1][len("RESULT "):])
         print(r, flush=True)
-        name = "data only" if method == "none" else utils.BASELINES[method]
+        name = "data only" if method == "none" else baselines.BASELINES[method].label
         rows.append([name, f"{r['seconds']:.0f}" if "seconds" in r else "", f"{r['peak_rss_gb']:.2f}",
                      f"{r['peak_gpu_gb']:.2f}" if "peak_gpu_gb" in r else ""] +
                     [f"{r[k]:.4f}" if k in r else "" for k in utils.RESULT_NAMES])

@@ -64,10 +64,10 @@ def make_tiny_reward_model(path, seed=0, hidden_size=64, num_layers=2, with_pad_
 # The baselines on a few thousand pairs in the script tests: narrower, with larger batches and steps and more
 # epochs than their published settings (sized for tens of thousands of pairs in 4096-d), to keep the suite fast;
 # the README reports them at their published settings.
-FAST_BASELINES = ["vpl_hidden_dim=64", "vpl_latent_dim=32", "vpl_num_epochs=5", "vpl_learning_rate=2e-3",
-                  "pal_dim=64", "pal_num_epochs=3", "pal_batch_size=16", "pal_learning_rate=2e-3",
-                  "pal_user_learning_rate=2e-2", "pal_fewshot_epochs=10", "pal_fewshot_batch_size=16",
-                  "pal_fewshot_learning_rate=2e-2"]
+FAST_BASELINES = ["baseline_settings=" + repr({
+    "vpl": {"hidden_dim": 64, "latent_dim": 32, "num_epochs": 5, "learning_rate": 2e-3},
+    "pal": {"dim": 64, "num_epochs": 3, "batch_size": 16, "learning_rate": 2e-3, "user_learning_rate": 2e-2,
+            "fewshot_epochs": 10, "fewshot_batch_size": 16, "fewshot_learning_rate": 2e-2}})]
 
 
 def run_script(script, *overrides, check=True):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import baselines
 import utils
 
 # small but learnable settings for planted data (the published defaults are for thousands of pairs in 4096-d)
@@ -68,10 +69,10 @@ def fit_method(name, d, variant="B", seed=0):
         state = model.personalize(d["fewshot"], "cpu")
         return model, state, model.V, state
     if name == "vpl":
-        model = utils.VPL(16, seed=seed, **VPL_SMALL).fit(d["train"], "cpu")
+        model = baselines.VPL(16, seed=seed, **VPL_SMALL).fit(d["train"], "cpu")
         state = model.personalize(d["fewshot"], "cpu")
         return model, state, model.z_seen, state
-    model = utils.PAL(16, K=2, variant=variant, seed=seed, **PAL_SMALL[variant]).fit(d["train"], "cpu")
+    model = baselines.PAL(16, K=2, variant=variant, seed=seed, **PAL_SMALL[variant]).fit(d["train"], "cpu")
     state = model.personalize(d["fewshot"], "cpu")
     return model, state, model.user_weights(), model.user_weights(state)
 
@@ -130,7 +131,7 @@ def test_per_user_bt_table_pairs_equal_difference_pairs(data):
 
 
 def test_vpl_new_users_take_no_gradient_step(data):
-    model = utils.VPL(16, hidden_dim=16, latent_dim=8, num_epochs=1).fit(data["train"])
+    model = baselines.VPL(16, hidden_dim=16, latent_dim=8, num_epochs=1).fit(data["train"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     z_seen = model.z_seen.clone()
     for p in model.parameters():
@@ -146,7 +147,7 @@ def test_vpl_new_users_take_no_gradient_step(data):
 
 @pytest.mark.parametrize("variant", ["B", "A"])
 def test_pal_new_users_leave_shared_parts_unchanged(data, variant, monkeypatch):
-    model = utils.PAL(16, K=3, variant=variant, dim=16, batch_size=16, fewshot_epochs=3).fit(data["train"])
+    model = baselines.PAL(16, K=3, variant=variant, dim=16, batch_size=16, fewshot_epochs=3).fit(data["train"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.personalize(data["fewshot"])  # PAL-B on CPU: the numba kernel
     monkeypatch.setattr(utils, "numba", None)
@@ -168,15 +169,16 @@ def test_same_seed_same_numbers(data, name):
              for k, v in data.items()}
     settings = {"per_user_bt": dict(num_iterations=100), "vpl": dict(hidden_dim=16, latent_dim=8, num_epochs=2),
                 "pal": dict(dim=16, K=2, fewshot_epochs=2)}[name]
-    runs = [utils.run_baselines([name], small["train"], small["test"], small["fewshot"], small["test_unseen"],
-                                device="cpu", seed=s, settings={name: settings}) for s in (3, 3, 4)]
+    runs = [baselines.run_baselines([name], small["train"], small["test"], small["fewshot"], small["test_unseen"],
+                                    device="cpu", seed=s, settings={name: settings}) for s in (3, 3, 4)]
     for r in runs:
         r[name].pop("seconds")
     assert runs[0] == runs[1]
-    assert set(runs[0][name]) == set(utils.RESULT_NAMES)
+    assert set(runs[0][name]) == set(utils.RESULT_NAMES) | {"label", "settings"}
+    assert runs[0][name]["settings"] == baselines.full_settings(name, settings)  # every setting it ran with
     if name != "per_user_bt":  # a deterministic fit from zero: no seed involved
-        m0 = utils.make_baseline(name, 16, seed=3, **settings)
-        m1 = utils.make_baseline(name, 16, seed=4, **settings)
+        m0 = baselines.make_baseline(name, 16, seed=3, **settings)
+        m1 = baselines.make_baseline(name, 16, seed=4, **settings)
         assert not all(torch.equal(p0, p1) for p0, p1 in zip(m0.parameters(), m1.parameters()))
         assert runs[2] != runs[0]
 
@@ -184,13 +186,13 @@ def test_same_seed_same_numbers(data, name):
 def test_difference_pairs_are_refused_where_both_sides_are_needed():
     X = utils.Pairs.from_list([torch.randn(4, 16), torch.randn(3, 16)])
     with pytest.raises(ValueError, match="chosen and rejected embeddings separately"):
-        utils.VPL(16, hidden_dim=8, latent_dim=4).fit(X)
+        baselines.VPL(16, hidden_dim=8, latent_dim=4).fit(X)
     with pytest.raises(ValueError, match="chosen and rejected embeddings separately"):
-        utils.PAL(16, dim=8).fit(X)
+        baselines.PAL(16, dim=8).fit(X)
     with pytest.raises(ValueError, match="features"):
-        utils.PAL(8, dim=8).fit(planted(F_dim=16, seen_per_type=1, unseen_per_type=1)["train"])
+        baselines.PAL(8, dim=8).fit(planted(F_dim=16, seen_per_type=1, unseen_per_type=1)["train"])
     with pytest.raises(ValueError, match="unknown baseline"):
-        utils.make_baseline("lore", 16)
+        baselines.make_baseline("lore", 16)
     bad = [torch.randn(4, 16), torch.randn(3, 16)]
     bad[1][0, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
@@ -203,15 +205,27 @@ def test_pairs_sides_hand_out_the_table_without_a_copy(data):
     assert torch.equal(table[chosen] - table[rejected], data["train"].dense())
 
 
-def test_baseline_settings_from_a_script_config():
-    config = {"baselines": ["vpl", "pal"], "vpl_beta": 0.0, "pal_variant": "A", "pal_K": 3,
-              "per_user_bt_learning_rate": 0.1, "seed": 0, "palette": "x"}
-    assert utils.baseline_settings(config) == {"per_user_bt": {"learning_rate": 0.1}, "vpl": {"beta": 0.0},
-                                               "pal": {"variant": "A", "K": 3}}
-    with pytest.raises(ValueError, match="unknown baseline"):
-        utils.baseline_settings({"baselines": ["vlp"]})
-    with pytest.raises(ValueError, match="vpl_betta"):
-        utils.baseline_settings({"baselines": [], "vpl_betta": 0.1})
+def test_baseline_settings_are_the_class_defaults_with_the_overrides():
+    """One table entry per baseline; its settings are its constructor's arguments (besides num_features and seed),
+    each with a range rule; a script's overrides are checked before any work."""
+    import inspect
+    for name, cls in baselines.BASELINES.items():
+        assert set(cls.rules) == set(inspect.signature(cls).parameters) - {"num_features", "seed"}, name
+        assert isinstance(cls.label, str) and cls.label
+    full = baselines.full_settings("pal", {"variant": "A", "K": 3})
+    assert full["variant"] == "A" and full["K"] == 3 and full["dim"] == 512 and full["fewshot_epochs"] == 20
+    assert baselines.full_settings("vpl")["beta"] == 1e-4  # the published default lives in the signature
+    baselines.check_baselines({"baselines": ["vpl", "pal"], "baseline_settings": {"vpl": {"beta": 0.0}}})
+    for config, text in [({"baselines": ["vlp"]}, "unknown baseline"),
+                         ({"baselines": [], "baseline_settings": {"vpl": {"betta": 0.1}}}, "betta"),
+                         ({"baselines": [], "baseline_settings": {"vpl": {"beta": -1.0}}}, "beta=-1.0"),
+                         ({"baselines": [], "baseline_settings": {"pal": {"variant": "C"}}}, "variant='C'"),
+                         ({"baselines": [], "baseline_settings": {"lore": {}}}, "unknown baseline"),
+                         ({"baselines": [], "baseline_settings": {"vpl": 0.1}}, "must be a dict")]:
+        with pytest.raises(utils.InputError, match=text):
+            baselines.check_baselines(config)
+    with pytest.raises(utils.InputError, match="K=0"):
+        baselines.PAL(16, K=0)
 
 
 def test_vary_shots_with_every_pair_equals_the_plain_run(data):
@@ -219,11 +233,11 @@ def test_vary_shots_with_every_pair_equals_the_plain_run(data):
     small = {k: (v.select_users(range(0, v.num_users, 3)) if isinstance(v, utils.Pairs) else v)
              for k, v in data.items()}
     settings = {"per_user_bt": dict(num_iterations=100)}
-    plain = utils.run_baselines(["per_user_bt"], small["train"], small["test"], small["fewshot"], small["test_unseen"],
-                                "cpu", settings=settings)["per_user_bt"]
-    shots = utils.run_baselines_vary_shots(["per_user_bt"], 2, [3, 10, 11], small["train"], small["fewshot"],
-                                           small["test_unseen"], "cpu", settings=settings)["per_user_bt"]
-    fs_mean, fs_std, ts_mean, ts_std = shots
+    plain = baselines.run_baselines(["per_user_bt"], small["train"], small["test"], small["fewshot"],
+                                    small["test_unseen"], "cpu", settings=settings)["per_user_bt"]
+    shots = baselines.run_baselines_vary_shots(["per_user_bt"], 2, [3, 10, 11], small["train"], small["fewshot"],
+                                               small["test_unseen"], "cpu", settings=settings)["per_user_bt"]
+    fs_mean, fs_std, ts_mean, ts_std = shots["accuracies"]
     assert fs_mean[1] == pytest.approx(plain["unseen_fewshot"]["mean"], abs=1e-6)
     assert ts_mean[1] == pytest.approx(plain["unseen_test"]["mean"], abs=1e-6) and ts_std[1] < 1e-6
     assert ts_std[0] > 0  # 3 random shots differ between the two trials
@@ -238,12 +252,12 @@ def test_margins_from_shared_row_features_equal_direct_scores(data, name, varian
     table, chosen, rejected = pairs.sides()
     ec, er = table[chosen], table[rejected]
     if name == "vpl":
-        model = utils.VPL(16, hidden_dim=16, latent_dim=8, num_epochs=1).fit(data["train"])
+        model = baselines.VPL(16, hidden_dim=16, latent_dim=8, num_epochs=1).fit(data["train"])
         z = model.z_seen[pairs.user]
         with torch.no_grad():
             direct = model.reward(ec, z) - model.reward(er, z)
     else:
-        model = utils.PAL(16, K=3, variant=variant, dim=16, batch_size=16).fit(data["train"])
+        model = baselines.PAL(16, K=3, variant=variant, dim=16, batch_size=16).fit(data["train"])
         with torch.no_grad():
             direct = model._margin(model._ideal(model.W[pairs.user], ec, er), model.f(ec), model.f(er))
     assert torch.allclose(model.margins(pairs), direct, atol=1e-4, rtol=1e-4)
@@ -252,7 +266,7 @@ def test_margins_from_shared_row_features_equal_direct_scores(data, name, varian
 @pytest.mark.skipif(utils.numba is None, reason="numba not installed")
 def test_pal_b_new_user_kernel_equals_the_pytorch_loop(data, monkeypatch):
     """PAL-B's new-user fit on CPU (numba, step for step) == the autograd loop with fused AdamW."""
-    model = utils.PAL(16, K=3, dim=16, batch_size=16).fit(data["train"])
+    model = baselines.PAL(16, K=3, dim=16, batch_size=16).fit(data["train"])
     fast = model.personalize(data["fewshot"])
     monkeypatch.setattr(utils, "numba", None)
     slow = model.personalize(data["fewshot"])

@@ -325,12 +325,12 @@ def test_configure_in_a_notebook_floats_and_none_defaults(monkeypatch):
     utils.configure(cfg, ["alpha=0.5", "stop_after_shards=3", "out_dir=2024", "max_fewshot_pairs=None"])
     assert cfg == {"alpha": 0.5, "stop_after_shards": 3, "out_dir": "2024", "max_fewshot_pairs": None}
     for bad in ["stop_after_shards=x", "stop_after_shards=1.5", "max_fewshot_pairs=x"]:
-        with pytest.raises(SystemExit, match="must be of type int"):
+        with pytest.raises(utils.InputError, match="must be of type int"):
             utils.configure(cfg, [bad])
     cfg = {"_types": {"thing": float}, "thing": None}
     utils.configure(cfg, ["thing=2"])
     assert cfg["thing"] == 2.0
-    with pytest.raises(SystemExit, match="float"):
+    with pytest.raises(utils.InputError, match="float"):
         utils.configure(cfg | {"thing": None}, ["thing=abc"])
 
 
@@ -341,7 +341,7 @@ def test_configure_overrides_and_type_checks():
     utils.configure(cfg, ["--n", "7", "--name=b c"])  # flags, as in the published READMEs
     assert cfg["n"] == 7 and cfg["name"] == "b c"
     for bad in (["n=1.5"], ["flag=1"], ["nope=1"], ["K_list"], ["--n"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(utils.InputError):
             utils.configure(dict(cfg), bad)
 
 

@@ -47,7 +47,7 @@ def run_inline(script, *overrides):
                 runpy.run_path(os.path.join(REPO_ROOT, script), run_name="__main__")
             except SystemExit as e:
                 code = e.code
-            except (ValueError, FileNotFoundError) as e:
+            except utils.InputError as e:
                 print(f"error: {e}", file=sys.stderr)
                 code = 2
     finally:
@@ -64,8 +64,9 @@ def run_inline(script, *overrides):
     ("num_iterations=-5", ["num_iterations=-5", ">= 1"]),
     ("synthetic_prompts=[500]", ["synthetic_prompts=[500]", "[train prompts, test prompts]"]),
     ("baselines=['vlp']", ["'vlp'", "per_user_bt"]),
-    ("vpl_learning_rate=0.0", ["vpl_learning_rate=0.0", "> 0"]),
-    ("pal_variant=C", ["pal_variant='C'", "A, B"]),
+    ("baseline_settings={'vpl':{'learning_rate':0.0}}", ["baseline_settings['vpl']", "learning_rate=0.0", "> 0"]),
+    ("baseline_settings={'pal':{'variant':'C'}}", ["baseline_settings['pal']", "variant='C'", "A, B"]),
+    ("baseline_settings={'pal':{'dimm':8}}", ["baseline_settings['pal']", "'dimm'", "no PAL setting"]),
 ])
 def test_bad_settings_fail_before_any_work(override, names, tmp_path):
     out = [] if override.startswith("out_dir") else [f"out_dir={tmp_path / 'out'}"]
@@ -81,6 +82,30 @@ def test_bad_settings_fail_before_any_work(override, names, tmp_path):
 def test_bad_settings_exit_status_in_a_real_process(override, names, tmp_path):
     proc = run_script("PersonalLLM/train_basis.py", *TINY, f"out_dir={tmp_path}", override, check=False)
     assert_one_line_error(proc, *names)
+
+
+@pytest.mark.parametrize("planted, code, shown", [
+    ("ValueError('planted bug')", 1, "ValueError: planted bug"),  # a bug: its full traceback, exit status 1
+    ("utils.InputError('planted input')", 2, "error: planted input"),  # bad input: one line, exit status 2
+])
+def test_a_bug_keeps_its_traceback_and_bad_input_is_one_line(planted, code, shown, tmp_path):
+    """An exception planted inside a library function (LoRe.train), in a real process: only InputError is
+    turned into the one-line `error:` form; anything else is a bug and ends the script with its traceback."""
+    script = os.path.join(REPO_ROOT, "PersonalLLM/train_basis.py")
+    program = (f"import runpy, sys; sys.path.insert(0, {REPO_ROOT!r}); import utils\n"
+               f"def planted(self, *args, **kwargs):\n    raise {planted}\n"
+               "utils.LoRe.train = planted\n"
+               f"sys.argv = {[script, *TINY, f'out_dir={tmp_path}']!r}\n"
+               f"runpy.run_path({script!r}, run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert shown in proc.stderr
+    if code == 1:
+        assert "Traceback (most recent call last)" in proc.stderr and "in planted" in proc.stderr
+        assert "error: " not in proc.stderr
+    else:
+        assert "Traceback" not in proc.stderr
+        assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == ["error: planted input"]
 
 
 def test_corrupted_prepared_file_is_named_with_the_command_that_remakes_it(tmp_path):

@@ -144,7 +144,7 @@ def test_synthetic_vary_fewshot_writes_outputs(tmp_path):
     acc = [r["unseen_test"]["mean"] for r in res["results"]]
     assert [r["shots"] for r in res["results"]] == [1, 5, 9, 20] and acc[3] is None
     assert acc[0] < acc[2]  # more shots help
-    bt = [r["unseen_test"]["mean"] for r in res["baselines"]["per_user_bt"]]  # on the same shots
+    bt = [r["unseen_test"]["mean"] for r in res["baselines"]["per_user_bt"]["results"]]  # on the same shots
     assert bt[0] < bt[2] and bt[3] is None and "per-user BT unseen test" in proc.stdout
     assert (tmp_path / "vary_fewshot_synthetic.png").exists()
 

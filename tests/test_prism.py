@@ -277,5 +277,5 @@ def test_train_basis_and_vary_fewshot_synthetic(tmp_path):
     assert res["results"][0]["users_skipped"] == 0 and res["results"][-1]["users_skipped"] > 0
     assert all(0 <= r["unseen_test"]["mean"] <= 1 for r in res["results"])
     assert (tmp_path / "vary_fewshot_synthetic.png").is_file()
-    vpl = res["baselines"]["vpl"]  # dialogs as shots, as for LoRe
+    vpl = res["baselines"]["vpl"]["results"]  # dialogs as shots, as for LoRe
     assert [r["shots"] for r in vpl] == shots and all(0 < r["unseen_test"]["mean"] < 1 for r in vpl[:2])

@@ -236,6 +236,6 @@ def test_vary_fewshot_synthetic(tmp_path):
     assert [r["shots"] for r in out["results"]] == [5, 40]
     assert out["results"][0]["users_skipped"] == 0 and out["results"][1]["users_skipped"] >= 1
     assert "users skipped" in p.stdout and (tmp_path / "vary_fewshot_synthetic.png").is_file()
-    pal = out["baselines"]["pal"]  # the same shots, the same skipped workers
+    pal = out["baselines"]["pal"]["results"]  # the same shots, the same skipped workers
     assert [r["shots"] for r in pal] == [5, 40] and [r["users_skipped"] for r in pal] == [
         r["users_skipped"] for r in out["results"]] and all(0 < r["unseen_test"]["mean"] < 1 for r in pal)
