@@ -33,6 +33,8 @@ num_iterations = None      # Adam steps of the joint fit; None: 20000 (published
 learning_rate = 0.5
 fewshot_iterations = 500
 fewshot_learning_rate = 0.5
+baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
+baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 seed = 0
 synthetic = False          # True: a generated PRISM-shaped dataset with a planted low-rank structure
 synthetic_users = 1000
@@ -41,11 +43,10 @@ save_models = True         # write V, W, W_unseen of every (alpha, K) to out_dir
 data_dir = None            # default: PRISM/data (written by prepare.py)
 out_dir = None             # default: PRISM/results
 device = None              # default: cuda if available, else cpu
-baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
-baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 # -----------------------------------------------------------------------------
 config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"},
                          checks=[check_baselines])  # every setting checked before any work
+device = utils.get_device(device)
 if num_iterations is None:
     num_iterations = 500 if synthetic else 20000
 
@@ -54,17 +55,16 @@ utils.set_seed(seed)
 data = prism.load(data_dir=data_dir, synthetic=synthetic, synthetic_users=synthetic_users,
                   synthetic_features=synthetic_features, seed=seed)
 *accuracies, models = utils.run_regularized(
-    K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, utils.get_device(device),
+    K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, device,
     num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
     fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_models=True)
 out = utils.script_out_dir(__file__, out_dir)
 name = "train_basis_synthetic" if synthetic else "train_basis"
-paths = {}
-if save_models:
-    paths = utils.save_models(out / name.replace("train_basis", "models"), models, data, dataset="PRISM",
-                              fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate)
-baseline_results = run_baselines(baselines, *data.features, utils.get_device(device), seed=seed,
-                                 settings=baseline_settings)  # after LoRe's models are saved
+paths = utils.save_models(out / name.replace("train_basis", "models"), models, data, dataset="PRISM",
+                          fewshot_iterations=fewshot_iterations,
+                          fewshot_learning_rate=fewshot_learning_rate) if save_models else {}
+# the paper's other methods, on the same users and pairs, after LoRe's models are saved
+baseline_results = run_baselines(baselines, *data.features, device, seed=seed, settings=baseline_settings)
 utils.report_run(accuracies, K_list, alpha_list, config, out, name, "PRISM (synthetic)" if synthetic else "PRISM",
                  extra={"seconds": time.time() - t0, "num_iterations_used": num_iterations,
                         "kept_bases": {f"K={K} alpha={a:g}": m["V"].shape[1] for (a, K), m in models.items()},

@@ -28,6 +28,8 @@ num_iterations = None      # Adam steps of the joint fit; None: 20000 (published
 learning_rate = 0.5
 fewshot_iterations = 500
 fewshot_learning_rate = 0.5
+baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
+baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 seed = 0
 synthetic = False
 synthetic_users = 1000
@@ -35,11 +37,10 @@ synthetic_features = 64
 data_dir = None            # default: PRISM/data
 out_dir = None             # default: PRISM/results
 device = None
-baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
-baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 # -----------------------------------------------------------------------------
 config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"},
                          checks=[check_baselines])  # every setting checked before any work
+device = utils.get_device(device)
 if num_iterations is None:
     num_iterations = 500 if synthetic else 20000
 
@@ -53,11 +54,11 @@ if num_shots is None:
     num_shots = list(range(1, most + 1))
 *accuracies, skipped = utils.run_few_shot_vary_shots(
     trials, [alpha], [K], num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, data.head, data.N,
-    data.N_unseen, utils.get_device(device), regularized=True, shot_groups=fewshot_dialogs,
+    data.N_unseen, device, regularized=True, shot_groups=fewshot_dialogs,
     num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
     fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True)
 baseline_results = run_baselines_vary_shots(
-    baselines, trials, num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, utils.get_device(device),
+    baselines, trials, num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, device,
     shot_groups=fewshot_dialogs, seed=seed, settings=baseline_settings)
 name = "vary_fewshot_synthetic" if synthetic else "vary_fewshot"
 utils.report_shots(accuracies, num_shots, config, utils.script_out_dir(__file__, out_dir), name,

@@ -26,28 +26,29 @@ from PersonalLLM import personalllm  # noqa: E402
 # config (edit in place, or override on the command line as key=value)
 K_list = [0, 1, 2, 3, 4, 5]
 alpha_list = [0.0]
+num_iterations = 1000      # joint fit: Adam steps
+learning_rate = 0.5
+fewshot_iterations = 500
+fewshot_learning_rate = 0.1
 N = 1000                   # seen users
 N_unseen = 500             # unseen users (few-shot)
 train_density = 0.005      # fraction of train prompts each seen user labels (47 of 9,402)
 fewshot_density = 0.001    # fraction each unseen user labels for few-shot (9 of 9,402)
 dirichlet_alpha = 0.1      # users w ~ Dirichlet(dirichlet_alpha * ones(10))
-num_iterations = 1000      # joint fit: Adam steps
-learning_rate = 0.5
-fewshot_iterations = 500
-fewshot_learning_rate = 0.1
+baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
+baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 seed = 0
 synthetic = False          # True: a generated PersonalLLM-shaped dataset, no download
 synthetic_features = 128   # embedding size F of the synthetic data
 synthetic_prompts = [9402, 1000]  # train, test prompts of the synthetic data
+save_models = True         # write V, W, W_unseen of every (alpha, K) to out_dir/models/
 data_dir = None            # default: PersonalLLM/data (written by prepare.py)
 out_dir = None             # default: PersonalLLM/results
-save_models = True         # write V, W, W_unseen of every (alpha, K) to out_dir/models/
 device = None              # default: cuda if available, else cpu
-baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
-baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 # -----------------------------------------------------------------------------
 config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"},
                          checks=[check_baselines, personalllm.check_config])  # every setting checked before any work
+device = utils.get_device(device)
 
 t0 = time.time()
 utils.set_seed(seed)
@@ -55,17 +56,16 @@ data = personalllm.load(data_dir=data_dir, synthetic=synthetic, synthetic_prompt
                         synthetic_features=synthetic_features, N=N, N_unseen=N_unseen, train_density=train_density,
                         fewshot_density=fewshot_density, dirichlet_alpha=dirichlet_alpha, seed=seed)
 *accuracies, models = utils.run(
-    K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, utils.get_device(device),
+    K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, device,
     num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
     fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_models=True)
 out = utils.script_out_dir(__file__, out_dir)
 name = "train_basis_synthetic" if synthetic else "train_basis"
-paths = {}
-if save_models:
-    paths = utils.save_models(out / name.replace("train_basis", "models"), models, data, dataset="PersonalLLM",
-                              fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate)
-baseline_results = run_baselines(baselines, *data.features, utils.get_device(device), seed=seed,
-                                 settings=baseline_settings)  # after LoRe's models are saved
+paths = utils.save_models(out / name.replace("train_basis", "models"), models, data, dataset="PersonalLLM",
+                          fewshot_iterations=fewshot_iterations,
+                          fewshot_learning_rate=fewshot_learning_rate) if save_models else {}
+# the paper's other methods, on the same users and pairs, after LoRe's models are saved
+baseline_results = run_baselines(baselines, *data.features, device, seed=seed, settings=baseline_settings)
 utils.report_run(accuracies, K_list, alpha_list, config, out, name,
                  "PersonalLLM (synthetic)" if synthetic else "PersonalLLM",
                  extra={"seconds": time.time() - t0, "models": paths}, baselines=baseline_results)

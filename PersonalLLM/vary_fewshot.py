@@ -21,15 +21,17 @@ K = 5
 alpha = 0.0
 num_shots = [1, 2, 5, 9, 20, 45]
 trials = 5
+num_iterations = 1000
+learning_rate = 0.5
+fewshot_iterations = 500
+fewshot_learning_rate = 0.1
 N = 1000
 N_unseen = 500
 train_density = 0.005
 fewshot_pool_density = 0.005  # each unseen user's pool of pairs (47 of 9,402) to draw shots from
 dirichlet_alpha = 0.1
-num_iterations = 1000
-learning_rate = 0.5
-fewshot_iterations = 500
-fewshot_learning_rate = 0.1
+baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
+baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 seed = 0
 synthetic = False
 synthetic_features = 128
@@ -37,11 +39,10 @@ synthetic_prompts = [9402, 1000]
 data_dir = None            # default: PersonalLLM/data
 out_dir = None             # default: PersonalLLM/results
 device = None
-baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
-baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 # -----------------------------------------------------------------------------
 config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"},
                          checks=[check_baselines, personalllm.check_config])  # every setting checked before any work
+device = utils.get_device(device)
 
 t0 = time.time()
 utils.set_seed(seed)
@@ -50,10 +51,10 @@ data = personalllm.load(data_dir=data_dir, synthetic=synthetic, synthetic_prompt
                         fewshot_pool_density=fewshot_pool_density, dirichlet_alpha=dirichlet_alpha, seed=seed)
 *accuracies, skipped = utils.run_few_shot_vary_shots(
     trials, [alpha], [K], num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, data.head, data.N,
-    data.N_unseen, utils.get_device(device), num_iterations=num_iterations, learning_rate=learning_rate,
+    data.N_unseen, device, num_iterations=num_iterations, learning_rate=learning_rate,
     fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True)
 baseline_results = run_baselines_vary_shots(
-    baselines, trials, num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, utils.get_device(device),
+    baselines, trials, num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, device,
     seed=seed, settings=baseline_settings)
 name = "vary_fewshot_synthetic" if synthetic else "vary_fewshot"
 utils.report_shots(accuracies, num_shots, config, utils.script_out_dir(__file__, out_dir), name,

@@ -32,27 +32,28 @@ from RedditTLDR import tldr  # noqa: E402
 # config (edit in place, or override on the command line as key=value)
 K_list = [0, 1, 2, 3, 4, 5, 6]
 alpha_list = [0.0]
+num_iterations = 1000      # joint fit: Adam steps
+learning_rate = 0.5
+fewshot_iterations = 500
+fewshot_learning_rate = 0.1
 protocol = "published"     # "published" or "paper"
 max_train_pairs = 150      # per seen worker (a large number keeps all)
 max_fewshot_pairs = 50     # per unseen worker
 min_comparisons = 50       # paper protocol: workers with fewer comparisons are dropped
 split_seed = 0             # shuffles the workers (random.Random) and draws the capped subsets
-num_iterations = 1000      # joint fit: Adam steps
-learning_rate = 0.5
-fewshot_iterations = 500
-fewshot_learning_rate = 0.1
+baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
+baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 seed = 0
 synthetic = False          # True: a generated Reddit-TLDR-shaped dataset, no download
 synthetic_features = 64    # embedding size F of the synthetic data
+save_models = True         # write V, W, W_unseen of every (alpha, K) to out_dir/models/
 data_dir = None            # default: RedditTLDR/data (written by prepare.py)
 out_dir = None             # default: RedditTLDR/results
-save_models = True         # write V, W, W_unseen of every (alpha, K) to out_dir/models/
 device = None              # default: cuda if available, else cpu
-baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
-baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 # -----------------------------------------------------------------------------
 config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"},
                          checks=[check_baselines])  # every setting checked before any work
+device = utils.get_device(device)
 
 t0 = time.time()
 utils.set_seed(seed)
@@ -60,18 +61,17 @@ data = tldr.load(data_dir=data_dir, synthetic=synthetic, synthetic_features=synt
                  max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs, min_comparisons=min_comparisons,
                  split_seed=split_seed, seed=seed)
 *accuracies, models = utils.run(
-    K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, utils.get_device(device),
+    K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, device,
     num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
     fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_models=True)
 out = utils.script_out_dir(__file__, out_dir)
 name = "train_basis" + ("_paper" if protocol == "paper" else "") + ("_synthetic" if synthetic else "")
 title = "Reddit TLDR" + (" paper split" if protocol == "paper" else "") + (" (synthetic)" if synthetic else "")
-paths = {}
-if save_models:
-    paths = utils.save_models(out / name.replace("train_basis", "models"), models, data, dataset="RedditTLDR",
-                              fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate)
-baseline_results = run_baselines(baselines, *data.features, utils.get_device(device), seed=seed,
-                                 settings=baseline_settings)  # after LoRe's models are saved
+paths = utils.save_models(out / name.replace("train_basis", "models"), models, data, dataset="RedditTLDR",
+                          fewshot_iterations=fewshot_iterations,
+                          fewshot_learning_rate=fewshot_learning_rate) if save_models else {}
+# the paper's other methods, on the same users and pairs, after LoRe's models are saved
+baseline_results = run_baselines(baselines, *data.features, device, seed=seed, settings=baseline_settings)
 utils.report_run(accuracies, K_list, alpha_list, config, out, name, title,
                  extra={"workers": data.info["workers"], "seconds": time.time() - t0, "models": paths},
                  baselines=baseline_results)

@@ -23,26 +23,27 @@ K = 5
 alpha = 0.0
 num_shots = [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
 trials = 20
+num_iterations = 500       # joint fit, as published for vary_fewshot
+learning_rate = 0.5
+fewshot_iterations = 500
+fewshot_learning_rate = 0.1
 protocol = "published"     # "published" or "paper" (see train_basis.py)
 max_train_pairs = 150      # per seen worker
 max_fewshot_pairs = 100    # pool of an unseen worker's shots, as published (None: all its train-split comparisons)
 min_comparisons = 50       # paper protocol
 split_seed = 0
-num_iterations = 500       # joint fit, as published for vary_fewshot
-learning_rate = 0.5
-fewshot_iterations = 500
-fewshot_learning_rate = 0.1
+baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
+baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 seed = 0
 synthetic = False
 synthetic_features = 64
 data_dir = None            # default: RedditTLDR/data
 out_dir = None             # default: RedditTLDR/results
 device = None
-baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
-baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 # -----------------------------------------------------------------------------
 config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"},
                          checks=[check_baselines])  # every setting checked before any work
+device = utils.get_device(device)
 
 t0 = time.time()
 utils.set_seed(seed)
@@ -51,10 +52,10 @@ data = tldr.load(data_dir=data_dir, synthetic=synthetic, synthetic_features=synt
                  split_seed=split_seed, seed=seed)
 *accuracies, skipped = utils.run_few_shot_vary_shots(
     trials, [alpha], [K], num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, data.head, data.N,
-    data.N_unseen, utils.get_device(device), num_iterations=num_iterations, learning_rate=learning_rate,
+    data.N_unseen, device, num_iterations=num_iterations, learning_rate=learning_rate,
     fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True)
 baseline_results = run_baselines_vary_shots(
-    baselines, trials, num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, utils.get_device(device),
+    baselines, trials, num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, device,
     seed=seed, settings=baseline_settings)
 name = "vary_fewshot" + ("_paper" if protocol == "paper" else "") + ("_synthetic" if synthetic else "")
 title = "Reddit TLDR" + (" paper split" if protocol == "paper" else "") + (" (synthetic)" if synthetic else "")
