@@ -76,6 +76,36 @@ def _map_rows(fn, table, rows, device, batch):
     return torch.cat([fn(table[rows[s:s + batch]].to(device, torch.float32)) for s in range(0, len(rows), batch)])
 
 
+def _user_logits(C, K, gen):
+    """[C, K] fresh user logits ~ randn, drawn user by user (as released), so that a user's start does not depend
+    on how many users are drawn with it."""
+    return torch.stack([torch.randn(K, generator=gen) for _ in range(C)]) if C else torch.zeros(0, K)
+
+
+class _RowAdam:
+    """Adam on the rows of W [C, K] with each row's own moments and step count: a row moves only in the steps
+    where it has a gradient, as with one parameter per user and zero_grad(set_to_none=True) (the released PAL
+    keeps its users' weights that way). One Adam over the whole [C, K] tensor would instead move every row on
+    its momentum in every step, so a user's fit would depend on how many other users are fit beside it."""
+
+    def __init__(self, W, lr, betas=(0.9, 0.999), eps=1e-8):
+        self.W, self.lr, (self.beta1, self.beta2), self.eps = W, lr, betas, eps
+        self.m, self.v = torch.zeros_like(W), torch.zeros_like(W)
+        self.t = torch.zeros(len(W), 1, dtype=torch.float64, device=W.device)
+
+    @torch.no_grad()
+    def step(self, rows):
+        """Update the rows `rows` [r] (distinct) from W.grad, then drop the gradient."""
+        g = self.W.grad[rows]
+        self.t[rows] += 1
+        self.m[rows] = m = self.m[rows] * self.beta1 + g * (1 - self.beta1)
+        self.v[rows] = v = self.v[rows] * self.beta2 + g * g * (1 - self.beta2)
+        step = (self.lr / (1 - self.beta1 ** self.t[rows])).float()
+        root_bc2 = (1 - self.beta2 ** self.t[rows]).sqrt().float()
+        self.W[rows] -= step * m / (v.sqrt() / root_bc2 + self.eps)
+        self.W.grad = None
+
+
 class _Baseline(nn.Module):
     """Shared evaluation: `accuracies(pairs, state)` from `margins(pairs, state)`. A subclass sets `label` (its
     name in tables) and `rules` ({setting: range rule of utils.check_value}, one per constructor argument
@@ -328,7 +358,9 @@ class PAL(_Baseline):
     f(softmax(W_u) P); margin ||f(x_r) - a_u|| - ||f(x_c) - a_u||; hinge loss max(0, 1 - margin).
     Adam: projectors lr 1e-4 with weight decay 0.01, W (and P) lr 5e-3, tau lr 0.1; batches of
     pairs shuffled across users. New users: everything shared frozen, fresh W ~ randn, AdamW
-    lr 5e-3 without decay for a fixed number of epochs (no selection on test pairs).
+    lr 5e-3 without decay for a fixed number of epochs (no selection on test pairs). As released,
+    each user's row of W has its own Adam state and moves only in the steps where the user is in
+    the batch (_RowAdam).
     """
     label = "PAL"
     rules = {"K": "int >= 1", "variant": "one of A B", "dim": "int >= 1", "learning_rate": "> 0",
@@ -393,16 +425,17 @@ class PAL(_Baseline):
         table, chosen, rejected = self._sides(pairs, device)
         user = pairs.user.to(device)
         gen = torch.Generator().manual_seed(self.seed)
-        self.W = nn.Parameter(torch.randn(pairs.num_users, self.K, generator=gen))
+        self.W = nn.Parameter(_user_logits(pairs.num_users, self.K, gen))
         self.to(device)
         projectors = [self.f] + ([self.g] if self.variant == "B" else [])
         groups = [{"params": [p for m in projectors for p in m.parameters()], "lr": self.learning_rate,
-                   "weight_decay": self.weight_decay},
-                  {"params": [self.W] + ([self.P] if self.variant == "A" else []), "lr": self.user_learning_rate,
-                   "weight_decay": 0.0}]
-        if self.variant == "B":
+                   "weight_decay": self.weight_decay}]
+        if self.variant == "A":
+            groups.append({"params": [self.P], "lr": self.user_learning_rate, "weight_decay": 0.0})
+        else:
             groups.append({"params": [self.tau], "lr": self.tau_learning_rate, "weight_decay": 0.0})
         opt = torch.optim.Adam(groups, fused=True)  # one pass per tensor: 6x faster on CPU
+        opt_W = _RowAdam(self.W, self.user_learning_rate)  # each user's row its own Adam, as released
         M = len(user)
         steps = math.ceil(M / self.batch_size)
         bar = tqdm(total=self.num_epochs * steps, desc=f"PAL-{self.variant}", leave=False, disable=None)
@@ -417,6 +450,7 @@ class PAL(_Baseline):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                opt_W.step(torch.unique(user[idx]))
                 self.losses.append(loss.item())
                 bar.update(1)
         bar.close()
@@ -456,8 +490,8 @@ class PAL(_Baseline):
         user = pairs.user.to(device)
         self.to(device)
         gen = torch.Generator().manual_seed(self.seed + 1)
-        W = torch.randn(pairs.num_users, self.K, generator=gen).to(device).requires_grad_()
-        opt = torch.optim.AdamW([W], lr=self.fewshot_learning_rate, weight_decay=0.0, fused=True)
+        W = _user_logits(pairs.num_users, self.K, gen).to(device).requires_grad_()
+        opt = _RowAdam(W, self.fewshot_learning_rate)  # AdamW without decay, one per user as released
         trainable = [p.requires_grad for p in self.parameters()]
         for p in self.parameters():
             p.requires_grad_(False)
@@ -480,9 +514,8 @@ class PAL(_Baseline):
                 for b in range(steps):
                     idx = perm[b * self.fewshot_batch_size:(b + 1) * self.fewshot_batch_size]
                     loss = self._loss(self._scores(W[user[idx]], idx, features))
-                    opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    opt.step()
+                    opt.step(torch.unique(user[idx]))
                     bar.update(1)
             bar.close()
         finally:
@@ -512,24 +545,28 @@ if utils.numba is not None:
     def _pal_b_new_users_kernel(items, ic, ir, G, ip, user, W, perms, batch, lr, scale):
         """PAL-B's new-user fit on CPU, step for step the PyTorch loop of PAL.personalize: for every epoch's
         permutation, batches of `batch` pairs, loss mean softplus(-scale (cos(a, f_c) - cos(a, f_r))) with
-        a = sum_k softmax(W_u)_k G_k; AdamW without decay (betas 0.9, 0.999, eps 1e-8) on all of W [C, K]
-        (rows outside the batch move by their momentum, as with one parameter tensor). -> W [C, K]."""
+        a = sum_k softmax(W_u)_k G_k; AdamW without decay (betas 0.9, 0.999, eps 1e-8) on the rows of W [C, K]
+        in the batch only, each with its own moments and step count (_RowAdam). -> W [C, K]."""
         C, K = W.shape
         d = items.shape[1]
         m1 = np.zeros((C, K), np.float32)
         m2 = np.zeros((C, K), np.float32)
         grad = np.zeros((C, K), np.float32)
+        steps = np.zeros(C, np.int64)  # each row's own Adam step count
+        last = np.full(C, -1, np.int64)  # the last step in which a row had a gradient
         a = np.empty(d, np.float32)
         w = np.empty(K, np.float32)
         gw = np.empty(K, np.float32)
-        t = 0
+        n = 0
         for e in range(perms.shape[0]):
             for s in range(0, perms.shape[1], batch):
                 idx = perms[e, s:s + batch]
                 b = len(idx)
-                grad[:] = 0.0
+                for j in idx:
+                    grad[user[j]] = 0.0
                 for j in idx:
                     u, gk, c, r = user[j], ip[j], ic[j], ir[j]
+                    last[u] = n
                     mx = W[u].max()
                     for k in range(K):
                         w[k] = np.exp(W[u, k] - mx)
@@ -551,14 +588,19 @@ if utils.numba is not None:
                     dot = (w * gw).sum()
                     for k in range(K):
                         grad[u, k] += w[k] * (gw[k] - dot)  # softmax backward
-                t += 1
-                step = lr / (1.0 - 0.9 ** t)
-                root_bc2 = np.sqrt(1.0 - 0.999 ** t)
-                for i in range(C):
+                for j in idx:
+                    i = user[j]
+                    if last[i] != n:  # this row was updated already (a user with several pairs in the batch)
+                        continue
+                    last[i] = -1
+                    steps[i] += 1
+                    step = lr / (1.0 - 0.9 ** steps[i])
+                    root_bc2 = np.sqrt(1.0 - 0.999 ** steps[i])
                     for k in range(K):
                         m1[i, k] = 0.9 * m1[i, k] + 0.1 * grad[i, k]
                         m2[i, k] = 0.999 * m2[i, k] + 0.001 * grad[i, k] * grad[i, k]
                         W[i, k] -= step * m1[i, k] / (np.sqrt(m2[i, k]) / root_bc2 + 1e-8)
+                n += 1
         return W
 
 

@@ -159,7 +159,7 @@ def test_pal_new_users_leave_shared_parts_unchanged(data, variant, monkeypatch):
         assert torch.equal(before[k], after[k]), k
     assert all(p.requires_grad for p in model.parameters())  # trainable again afterwards
     # the new users' weights did move away from their random start
-    W0 = torch.randn(data["fewshot"].num_users, 3, generator=torch.Generator().manual_seed(model.seed + 1))
+    W0 = baselines._user_logits(data["fewshot"].num_users, 3, torch.Generator().manual_seed(model.seed + 1))
     assert (W - W0).abs().max() > 0.1
 
 
@@ -271,4 +271,95 @@ def test_pal_b_new_user_kernel_equals_the_pytorch_loop(data, monkeypatch):
     monkeypatch.setattr(utils, "numba", None)
     slow = model.personalize(data["fewshot"])
     assert torch.allclose(fast, slow, atol=1e-4, rtol=1e-4), (fast - slow).abs().max()
-    assert (fast - torch.randn(fast.shape, generator=torch.Generator().manual_seed(model.seed + 1))).abs().max() > 0.1
+    W0 = baselines._user_logits(*fast.shape, torch.Generator().manual_seed(model.seed + 1))
+    assert (fast - W0).abs().max() > 0.1
+
+
+def released_pal_fit(model, pairs, W0, gen):
+    """The released PAL training loop on `model` (an unfitted PAL): one nn.Parameter per user in a ParameterDict,
+    one torch Adam over parameter groups, optimizer.zero_grad() (gradients set to None), so that a user's
+    weights move, with their own Adam state, only in the steps where the user is in the batch. -> W [C, K]."""
+    table, chosen, rejected = pairs.sides()
+    users = torch.nn.ParameterDict({str(u): torch.nn.Parameter(W0[u].clone()) for u in range(pairs.num_users)})
+    projectors = [p for m in [model.f, model.g] for p in m.parameters()]
+    opt = torch.optim.Adam([{"params": projectors, "lr": model.learning_rate, "weight_decay": model.weight_decay},
+                            {"params": list(users.values()), "lr": model.user_learning_rate, "weight_decay": 0.0},
+                            {"params": [model.tau], "lr": model.tau_learning_rate, "weight_decay": 0.0}])
+    M = len(pairs.user)
+    for _ in range(model.num_epochs):
+        perm = torch.randperm(M, generator=gen)
+        for s in range(0, M, model.batch_size):
+            idx = perm[s:s + model.batch_size]
+            W_rows = torch.stack([users[str(u)] for u in pairs.user[idx].tolist()])
+            ec, er = table[chosen[idx]], table[rejected[idx]]
+            loss = model._loss(model._margin(model._ideal(W_rows, ec, er), model.f(ec), model.f(er)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return torch.stack([users[str(u)].detach() for u in range(pairs.num_users)])
+
+
+def released_pal_new_users(model, pairs, W0, gen):
+    """The released new-user loop: a ParameterDict of fresh user weights, AdamW (no decay) on them alone,
+    zero_grad(set_to_none=True); everything shared frozen. -> W [C', K]."""
+    features = model._features(pairs, "cpu")
+    users = torch.nn.ParameterDict({str(u): torch.nn.Parameter(W0[u].clone()) for u in range(pairs.num_users)})
+    opt = torch.optim.AdamW(list(users.values()), lr=model.fewshot_learning_rate, weight_decay=0.0)
+    M = len(pairs.user)
+    for _ in range(model.fewshot_epochs):
+        perm = torch.randperm(M, generator=gen)
+        for s in range(0, M, model.fewshot_batch_size):
+            idx = perm[s:s + model.fewshot_batch_size]
+            W_rows = torch.stack([users[str(u)] for u in pairs.user[idx].tolist()])
+            loss = model._loss(model._scores(W_rows, idx, features))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return torch.stack([users[str(u)].detach() for u in range(pairs.num_users)])
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_pal_user_weights_follow_the_released_per_user_adam(data, kernel, monkeypatch):
+    """Seen-user fit and new-user fit == the released loops with one parameter (and one Adam state) per user,
+    on both paths of the new-user fit (the numba kernel and PyTorch)."""
+    if kernel and utils.numba is None:
+        pytest.skip("numba not installed")
+    settings = dict(K=3, dim=16, batch_size=4, num_epochs=1, fewshot_epochs=4, fewshot_batch_size=4,
+                    user_learning_rate=5e-2, fewshot_learning_rate=5e-2, seed=7)
+    train = data["train"].select_users(range(0, data["train"].num_users, 3))
+    reference = baselines.PAL(16, **settings)
+    gen = torch.Generator().manual_seed(7)
+    W_ref = released_pal_fit(reference, train, baselines._user_logits(train.num_users, 3, gen), gen)
+    model = baselines.PAL(16, **settings).fit(train, "cpu")
+    assert torch.allclose(model.W.detach(), W_ref, atol=2e-5), (model.W - W_ref).abs().max()
+    assert torch.allclose(model.f[0].weight, reference.f[0].weight, atol=2e-5)
+    if not kernel:
+        monkeypatch.setattr(utils, "numba", None)
+    new = model.personalize(data["fewshot"], "cpu")
+    gen = torch.Generator().manual_seed(8)
+    W0 = baselines._user_logits(data["fewshot"].num_users, 3, gen)
+    new_ref = released_pal_new_users(model, data["fewshot"], W0, gen)
+    assert torch.allclose(new, new_ref, atol=2e-5), (new - new_ref).abs().max()
+    assert (new - W0).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_pal_new_user_fit_does_not_depend_on_the_users_beside_it(kernel, monkeypatch):
+    """A new user with one few-shot pair, batches of one pair: it gets one step per epoch on its own pair,
+    whether it is personalised alone or beside 200 other users (each user's weights have their own Adam)."""
+    if kernel and utils.numba is None:
+        pytest.skip("numba not installed")
+    if not kernel:
+        monkeypatch.setattr(utils, "numba", None)
+    d = planted(seen_per_type=5, unseen_per_type=101, n_train=20, n_fewshot=3)
+    model = baselines.PAL(16, K=3, dim=16, batch_size=8, fewshot_epochs=5, fewshot_batch_size=1).fit(d["train"])
+    table, chosen, rejected = d["fewshot"].sides()
+    first = d["fewshot"].select(torch.tensor([0]))  # user 0's first pair
+    alone = utils.Pairs(torch.tensor([0]), 1, table=table, chosen=first.chosen, rejected=first.rejected)
+    rows = torch.cat([torch.tensor([0]), torch.arange(3, len(chosen))])  # user 0 with one pair, then 201 others
+    beside = utils.Pairs(d["fewshot"].user[rows], d["fewshot"].num_users, table=table, chosen=chosen[rows],
+                         rejected=rejected[rows])
+    W_alone, W_beside = model.personalize(alone), model.personalize(beside)
+    assert W_beside.shape == (202, 3)
+    assert torch.allclose(W_alone[0], W_beside[0], atol=1e-6), (W_alone[0], W_beside[0])
+    assert (W_alone[0] - baselines._user_logits(1, 3, torch.Generator().manual_seed(1))[0]).abs().max() > 0.01
