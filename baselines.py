@@ -161,11 +161,13 @@ def _decay_groups(modules, weight_decay):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def _context_rows(rows, num_contexts, gen, exclude_self):
+def _context_rows(rows, num_contexts, gen, exclude_self, random_length=False):
     """Context pairs of every pair of one user: [n, C] positions in `rows` [n], -1 padded.
 
     exclude_self: each of the user's pairs gets min(C, n - 1) other pairs of the user, drawn
-    without replacement; else every row gets the same min(C, n) pairs (the user's context)."""
+    without replacement, or with random_length min(c, n - 1) of them, c uniform in 1..C for each pair
+    (as the released VPL draws its context lengths); else every row gets the same min(C, n) pairs
+    (the user's context; C = n: all of them)."""
     n = len(rows)
     if not exclude_self:
         pick = torch.randperm(n, generator=gen)[:num_contexts] if n > num_contexts else torch.arange(n)
@@ -174,12 +176,15 @@ def _context_rows(rows, num_contexts, gen, exclude_self):
         return out
     c = min(num_contexts, n - 1)
     out = torch.full((n, num_contexts), -1, dtype=torch.long)
+    length = torch.randint(1, num_contexts + 1, (n, 1), generator=gen) if random_length else None
     block = max(1, 2**22 // n)  # bounded memory for users with very many pairs
     for s in range(0, n, block):
         b = min(block, n - s)
         scores = torch.rand(b, n, generator=gen)
         scores[torch.arange(b), torch.arange(s, s + b)] = 2.0  # never pick the pair itself
         out[s:s + b, :c] = rows[scores.topk(c, dim=1, largest=False).indices]
+    if random_length:
+        out[torch.arange(num_contexts) >= length] = -1
     return out
 
 
@@ -191,30 +196,35 @@ class VPL(_Baseline):
     linear heads for mu and log sigma^2 [L], both clamped to [-1, 1]. Training latent
     z = normalize(mu + sigma * eps) * sqrt(L). Decoder: MLP [e_x; z] (F + L -> H -> H -> 1):
     the reward r(x, z). Loss: mean softplus(-(r(chosen, z) - r(rejected, z))) + beta * anneal(t)
-    * KL(N(mu, sigma^2) || N(0, I)), anneal a cyclical cosine from 0.1 to 1 (period kl_period
-    steps). Each target pair's contexts: C other pairs of its user, resampled every epoch.
-    AdamW (no decay on biases), gradient clipping, cosine schedule with warm-up, batches of
-    pairs shuffled across users. A user's latent at evaluation is encoded from at most C of its
-    pairs (its training pairs for seen users, its few-shot pairs for new users; no gradient step):
-    eval_latent="normalized" uses normalize(mu) * sqrt(L), on the training latents' sphere;
-    "mean" uses mu as the released code does.
+    * KL(N(mu, sigma^2) || N(0, I)), anneal a cyclical cosine from 0.1 to 1 over kl_period
+    micro-batches of micro_batch_size pairs (the released code's forward passes: its batch of 32
+    is 8 accumulated passes of 4, and its annealer advances once per pass). Each target pair's
+    contexts: c other pairs of its user, c uniform in 1..C per pair as released (fixed_context_length:
+    always C), resampled every epoch. AdamW (no decay on biases), gradient clipping, cosine schedule
+    with warm-up, batches of pairs shuffled across users. A user's latent at evaluation is encoded
+    from at most C of its pairs, as released (eval_all_pairs: all of them), its training pairs for
+    seen users, its few-shot pairs for new users, with no gradient step: eval_latent="normalized"
+    uses normalize(mu) * sqrt(L), on the training latents' sphere; "mean" uses mu as released.
     """
     label = "VPL"
     rules = {"hidden_dim": "int >= 1", "latent_dim": "int >= 1", "num_contexts": "int >= 1", "beta": ">= 0",
              "learning_rate": "> 0", "weight_decay": ">= 0", "batch_size": "int >= 1", "num_epochs": "int >= 0",
-             "warmup_ratio": ">= 0", "max_grad_norm": "> 0", "kl_period": "int >= 1",
+             "warmup_ratio": ">= 0", "max_grad_norm": "> 0", "kl_period": "int >= 1", "micro_batch_size": "int >= 1",
+             "fixed_context_length": "bool", "eval_all_pairs": "bool",
              "eval_latent": "one of normalized mean", "eval_batch_size": "int >= 1"}
 
     def __init__(self, num_features, hidden_dim=512, latent_dim=512, num_contexts=8, beta=1e-4, learning_rate=1e-4,
                  weight_decay=1e-3, batch_size=32, num_epochs=2, warmup_ratio=0.03, max_grad_norm=1.0,
-                 kl_period=10000, eval_latent="normalized", eval_batch_size=1024, seed=0):
+                 kl_period=10000, micro_batch_size=4, fixed_context_length=False, eval_all_pairs=False,
+                 eval_latent="normalized", eval_batch_size=1024, seed=0):
         super().__init__()
         utils.check_values(locals(), self.rules)
         self.num_features, self.latent_dim, self.num_contexts = num_features, latent_dim, num_contexts
         self.beta, self.learning_rate, self.weight_decay = beta, learning_rate, weight_decay
         self.batch_size, self.num_epochs, self.warmup_ratio = batch_size, num_epochs, warmup_ratio
-        self.max_grad_norm, self.kl_period, self.eval_latent = max_grad_norm, kl_period, eval_latent
-        self.eval_batch_size, self.seed = eval_batch_size, seed
+        self.max_grad_norm, self.kl_period, self.micro_batch_size = max_grad_norm, kl_period, micro_batch_size
+        self.fixed_context_length, self.eval_all_pairs = fixed_context_length, eval_all_pairs
+        self.eval_latent, self.eval_batch_size, self.seed = eval_latent, eval_batch_size, seed
         act = lambda: nn.LeakyReLU(0.2)  # noqa: E731
         with _seeded(seed):
             self.encoder = _mlp([2 * num_features, hidden_dim, hidden_dim, latent_dim], act)
@@ -239,9 +249,10 @@ class VPL(_Baseline):
         return self.decoder(torch.cat([e, z], -1))[:, 0]
 
     def anneal(self, step):
-        """KL weight factor at a step: cyclical cosine from 0.1 to 1 over kl_period steps."""
+        """KL weight factor after `step` micro-batches [B] (a tensor): cyclical cosine from 0.1 to 1 over
+        kl_period micro-batches."""
         frac = (step % self.kl_period) / self.kl_period
-        return 0.1 + 0.9 * 0.5 * (1 - math.cos(math.pi * frac))
+        return 0.1 + 0.9 * 0.5 * (1 - torch.cos(math.pi * frac))
 
     def _contexts(self, table, chosen, rejected, ctx):
         """(e_chosen, e_rejected [B, C, F], mask [B, C]) of context pair rows ctx [B, C] (-1 = none)."""
@@ -265,12 +276,13 @@ class VPL(_Baseline):
         opt = torch.optim.AdamW(_decay_groups([self], self.weight_decay), lr=self.learning_rate, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(total, self.warmup_ratio))
         gen = torch.Generator().manual_seed(self.seed)
-        step = 0
+        micro = 0  # micro-batches so far: the KL annealing's clock
         bar = tqdm(total=total, desc="VPL", leave=False, disable=None)
         for _ in range(self.num_epochs):
             ctx = torch.full((M, self.num_contexts), -1, dtype=torch.long)
             for r in rows:
-                ctx[r] = _context_rows(r, self.num_contexts, gen, exclude_self=True)
+                ctx[r] = _context_rows(r, self.num_contexts, gen, exclude_self=True,
+                                       random_length=not self.fixed_context_length)
             ctx = ctx.to(device)
             perm = torch.randperm(M, generator=gen).to(device)
             for b in range(steps_per_epoch):
@@ -280,14 +292,18 @@ class VPL(_Baseline):
                 z = F_nn.normalize(mu + torch.exp(0.5 * logvar) * eps, dim=-1) * math.sqrt(self.latent_dim)
                 r = self.reward(table[torch.cat([chosen[idx], rejected[idx]])], torch.cat([z, z]))  # one pass
                 margin = r[:len(idx)] - r[len(idx):]
-                kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(-1).mean()
-                loss = F_nn.softplus(-margin).mean() + self.beta * self.anneal(step) * kl
+                kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(-1)  # [B]
+                part = torch.arange(len(idx), device=device) // self.micro_batch_size  # micro-batch of each pair
+                parts = int(part[-1]) + 1
+                kl = torch.zeros(parts, device=device).index_add_(0, part, kl) / torch.bincount(part, minlength=parts)
+                weight = self.anneal(torch.arange(micro, micro + parts, device=device, dtype=torch.float64)).float()
+                loss = F_nn.softplus(-margin).mean() + self.beta * (weight * kl).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(self.parameters(), self.max_grad_norm)
                 opt.step()
                 sched.step()
-                step += 1
+                micro += parts
                 self.losses.append(loss.item())
                 bar.update(1)
         bar.close()
@@ -296,16 +312,19 @@ class VPL(_Baseline):
 
     @torch.no_grad()
     def latents(self, pairs, device=None):
-        """[C, L] each user's latent, encoded from at most C of its pairs (subsampled with the seed)."""
+        """[C, L] each user's latent, encoded from at most C of its pairs (subsampled with the seed), or from all
+        of them (eval_all_pairs)."""
         pairs = as_pairs(pairs)
         _check_features(pairs, self.num_features)
         device = get_device(device)
         table, chosen, rejected = pairs.sides()
         self.to(device)
         gen = torch.Generator().manual_seed(self.seed + 1)
-        ctx = torch.stack([_context_rows(r, self.num_contexts, gen, exclude_self=False) for r in _user_rows(pairs)])
+        rows = _user_rows(pairs)
+        width = max(len(r) for r in rows) if self.eval_all_pairs else self.num_contexts
+        ctx = torch.stack([_context_rows(r, width, gen, exclude_self=False) for r in rows])
         out = []
-        step = max(1, self.eval_batch_size // self.num_contexts)  # users per batch: eval_batch_size context pairs
+        step = max(1, self.eval_batch_size // width)  # users per batch: eval_batch_size context pairs
         for s in range(0, len(ctx), step):  # gathered where the table is, then moved
             e_c, e_r, mask = self._contexts(table, chosen, rejected, ctx[s:s + step])
             mu, _ = self.encode(e_c.to(device, torch.float32), e_r.to(device, torch.float32), mask.to(device))

@@ -166,15 +166,19 @@ def _describe(rule):
         return "one of " + ", ".join(rule[len("one of "):].split())
     if rule == "number":
         return "a finite number"
+    if rule == "bool":
+        return "True or False"
     if rule.startswith("int "):
         return f"an integer {rule[4:]}"
     return f"a number {rule}"
 
 
 def _passes(value, rule):
-    """Does `value` satisfy the single-value rule ('int >= 1', '> 0', 'in (0, 1]', 'number', 'one of a b c')?"""
+    """Does `value` satisfy the single-value rule ('int >= 1', '> 0', 'in (0, 1]', 'number', 'bool', 'one of a b')?"""
     if rule.startswith("one of "):
         return value in rule[len("one of "):].split()
+    if rule == "bool":
+        return isinstance(value, bool)
     is_int = rule.startswith("int ")
     rule = rule[4:] if is_int else rule
     if isinstance(value, bool) or not isinstance(value, numbers.Integral if is_int else numbers.Real):
@@ -194,8 +198,9 @@ def _passes(value, rule):
 def check_value(name, value, rule=None):
     """Raise InputError('<name>=<value>: <why>; <what to do>') unless `value` satisfies `rule` (default RULES[name]).
 
-    rule: ['each '] ('int ' | '') ('>= x' | '> x' | 'in (0, 1]' | 'in (0, 1)' | 'number') [' or None'], or
-    'one of a b c'. 'each': a non-empty list whose every entry satisfies the rest; 'or None': None is accepted too.
+    rule: ['each '] ('int ' | '') ('>= x' | '> x' | 'in (0, 1]' | 'in (0, 1)' | 'number') [' or None'],
+    'bool', or 'one of a b c'. 'each': a non-empty list whose every entry satisfies the rest; 'or None': None is
+    accepted too.
     """
     rule = RULES[name] if rule is None else rule
     if rule.endswith(" or None"):

@@ -363,3 +363,39 @@ def test_pal_new_user_fit_does_not_depend_on_the_users_beside_it(kernel, monkeyp
     assert W_beside.shape == (202, 3)
     assert torch.allclose(W_alone[0], W_beside[0], atol=1e-6), (W_alone[0], W_beside[0])
     assert (W_alone[0] - baselines._user_logits(1, 3, torch.Generator().manual_seed(1))[0]).abs().max() > 0.01
+
+
+def test_vpl_context_lengths_kl_clock_and_evaluation_contexts(data):
+    """Training contexts: c other pairs of the user with c uniform in 1..C (as released), or always C; the KL
+    annealing advances once per micro-batch of micro_batch_size pairs; eval_all_pairs encodes every pair."""
+    rows = torch.arange(100, 130)
+    gen = torch.Generator().manual_seed(0)
+    ctx = baselines._context_rows(rows, 8, gen, exclude_self=True, random_length=True)
+    lengths = (ctx >= 0).sum(1)
+    assert lengths.min() == 1 and lengths.max() == 8 and len(set(lengths.tolist())) >= 6
+    assert all(rows[j] not in ctx[j] and set(ctx[j][ctx[j] >= 0].tolist()) <= set(rows.tolist()) for j in range(30))
+    fixed = baselines._context_rows(rows, 8, gen, exclude_self=True)
+    assert ((fixed >= 0).sum(1) == 8).all()
+    assert ((baselines._context_rows(rows[:3], 8, gen, exclude_self=True, random_length=True) >= 0).sum(1) <= 2).all()
+
+    small = data["train"].select_users(range(0, data["train"].num_users, 3))  # 10 users x 30 pairs
+    model = baselines.VPL(16, hidden_dim=8, latent_dim=4, batch_size=32, micro_batch_size=4, num_epochs=1, beta=0.1)
+    clock = []
+    anneal = model.anneal
+    model.anneal = lambda t: clock.append(t.clone()) or anneal(t)
+    model.fit(small)
+    steps = torch.cat(clock)
+    assert torch.equal(steps, torch.arange(len(steps), dtype=steps.dtype))  # one tick per micro-batch
+    assert len(steps) == sum(math.ceil(min(32, 300 - s) / 4) for s in range(0, 300, 32)) and len(clock) == 10
+
+    many = data["test"].select_users(range(4))  # 30 pairs per user
+    z8 = model.latents(many)
+    model.eval_all_pairs = True
+    z_all = model.latents(many)
+    assert not torch.allclose(z8, z_all)
+    few = data["fewshot"].select(torch.arange(6))  # users with at most 8 pairs: the same contexts either way
+    few = few.select_users(torch.unique(few.user))
+    model.eval_all_pairs = False
+    z_few = model.latents(few)
+    model.eval_all_pairs = True
+    assert torch.allclose(z_few, model.latents(few), atol=1e-6)
