@@ -638,7 +638,8 @@ def _check_names(names):
 
 def full_settings(name, overrides=None):
     """{setting: value} that baseline `name` runs with: the defaults of its class (the published values) with
-    `overrides` ({setting: value}) applied. InputError for an unknown name or setting, or a value out of range."""
+    `overrides` ({setting: value}) applied. One setting may be a list of values, a sweep (e.g. PAL's K = [2, 5,
+    10]): each value is a run of its own. InputError for an unknown name or setting, or a value out of range."""
     _check_names([name])
     cls = BASELINES[name]
     overrides = dict(overrides or {})
@@ -646,13 +647,31 @@ def full_settings(name, overrides=None):
     if unknown:
         raise InputError(f"baseline_settings[{name!r}]: {unknown} are no {cls.__name__} setting; it has "
                          f"{sorted(cls.rules)}")
+    swept = [k for k, v in overrides.items() if isinstance(v, (list, tuple))]
+    if len(swept) > 1 or any(len(overrides[k]) == 0 for k in swept):
+        raise InputError(f"baseline_settings[{name!r}]: {swept} are lists; one setting at most can take a "
+                         "non-empty list of values (a sweep)")
     defaults = inspect.signature(cls).parameters
     settings = {k: defaults[k].default for k in cls.rules} | overrides
     try:
-        utils.check_values(settings, cls.rules)
+        utils.check_values(settings, {k: ("each " if k in swept else "") + r for k, r in cls.rules.items()})
     except InputError as e:
         raise InputError(f"baseline_settings[{name!r}]: {e}") from None
     return settings
+
+
+def _runs(names, overrides):
+    """[(entry, name, settings, sweep)]: one run per baseline, or one per value of its swept setting (entry
+    "pal_K5", sweep {"K": 5})."""
+    out = []
+    for name in names:
+        settings = full_settings(name, (overrides or {}).get(name))
+        swept = [k for k, v in settings.items() if isinstance(v, (list, tuple))]
+        if not swept:
+            out.append((name, name, settings, {}))
+        for k in swept:
+            out += [(f"{name}_{k}{v}", name, {**settings, k: v}, {k: v}) for v in settings[k]]
+    return out
 
 
 def check_baselines(config):
@@ -675,40 +694,62 @@ def make_baseline(name, num_features, seed=0, **settings):
     return BASELINES[name](num_features, seed=seed, **settings)
 
 
-def _start(name, num_features, seed, overrides):
-    """(model, its full settings, start time) of one baseline run, seeded like LoRe's fits."""
-    settings = full_settings(name, (overrides or {}).get(name))
+def _start(name, num_features, seed, settings):
+    """(model, start time) of one baseline run, seeded like LoRe's fits."""
     utils.set_seed(seed)
-    return make_baseline(name, num_features, seed=seed, **settings), settings, time.time()
+    return make_baseline(name, num_features, seed=seed, **settings), time.time()
+
+
+def _entry(name, model, settings, sweep):
+    """The table label and the JSON fields naming one run."""
+    label = model.label + "".join(f" ({k} = {v})" for k, v in sweep.items())
+    return {"label": label, "method": model.label, "settings": settings, **({"sweep": sweep} if sweep else {})}
 
 
 def run_baselines(baselines, train_features, test_features_sparse, train_features_unseen,
-                  test_features_sparse_unseen, device=None, *, seed=0, settings=None):
+                  test_features_sparse_unseen, device=None, *, seed=0, settings=None, validation_fraction=0.1):
     """Fit each baseline on the seen users, personalise the unseen users from their few-shot pairs, evaluate.
 
     baselines: names of BASELINES ("per_user_bt", "vpl", "pal"); settings: {name: {setting: value}}, overrides
-    of their published settings. The same four pair sets as utils.run, the same accuracy definition. Returns
-    {name: {"label", "settings" (all of them, as run), "seen_train", "seen_test", "unseen_fewshot",
-    "unseen_test": {"mean", "std"} over users, "seconds"}}, apart from utils.run's arrays.
+    of their published settings, one of which may be a list (a sweep: one run per value). The same four pair
+    sets as utils.run, the same accuracy definition. For a sweep, the value of best mean accuracy on held-out
+    pairs of the seen users' training data (validation_fraction of each user's, utils.holdout_pairs; never the
+    test pairs) is marked "chosen". Returns {entry: {"label", "method", "settings" (all of them, as run),
+    ["sweep", "validation", "chosen"], "seen_train", "seen_test", "unseen_fewshot", "unseen_test": {"mean",
+    "std"} over users, "seconds"}}, entry the name or, in a sweep, "<name>_<setting><value>" (e.g. "pal_K5").
     """
     _check_names(baselines)
     train, test, train_u, test_u = (as_pairs(x) for x in (train_features, test_features_sparse,
                                                           train_features_unseen, test_features_sparse_unseen))
     utils.check_users([("test_features_sparse", test, len(train)),
                        ("test_features_sparse_unseen", test_u, len(train_u))])
+    runs = _runs(baselines, settings)
     out = {}
-    for name in baselines:
-        model, full, t0 = _start(name, train.num_features, seed, settings)
+    for entry, name, full, sweep in runs:
+        model, t0 = _start(name, train.num_features, seed, full)
         model.fit(train, device)
         state = model.personalize(train_u, device)
         accs = [model.accuracies(train, None, device), model.accuracies(test, None, device),
                 model.accuracies(train_u, state, device), model.accuracies(test_u, state, device)]
-        out[name] = {"label": model.label, "settings": full, **{
+        out[entry] = {**_entry(name, model, full, sweep), **{
             n: {"mean": float(np.mean(a)), "std": float(np.std(a))} for n, a in zip(utils.RESULT_NAMES, accs)}}
-        out[name]["seconds"] = time.time() - t0
-        utils.note_finished(model.label)
-        print(f"{model.label}: " + ", ".join(f"{n} {out[name][n]['mean']:.4f}" for n in utils.RESULT_NAMES)
-              + f"  [{out[name]['seconds']:.1f}s]")
+        out[entry]["seconds"] = time.time() - t0
+        utils.note_finished(out[entry]["label"])
+        print(f"{out[entry]['label']}: " + ", ".join(f"{n} {out[entry][n]['mean']:.4f}" for n in utils.RESULT_NAMES)
+              + f"  [{out[entry]['seconds']:.1f}s]")
+    swept = [name for name in baselines if sum(r[1] == name for r in runs) > 1]
+    if swept and validation_fraction > 0:
+        fit, held = utils.holdout_pairs(train, validation_fraction, seed)
+        for name in swept:
+            for entry, _, full, sweep in (r for r in runs if r[1] == name):
+                model, _ = _start(name, train.num_features, seed, full)
+                out[entry]["validation"] = float(np.nanmean(model.fit(fit, device).accuracies(held, None, device)))
+                print(f"model choice: {out[entry]['label']}: held-out seen-user training pairs "
+                      f"{out[entry]['validation']:.4f}")
+            group = [e for e, n, _, _ in runs if n == name]
+            best = max(group, key=lambda e: out[e]["validation"])
+            for e in group:
+                out[e]["chosen"] = e == best
     return out
 
 
@@ -717,9 +758,10 @@ def run_baselines_vary_shots(baselines, trials, num_shots, train_features, train
     """run_few_shot_vary_shots for the baselines: each is fit once on the seen users, then every unseen user
     is personalised from the same `shots` examples per trial as LoRe gets (same draws, same skipped users).
 
-    Returns {name: {"label", "settings" (all of them, as run), "accuracies": 4 arrays [len(num_shots)],
-    "seconds"}}: few-shot train accuracy mean and std over trials, unseen-user test accuracy mean and std over
-    trials (each trial's value is the mean over users); NaN where no user has enough examples.
+    Returns {entry: {"label", "method", "settings" (all of them, as run), ["sweep"], "accuracies": 4 arrays
+    [len(num_shots)], "seconds"}} (entries as in run_baselines): few-shot train accuracy mean and std over
+    trials, unseen-user test accuracy mean and std over trials (each trial's value is the mean over users); NaN
+    where no user has enough examples.
     """
     _check_names(baselines)
     train, pool, test_u = (as_pairs(x) for x in (train_features, train_features_unseen, test_features_sparse_unseen))
@@ -727,8 +769,9 @@ def run_baselines_vary_shots(baselines, trials, num_shots, train_features, train
     units = utils.shot_units(pool, shot_groups)
     n_units = torch.tensor([len(u) for u in units])
     out = {}
-    for name in baselines:
-        model, full, t0 = _start(name, train.num_features, seed, settings)
+    for entry, name, full, sweep in _runs(baselines, settings):
+        model, t0 = _start(name, train.num_features, seed, full)
+        label = _entry(name, model, full, sweep)["label"]
         model.fit(train, device)
         res = np.full((4, len(num_shots)), np.nan)
         for j, shots in enumerate(num_shots):
@@ -744,9 +787,9 @@ def run_baselines_vary_shots(baselines, trials, num_shots, train_features, train
                 fs.append(model.accuracies(shot_pairs, state, device).mean())
                 ts.append(model.accuracies(test, state, device).mean())
             res[:, j] = np.mean(fs), np.std(fs), np.mean(ts), np.std(ts)
-            print(f"{model.label} shots={shots}: few-shot train {res[0, j]:.4f}, unseen test {res[2, j]:.4f} "
+            print(f"{label} shots={shots}: few-shot train {res[0, j]:.4f}, unseen test {res[2, j]:.4f} "
                   f"+- {res[3, j]:.4f} ({len(users)} users, {trials} trials)")
-        out[name] = {"label": model.label, "settings": full, "accuracies": tuple(res), "seconds": time.time() - t0}
-        utils.note_finished(f"{model.label} (every shot count)")
-        print(f"{model.label}: {out[name]['seconds']:.1f}s")
+        out[entry] = {**_entry(name, model, full, sweep), "accuracies": tuple(res), "seconds": time.time() - t0}
+        utils.note_finished(f"{label} (every shot count)")
+        print(f"{label}: {out[entry]['seconds']:.1f}s")
     return out

@@ -156,6 +156,7 @@ RULES = {
     "top_k": "int >= 1", "batch_size": "int >= 1", "truncation_side": "one of left right",
     "user_split": "one of published filter_first",
     "seen_fraction": "in (0, 1)", "min_dialogs": "int >= 1", "max_length": "int >= 1",
+    "validation_fraction": "in [0, 1)", "reference": "one of head published",
     "max_tokens_per_batch": "int >= 1", "shard_size": "int >= 1", "stop_after_shards": "int >= 0",
 }
 
@@ -191,6 +192,8 @@ def _passes(value, rule):
         return 0 < value <= 1
     if rule == "in (0, 1)":
         return 0 < value < 1
+    if rule == "in [0, 1)":
+        return 0 <= value < 1
     op, bound = rule.split()
     return value >= float(bound) if op == ">=" else value > float(bound)
 
@@ -198,7 +201,8 @@ def _passes(value, rule):
 def check_value(name, value, rule=None):
     """Raise InputError('<name>=<value>: <why>; <what to do>') unless `value` satisfies `rule` (default RULES[name]).
 
-    rule: ['each '] ('int ' | '') ('>= x' | '> x' | 'in (0, 1]' | 'in (0, 1)' | 'number') [' or None'],
+    rule: ['each '] ('int ' | '') ('>= x' | '> x' | 'in (0, 1]' | 'in (0, 1)' | 'in [0, 1)' | 'number')
+    [' or None'],
     'bool', or 'one of a b c'. 'each': a non-empty list whose every entry satisfies the rest; 'or None': None is
     accepted too.
     """
@@ -554,10 +558,10 @@ def load_pickle(path):
                              f"pickles (torch.load(weights_only=True): {first}; restricted unpickler: {e})") from e
 
 
-def read_score_weight(model_name):
-    """-> [F, 1] float32 reward head (score.weight.T) of a checkpoint, reading only that tensor from its safetensors
-    shard(s) (model.safetensors, or the shard named in model.safetensors.index.json): no model load, no GPU.
-    model_name: a local folder, or a hub id (only the index and the one shard are downloaded)."""
+def _checkpoint_tensor(model_name, keys, what):
+    """The first of the tensors `keys` found in a checkpoint's safetensors shard(s) (model.safetensors, or the
+    shard the index names), read alone: no model load, no GPU. model_name: a local folder, or a hub id (only the
+    index and the one shard are downloaded). InputError naming `what` when none is there."""
     folder = Path(model_name)
     if folder.is_dir():
         def fetch(name):
@@ -571,18 +575,66 @@ def read_score_weight(model_name):
             except Exception:
                 return None
     index = fetch("model.safetensors.index.json")
-    shard = fetch(json.loads(index.read_text())["weight_map"].get("score.weight", "")) if index else None
-    shard = shard or fetch("model.safetensors")
+    weight_map = json.loads(index.read_text())["weight_map"] if index else {}
+    key = next((k for k in keys if k in weight_map), keys[0])
+    shard = (fetch(weight_map[key]) if key in weight_map else None) or fetch("model.safetensors")
     if shard is None:
-        raise MissingFileError(f"{model_name}: no safetensors shard holding score.weight (expected "
+        raise MissingFileError(f"{model_name}: no safetensors shard holding {what} (expected "
                                "model.safetensors or model.safetensors.index.json)")
     with safe_open(str(shard), "pt") as f:
-        if "score.weight" not in f.keys():
-            raise InputError(f"{shard} has no score.weight: not an AutoModelForSequenceClassification reward model")
-        weight = f.get_tensor("score.weight")
+        key = next((k for k in keys if k in f.keys()), None)
+        if key is None:
+            raise InputError(f"{shard} has no {what} ({' or '.join(keys)})")
+        return f.get_tensor(key)
+
+
+def read_score_weight(model_name):
+    """-> [F, 1] float32 reward head (score.weight.T) of a checkpoint, read alone from its safetensors shard."""
+    weight = _checkpoint_tensor(model_name, ["score.weight"], "score.weight: not an "
+                                "AutoModelForSequenceClassification reward model")
     if weight.dim() != 2 or weight.shape[0] != 1:
         raise InputError(f"expected a scalar reward head, got score.weight of shape {tuple(weight.shape)}")
     return weight.float().T.contiguous()
+
+
+def read_published_reference(model_name):
+    """-> [F, 1] float32: the reference direction of the published scripts, `weight[:, 0]` of the last nn.Linear in
+    AutoModel(model_name).named_modules() (for a Llama reward model, which AutoModel loads without its head: the
+    last layer's mlp.down_proj, not the reward head). The module tree is built on the meta device (no weights) to
+    find that layer; its weight is read alone from the checkpoint's safetensors shard."""
+    from transformers import AutoConfig, AutoModel
+    with torch.device("meta"):
+        model = AutoModel.from_config(AutoConfig.from_pretrained(model_name))
+    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    weight = _checkpoint_tensor(model_name, [f"{model.base_model_prefix}.{name}.weight", f"{name}.weight"],
+                                f"the weight of {name}, the last linear layer of AutoModel")
+    return weight[:, :1].float().contiguous()
+
+
+PUBLISHED_REFERENCE = "published_reference"  # the prepared files' tensor of read_published_reference [F, 1]
+
+
+def choose_reference(reference, tensors, path=None, make_cmd=None):
+    """The K = 0 column and V_sft [F, 1] from a prepared file's tensors: the reward head `head` (reference="head"),
+    or the published scripts' direction `published_reference` (reference="published", read_published_reference)."""
+    check_value("reference", reference)
+    if reference == "head":
+        return tensors["head"]
+    if PUBLISHED_REFERENCE not in tensors:
+        raise InputError(f"{path} has no {PUBLISHED_REFERENCE} tensor (prepared before it was stored); add it with: "
+                         f"{make_cmd} (the embeddings are kept, not computed again)")
+    ref = tensors[PUBLISHED_REFERENCE].float()
+    if ref.shape != tensors["head"].shape:
+        raise InputError(f"{path}: {PUBLISHED_REFERENCE} has shape {tuple(ref.shape)}, expected "
+                         f"{tuple(tensors['head'].shape)}{_remake(make_cmd)}")
+    return ref
+
+
+def stand_in_reference(head, seed):
+    """A synthetic dataset's stand-in for the published reference direction: a random direction [F, 1] with the
+    norm of `head`, unrelated to the rewards (as a column of an MLP weight is), drawn from its own generator."""
+    r = torch.randn(head.shape, generator=torch.Generator().manual_seed(seed + 7919))
+    return r * head.norm() / r.norm()
 
 
 def script_out_dir(script_file, out_dir=None):
@@ -715,12 +767,45 @@ def _method_of(K):
     return "ref" if K == 0 else "BT" if K == 1 else "LoRe"
 
 
-def report_run(res, K_list, alpha_list, config, out_dir, name, title, extra=None, baselines=None):
+def _summary(means, K_list, alpha_list, selection, baselines):
+    """{method: {rank settings..., "seen_test", "unseen_test"}}, printed one line per method: LoRe's K (and
+    alpha) from select_rank's `selection`, a swept baseline's from its "chosen" entry, never from test pairs."""
+    a = alpha_list.index(selection["alpha"]) if selection else 0
+    lore = [K for K in K_list if K >= 2]
+    lore_K = selection["K"] if selection else lore[0] if len(lore) == 1 else None
+    picks = {_method_of(K): (K, {}) for K in K_list if K <= 1}
+    if lore:
+        picks["LoRe"] = (lore_K, {"K": lore_K} if len(alpha_list) == 1 else {"K": lore_K, "alpha": alpha_list[a]})
+    out = {}
+    for method, (K, ranks) in picks.items():
+        k = K_list.index(K) if K is not None else None
+        out[method] = ranks if k is None else {**ranks, "seen_test": float(means[1][a, k]),
+                                               "unseen_test": float(means[3][a, k])}
+    for method in dict.fromkeys(e["method"] for e in baselines.values()):
+        group = [e for e in baselines.values() if e["method"] == method]
+        pick = [e for e in group if e.get("chosen")] or (group if len(group) == 1 else [])
+        out[method] = {k: None for k in group[0].get("sweep", {})} if not pick else {
+            **pick[0].get("sweep", {}), "seen_test": pick[0]["seen_test"]["mean"],
+            "unseen_test": pick[0]["unseen_test"]["mean"]}
+    print("\none line per method (K chosen on held-out pairs of the seen users' training data, never on test pairs): "
+          "seen / unseen users' test accuracy")
+    for method, acc in out.items():
+        if "seen_test" not in acc:
+            print(f"  {method}: not chosen (validation_fraction = 0)")
+            continue
+        ranks = "".join(f"{k} = {v:g}, " for k, v in acc.items() if k not in ("seen_test", "unseen_test"))
+        print(f"  {method}: {ranks}{acc['seen_test']:.4f} / {acc['unseen_test']:.4f}")
+    return out
+
+
+def report_run(res, K_list, alpha_list, config, out_dir, name, title, extra=None, baselines=None, selection=None):
     """Print the accuracy table of a run()/run_regularized() result and write `name`.json / .png.
 
     res: the 8 arrays returned by run (4 means, 4 stds, each [len(alpha_list) * len(K_list)], alpha-major).
-    baselines: baselines.run_baselines' {method: {"label", "settings", "seconds", result name: {"mean", "std"}}}:
-    extra table rows, the JSON's "baselines" (each method under its name) and horizontal lines in the plot.
+    baselines: baselines.run_baselines' {entry: {"label", "settings", "seconds", result name: {"mean", "std"}}}:
+    extra table rows, the JSON's "baselines" (each entry under its name) and horizontal lines in the plot.
+    selection: LoRe's rank chosen by select_rank; with the baselines' choices it makes the one-line-per-method
+    summary, printed and written as the JSON's "summary".
     """
     shape = (len(alpha_list), len(K_list))
     means, stds = [np.asarray(r).reshape(shape) for r in res[:4]], [np.asarray(r).reshape(shape) for r in res[4:8]]
@@ -736,12 +821,14 @@ def report_run(res, K_list, alpha_list, config, out_dir, name, title, extra=None
         rows.append([acc["label"], "", ""] + [f"{acc[n]['mean']:.4f} ± {acc[n]['std']:.4f}" for n in RESULT_NAMES])
     print(f"\n{title}: accuracy, mean ± std over users (K = 0: reference head, K = 1: Bradley-Terry)")
     print_table(["method", "alpha", "K"] + RESULT_NAMES, rows)
+    summary = _summary(means, list(K_list), list(alpha_list), selection, baselines)
     series = {f"{label} (alpha={al:g})": (means[r][a], stds[r][a]) for a, al in enumerate(alpha_list)
               for r, label in [(1, "seen users"), (3, "unseen users")]}
     hlines = {f"{acc['label']}, {label}": (acc[key]["mean"], style) for acc in baselines.values()
               for key, label, style in [("seen_test", "seen users", ":"), ("unseen_test", "unseen users", "--")]}
     write_report(out_dir, name, {"config": config, "results": results,
-                                 **({"baselines": baselines} if baselines else {}), **(extra or {})},
+                                 **({"baselines": baselines} if baselines else {}), "summary": summary,
+                                 **({"selection": selection} if selection else {}), **(extra or {})},
                  lambda p: save_plot(p, list(range(len(K_list))), series, "K (0 = reference head, 1 = BT)",
                                      "test accuracy", f"{title}: accuracy vs rank", xticks=K_list, hlines=hlines))
     return results
@@ -1681,6 +1768,44 @@ def run_regularized(K_list, alpha_list, V_final, train_features, test_features_s
     return _run(LoRe_regularized, K_list, alpha_list, V_final, features, N, N_unseen, device,
                 num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
                 fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_models=return_models)
+
+
+def holdout_pairs(pairs, fraction, seed=0):
+    """(fit, held_out): Pairs of the same users splitting `pairs`. A user with m >= 2 pairs holds out
+    min(m - 1, max(1, round(fraction * m))) of them (drawn with np.random.RandomState(seed)); one with a single
+    pair keeps it for the fit (its held-out accuracy is NaN: use np.nanmean)."""
+    pairs = as_pairs(pairs)
+    rng = np.random.RandomState(seed)
+    held = [torch.zeros(0, dtype=torch.long)]
+    for rows in pairs._rows_of(range(len(pairs))):
+        k = min(len(rows) - 1, max(1, round(fraction * len(rows)))) if len(rows) >= 2 else 0
+        held.append(rows[torch.as_tensor(rng.choice(len(rows), k, replace=False), dtype=torch.long)])
+    out = torch.zeros(len(pairs.user), dtype=torch.bool)
+    out[torch.cat(held)] = True
+    return pairs.select(torch.nonzero(~out).flatten()), pairs.select(torch.nonzero(out).flatten())
+
+
+def select_rank(K_list, alpha_list, V_final, train_features, device=None, *, regularized=False,
+                validation_fraction=0.1, num_iterations=1000, learning_rate=0.5, seed=0):
+    """LoRe's (alpha, K), K >= 2, chosen on held-out pairs of the seen users' training data, never on test pairs:
+    each user's validation_fraction of its training pairs is held out (holdout_pairs), LoRe (regularized:
+    LoRe_regularized) is fit on the rest for every (alpha, K >= 2) as in run, and the one of best mean held-out
+    accuracy over users wins (the first on a tie). -> {"alpha", "K", "validation": {"alpha=.. K=..": accuracy}},
+    or None when there is nothing to choose (fewer than two candidates, or validation_fraction = 0)."""
+    check_value("validation_fraction", validation_fraction)
+    candidates = [(a, K) for a in alpha_list for K in K_list if K >= 2]
+    if len(candidates) < 2 or validation_fraction == 0:
+        return None
+    fit, held = holdout_pairs(train_features, validation_fraction, seed)
+    scores = {}
+    for alpha, K in candidates:
+        set_seed(seed)
+        W, V = _fit_basis(LoRe_regularized if regularized else LoRe, K, V_final, alpha, fit,
+                          num_iterations=num_iterations, learning_rate=learning_rate, device=device)
+        scores[(alpha, K)] = float(np.nanmean(user_accuracies(held, V.cpu(), W.cpu())))
+        print(f"model choice: alpha={alpha:g} K={K}: held-out seen-user training pairs {scores[(alpha, K)]:.4f}")
+    alpha, K = max(scores, key=scores.get)
+    return {"alpha": alpha, "K": K, "validation": {f"alpha={a:g} K={k}": v for (a, k), v in scores.items()}}
 
 
 def shot_units(pool, shot_groups=None):

@@ -55,7 +55,8 @@ source = Path(dataset_path or data_dir)
 if from_published is not None:
     files = [Path(from_published) / name for name in prism.PUBLISHED_FILES.values()]
     out = utils.save_tensors(data_dir / "embeddings.safetensors",
-                             prism.convert_published(*files, utils.read_score_weight(model_name)),
+                             prism.convert_published(*files, utils.read_score_weight(model_name),
+                                                     utils.read_published_reference(model_name)),
                              metadata={"converted_from": str(from_published)})
     utils.print0(f"converted {files[0]} and {files[1].name} -> {out}")
     sys.exit(0)
@@ -76,7 +77,7 @@ pairs, users, conversations = prism.build_pairs(dialogs, seed, seen_fraction, mi
 
 path = utils.extract_embeddings(
     conversations, data_dir / "embeddings.safetensors", model_name=model_name,
-    extra_tensors=prism.pair_tensors(pairs),
+    extra_tensors={**prism.pair_tensors(pairs), utils.PUBLISHED_REFERENCE: utils.read_published_reference(model_name)},
     metadata={"dataset": prism.REPO, "seed": seed, "seen_fraction": seen_fraction, "min_dialogs": min_dialogs,
               "user_split": user_split,
               "num_users": len(users), "num_seen": int(users["seen"].sum()), "num_pairs": len(pairs)},

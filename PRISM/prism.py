@@ -305,6 +305,7 @@ def make_synthetic(num_users=1000, num_features=64, rank=4, dirichlet_alpha=0.1,
     t["seen"] = (t["user"] < num_seen).long()
     t["embeddings"] = torch.as_tensor(np.stack(rows), dtype=torch.float32)
     t["head"] = torch.as_tensor(head, dtype=torch.float32).reshape(-1, 1)
+    t[utils.PUBLISHED_REFERENCE] = utils.stand_in_reference(t["head"], seed)
     t["true_directions"] = torch.as_tensor(H[users], dtype=torch.float32)  # [C, F] by user index
     return t
 
@@ -312,7 +313,7 @@ def make_synthetic(num_users=1000, num_features=64, rank=4, dirichlet_alpha=0.1,
 PUBLISHED_FILES = {"train": "train_embeddings.pkl", "test": "test_embeddings.pkl"}
 
 
-def convert_published(train_path, test_path, head):
+def convert_published(train_path, test_path, head, published_reference=None):
     """The published train_embeddings.pkl / test_embeddings.pkl (torch.save'd lists of {"prompt", "extra_info":
     {"user_id", "dialog_id", "chosen_utterance", "rejected_utterance", "chosen_conv_embedding",
     "rejected_conv_embedding", "seen", "split"}}; read with utils.load_pickle: untrusted) + the head [F, 1] -> the
@@ -350,10 +351,12 @@ def convert_published(train_path, test_path, head):
          "split": torch.tensor([r[0] for r in records])}
     if head.shape != (t["embeddings"].shape[1], 1):
         raise InputError(f"head {tuple(head.shape)} does not match the embeddings' F = {t['embeddings'].shape[1]}")
+    if published_reference is not None:
+        t[utils.PUBLISHED_REFERENCE] = published_reference
     return t
 
 
-def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_features=64, seed=0):
+def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_features=64, seed=0, reference="head"):
     """PRISM as published (see split_users) -> utils.PreferenceData.
 
     Reads data_dir/embeddings.safetensors (written by prepare.py; default data_dir: PRISM/data), or
@@ -362,6 +365,8 @@ def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_feature
     all indexing the embedding table [R, F]. info["fewshot_dialogs"] [m]: the dialog of each
     unseen_fewshot pair (to draw whole dialogs as few-shot examples); for prepared data also
     "reward_model" (utils.reward_model_info) and "users" / "unseen_users" (PRISM user ids, from users.parquet).
+    head: the reward model's own, or with reference="published" the published scripts' direction
+    (utils.choose_reference; synthetic data: utils.stand_in_reference), the K = 0 column and V_sft.
     """
     make_cmd = f"python {HERE / 'prepare.py'}" + (f" data_dir={data_dir}" if data_dir else "")
     if synthetic:
@@ -397,11 +402,12 @@ def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_feature
     print(f"PRISM{' (synthetic)' if synthetic else ''}: {N} seen / {N_unseen} unseen users, F = {E.shape[1]}; "
           f"pairs: {len(out[0].user)} seen train, {len(out[1].user)} seen test, {len(out[2].user)} unseen few-shot, "
           f"{len(out[3].user)} unseen test")
-    info = {"fewshot_dialogs": t["dialog"][(~seen) & (split == 0)]}
+    info = {"fewshot_dialogs": t["dialog"][(~seen) & (split == 0)], "reference": reference}
     if not synthetic:
         info["reward_model"] = utils.reward_model_info(path)
         info.update(_user_ids(path.parent / "users.parquet", N, N_unseen))
-    return utils.PreferenceData(*out, head=t["head"], info=info)
+    head = utils.choose_reference(reference, t, None if synthetic else path, make_cmd)
+    return utils.PreferenceData(*out, head=head, info=info)
 
 
 def _user_ids(path, N, N_unseen):

@@ -29,6 +29,8 @@ from PRISM import prism  # noqa: E402
 # config (edit in place, or override on the command line as key=value)
 K_list = [0, 1, 5, 10, 15, 20, 25, 50]
 alpha_list = [1e4]
+reference = "head"         # K = 0 and V_sft: "head" (score.weight) or "published" (the published scripts' direction)
+validation_fraction = 0.1  # of each seen user's training pairs, held out to choose K for the summary line
 num_iterations = None      # Adam steps of the joint fit; None: 20000 (published), 500 when synthetic
 learning_rate = 0.5
 fewshot_iterations = 500
@@ -53,7 +55,7 @@ if num_iterations is None:
 t0 = time.time()
 utils.set_seed(seed)
 data = prism.load(data_dir=data_dir, synthetic=synthetic, synthetic_users=synthetic_users,
-                  synthetic_features=synthetic_features, seed=seed)
+                  synthetic_features=synthetic_features, seed=seed, reference=reference)
 *accuracies, models = utils.run_regularized(
     K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, device,
     num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
@@ -63,10 +65,15 @@ name = "train_basis_synthetic" if synthetic else "train_basis"
 paths = utils.save_models(out / name.replace("train_basis", "models"), models, data, dataset="PRISM",
                           fewshot_iterations=fewshot_iterations,
                           fewshot_learning_rate=fewshot_learning_rate) if save_models else {}
+# K chosen on held-out seen-user training pairs (never the test pairs), for the one-line summary
+selection = utils.select_rank(K_list, alpha_list, data.head, data.seen_train, device, regularized=True, seed=seed,
+                              validation_fraction=validation_fraction, num_iterations=num_iterations,
+                              learning_rate=learning_rate)
 # the paper's other methods, on the same users and pairs, after LoRe's models are saved
-baseline_results = run_baselines(baselines, *data.features, device, seed=seed, settings=baseline_settings)
+baseline_results = run_baselines(baselines, *data.features, device, seed=seed, settings=baseline_settings,
+                                 validation_fraction=validation_fraction)
 utils.report_run(accuracies, K_list, alpha_list, config, out, name, "PRISM (synthetic)" if synthetic else "PRISM",
                  extra={"seconds": time.time() - t0, "num_iterations_used": num_iterations,
                         "kept_bases": {f"K={K} alpha={a:g}": m["V"].shape[1] for (a, K), m in models.items()},
-                        "models": paths}, baselines=baseline_results)
+                        "models": paths}, baselines=baseline_results, selection=selection)
 print(f"done in {time.time() - t0:.0f}s")

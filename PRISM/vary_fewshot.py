@@ -22,6 +22,7 @@ from PRISM import prism  # noqa: E402
 # config (edit in place, or override on the command line as key=value)
 K = 10
 alpha = 1e4
+reference = "head"         # K = 0 and V_sft: "head" (score.weight) or "published" (the published scripts' direction)
 num_shots = None           # few-shot dialogs per user; None: 1, 2, ..., the most any unseen user has
 trials = 5
 num_iterations = None      # Adam steps of the joint fit; None: 20000 (published), 500 when synthetic
@@ -47,7 +48,7 @@ if num_iterations is None:
 t0 = time.time()
 utils.set_seed(seed)
 data = prism.load(data_dir=data_dir, synthetic=synthetic, synthetic_users=synthetic_users,
-                  synthetic_features=synthetic_features, seed=seed)
+                  synthetic_features=synthetic_features, seed=seed, reference=reference)
 fewshot_dialogs = data.info["fewshot_dialogs"]  # [m] the dialog of each few-shot pair
 if num_shots is None:
     most = max(len(set(fewshot_dialogs[data.unseen_fewshot.user == u].tolist())) for u in range(data.N_unseen))

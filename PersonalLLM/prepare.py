@@ -61,7 +61,8 @@ def prepare(split_name):
     return utils.extract_embeddings(
         conversations, out, model_name=model_name,
         extra_tensors={"scores": personalllm.reward_tensor(df),
-                       "prompt_index": torch.as_tensor(np.flatnonzero(text_ok), dtype=torch.long)},
+                       "prompt_index": torch.as_tensor(np.flatnonzero(text_ok), dtype=torch.long),
+                       utils.PUBLISHED_REFERENCE: utils.read_published_reference(model_name)},
         metadata={"dataset": dataset_name, "split": split_name, "reward_models": ",".join(MODEL_NAMES)},
         max_tokens_per_batch=max_tokens_per_batch, max_length=max_length, shard_size=shard_size,
         stop_after_shards=stop_after_shards)
@@ -70,7 +71,7 @@ def prepare(split_name):
 if from_published is not None:  # the published output: train split only, scores from the dataset
     out = Path(data_dir or HERE / "data") / "train.safetensors"
     personalllm.convert_published(from_published, utils.load_split(dataset_name, "train", dataset_path),
-                                  utils.read_score_weight(model_name), out)
+                                  utils.read_score_weight(model_name), out, utils.read_published_reference(model_name))
     utils.print0(f"converted {from_published} -> {out} (the published script embeds the train split only; "
                  f"make the test split with: python {Path(__file__)} split=test)")
     sys.exit(0)

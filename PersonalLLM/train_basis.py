@@ -26,6 +26,8 @@ from PersonalLLM import personalllm  # noqa: E402
 # config (edit in place, or override on the command line as key=value)
 K_list = [0, 1, 2, 3, 4, 5]
 alpha_list = [0.0]
+reference = "head"         # K = 0 and V_sft: "head" (score.weight) or "published" (the published scripts' direction)
+validation_fraction = 0.1  # of each seen user's training pairs, held out to choose K for the summary line
 num_iterations = 1000      # joint fit: Adam steps
 learning_rate = 0.5
 fewshot_iterations = 500
@@ -54,7 +56,8 @@ t0 = time.time()
 utils.set_seed(seed)
 data = personalllm.load(data_dir=data_dir, synthetic=synthetic, synthetic_prompts=synthetic_prompts,
                         synthetic_features=synthetic_features, N=N, N_unseen=N_unseen, train_density=train_density,
-                        fewshot_density=fewshot_density, dirichlet_alpha=dirichlet_alpha, seed=seed)
+                        fewshot_density=fewshot_density, dirichlet_alpha=dirichlet_alpha, seed=seed,
+                        reference=reference)
 *accuracies, models = utils.run(
     K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, device,
     num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
@@ -64,9 +67,14 @@ name = "train_basis_synthetic" if synthetic else "train_basis"
 paths = utils.save_models(out / name.replace("train_basis", "models"), models, data, dataset="PersonalLLM",
                           fewshot_iterations=fewshot_iterations,
                           fewshot_learning_rate=fewshot_learning_rate) if save_models else {}
+# K chosen on held-out seen-user training pairs (never the test pairs), for the one-line summary
+selection = utils.select_rank(K_list, alpha_list, data.head, data.seen_train, device, seed=seed,
+                              validation_fraction=validation_fraction, num_iterations=num_iterations,
+                              learning_rate=learning_rate)
 # the paper's other methods, on the same users and pairs, after LoRe's models are saved
-baseline_results = run_baselines(baselines, *data.features, device, seed=seed, settings=baseline_settings)
+baseline_results = run_baselines(baselines, *data.features, device, seed=seed, settings=baseline_settings,
+                                 validation_fraction=validation_fraction)
 utils.report_run(accuracies, K_list, alpha_list, config, out, name,
                  "PersonalLLM (synthetic)" if synthetic else "PersonalLLM",
-                 extra={"seconds": time.time() - t0, "models": paths}, baselines=baseline_results)
+                 extra={"seconds": time.time() - t0, "models": paths}, baselines=baseline_results, selection=selection)
 print(f"done in {time.time() - t0:.0f}s")

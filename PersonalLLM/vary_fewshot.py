@@ -19,6 +19,7 @@ from PersonalLLM import personalllm  # noqa: E402
 # config (edit in place, or override on the command line as key=value)
 K = 5
 alpha = 0.0
+reference = "head"         # K = 0 and V_sft: "head" (score.weight) or "published" (the published scripts' direction)
 num_shots = [1, 2, 5, 9, 20, 45]
 trials = 5
 num_iterations = 1000
@@ -48,7 +49,8 @@ t0 = time.time()
 utils.set_seed(seed)
 data = personalllm.load(data_dir=data_dir, synthetic=synthetic, synthetic_prompts=synthetic_prompts,
                         synthetic_features=synthetic_features, N=N, N_unseen=N_unseen, train_density=train_density,
-                        fewshot_pool_density=fewshot_pool_density, dirichlet_alpha=dirichlet_alpha, seed=seed)
+                        fewshot_pool_density=fewshot_pool_density, dirichlet_alpha=dirichlet_alpha, seed=seed,
+                        reference=reference)
 *accuracies, skipped = utils.run_few_shot_vary_shots(
     trials, [alpha], [K], num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, data.head, data.N,
     data.N_unseen, device, num_iterations=num_iterations, learning_rate=learning_rate,

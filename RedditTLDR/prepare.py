@@ -94,16 +94,17 @@ def prepare(split_name):
     return utils.extract_embeddings(
         conversations, out, model_name=model_name, groups={"chosen": n, "rejected": n},
         extra_tensors={"worker": torch.tensor([worker_id[w] for w in workers], dtype=torch.long),
-                       "row": torch.tensor(index, dtype=torch.long)},
+                       "row": torch.tensor(index, dtype=torch.long),
+                       utils.PUBLISHED_REFERENCE: utils.read_published_reference(model_name)},
         metadata={"dataset": f"{dataset_name}/{dataset_config}", "split": split_name, "workers": json.dumps(names)},
         max_tokens_per_batch=max_tokens_per_batch, max_length=max_length, shard_size=shard_size,
         stop_after_shards=stop_after_shards)
 
 
 if from_published is not None:
-    head = utils.read_score_weight(model_name)
+    head, reference = utils.read_score_weight(model_name), utils.read_published_reference(model_name)
     for s, name in tldr.PUBLISHED_FILES.items():
-        tensors, names = tldr.convert_published(Path(from_published) / name, head)
+        tensors, names = tldr.convert_published(Path(from_published) / name, head, reference)
         out = utils.save_tensors(Path(data_dir or HERE / "data") / f"{s}.safetensors", tensors,
                                  metadata={"workers": json.dumps(names), "converted_from": str(name)})
         utils.print0(f"converted {Path(from_published) / name} -> {out}")

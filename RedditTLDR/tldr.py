@@ -25,7 +25,8 @@ SPLITS = ("train", "validation")  # train: training and few-shot pairs; validati
 def read_split(path, make_cmd=None):
     """One split written by RedditTLDR/prepare.py -> dict with
     "chosen", "rejected" [n, F] float32 embeddings, "worker" [n] str array (worker of each comparison),
-    "row" [n] long (its row in the dataset split) and "head" [F, 1] (the reward model's score head).
+    "row" [n] long (its row in the dataset split), "head" [F, 1] (the reward model's score head) and, when the
+    file has it, "published_reference" [F, 1] (utils.read_published_reference).
     """
     t = utils.load_tensors(path, ["chosen", "rejected", "worker", "row", "head"], make_cmd=make_cmd)
     names = json.loads(utils.load_metadata(path).get("workers", "null"))
@@ -41,7 +42,7 @@ def read_split(path, make_cmd=None):
     if n and (worker.min() < 0 or worker.max() >= len(names)):
         raise InputError(f"{path}: worker ids must lie in [0, {len(names)}).{hint}")
     return {"chosen": chosen, "rejected": rejected, "worker": np.asarray(names, dtype=str)[worker.numpy()],
-            "row": row, "head": head}
+            "row": row, "head": head, **{k: v for k, v in t.items() if k == utils.PUBLISHED_REFERENCE}}
 
 
 PUBLISHED_FILES = {"train": "tldr_embeddings_train.pkl", "validation": "tldr_embeddings_val.pkl"}
@@ -54,7 +55,7 @@ def _flat(x):
     return torch.as_tensor(x, dtype=torch.float32).reshape(-1)
 
 
-def convert_published(pkl_path, head):
+def convert_published(pkl_path, head, published_reference=None):
     """One published pickle {worker_id: [{"text", "winning_summary", "losing_summary", "embeddings": {"winning":
     [tensor F], "losing": [tensor F]}}, ...]} (read with utils.load_pickle: untrusted) -> (tensors, worker names)
     in the prepared layout: chosen, rejected [n, F], worker [n] (index into the sorted names), row [n] (order in
@@ -76,7 +77,8 @@ def convert_published(pkl_path, head):
     if not chosen:
         raise InputError(f"{pkl_path}: no comparisons")
     t = {"chosen": torch.stack(chosen), "rejected": torch.stack(rejected), "worker": torch.tensor(worker),
-         "row": torch.arange(len(worker)), "head": head}
+         "row": torch.arange(len(worker)), "head": head,
+         **({utils.PUBLISHED_REFERENCE: published_reference} if published_reference is not None else {})}
     if t["chosen"].shape != t["rejected"].shape or head.shape != (t["chosen"].shape[1], 1):
         raise InputError(f"{pkl_path}: embeddings {tuple(t['chosen'].shape)} / {tuple(t['rejected'].shape)} do not "
                          f"match each other or the head {tuple(head.shape)}")
@@ -119,7 +121,7 @@ def make_synthetic(num_workers=60, num_features=64, rank=4, dirichlet_alpha=0.3,
         chosen = torch.where(first[:, None], summaries[:, 0], summaries[:, 1])
         rejected = torch.where(first[:, None], summaries[:, 1], summaries[:, 0])
         return {"chosen": chosen.contiguous(), "rejected": rejected.contiguous(), "worker": names[worker],
-                "row": torch.arange(n), "head": head}
+                "row": torch.arange(n), "head": head, utils.PUBLISHED_REFERENCE: utils.stand_in_reference(head, seed)}
 
     train = split(np.arange(num_workers - 5, num_workers - 3))  # workers absent from train
     test = split(np.arange(num_workers - 3, num_workers))       # workers absent from validation
@@ -254,18 +256,22 @@ def split_pairs(train, test, protocol="published", max_train_pairs=150, max_fews
 
 
 def load(data_dir=None, synthetic=False, synthetic_features=64, protocol="published", max_train_pairs=150,
-         max_fewshot_pairs=50, min_comparisons=50, split_seed=0, seed=0):
+         max_fewshot_pairs=50, min_comparisons=50, split_seed=0, seed=0, reference="head"):
     """A Reddit TLDR protocol (see split_pairs) on the prepared (or synthetic) data -> utils.PreferenceData.
 
-    The reference head is the reward model's own. info: N, N_unseen, "workers": {"protocol", "seen",
-    "unseen", "dropped" (worker names), "pairs": {role: count}}, "users" / "unseen_users" (the seen / unseen
-    worker names, in user order) and (prepared data) "reward_model" (utils.reward_model_info).
+    head: the reward model's own, or with reference="published" the published scripts' direction
+    (utils.choose_reference; synthetic data: utils.stand_in_reference). info: N, N_unseen, "workers":
+    {"protocol", "seen", "unseen", "dropped" (worker names), "pairs": {role: count}}, "users" / "unseen_users"
+    (the seen / unseen worker names, in user order) and (prepared data) "reward_model" (utils.reward_model_info).
     """
     utils.check_value("synthetic_features", synthetic_features)
     train, test = read_splits(data_dir, synthetic, synthetic_features, seed)
     pairs, workers = split_pairs(train, test, protocol, max_train_pairs, max_fewshot_pairs, min_comparisons,
                                  split_seed=split_seed)
-    info = {"workers": workers, "users": workers["seen"], "unseen_users": workers["unseen"]}
+    info = {"workers": workers, "users": workers["seen"], "unseen_users": workers["unseen"], "reference": reference}
+    path = Path(data_dir or HERE / "data") / f"{SPLITS[0]}.safetensors"
     if not synthetic:
-        info["reward_model"] = utils.reward_model_info(Path(data_dir or HERE / "data") / f"{SPLITS[0]}.safetensors")
-    return utils.PreferenceData(*pairs, head=train["head"], info=info)
+        info["reward_model"] = utils.reward_model_info(path)
+    head = utils.choose_reference(reference, train, path, f"python {HERE / 'prepare.py'}" +
+                                  (f" data_dir={data_dir}" if data_dir else ""))
+    return utils.PreferenceData(*pairs, head=head, info=info)

@@ -32,6 +32,8 @@ from RedditTLDR import tldr  # noqa: E402
 # config (edit in place, or override on the command line as key=value)
 K_list = [0, 1, 2, 3, 4, 5, 6]
 alpha_list = [0.0]
+reference = "head"         # K = 0 and V_sft: "head" (score.weight) or "published" (the published scripts' direction)
+validation_fraction = 0.1  # of each seen user's training pairs, held out to choose K for the summary line
 num_iterations = 1000      # joint fit: Adam steps
 learning_rate = 0.5
 fewshot_iterations = 500
@@ -59,7 +61,7 @@ t0 = time.time()
 utils.set_seed(seed)
 data = tldr.load(data_dir=data_dir, synthetic=synthetic, synthetic_features=synthetic_features, protocol=protocol,
                  max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs, min_comparisons=min_comparisons,
-                 split_seed=split_seed, seed=seed)
+                 split_seed=split_seed, seed=seed, reference=reference)
 *accuracies, models = utils.run(
     K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, device,
     num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
@@ -70,9 +72,14 @@ title = "Reddit TLDR" + (" paper split" if protocol == "paper" else "") + (" (sy
 paths = utils.save_models(out / name.replace("train_basis", "models"), models, data, dataset="RedditTLDR",
                           fewshot_iterations=fewshot_iterations,
                           fewshot_learning_rate=fewshot_learning_rate) if save_models else {}
+# K chosen on held-out seen-user training pairs (never the test pairs), for the one-line summary
+selection = utils.select_rank(K_list, alpha_list, data.head, data.seen_train, device, seed=seed,
+                              validation_fraction=validation_fraction, num_iterations=num_iterations,
+                              learning_rate=learning_rate)
 # the paper's other methods, on the same users and pairs, after LoRe's models are saved
-baseline_results = run_baselines(baselines, *data.features, device, seed=seed, settings=baseline_settings)
+baseline_results = run_baselines(baselines, *data.features, device, seed=seed, settings=baseline_settings,
+                                 validation_fraction=validation_fraction)
 utils.report_run(accuracies, K_list, alpha_list, config, out, name, title,
                  extra={"workers": data.info["workers"], "seconds": time.time() - t0, "models": paths},
-                 baselines=baseline_results)
+                 baselines=baseline_results, selection=selection)
 print(f"done in {time.time() - t0:.0f}s")

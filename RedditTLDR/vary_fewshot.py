@@ -21,6 +21,7 @@ from RedditTLDR import tldr  # noqa: E402
 # config (edit in place, or override on the command line as key=value)
 K = 5
 alpha = 0.0
+reference = "head"         # K = 0 and V_sft: "head" (score.weight) or "published" (the published scripts' direction)
 num_shots = [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
 trials = 20
 num_iterations = 500       # joint fit, as published for vary_fewshot
@@ -49,7 +50,7 @@ t0 = time.time()
 utils.set_seed(seed)
 data = tldr.load(data_dir=data_dir, synthetic=synthetic, synthetic_features=synthetic_features, protocol=protocol,
                  max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs, min_comparisons=min_comparisons,
-                 split_seed=split_seed, seed=seed)
+                 split_seed=split_seed, seed=seed, reference=reference)
 *accuracies, skipped = utils.run_few_shot_vary_shots(
     trials, [alpha], [K], num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, data.head, data.N,
     data.N_unseen, device, num_iterations=num_iterations, learning_rate=learning_rate,

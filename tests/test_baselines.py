@@ -399,3 +399,21 @@ def test_vpl_context_lengths_kl_clock_and_evaluation_contexts(data):
     z_few = model.latents(few)
     model.eval_all_pairs = True
     assert torch.allclose(z_few, model.latents(few), atol=1e-6)
+
+
+def test_a_swept_setting_runs_each_value_and_the_choice_uses_held_out_training_pairs(data):
+    """baseline_settings={"pal": {"K": [2, 3]}}: one entry per K (its own row), and the K of best accuracy on
+    held-out pairs of the seen users' training data is marked chosen."""
+    small = {k: (v.select_users(range(0, v.num_users, 3)) if isinstance(v, utils.Pairs) else v)
+             for k, v in data.items()}
+    settings = {"pal": {"K": [2, 3], "dim": 16, "batch_size": 16, "fewshot_epochs": 2}}
+    out = baselines.run_baselines(["pal"], small["train"], small["test"], small["fewshot"], small["test_unseen"],
+                                  "cpu", settings=settings, validation_fraction=0.2)
+    assert list(out) == ["pal_K2", "pal_K3"] and out["pal_K3"]["label"] == "PAL (K = 3)"
+    assert [out[e]["settings"]["K"] for e in out] == [2, 3] and out["pal_K2"]["sweep"] == {"K": 2}
+    chosen = [e for e in out if out[e]["chosen"]]
+    assert len(chosen) == 1 and out[chosen[0]]["validation"] == max(out[e]["validation"] for e in out)
+    with pytest.raises(utils.InputError, match="one setting at most"):
+        baselines.full_settings("pal", {"K": [2, 3], "dim": [8, 16]})
+    with pytest.raises(utils.InputError, match="K=\\[2, 0\\]"):
+        baselines.full_settings("pal", {"K": [2, 0]})

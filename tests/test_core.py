@@ -399,3 +399,22 @@ def test_numba_cache_survives_another_module_name(tmp_path):
         logs.append(proc.stdout)
     assert "cache files 0" in logs[0]  # the run under another name wrote nothing
     assert stamps[0] and stamps[1] == stamps[0]  # the canonical one did; the next run only read it
+
+
+def test_rank_is_chosen_on_held_out_training_pairs():
+    """holdout_pairs splits each user's training pairs (at least one held out where it has two, one always kept);
+    select_rank fits every K >= 2 on the rest and picks the best held-out accuracy: on planted rank-3 users it
+    does not pick K = 2, which cannot represent them."""
+    train, _, _, _ = planted(num_users=40, pairs_per_user=30)
+    pairs = utils.Pairs.from_list(train[:-1] + [train[-1][:1]])  # the last user has a single pair
+    fit, held = utils.holdout_pairs(pairs, 0.2, seed=0)
+    assert held.counts().tolist() == [6] * 39 + [0] and fit.counts().tolist() == [24] * 39 + [1]
+    both = torch.cat([fit.dense(), held.dense()])
+    assert len(both) == len(pairs.dense()) and len(torch.unique(both, dim=0)) == len(both)  # a partition
+    assert torch.equal(utils.holdout_pairs(pairs, 0.2, seed=0)[1].dense(), held.dense())  # seeded
+    sel = utils.select_rank([0, 1, 2, 3], [0.0], torch.randn(32, 1), pairs, "cpu", validation_fraction=0.2,
+                            num_iterations=300)
+    assert set(sel["validation"]) == {"alpha=0 K=2", "alpha=0 K=3"}  # K = 0 and 1 are other methods
+    assert sel["K"] == 3 and sel["validation"]["alpha=0 K=3"] > sel["validation"]["alpha=0 K=2"] + 0.05
+    assert utils.select_rank([0, 1, 3], [0.0], None, pairs) is None  # one candidate: nothing to choose
+    assert utils.select_rank([2, 3], [0.0], None, pairs, validation_fraction=0.0) is None

@@ -92,6 +92,14 @@ def test_train_basis_on_prepared_data_skips_nan_prompts(prepared, tmp_path, tiny
     head = utils.load_tensors(root / "data" / "train.safetensors", allow_nan=("scores",))["head"]
     assert torch.equal(utils.load_lore_model(tmp_path / "models" / "K0_alpha0.safetensors")["V"], head)
     assert res["models"]["K=2 alpha=0"] == str(tmp_path / "models" / "K2_alpha0.safetensors")
+    # reference=published: K = 0 is the published scripts' direction, stored by prepare.py
+    t = utils.load_tensors(root / "data" / "train.safetensors", allow_nan=("scores",))
+    assert torch.equal(t[utils.PUBLISHED_REFERENCE], utils.read_published_reference(tiny_reward_model))
+    run_script("PersonalLLM/train_basis.py", f"data_dir={root / 'data'}", f"out_dir={tmp_path / 'pub'}", "N=6",
+               "N_unseen=4", "train_density=0.5", "fewshot_density=0.25", "K_list=[0]", "baselines=[]",
+               "reference=published")
+    V = utils.load_lore_model(tmp_path / "pub" / "models" / "K0_alpha0.safetensors")["V"]
+    assert torch.equal(V, t[utils.PUBLISHED_REFERENCE])
 
 
 def test_missing_column_is_a_clear_error(tmp_path, tiny_reward_model):

@@ -216,6 +216,27 @@ def test_read_score_weight_from_single_and_sharded_checkpoints(tiny_reward_model
         utils.read_score_weight(tmp_path / "missing")
 
 
+def test_published_reference_is_the_last_linear_of_automodel(tiny_reward_model, tmp_path):
+    """The published scripts' reference direction, read from the shard alone, equals what their loop over
+    AutoModel(...).named_modules() takes: weight[:, 0] of the last nn.Linear (here layers.1.mlp.down_proj, not the
+    reward head); prepare.py stores it, and reference="published" makes it the K = 0 column and V_sft."""
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(tiny_reward_model)
+    last_linear_layer = None
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            last_linear_layer = module
+    V_final = last_linear_layer.weight[:, 0]
+    ref = utils.read_published_reference(tiny_reward_model)
+    assert ref.shape == (64, 1) and torch.equal(ref[:, 0], V_final.float())
+    assert not torch.allclose(ref, utils.read_score_weight(tiny_reward_model))
+    tensors = {"head": utils.read_score_weight(tiny_reward_model), utils.PUBLISHED_REFERENCE: ref}
+    assert torch.equal(utils.choose_reference("published", tensors), ref)
+    assert torch.equal(utils.choose_reference("head", tensors), tensors["head"])
+    with pytest.raises(utils.InputError, match="published_reference.*python prepare.py"):
+        utils.choose_reference("published", {"head": tensors["head"]}, "f.safetensors", "python prepare.py")
+
+
 def test_load_pickle_reads_tensors_and_refuses_code(tmp_path):
     obj = {"w1": [{"embeddings": {"winning": [torch.ones(3)]}}]}
     with open(tmp_path / "plain.pkl", "wb") as f:
@@ -245,6 +266,9 @@ def test_personalllm_published_embeddings_convert(tmp_path):
     out = personalllm.convert_published(tmp_path / "embeddings.safetensors", df, head, tmp_path / "train.safetensors")
     E2, S, head2 = personalllm.read_split(out, "make")
     assert torch.equal(E2, E) and torch.equal(head2, head) and S.shape == (P, 8, 10)
+    ref = torch.randn(F_dim, 1)
+    out = personalllm.convert_published(tmp_path / "embeddings.safetensors", df, head, out, ref)
+    assert torch.equal(personalllm.read_split(out, "make", reference="published")[2], ref)
     assert S[1, 2, 3] == pytest.approx(df[f"response_3_{personalllm.MODEL_NAMES[3]}"][1], rel=1e-6)
     with pytest.raises(ValueError, match="expected"):
         personalllm.convert_published(tmp_path / "embeddings.safetensors", df.iloc[:2], head, tmp_path / "x")
