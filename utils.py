@@ -2465,7 +2465,8 @@ def save_models(out_dir, models, data, *, dataset, fewshot_iterations, fewshot_l
     fewshot_pairs = int(data.unseen_fewshot.counts().float().median().item())  # an unseen user's, typically
     paths = {}
     for (alpha, K), m in models.items():
-        metadata = {"K": K, "alpha": alpha, "kept": m["V"].shape[1], "fewshot_iterations": fewshot_iterations,
+        metadata = {"K": K, "alpha": alpha, "kept": m["V"].shape[1], "reference": data.info.get("reference", "head"),
+                    "fewshot_iterations": fewshot_iterations,
                     "fewshot_learning_rate": fewshot_learning_rate, "fewshot_pairs": fewshot_pairs,
                     **{k: v for k, v in rm.items() if k != "model_name"}}
         path = save_or_fallback(Path(out_dir) / f"K{K}_alpha{alpha:g}.safetensors", lambda p: save_lore_model(

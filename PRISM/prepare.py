@@ -18,8 +18,10 @@ Writes to data_dir:
   users.parquet           one row per user: user, user_id, seen, dialogs, train/test dialogs, pairs
   embeddings.safetensors  `embeddings` [R, F] (the chosen conversation of every turn, then the
                           rejected conversation of every pair), `head` [F, 1] (the model's score
-                          head), and per pair [P] int64: chosen, rejected (rows of `embeddings`),
-                          user, dialog, turn, seen (0/1), split (0 train / few-shot, 1 test)
+                          head), `published_reference` [F, 1] (the published scripts' reference
+                          direction, utils.read_published_reference), and per pair [P] int64:
+                          chosen, rejected (rows of `embeddings`), user, dialog, turn, seen (0/1),
+                          split (0 train / few-shot, 1 test)
 Malformed jsonl lines are reported and skipped. Every file is written atomically, the parquet
 tables once the embeddings are complete. Embedding is resumable (shards); an up-to-date file is
 not recomputed.

@@ -6,7 +6,8 @@
 
 Each split file holds `embeddings` [P * 8, F] float32 (prompt-major: row 8 p + i is response
 i + 1 of prompt p), `scores` [P, 8, 10] (the 10 reward models' scores, NaN where missing),
-`prompt_index` [P] (row of the dataset) and `head` [F, 1] (the reward model's own score head),
+`prompt_index` [P] (row of the dataset), `head` [F, 1] (the reward model's own score head) and
+`published_reference` [F, 1] (the published scripts' reference direction, utils.read_published_reference),
 so train_basis.py and vary_fewshot.py never load the 8B model or the dataset again. Work is
 written in resumable shards; an up-to-date file is not recomputed.
 """

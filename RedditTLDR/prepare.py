@@ -9,7 +9,8 @@ Dataset: openai/summarize_from_feedback, config 'comparisons'. Each comparison h
 [user: post, assistant: summary] is embedded for the winner summaries[choice] and the loser.
 Each split file holds `chosen` and `rejected` [n, F] float32, `worker` [n] int64 (index into the
 JSON list in the file's metadata 'workers'), `row` [n] int64 (row of the comparison in the dataset
-split) and `head` [F, 1] (the reward model's own score head). Rows with a missing post (the CNN/DM
+split), `head` [F, 1] (the reward model's own score head) and `published_reference` [F, 1] (the published
+scripts' reference direction, utils.read_published_reference). Rows with a missing post (the CNN/DM
 rows), summary, choice or worker are skipped, with a printed count. Work is written in resumable
 shards; an up-to-date file is not recomputed.
 """
