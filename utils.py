@@ -1441,21 +1441,21 @@ def _entropy_np(p):
     return -(p * np.log(np.maximum(p, 1e-300)) + (1 - p) * np.log1p(-p))
 
 
-def _posterior_terms(u, X, prior_scale):
+def _posterior_terms(u, Z, prior_prec):
     """(-log posterior, gradient [K], Gauss-Newton Hessian [K, K], exact Hessian [K, K]) of the logits u [K] given the
-    answered rows X [m, K] (each preferred minus other). With w = softmax(u), f = X w, z = f / 100, a_i = df_i/du =
-    w * (x_i - f_i), lam_i = sigmoid(z_i) sigmoid(-z_i): grad = u / s^2 - sum_i sigmoid(-z_i) a_i / 100,
-    H_gn = I / s^2 + sum_i lam_i a_i a_i^T / 100^2,
-    H = H_gn - sum_i sigmoid(-z_i) (diag(a_i) - a_i w^T - w a_i^T) / 100."""
+    answered rows Z = X / 100 [m, K] (each preferred minus other) and the prior precision I / s^2 [K, K].
+    With w = softmax(u), z = Z w, g_i = dz_i/du = w * (Z_i - z_i), lam_i = sigmoid(z_i) sigmoid(-z_i):
+    grad = u / s^2 - sum_i sigmoid(-z_i) g_i,  H_gn = I / s^2 + sum_i lam_i g_i g_i^T,
+    H = H_gn - sum_i sigmoid(-z_i) (diag(g_i) - g_i w^T - w g_i^T)."""
     w = np.exp(u - u.max())
     w /= w.sum()
-    f = X @ w
-    A = w * (X - f[:, None])
-    r = _sigmoid_np(-f / LOGIT_SCALE) / LOGIT_SCALE
-    ra = r @ A
-    H_gn = (A * (r * _sigmoid_np(f / LOGIT_SCALE) / LOGIT_SCALE)[:, None]).T @ A + np.eye(len(u)) / prior_scale ** 2
-    loss = np.logaddexp(0.0, -f / LOGIT_SCALE).sum() + 0.5 * (u @ u) / prior_scale ** 2
-    return loss, u / prior_scale ** 2 - ra, H_gn, H_gn - np.diag(ra) + np.outer(ra, w) + np.outer(w, ra)
+    z = Z @ w
+    G = w * (Z - z[:, None])
+    r = _sigmoid_np(-z)
+    rg = r @ G
+    H_gn = (G * (r * _sigmoid_np(z))[:, None]).T @ G + prior_prec
+    H = H_gn - np.diag(rg) + rg[:, None] * w + w[:, None] * rg
+    return np.logaddexp(0.0, -z).sum() + 0.5 * u @ prior_prec @ u, prior_prec @ u - rg, H_gn, H
 
 
 def laplace_posterior(X, prior_scale=PRIOR_SCALE, max_steps=100):
@@ -1467,24 +1467,22 @@ def laplace_posterior(X, prior_scale=PRIOR_SCALE, max_steps=100):
     -log posterior falls enough). Sigma = (I / s^2 + sum_i lam_i g_i g_i^T)^-1 at u_map, the Gauss-Newton precision:
     g_i = w * (x_i - x_i^T w) / 100 = dz_i/du, z_i = x_i^T w / 100, lam_i = sigmoid(z_i) sigmoid(-z_i).
     """
-    X = np.asarray(X, dtype=np.float64).reshape(-1, np.shape(X)[-1])
-    u = np.zeros(X.shape[1])
-    loss, grad, H_gn, H = _posterior_terms(u, X, prior_scale)
-    for _ in range(max_steps if len(X) else 0):
+    Z = np.asarray(X, dtype=np.float64).reshape(-1, np.shape(X)[-1]) / LOGIT_SCALE
+    u, prior_prec = np.zeros(Z.shape[1]), np.eye(Z.shape[1]) / prior_scale ** 2
+    loss, grad, H_gn, H = _posterior_terms(u, Z, prior_prec)
+    for _ in range(max_steps if len(Z) else 0):
         try:
             np.linalg.cholesky(H)
         except np.linalg.LinAlgError:
             H = H_gn  # the exact Hessian is not positive definite here: a Gauss-Newton step
-        step = np.linalg.solve(H, grad)
-        for t in 0.5 ** np.arange(34):  # Armijo backtracking
-            new = _posterior_terms(u - t * step, X, prior_scale)
-            if new[0] <= loss - 1e-4 * t * (grad @ step):
-                break
-        else:
-            break  # no decrease along the step: at the optimum up to round-off
+        step, t = np.linalg.solve(H, grad), 1.0
+        while (new := _posterior_terms(u - t * step, Z, prior_prec))[0] > loss - 1e-4 * t * (grad @ step):
+            t /= 2  # Armijo backtracking
+            if t < 1e-10:
+                return u, np.linalg.inv(H_gn)  # no decrease along the step: at the optimum up to round-off
         u = u - t * step
         loss, grad, H_gn, H = new
-        if np.abs(t * step).max() < 1e-9:
+        if np.abs(t * step).max() < 1e-8:
             break
     return u, np.linalg.inv(H_gn)
 
@@ -2601,12 +2599,13 @@ def as_conversation(prompt, response):
     return messages(prompt, "user") + messages(response, "assistant")
 
 
-def read_comparisons(path):
+def read_comparisons(path, sides=("chosen", "rejected")):
     """Read a jsonl of {"prompt", "chosen", "rejected"} -> (chosen, rejected, bad).
 
     chosen / rejected: the conversations (message lists) of the good lines; bad: (line number, reason) of
     every other non-blank line. A prompt is a string or a list of chat messages; a reply is a string or
-    a list of messages."""
+    a list of messages. sides: the keys of the two replies, e.g. ("a", "b") for unanswered candidates."""
+    keys = ("prompt",) + tuple(sides)
     chosen, rejected, bad = [], [], []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -2618,14 +2617,14 @@ def read_comparisons(path):
                 bad.append((n, f"not valid JSON ({e.msg})"))
                 continue
             if not isinstance(row, dict):
-                bad.append((n, f"expected an object with prompt, chosen, rejected, got {type(row).__name__}"))
+                bad.append((n, f"expected an object with {', '.join(keys)}, got {type(row).__name__}"))
                 continue
-            missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+            missing = [k for k in keys if k not in row]
             if missing:
                 bad.append((n, f"missing {', '.join(missing)}"))
                 continue
             try:
-                c, r = as_conversation(row["prompt"], row["chosen"]), as_conversation(row["prompt"], row["rejected"])
+                c, r = (as_conversation(row["prompt"], row[k]) for k in sides)
             except InputError as e:
                 bad.append((n, str(e)))
                 continue
@@ -2768,6 +2767,38 @@ class PersonalizedReward:
         m = len(chosen)
         E = self.embed(chosen + rejected)
         return self.fit_weights(E[:m] - E[m:], num_iterations, learning_rate)
+
+    def suggest(self, candidates, k=1, answered=None, rule="active"):
+        """Which of a person's candidate comparisons to ask next -> k indices into `candidates`, best first
+        (select_comparisons on the candidates projected onto V: "active", the largest expected information about
+        the person's weights, or "uncertainty", the answer predicted nearest 50/50).
+        candidates: a list of n (a, b) pairs of conversations (message lists), or their differences e(a) - e(b)
+        [n, F]. answered: what the person has answered so far: {candidate index: 1 if they preferred a, -1 if b}
+        (never suggested again), or the differences [m, F] (chosen minus rejected) of other comparisons, or None."""
+        if torch.is_tensor(candidates) or isinstance(candidates, np.ndarray):
+            D = torch.as_tensor(candidates, dtype=torch.float32).cpu()
+        else:
+            pairs = list(candidates)
+            if not pairs or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+                raise InputError("candidates must be a non-empty list of (a, b) pairs of conversations, or [n, F]")
+            E = self.embed([p[0] for p in pairs] + [p[1] for p in pairs])
+            D = E[:len(pairs)] - E[len(pairs):]
+        if D.dim() != 2 or D.shape[1] != self.F:
+            raise InputError(f"candidate differences must be [n, F = {self.F}], got {tuple(D.shape)}")
+        X = (D.double() @ self.V.double()).numpy()
+        known, exclude = None, []
+        if isinstance(answered, dict):
+            exclude = [int(i) for i in answered]
+            y = np.array([answered[i] for i in answered], dtype=np.float64)
+            if any(not 0 <= i < len(X) for i in exclude) or not np.isin(y, (-1, 1)).all():
+                raise InputError(f"answered must map candidate indices in [0, {len(X)}) to 1 (a preferred) or -1")
+            known = X[exclude] * y[:, None]
+        elif answered is not None:
+            A = torch.as_tensor(answered, dtype=torch.float64).cpu()
+            if A.dim() != 2 or A.shape[1] != self.F:
+                raise InputError(f"answered differences must be [m, F = {self.F}], got {tuple(A.shape)}")
+            known = (A @ self.V.double()).numpy()
+        return select_comparisons(X, k, rule=rule, known=known, exclude=exclude)
 
     def export(self, out_dir, user):
         """Write a Hugging Face AutoModelForSequenceClassification checkpoint of `user`'s reward to out_dir
