@@ -769,7 +769,7 @@ def report_shots(res, num_shots, config, out_dir, name, title, K, alpha=None, sk
     res: its 4 arrays [len(num_shots)] (one alpha and one K), or with a list of shot_selection rules its dict
     {rule: 4 arrays, "full_pool": 4 arrays [1]}: then one table column, JSON entry ("results_by_selection") and
     curve per rule, the whole-pool accuracy as a line, and per rule the fewest shots whose mean unseen-test accuracy
-    reaches 95% of it ("shots_to_95pct_of_full_pool"); "results" holds the first rule's entries.
+    reaches 95% and 99% of it ("shots_to_95pct_of_full_pool", ...); "results" holds the first rule's entries.
     baselines: baselines.run_baselines_vary_shots'
     {method: {"label", "settings", "seconds", "accuracies": 4 arrays [len(num_shots)] in the same layout}}:
     extra table columns (unseen test), the JSON's "baselines" (each method under its name, its accuracies as
@@ -805,14 +805,15 @@ def report_shots(res, num_shots, config, out_dir, name, title, K, alpha=None, sk
                       for m, b in baselines.items()}
     more = {} if one else {"results_by_selection": {r: entries(*c) for r, c in rules.items()}}
     if full:
-        reach = {r: next((s for s, m in zip(num_shots, c[2]) if m >= 0.95 * full[2]), None) for r, c in rules.items()}
-        more.update(full_pool={"fewshot_train": {"mean": full[0], "std": full[1]},
-                               "unseen_test": {"mean": full[2], "std": full[3]}, "std_over": "users"},
-                    shots_to_95pct_of_full_pool=reach)
-        print(f"w fit on each user's whole few-shot pool: unseen test {full[2]:.4f} ± {full[3]:.4f} (std over users); "
-              f"95% of it ({0.95 * full[2]:.4f}) first reached at: "
-              + ", ".join(f"{r} {'not within ' + str(max(num_shots)) if s is None else s} shots"
-                          for r, s in reach.items()))
+        more["full_pool"] = {"fewshot_train": {"mean": full[0], "std": full[1]},
+                             "unseen_test": {"mean": full[2], "std": full[3]}, "std_over": "users"}
+        print(f"w fit on each user's whole few-shot pool: unseen test {full[2]:.4f} ± {full[3]:.4f} (std over users)")
+        for pct in (95, 99):
+            more[f"shots_to_{pct}pct_of_full_pool"] = reach = {
+                r: next((s for s, m in zip(num_shots, c[2]) if m >= pct / 100 * full[2]), None)
+                for r, c in rules.items()}
+            print(f"{pct}% of it ({pct / 100 * full[2]:.4f}) first reached at: " + ", ".join(
+                f"{r} {'not within ' + str(max(num_shots)) if s is None else s} shots" for r, s in reach.items()))
     write_report(out_dir, name, {"config": config, "K": K, "alpha": alpha, "results": results, **more,
                                  **({"baselines": json_baselines} if baselines else {}), **(extra or {})},
                  lambda p: save_plot(p, list(num_shots), series, xlabel, "accuracy",
@@ -1424,10 +1425,9 @@ def personalize_users(pairs, V, num_iterations=500, learning_rate=0.1, device=No
     return torch.stack(model.train(pairs, V, device=device))
 
 
-# --- which comparisons to ask a new user: uncertainty sampling and active (Bayesian) selection ---
-# With V frozen a new user is K numbers, so a candidate comparison matters only through x = (e_a - e_b)^T V [K]
-# (the pool is projected once). The rules see x in either orientation (a or b first) and the answers given so far,
-# never the answers to candidates not yet asked. The published protocol draws the shots at random instead.
+# --- which comparisons to ask a new user (the published protocol draws them at random) ---
+# With V frozen a new user is K numbers, so a candidate matters only through x = (e_a - e_b)^T V [K] (the pool is
+# projected once). The rules see x in either orientation and the answers so far, never those of unasked candidates.
 
 PRIOR_SCALE = 3.0  # s: the prior N(0, s^2 I) of a new user's K logits u (w = softmax(u)) in laplace_posterior
 
@@ -1436,64 +1436,59 @@ def _sigmoid_np(z):
     return np.exp(-np.logaddexp(0.0, -z))
 
 
-def _entropy_np(p):
-    """Binary entropy h(p) = -p log p - (1 - p) log(1 - p) in nats, elementwise; accurate for small p."""
+def _entropy_np(p):  # binary entropy h(p) = -p log p - (1 - p) log(1 - p), nats
     return -(p * np.log(np.maximum(p, 1e-300)) + (1 - p) * np.log1p(-p))
 
 
-def _posterior_terms(u, Z, prior_prec):
-    """(-log posterior, gradient [K], Gauss-Newton Hessian [K, K], exact Hessian [K, K]) of the logits u [K] given the
-    answered rows Z = X / 100 [m, K] (each preferred minus other) and the prior precision I / s^2 [K, K].
-    With w = softmax(u), z = Z w, g_i = dz_i/du = w * (Z_i - z_i), lam_i = sigmoid(z_i) sigmoid(-z_i):
-    grad = u / s^2 - sum_i sigmoid(-z_i) g_i,  H_gn = I / s^2 + sum_i lam_i g_i g_i^T,
-    H = H_gn - sum_i sigmoid(-z_i) (diag(g_i) - g_i w^T - w g_i^T)."""
+def _logits_and_grads(X, u):
+    """(w = softmax(u) [K], z = X w / 100 [n], G [n, K] rows g = dz/du = w * (x - x^T w) / 100) for rows X [n, K]."""
     w = np.exp(u - u.max())
     w /= w.sum()
-    z = Z @ w
-    G = w * (Z - z[:, None])
-    r = _sigmoid_np(-z)
-    rg = r @ G
-    H_gn = (G * (r * _sigmoid_np(z))[:, None]).T @ G + prior_prec
+    z = X @ w / LOGIT_SCALE
+    return w, z, w * (X / LOGIT_SCALE - z[:, None])
+
+
+def _posterior_terms(u, X, prior_prec):
+    """(-log posterior, gradient, Gauss-Newton Hessian, exact Hessian) of laplace_posterior at u [K], prior_prec =
+    I / s^2. The exact Hessian adds -sum_i sigmoid(-z_i) d2z_i/du2, where d2z_i/du2 = diag(g_i) - g_i w^T - w g_i^T."""
+    w, z, G = _logits_and_grads(X, u)
+    rg = _sigmoid_np(-z) @ G
+    H_gn = (G * (_sigmoid_np(-z) * _sigmoid_np(z))[:, None]).T @ G + prior_prec
     H = H_gn - np.diag(rg) + rg[:, None] * w + w[:, None] * rg
     return np.logaddexp(0.0, -z).sum() + 0.5 * u @ prior_prec @ u, prior_prec @ u - rg, H_gn, H
 
 
 def laplace_posterior(X, prior_scale=PRIOR_SCALE, max_steps=100):
-    """Laplace posterior N(u_map, Sigma) of a new user's logits u [K] (w = softmax(u)) -> (u_map [K], Sigma [K, K]).
-
-    X [m, K]: the comparisons answered so far, rows d^T V oriented preferred minus other (m = 0: the prior).
-    Model: u ~ N(0, s^2 I), P(answer | u) = sigmoid(x^T softmax(u) / 100) (the few-shot fit's likelihood).
-    u_map: damped Newton from u = 0 (exact Hessian where positive definite, else Gauss-Newton; steps halved until
-    -log posterior falls enough). Sigma = (I / s^2 + sum_i lam_i g_i g_i^T)^-1 at u_map, the Gauss-Newton precision:
-    g_i = w * (x_i - x_i^T w) / 100 = dz_i/du, z_i = x_i^T w / 100, lam_i = sigmoid(z_i) sigmoid(-z_i).
-    """
-    Z = np.asarray(X, dtype=np.float64).reshape(-1, np.shape(X)[-1]) / LOGIT_SCALE
-    u, prior_prec = np.zeros(Z.shape[1]), np.eye(Z.shape[1]) / prior_scale ** 2
-    loss, grad, H_gn, H = _posterior_terms(u, Z, prior_prec)
-    for _ in range(max_steps if len(Z) else 0):
+    """Laplace posterior N(u_map, Sigma) of a new user's logits u [K] (w = softmax(u)) -> (u_map [K], Sigma [K, K])
+    from the comparisons answered so far, X [m, K] rows d^T V oriented preferred minus other (m = 0: the prior).
+    Model: u ~ N(0, s^2 I), P(answer | u) = sigmoid(z), z = x^T softmax(u) / 100 (the few-shot fit's likelihood).
+    u_map: damped Newton from u = 0 (exact Hessian where positive definite, else Gauss-Newton; Armijo steps).
+    Sigma = (I / s^2 + sum_i lam_i g_i g_i^T)^-1 at u_map, the Gauss-Newton precision, with g_i = dz_i/du =
+    w * (x_i - x_i^T w) / 100 and lam_i = sigmoid(z_i) sigmoid(-z_i)."""
+    X = np.asarray(X, dtype=np.float64).reshape(-1, np.shape(X)[-1])
+    u, prior_prec = np.zeros(X.shape[1]), np.eye(X.shape[1]) / prior_scale ** 2
+    loss, grad, H_gn, H = _posterior_terms(u, X, prior_prec)
+    for _ in range(max_steps if len(X) else 0):
         try:
             np.linalg.cholesky(H)
         except np.linalg.LinAlgError:
             H = H_gn  # the exact Hessian is not positive definite here: a Gauss-Newton step
         step, t = np.linalg.solve(H, grad), 1.0
-        while (new := _posterior_terms(u - t * step, Z, prior_prec))[0] > loss - 1e-4 * t * (grad @ step):
-            t /= 2  # Armijo backtracking
+        while (new := _posterior_terms(u - t * step, X, prior_prec))[0] > loss - 1e-4 * t * (grad @ step):
+            t /= 2  # Armijo backtracking; no decrease along the step: at the optimum up to round-off
             if t < 1e-10:
-                return u, np.linalg.inv(H_gn)  # no decrease along the step: at the optimum up to round-off
-        u = u - t * step
-        loss, grad, H_gn, H = new
+                return u, np.linalg.inv(H_gn)
+        u, (loss, grad, H_gn, H) = u - t * step, new
         if np.abs(t * step).max() < 1e-8:
             break
     return u, np.linalg.inv(H_gn)
 
 
 def _logistic_mixture(J=10):
-    """(a [J], b [J]): sigmoid'(z) ~ sum_j a_j b_j phi(b_j z), a scale mixture of normal densities (the logistic is an
-    infinite one), least squares on z in [-60, 60] with b_j geometric in [0.2, 1.5], sum(a) = 1. Integrating,
-    sigmoid(z) ~ sum_j a_j Phi(b_j z) and, as d h(sigmoid(z))/dz = -z sigmoid'(z), h(sigmoid(z)) ~ sum_j (a_j / b_j)
-    phi(b_j z), both within 1e-6."""
-    b = np.geomspace(0.2, 1.5, J)
-    z = np.linspace(-60.0, 60.0, 24001)
+    """(a [J], b [J]): sigmoid'(z) ~ sum_j a_j b_j phi(b_j z), a scale mixture of normal densities fit by least
+    squares on z in [-60, 60] (b_j geometric in [0.2, 1.5], sum(a) = 1). Integrating, sigmoid(z) ~ sum_j a_j Phi(b_j z)
+    and, as d h(sigmoid(z))/dz = -z sigmoid'(z), h(sigmoid(z)) ~ sum_j (a_j / b_j) phi(b_j z), both within 1e-6."""
+    b, z = np.geomspace(0.2, 1.5, J), np.linspace(-60.0, 60.0, 24001)
     a = np.linalg.lstsq(np.exp(-0.5 * np.outer(z, b) ** 2) * b / np.sqrt(2 * np.pi),
                         _sigmoid_np(z) * _sigmoid_np(-z), rcond=None)[0]
     return a / a.sum(), b
@@ -1518,26 +1513,20 @@ def comparison_scores(X, u, Sigma, rule="active"):
       "uncertainty": h(sigmoid(z)), the entropy of the predicted answer: largest where it is nearest 0.5;
       "active": the expected information gain of the answer about u (BALD), with z linearised around u so that
           z ~ N(x^T w / 100, g^T Sigma g), g = w * (x - x^T w) / 100:  I = h(E[sigmoid(z)]) - E[h(sigmoid(z))]."""
-    w = np.exp(u - u.max())
-    w /= w.sum()
-    f = X @ w
+    _, z, G = _logits_and_grads(X, u)
     if rule == "uncertainty":
-        return _entropy_np(_sigmoid_np(-np.abs(f) / LOGIT_SCALE))
-    G = (X - f[:, None]) * (w / LOGIT_SCALE)
-    return expected_information(f / LOGIT_SCALE, np.maximum(((G @ Sigma) * G).sum(1), 0.0))
+        return _entropy_np(_sigmoid_np(-np.abs(z)))
+    return expected_information(z, np.maximum(((G @ Sigma) * G).sum(1), 0.0))
 
 
 def select_comparisons(X, k=1, *, rule="active", known=None, exclude=(), groups=None, prior_scale=PRIOR_SCALE):
     """The k candidates to ask next, best first -> list of k candidate (unit) indices.
-
-    X [n, K]: the candidates projected once, x = (e_a - e_b)^T V, in either orientation (no answer is read from it).
-    groups [n]: the unit of each row, numbered 0..U-1 (e.g. a dialog, whose answer reveals all its pairs; None: each
-    row its own unit); a unit's score is the sum over its rows. known [m, K]: the comparisons answered so far, rows
-    preferred minus other; exclude: units already asked (never returned). Scores: comparison_scores under
-    laplace_posterior(known); ties go to the lowest index. With k > 1 the "active" batch is greedy: after each pick
-    Sigma^-1 gains the unit's expected Fisher information at u_map, sum_i lam_i g_i g_i^T (it does not depend on the
-    answers), and the rest are rescored.
-    """
+    X [n, K]: the candidates projected once, x = (e_a - e_b)^T V, in either orientation. groups [n]: the unit of each
+    row, 0..U-1 (e.g. a dialog, whose answer reveals all its pairs; None: each row its own), scored by the sum over
+    its rows. known [m, K]: the answers so far, rows preferred minus other; exclude: units already asked (never
+    returned). Scores: comparison_scores under laplace_posterior(known); ties go to the lowest index. k > 1 with
+    "active" is greedy: after each pick Sigma^-1 gains the unit's expected Fisher information sum_i lam_i g_i g_i^T
+    (it does not depend on the answers) and the rest are rescored."""
     check_value("selection", rule)
     X = np.asarray(X, dtype=np.float64)
     groups = np.arange(len(X)) if groups is None else np.asarray(groups)
@@ -1548,26 +1537,21 @@ def select_comparisons(X, k=1, *, rule="active", known=None, exclude=(), groups=
     if not 1 <= k <= free.sum():
         raise InputError(f"k={k}: must lie in [1, {free.sum()}], the candidates not yet asked")
     u, Sigma = laplace_posterior(np.zeros((0, X.shape[1])) if known is None else known, prior_scale)
-    w = np.exp(u - u.max())
-    w /= w.sum()
     picks = []
     for _ in range(k):
         score = np.where(free, np.bincount(groups, comparison_scores(X, u, Sigma, rule), len(free)), -np.inf)
         picks.append(int(np.argmax(score)))
         free[picks[-1]] = False
         if rule == "active" and len(picks) < k:
-            x = X[groups == picks[-1]]
-            G = (x - (x @ w)[:, None]) * (w / LOGIT_SCALE)
-            lam = _sigmoid_np(x @ w / LOGIT_SCALE) * _sigmoid_np(-x @ w / LOGIT_SCALE)
-            Sigma = np.linalg.inv(np.linalg.inv(Sigma) + (G * lam[:, None]).T @ G)
+            _, z, G = _logits_and_grads(X[groups == picks[-1]], u)
+            Sigma = np.linalg.inv(np.linalg.inv(Sigma) + (G * (_sigmoid_np(z) * _sigmoid_np(-z))[:, None]).T @ G)
     return picks
 
 
 def choose_shots(X, shots, answer, rule="active", *, groups=None, prior_scale=PRIOR_SCALE):
-    """Ask `shots` candidate units one at a time, refitting the posterior after each answer -> the unit indices in
-    the order asked. X, groups: as in select_comparisons. answer(rows) -> [len(rows)] answers, +1 where side a of the
-    row is preferred and -1 where side b is; it is called with the rows of the unit just asked, and only with those.
-    The first n choices do not depend on `shots`: the choices for the largest count give every smaller one."""
+    """Ask `shots` units one at a time (select_comparisons, the posterior refit after each answer) -> the unit indices
+    in the order asked; X, groups as there. answer(rows) -> [len(rows)] +1 (side a preferred) or -1, called with the
+    rows of the unit just asked only. The first n choices do not depend on `shots` (a larger count extends them)."""
     X = np.asarray(X, dtype=np.float64)
     groups = np.arange(len(X)) if groups is None else np.asarray(groups)
     asked, known = [], np.zeros((0, X.shape[1]))
@@ -1897,11 +1881,9 @@ def stack_trials(pool, units, users, shots, trials, seed, chosen=None):
 
 
 def select_shots(pool, units, users, shots, rule, seed=0):
-    """Per user of `users`, its first min(shots, number of examples) examples asked one at a time by `rule`
-    ("uncertainty" or "active", choose_shots) -> list of lists of indices into units[u]. pool: Pairs of rows d^T V
-    stored chosen minus rejected, i.e. the simulated user's answers, which the rule never sees: each row is shown in
-    a random orientation (np.random.RandomState(seed * 100003 + u)), and only the rows of an asked example are
-    answered."""
+    """Per user u of `users`, its first min(shots, len(units[u])) examples asked by `rule` (choose_shots) -> lists of
+    indices into units[u]. pool: rows d^T V stored chosen minus rejected, the simulated user's answers: the rule sees
+    each row in a random orientation (np.random.RandomState(seed * 100003 + u)) and only asked rows are answered."""
     XV = pool.dense().double().numpy()
     out = []
     for u in users:
@@ -1929,8 +1911,7 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
     num_iterations None: 20000 if regularized else 500 (as published);
     fewshot_learning_rate None: 0.5 if regularized else 0.1.
     shot_selection: "random" (the published draws), or "uncertainty" / "active": each user's examples are asked one
-    at a time from the same pool (select_shots), answered by its stored pairs, and w is then fit on them as above;
-    these rules are deterministic, so they run once (std over trials 0).
+    at a time from the same pool (select_shots), and w is fit on them as above; deterministic: one trial, std 0.
     Returns 4 flat arrays [len(alpha_list) * len(K_list) * len(num_shots)] (alpha-major, then K,
     then shots: for one alpha and one K, the published sequences over num_shots): few-shot train
     accuracy mean and std over trials, unseen-user test accuracy mean and std over trials (each
@@ -1976,12 +1957,10 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
                     return torch.ones(shot_pairs.num_users, V.shape[1])
                 return personalize_users(shot_pairs, eye, fewshot_iterations, fewshot_learning_rate, device).cpu()
             for r, rule in enumerate(rules):
-                n_trials, tag = (trials, "") if rule == "random" else (1, f" [{rule} shots]")
-                has = torch.nonzero(n_units >= min(num_shots)).flatten().tolist()
-                t0 = time.time()
-                chosen = None if rule == "random" else dict(zip(has, select_shots(pool_V, units, has, max(num_shots),
-                                                                                  rule, seed)))
-                if chosen is not None:
+                n_trials, tag, chosen = (trials, "", None) if rule == "random" else (1, f" [{rule} shots]", {})
+                if rule != "random":  # sequential: the choices for the largest count, once; a count takes a prefix
+                    has, t0 = torch.nonzero(n_units >= min(num_shots)).flatten().tolist(), time.time()
+                    chosen = dict(zip(has, select_shots(pool_V, units, has, max(num_shots), rule, seed)))
                     print(f"alpha={alpha:g} K={K}: {rule} shots of {len(has)} users chosen in {time.time() - t0:.1f}s")
                 for j, shots in enumerate(num_shots):
                     users = torch.nonzero(n_units >= shots).flatten().tolist()
@@ -2006,8 +1985,6 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
                 W_u = fit(whole)
                 fs, ts = user_accuracies(whole, eye, W_u), user_accuracies(test_V.select_users(users), eye, W_u)
                 full[:, a, k] = fs.mean(), fs.std(), ts.mean(), ts.std()
-                print(f"alpha={alpha:g} K={K} whole few-shot pool: few-shot train {fs.mean():.4f}, "
-                      f"unseen test {ts.mean():.4f} +- {ts.std():.4f} over {len(users)} users")
     if isinstance(shot_selection, str):
         out = tuple(res[0].reshape(4, -1))
         return out + (skipped,) if return_skipped else out
@@ -2775,30 +2752,25 @@ class PersonalizedReward:
         candidates: a list of n (a, b) pairs of conversations (message lists), or their differences e(a) - e(b)
         [n, F]. answered: what the person has answered so far: {candidate index: 1 if they preferred a, -1 if b}
         (never suggested again), or the differences [m, F] (chosen minus rejected) of other comparisons, or None."""
-        if torch.is_tensor(candidates) or isinstance(candidates, np.ndarray):
-            D = torch.as_tensor(candidates, dtype=torch.float32).cpu()
-        else:
+        if not (torch.is_tensor(candidates) or isinstance(candidates, np.ndarray)):
             pairs = list(candidates)
             if not pairs or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
                 raise InputError("candidates must be a non-empty list of (a, b) pairs of conversations, or [n, F]")
             E = self.embed([p[0] for p in pairs] + [p[1] for p in pairs])
-            D = E[:len(pairs)] - E[len(pairs):]
-        if D.dim() != 2 or D.shape[1] != self.F:
-            raise InputError(f"candidate differences must be [n, F = {self.F}], got {tuple(D.shape)}")
-        X = (D.double() @ self.V.double()).numpy()
-        known, exclude = None, []
+            candidates = E[:len(pairs)] - E[len(pairs):]
+
+        def project(D, name):
+            D = torch.as_tensor(D, dtype=torch.float64).cpu()
+            if D.dim() != 2 or D.shape[1] != self.F:
+                raise InputError(f"{name} must be differences [n, F = {self.F}], got {tuple(D.shape)}")
+            return (D @ self.V.double()).numpy()
+        X = project(candidates, "candidates")
         if isinstance(answered, dict):
-            exclude = [int(i) for i in answered]
-            y = np.array([answered[i] for i in answered], dtype=np.float64)
+            exclude, y = [int(i) for i in answered], np.array(list(answered.values()), dtype=np.float64)
             if any(not 0 <= i < len(X) for i in exclude) or not np.isin(y, (-1, 1)).all():
                 raise InputError(f"answered must map candidate indices in [0, {len(X)}) to 1 (a preferred) or -1")
-            known = X[exclude] * y[:, None]
-        elif answered is not None:
-            A = torch.as_tensor(answered, dtype=torch.float64).cpu()
-            if A.dim() != 2 or A.shape[1] != self.F:
-                raise InputError(f"answered differences must be [m, F = {self.F}], got {tuple(A.shape)}")
-            known = (A @ self.V.double()).numpy()
-        return select_comparisons(X, k, rule=rule, known=known, exclude=exclude)
+            return select_comparisons(X, k, rule=rule, known=X[exclude] * y[:, None], exclude=exclude)
+        return select_comparisons(X, k, rule=rule, known=None if answered is None else project(answered, "answered"))
 
     def export(self, out_dir, user):
         """Write a Hugging Face AutoModelForSequenceClassification checkpoint of `user`'s reward to out_dir

@@ -416,7 +416,13 @@ def test_laplace_posterior_and_closed_form_information():
     rng, _, X, y = planted_candidates(0, 40)
     known = X[:15] * y[:15, None]
     u, Sigma = utils.laplace_posterior(known)
-    assert np.abs(utils._posterior_terms(u, known / 100, np.eye(5) / 9)[1]).max() < 1e-8  # a stationary point
+    prec, terms = np.eye(5) / 9, utils._posterior_terms
+    assert np.abs(terms(u, known, prec)[1]).max() < 1e-8  # a stationary point
+    v, E = rng.normal(0, 1, 5), np.eye(5) * 1e-5  # gradient and exact Hessian against finite differences
+    _, grad, _, H = terms(v, known, prec)
+    central = [(terms(v + e, known, prec), terms(v - e, known, prec)) for e in E]
+    assert np.allclose(grad, [(a[0] - b[0]) / 2e-5 for a, b in central], atol=1e-6)
+    assert np.allclose(H, [(a[1] - b[1]) / 2e-5 for a, b in central], atol=1e-6)
     assert np.all(np.linalg.eigvalsh(Sigma) > 0)
     u0, S0 = utils.laplace_posterior(np.zeros((0, 5)))  # no answers: the prior N(0, 3^2 I)
     assert np.array_equal(u0, np.zeros(5)) and np.allclose(S0, 9 * np.eye(5))
