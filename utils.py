@@ -158,6 +158,8 @@ RULES = {
     "seen_fraction": "in (0, 1)", "min_dialogs": "int >= 1", "max_length": "int >= 1",
     "validation_fraction": "in [0, 1)", "reference": "one of head published",
     "max_tokens_per_batch": "int >= 1", "shard_size": "int >= 1", "stop_after_shards": "int >= 0",
+    "shot_selection": "one of random uncertainty active (or a list)", "selection": "one of active uncertainty",
+    "num_suggestions": "int >= 1",
 }
 
 
@@ -202,11 +204,12 @@ def check_value(name, value, rule=None):
     """Raise InputError('<name>=<value>: <why>; <what to do>') unless `value` satisfies `rule` (default RULES[name]).
 
     rule: ['each '] ('int ' | '') ('>= x' | '> x' | 'in (0, 1]' | 'in (0, 1)' | 'in [0, 1)' | 'number')
-    [' or None'],
-    'bool', or 'one of a b c'. 'each': a non-empty list whose every entry satisfies the rest; 'or None': None is
-    accepted too.
+    [' or None'], 'bool', or 'one of a b c' [' (or a list)']. 'each': a non-empty list whose every entry satisfies
+    the rest; 'or None': None is accepted too; '(or a list)': one value, or a non-empty list of them.
     """
     rule = RULES[name] if rule is None else rule
+    if rule.endswith(" (or a list)"):
+        rule = ("each " if isinstance(value, (list, tuple)) else "") + rule[:-len(" (or a list)")]
     if rule.endswith(" or None"):
         if value is None:
             return
@@ -266,7 +269,8 @@ def _parse_overrides(config, argv):
     """Apply the key=value overrides `argv` to `config` (a script's globals()) -> {key: value} of its config."""
     keys = {k: v for k, v in config.items()
             if not k.startswith("_") and isinstance(v, _CONFIG_TYPES) and not isinstance(v, type)}
-    none_types = {**NONE_DEFAULT_TYPES, **config.get("_types", {})}
+    script_types = config.get("_types", {})
+    none_types = {**NONE_DEFAULT_TYPES, **script_types}
     for arg in _normalise_argv(argv):
         if "=" not in arg:
             raise InputError(f"expected key=value, got {arg!r}. Config keys: {', '.join(keys)}")
@@ -283,6 +287,7 @@ def _parse_overrides(config, argv):
             if isinstance(default, str):
                 value = text  # out_dir=2024 is the folder "2024"
         ok = (default is None or (value is None and key in none_types)
+              or (isinstance(script_types.get(key), tuple) and isinstance(value, script_types[key]))
               or (isinstance(default, bool) and isinstance(value, bool))
               or (isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool))
               or (isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)))
@@ -304,7 +309,8 @@ def configure(config, argv=None, *, script=None, writable=None, checks=()):
     config: the script's globals(); every public name bound to a bool/int/float/str/list/tuple/dict/None is a
     config key. Values are parsed as Python literals (a bare word is a string) and must keep the type of the
     default (an int is accepted for a float). A None default takes None or a value of its type in
-    NONE_DEFAULT_TYPES / the script's `_types` (anything when neither names it). argv None: sys.argv[1:], or
+    NONE_DEFAULT_TYPES / the script's `_types` (anything when neither names it); a tuple of types there, e.g.
+    `_types = {"shot_selection": (str, list)}`, is accepted whatever the default. argv None: sys.argv[1:], or
     nothing in a notebook kernel. Every setting with a rule in RULES is range-checked (a None default also
     accepts None).
     script: the script's __file__. Given, configure also creates and test-writes the output folders `writable`
@@ -850,36 +856,59 @@ def report_shots(res, num_shots, config, out_dir, name, title, K, alpha=None, sk
                  xlabel="few-shot pairs per user", baselines=None):
     """Print and save (JSON, PNG) a run_few_shot_vary_shots result for one K (and alpha).
 
-    res: its 4 arrays [len(num_shots)] (one alpha and one K). baselines: baselines.run_baselines_vary_shots'
+    res: its 4 arrays [len(num_shots)] (one alpha and one K), or with a list of shot_selection rules its dict
+    {rule: 4 arrays, "full_pool": 4 arrays [1]}: then one table column, JSON entry ("results_by_selection") and
+    curve per rule, the whole-pool accuracy as a line, and per rule the fewest shots whose mean unseen-test accuracy
+    reaches 95% and 99% of it ("shots_to_95pct_of_full_pool", ...); "results" holds the first rule's entries.
+    baselines: baselines.run_baselines_vary_shots'
     {method: {"label", "settings", "seconds", "accuracies": 4 arrays [len(num_shots)] in the same layout}}:
     extra table columns (unseen test), the JSON's "baselines" (each method under its name, its accuracies as
     "results") and extra curves in the plot.
     """
-    fs_m, fs_s, ts_m, ts_s = (np.asarray(r).reshape(-1) for r in res[:4])
+    by_rule = dict(res) if isinstance(res, dict) else {"random": res}
+    full = [float(np.asarray(x).reshape(-1)[0]) for x in by_rule.pop("full_pool", [])]
+    rules = {rule: [np.asarray(r).reshape(-1) for r in v[:4]] for rule, v in by_rule.items()}
+    one = len(rules) == 1
+    fs_m, fs_s, ts_m, ts_s = next(iter(rules.values()))
     skipped = skipped or [0] * len(num_shots)
     baselines = baselines or {}
     curves = {m: [np.asarray(r).reshape(-1) for r in b["accuracies"][:4]] for m, b in baselines.items()}
-    rows = [[s, f"{fs_m[j]:.4f} ± {fs_s[j]:.4f}", f"{ts_m[j]:.4f} ± {ts_s[j]:.4f}"] +
+    rows = [[s] + ([f"{fs_m[j]:.4f} ± {fs_s[j]:.4f}", f"{ts_m[j]:.4f} ± {ts_s[j]:.4f}"] if one else
+                   [f"{c[2][j]:.4f} ± {c[3][j]:.4f}" for c in rules.values()]) +
             [f"{c[2][j]:.4f} ± {c[3][j]:.4f}" for c in curves.values()] + [skipped[j]]
             for j, s in enumerate(num_shots)]
-    print(f"\n{title}: K = {K}, accuracy mean ± std over trials")
-    print_table(["shots", "few-shot train", "unseen test"] + [f"{b['label']} unseen test" for b in baselines.values()]
-                + ["users skipped"], rows)
+    print(f"\n{title}: K = {K}, accuracy mean ± std over trials"
+          + ("" if set(rules) == {"random"} else " (uncertainty and active shots: one deterministic run)"))
+    print_table(["shots"] + (["few-shot train", "unseen test"] if one else [f"unseen test, {r} shots" for r in rules])
+                + [f"{b['label']} unseen test" for b in baselines.values()] + ["users skipped"], rows)
 
     def entries(fs_m, fs_s, ts_m, ts_s):
         return [{"shots": s, "fewshot_train": {"mean": fs_m[j], "std": fs_s[j]},
                  "unseen_test": {"mean": ts_m[j], "std": ts_s[j]}, "users_skipped": skipped[j]}
                 for j, s in enumerate(num_shots)]
     results = entries(fs_m, fs_s, ts_m, ts_s)
-    series = {f"LoRe K = {K}, unseen users, test": (ts_m, ts_s), f"LoRe K = {K}, unseen users, few-shot train":
-              (fs_m, fs_s), **{f"{b['label']}, unseen users, test": (curves[m][2], curves[m][3])
-                               for m, b in baselines.items()}}
+    series = ({f"LoRe K = {K}, unseen users, test": (ts_m, ts_s),
+               f"LoRe K = {K}, unseen users, few-shot train": (fs_m, fs_s)} if one else
+              {f"LoRe K = {K}, {r} shots, unseen users, test": (c[2], c[3]) for r, c in rules.items()})
+    series.update({f"{b['label']}, unseen users, test": (curves[m][2], curves[m][3]) for m, b in baselines.items()})
     json_baselines = {m: {**{k: v for k, v in b.items() if k != "accuracies"}, "results": entries(*curves[m])}
                       for m, b in baselines.items()}
-    write_report(out_dir, name, {"config": config, "K": K, "alpha": alpha, "results": results,
+    more = {} if one else {"results_by_selection": {r: entries(*c) for r, c in rules.items()}}
+    if full:
+        more["full_pool"] = {"fewshot_train": {"mean": full[0], "std": full[1]},
+                             "unseen_test": {"mean": full[2], "std": full[3]}, "std_over": "users"}
+        print(f"w fit on each user's whole few-shot pool: unseen test {full[2]:.4f} ± {full[3]:.4f} (std over users)")
+        for pct in (95, 99):
+            more[f"shots_to_{pct}pct_of_full_pool"] = reach = {
+                r: next((s for s, m in zip(num_shots, c[2]) if m >= pct / 100 * full[2]), None)
+                for r, c in rules.items()}
+            print(f"{pct}% of it ({pct / 100 * full[2]:.4f}) first reached at: " + ", ".join(
+                f"{r} {'not within ' + str(max(num_shots)) if s is None else s} shots" for r, s in reach.items()))
+    write_report(out_dir, name, {"config": config, "K": K, "alpha": alpha, "results": results, **more,
                                  **({"baselines": json_baselines} if baselines else {}), **(extra or {})},
                  lambda p: save_plot(p, list(num_shots), series, xlabel, "accuracy",
-                                     f"{title}: accuracy vs shots (K = {K})"))
+                                     f"{title}: accuracy vs shots (K = {K})",
+                                     hlines={"LoRe, whole few-shot pool": (full[2], "--")} if full else None))
     return results
 
 
@@ -1486,6 +1515,147 @@ def personalize_users(pairs, V, num_iterations=500, learning_rate=0.1, device=No
     return torch.stack(model.train(pairs, V, device=device))
 
 
+# --- which comparisons to ask a new user (the published protocol draws them at random) ---
+# With V frozen a new user is K numbers, so a candidate matters only through x = (e_a - e_b)^T V [K] (the pool is
+# projected once). The rules see x in either orientation and the answers so far, never those of unasked candidates.
+
+PRIOR_SCALE = 3.0  # s: the prior N(0, s^2 I) of a new user's K logits u (w = softmax(u)) in laplace_posterior
+
+
+def _sigmoid_np(z):
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
+def _entropy_np(p):  # binary entropy h(p) = -p log p - (1 - p) log(1 - p), nats
+    return -(p * np.log(np.maximum(p, 1e-300)) + (1 - p) * np.log1p(-p))
+
+
+def _logits_and_grads(X, u):
+    """(w = softmax(u) [K], z = X w / 100 [n], G [n, K] rows g = dz/du = w * (x - x^T w) / 100) for rows X [n, K]."""
+    w = np.exp(u - u.max())
+    w /= w.sum()
+    z = X @ w / LOGIT_SCALE
+    return w, z, w * (X / LOGIT_SCALE - z[:, None])
+
+
+def _posterior_terms(u, X, prior_prec):
+    """(-log posterior, gradient, Gauss-Newton Hessian, exact Hessian) of laplace_posterior at u [K], prior_prec =
+    I / s^2. The exact Hessian adds -sum_i sigmoid(-z_i) d2z_i/du2, where d2z_i/du2 = diag(g_i) - g_i w^T - w g_i^T."""
+    w, z, G = _logits_and_grads(X, u)
+    rg = _sigmoid_np(-z) @ G
+    H_gn = (G * (_sigmoid_np(-z) * _sigmoid_np(z))[:, None]).T @ G + prior_prec
+    H = H_gn - np.diag(rg) + rg[:, None] * w + w[:, None] * rg
+    return np.logaddexp(0.0, -z).sum() + 0.5 * u @ prior_prec @ u, prior_prec @ u - rg, H_gn, H
+
+
+def laplace_posterior(X, prior_scale=PRIOR_SCALE, max_steps=100):
+    """Laplace posterior N(u_map, Sigma) of a new user's logits u [K] (w = softmax(u)) -> (u_map [K], Sigma [K, K])
+    from the comparisons answered so far, X [m, K] rows d^T V oriented preferred minus other (m = 0: the prior).
+    Model: u ~ N(0, s^2 I), P(answer | u) = sigmoid(z), z = x^T softmax(u) / 100 (the few-shot fit's likelihood).
+    u_map: damped Newton from u = 0 (exact Hessian where positive definite, else Gauss-Newton; Armijo steps).
+    Sigma = (I / s^2 + sum_i lam_i g_i g_i^T)^-1 at u_map, the Gauss-Newton precision, with g_i = dz_i/du =
+    w * (x_i - x_i^T w) / 100 and lam_i = sigmoid(z_i) sigmoid(-z_i)."""
+    X = np.asarray(X, dtype=np.float64).reshape(-1, np.shape(X)[-1])
+    u, prior_prec = np.zeros(X.shape[1]), np.eye(X.shape[1]) / prior_scale ** 2
+    loss, grad, H_gn, H = _posterior_terms(u, X, prior_prec)
+    for _ in range(max_steps if len(X) else 0):
+        try:
+            np.linalg.cholesky(H)
+        except np.linalg.LinAlgError:
+            H = H_gn  # the exact Hessian is not positive definite here: a Gauss-Newton step
+        step, t = np.linalg.solve(H, grad), 1.0
+        while (new := _posterior_terms(u - t * step, X, prior_prec))[0] > loss - 1e-4 * t * (grad @ step):
+            t /= 2  # Armijo backtracking; no decrease along the step: at the optimum up to round-off
+            if t < 1e-10:
+                return u, np.linalg.inv(H_gn)
+        u, (loss, grad, H_gn, H) = u - t * step, new
+        if np.abs(t * step).max() < 1e-8:
+            break
+    return u, np.linalg.inv(H_gn)
+
+
+def _logistic_mixture(J=10):
+    """(a [J], b [J]): sigmoid'(z) ~ sum_j a_j b_j phi(b_j z), a scale mixture of normal densities fit by least
+    squares on z in [-60, 60] (b_j geometric in [0.2, 1.5], sum(a) = 1). Integrating, sigmoid(z) ~ sum_j a_j Phi(b_j z)
+    and, as d h(sigmoid(z))/dz = -z sigmoid'(z), h(sigmoid(z)) ~ sum_j (a_j / b_j) phi(b_j z), both within 1e-6."""
+    b, z = np.geomspace(0.2, 1.5, J), np.linspace(-60.0, 60.0, 24001)
+    a = np.linalg.lstsq(np.exp(-0.5 * np.outer(z, b) ** 2) * b / np.sqrt(2 * np.pi),
+                        _sigmoid_np(z) * _sigmoid_np(-z), rcond=None)[0]
+    return a / a.sum(), b
+
+
+_MIX_A, _MIX_B = _logistic_mixture()
+
+
+def expected_information(mu, var):
+    """[n] mutual information I(y; z) = h(E[sigmoid(z)]) - E[h(sigmoid(z))] (nats) between y ~ Bernoulli(sigmoid(z))
+    and z ~ N(mu, var), mu, var [n]; in closed form through _logistic_mixture, with c_j = (1 + b_j^2 var)^-1/2:
+    E[sigmoid(z)] = sum_j a_j Phi(b_j c_j mu) and E[h(sigmoid(z))] = sum_j (a_j / b_j) c_j phi(b_j c_j mu)."""
+    c = 1.0 / np.sqrt(1.0 + np.outer(var, _MIX_B ** 2))
+    x = c * np.outer(np.abs(mu), _MIX_B)  # h is symmetric, so |mu|: Phi(-x) is the smaller side, no cancellation
+    p = torch.special.ndtr(torch.from_numpy(-x)).numpy() @ _MIX_A
+    return np.maximum(_entropy_np(p) - (c * np.exp(-0.5 * x ** 2)) @ (_MIX_A / _MIX_B) / np.sqrt(2 * np.pi), 0.0)
+
+
+def comparison_scores(X, u, Sigma, rule="active"):
+    """[n] value of asking each candidate X [n, K] (rows x = d^T V, either orientation: both scores are even in x)
+    under the posterior N(u, Sigma) of laplace_posterior, with w = softmax(u) and z = x^T w / 100:
+      "uncertainty": h(sigmoid(z)), the entropy of the predicted answer: largest where it is nearest 0.5;
+      "active": the expected information gain of the answer about u (BALD), with z linearised around u so that
+          z ~ N(x^T w / 100, g^T Sigma g), g = w * (x - x^T w) / 100:  I = h(E[sigmoid(z)]) - E[h(sigmoid(z))]."""
+    _, z, G = _logits_and_grads(X, u)
+    if rule == "uncertainty":
+        return _entropy_np(_sigmoid_np(-np.abs(z)))
+    return expected_information(z, np.maximum(((G @ Sigma) * G).sum(1), 0.0))
+
+
+def select_comparisons(X, k=1, *, rule="active", known=None, exclude=(), groups=None, prior_scale=PRIOR_SCALE):
+    """The k candidates to ask next, best first -> list of k candidate (unit) indices.
+    X [n, K]: the candidates projected once, x = (e_a - e_b)^T V, in either orientation. groups [n]: the unit of each
+    row, 0..U-1 (e.g. a dialog, whose answer reveals all its pairs; None: each row its own), scored by the sum over
+    its rows. known [m, K]: the answers so far, rows preferred minus other; exclude: units already asked (never
+    returned). Scores: comparison_scores under laplace_posterior(known); ties go to the lowest index. k > 1 with
+    "active" is greedy: after each pick Sigma^-1 gains the unit's expected Fisher information sum_i lam_i g_i g_i^T
+    (it does not depend on the answers) and the rest are rescored."""
+    check_value("selection", rule)
+    X = np.asarray(X, dtype=np.float64)
+    groups = np.arange(len(X)) if groups is None else np.asarray(groups)
+    if X.ndim != 2 or not np.isfinite(X).all() or groups.shape != (len(X),):
+        raise InputError(f"candidates must be a finite [n, K] array with one group id per row, got {X.shape}")
+    free = np.ones(int(groups.max()) + 1 if len(groups) else 0, dtype=bool)
+    free[np.asarray(list(exclude), dtype=np.int64)] = False
+    if not 1 <= k <= free.sum():
+        raise InputError(f"k={k}: must lie in [1, {free.sum()}], the candidates not yet asked")
+    u, Sigma = laplace_posterior(np.zeros((0, X.shape[1])) if known is None else known, prior_scale)
+    picks = []
+    for _ in range(k):
+        score = np.where(free, np.bincount(groups, comparison_scores(X, u, Sigma, rule), len(free)), -np.inf)
+        picks.append(int(np.argmax(score)))
+        free[picks[-1]] = False
+        if rule == "active" and len(picks) < k:
+            _, z, G = _logits_and_grads(X[groups == picks[-1]], u)
+            Sigma = np.linalg.inv(np.linalg.inv(Sigma) + (G * (_sigmoid_np(z) * _sigmoid_np(-z))[:, None]).T @ G)
+    return picks
+
+
+def choose_shots(X, shots, answer, rule="active", *, groups=None, prior_scale=PRIOR_SCALE):
+    """Ask `shots` units one at a time (select_comparisons, the posterior refit after each answer) -> the unit indices
+    in the order asked; X, groups as there. answer(rows) -> [len(rows)] +1 (side a preferred) or -1, called with the
+    rows of the unit just asked only. The first n choices do not depend on `shots` (a larger count extends them)."""
+    X = np.asarray(X, dtype=np.float64)
+    groups = np.arange(len(X)) if groups is None else np.asarray(groups)
+    asked, known = [], np.zeros((0, X.shape[1]))
+    for _ in range(shots):
+        asked += select_comparisons(X, 1, rule=rule, known=known, exclude=asked, groups=groups,
+                                    prior_scale=prior_scale)
+        rows = np.flatnonzero(groups == asked[-1])
+        y = np.asarray(answer(rows), dtype=np.float64).reshape(-1)
+        if y.shape != rows.shape or not np.isin(y, (-1, 1)).all():
+            raise InputError(f"answer(rows) must give one +1 or -1 per row ({len(rows)}), got {y!r:.100}")
+        known = np.concatenate([known, X[rows] * y[:, None]])
+    return asked
+
+
 if numba is not None:
     @cpu_kernel
     def _per_user_bt_kernel(table, chosen, rejected, two_sided, order, starts, counts, iterations, lr, scale):
@@ -1821,14 +1991,16 @@ def shot_units(pool, shot_groups=None):
     return units
 
 
-def stack_trials(pool, units, users, shots, trials, seed):
+def stack_trials(pool, units, users, shots, trials, seed, chosen=None):
     """`shots` random examples of each of `users` in every trial, all in one Pairs of rows of `pool`:
-    user t * len(users) + i is users[i] in trial t. Trial t draws with np.random.RandomState(seed * 100003 + t)."""
+    user t * len(users) + i is users[i] in trial t. Trial t draws with np.random.RandomState(seed * 100003 + t).
+    chosen: per user of `users` its examples in the order asked (select_shots); the first `shots` are taken instead."""
     rows, owner = [], []
     for trial in range(trials):
         rng = np.random.RandomState(seed * 100003 + trial)
         for i, u in enumerate(users):
-            picked = torch.cat([units[u][c] for c in rng.choice(len(units[u]), shots, replace=False)])
+            picks = rng.choice(len(units[u]), shots, replace=False) if chosen is None else chosen[i][:shots]
+            picked = torch.cat([units[u][c] for c in picks])
             rows.append(picked)
             owner.append(torch.full((len(picked),), trial * len(users) + i))
     out = pool.select(torch.cat(rows))
@@ -1836,10 +2008,25 @@ def stack_trials(pool, units, users, shots, trials, seed):
     return out
 
 
+def select_shots(pool, units, users, shots, rule, seed=0):
+    """Per user u of `users`, its first min(shots, len(units[u])) examples asked by `rule` (choose_shots) -> lists of
+    indices into units[u]. pool: rows d^T V stored chosen minus rejected, the simulated user's answers: the rule sees
+    each row in a random orientation (np.random.RandomState(seed * 100003 + u)) and only asked rows are answered."""
+    XV = pool.dense().double().numpy()
+    out = []
+    for u in users:
+        rows = torch.cat(units[u]).numpy()
+        flip = np.random.RandomState(seed * 100003 + u).choice([-1.0, 1.0], len(rows))
+        groups = np.repeat(np.arange(len(units[u])), [len(r) for r in units[u]])
+        out.append(choose_shots(XV[rows] * flip[:, None], min(shots, len(units[u])), lambda r: flip[r], rule,
+                                groups=groups))
+    return out
+
+
 def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_features, train_features_unseen,
                             test_features_sparse_unseen, V_final, N, N_unseen, device, *, regularized=False,
                             shot_groups=None, num_iterations=None, learning_rate=0.5, fewshot_iterations=500,
-                            fewshot_learning_rate=None, seed=0, return_skipped=False):
+                            fewshot_learning_rate=None, seed=0, return_skipped=False, shot_selection="random"):
     """Unseen-user accuracy against the number of few-shot examples.
 
     The basis is fit once per (alpha, K) on the seen users; then for each shot count and each
@@ -1851,10 +2038,14 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
     (users are independent there, so this equals fitting them one by one).
     num_iterations None: 20000 if regularized else 500 (as published);
     fewshot_learning_rate None: 0.5 if regularized else 0.1.
+    shot_selection: "random" (the published draws), or "uncertainty" / "active": each user's examples are asked one
+    at a time from the same pool (select_shots), and w is fit on them as above; deterministic: one trial, std 0.
     Returns 4 flat arrays [len(alpha_list) * len(K_list) * len(num_shots)] (alpha-major, then K,
     then shots: for one alpha and one K, the published sequences over num_shots): few-shot train
     accuracy mean and std over trials, unseen-user test accuracy mean and std over trials (each
     trial's value is the mean over users); with return_skipped=True also skipped counts [len(num_shots)].
+    With a list of rules for shot_selection: {rule: those 4 arrays} and "full_pool": 4 arrays
+    [len(alpha_list) * len(K_list)], the accuracies with w fit on each user's whole pool (mean and std over users).
     """
     model_cls = LoRe_regularized if regularized else LoRe
     if num_iterations is None:
@@ -1863,7 +2054,9 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
         fewshot_learning_rate = 0.5 if regularized else 0.1
     _check_pipeline_args(K_list=K_list, alpha_list=alpha_list, N=N, N_unseen=N_unseen, num_iterations=num_iterations,
                          learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
-                         fewshot_learning_rate=fewshot_learning_rate, trials=trials, num_shots=num_shots)
+                         fewshot_learning_rate=fewshot_learning_rate, trials=trials, num_shots=num_shots,
+                         shot_selection=shot_selection)
+    rules = [shot_selection] if isinstance(shot_selection, str) else list(dict.fromkeys(shot_selection))
     train, pool, test_u = (as_pairs(x) for x in (train_features, train_features_unseen, test_features_sparse_unseen))
     check_users([("train_features", train, N), ("train_features_unseen", pool, N_unseen),
                   ("test_features_sparse_unseen", test_u, N_unseen)])
@@ -1874,7 +2067,8 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
     for s, n in zip(num_shots, skipped):
         if n:
             print(f"shots={s}: skipping {n} of {N_unseen} unseen users with fewer than {s} {unit_name}")
-    res = np.zeros((4, len(alpha_list), len(K_list), len(num_shots)))
+    res = np.zeros((len(rules), 4, len(alpha_list), len(K_list), len(num_shots)))
+    full = np.zeros((4, len(alpha_list), len(K_list)))
     for a, alpha in enumerate(alpha_list):
         for k, K in enumerate(K_list):
             set_seed(seed)
@@ -1885,27 +2079,46 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
             eye = torch.eye(V.shape[1])
             pool_V = Pairs(pool.user, N_unseen, diffs=pool.project(V).float())
             test_V = Pairs(test_u.user, N_unseen, diffs=test_u.project(V).float())
-            for j, shots in enumerate(num_shots):
-                users = torch.nonzero(n_units >= shots).flatten().tolist()
-                if not users:
-                    res[:, a, k, j] = np.nan
-                    continue
-                shot_pairs = stack_trials(pool_V, units, users, shots, trials, seed)
+
+            def fit(shot_pairs):
                 if V.shape[1] <= 1:
-                    W_u = torch.ones(shot_pairs.num_users, V.shape[1])
-                else:
-                    W_u = personalize_users(shot_pairs, eye, fewshot_iterations, fewshot_learning_rate, device).cpu()
-                fs = user_accuracies(shot_pairs, eye, W_u).reshape(trials, len(users)).mean(1)
-                test = test_V.select_users(users)
-                ts = [user_accuracies(test, eye, W_u[t * len(users):(t + 1) * len(users)]).mean()
-                      for t in range(trials)]
-                res[:, a, k, j] = np.mean(fs), np.std(fs), np.mean(ts), np.std(ts)
-                note_finished(f"alpha={alpha:g} K={K} shots={shots}")
-                print(f"alpha={alpha:g} K={K} shots={shots}: few-shot train {res[0, a, k, j]:.4f}, "
-                      f"unseen test {res[2, a, k, j]:.4f} +- {res[3, a, k, j]:.4f} "
-                      f"({len(users)} users, {trials} trials)")
-    out = tuple(res.reshape(4, -1))
-    return out + (skipped,) if return_skipped else out
+                    return torch.ones(shot_pairs.num_users, V.shape[1])
+                return personalize_users(shot_pairs, eye, fewshot_iterations, fewshot_learning_rate, device).cpu()
+            for r, rule in enumerate(rules):
+                n_trials, tag, chosen = (trials, "", None) if rule == "random" else (1, f" [{rule} shots]", {})
+                if rule != "random":  # sequential: the choices for the largest count, once; a count takes a prefix
+                    has, t0 = torch.nonzero(n_units >= min(num_shots)).flatten().tolist(), time.time()
+                    chosen = dict(zip(has, select_shots(pool_V, units, has, max(num_shots), rule, seed)))
+                    print(f"alpha={alpha:g} K={K}: {rule} shots of {len(has)} users chosen in {time.time() - t0:.1f}s")
+                for j, shots in enumerate(num_shots):
+                    users = torch.nonzero(n_units >= shots).flatten().tolist()
+                    if not users:
+                        res[r, :, a, k, j] = np.nan
+                        continue
+                    shot_pairs = stack_trials(pool_V, units, users, shots, n_trials, seed,
+                                              None if chosen is None else [chosen[u] for u in users])
+                    W_u = fit(shot_pairs)
+                    fs = user_accuracies(shot_pairs, eye, W_u).reshape(n_trials, len(users)).mean(1)
+                    test = test_V.select_users(users)
+                    ts = [user_accuracies(test, eye, W_u[t * len(users):(t + 1) * len(users)]).mean()
+                          for t in range(n_trials)]
+                    res[r, :, a, k, j] = np.mean(fs), np.std(fs), np.mean(ts), np.std(ts)
+                    note_finished(f"alpha={alpha:g} K={K} shots={shots}{tag}")
+                    print(f"alpha={alpha:g} K={K} shots={shots}{tag}: few-shot train {res[r, 0, a, k, j]:.4f}, "
+                          f"unseen test {res[r, 2, a, k, j]:.4f} +- {res[r, 3, a, k, j]:.4f} "
+                          f"({len(users)} users, {n_trials} trials)")
+            if not isinstance(shot_selection, str):  # the reference: w fit on each user's whole few-shot pool
+                users = torch.nonzero(n_units > 0).flatten().tolist()
+                whole = pool_V.select_users(users)
+                W_u = fit(whole)
+                fs, ts = user_accuracies(whole, eye, W_u), user_accuracies(test_V.select_users(users), eye, W_u)
+                full[:, a, k] = fs.mean(), fs.std(), ts.mean(), ts.std()
+    if isinstance(shot_selection, str):
+        out = tuple(res[0].reshape(4, -1))
+        return out + (skipped,) if return_skipped else out
+    out = {rule: tuple(res[r].reshape(4, -1)) for r, rule in enumerate(rules)}
+    out["full_pool"] = tuple(full.reshape(4, -1))
+    return (out, skipped) if return_skipped else out
 
 
 # ----------------------------------------------------------------------------------------
@@ -2492,12 +2705,13 @@ def as_conversation(prompt, response):
     return messages(prompt, "user") + messages(response, "assistant")
 
 
-def read_comparisons(path):
+def read_comparisons(path, sides=("chosen", "rejected")):
     """Read a jsonl of {"prompt", "chosen", "rejected"} -> (chosen, rejected, bad).
 
     chosen / rejected: the conversations (message lists) of the good lines; bad: (line number, reason) of
     every other non-blank line. A prompt is a string or a list of chat messages; a reply is a string or
-    a list of messages."""
+    a list of messages. sides: the keys of the two replies, e.g. ("a", "b") for unanswered candidates."""
+    keys = ("prompt",) + tuple(sides)
     chosen, rejected, bad = [], [], []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -2509,14 +2723,14 @@ def read_comparisons(path):
                 bad.append((n, f"not valid JSON ({e.msg})"))
                 continue
             if not isinstance(row, dict):
-                bad.append((n, f"expected an object with prompt, chosen, rejected, got {type(row).__name__}"))
+                bad.append((n, f"expected an object with {', '.join(keys)}, got {type(row).__name__}"))
                 continue
-            missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+            missing = [k for k in keys if k not in row]
             if missing:
                 bad.append((n, f"missing {', '.join(missing)}"))
                 continue
             try:
-                c, r = as_conversation(row["prompt"], row["chosen"]), as_conversation(row["prompt"], row["rejected"])
+                c, r = (as_conversation(row["prompt"], row[k]) for k in sides)
             except InputError as e:
                 bad.append((n, str(e)))
                 continue
@@ -2659,6 +2873,33 @@ class PersonalizedReward:
         m = len(chosen)
         E = self.embed(chosen + rejected)
         return self.fit_weights(E[:m] - E[m:], num_iterations, learning_rate)
+
+    def suggest(self, candidates, k=1, answered=None, rule="active"):
+        """Which of a person's candidate comparisons to ask next -> k indices into `candidates`, best first
+        (select_comparisons on the candidates projected onto V: "active", the largest expected information about
+        the person's weights, or "uncertainty", the answer predicted nearest 50/50).
+        candidates: a list of n (a, b) pairs of conversations (message lists), or their differences e(a) - e(b)
+        [n, F]. answered: what the person has answered so far: {candidate index: 1 if they preferred a, -1 if b}
+        (never suggested again), or the differences [m, F] (chosen minus rejected) of other comparisons, or None."""
+        if not (torch.is_tensor(candidates) or isinstance(candidates, np.ndarray)):
+            pairs = list(candidates)
+            if not pairs or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+                raise InputError("candidates must be a non-empty list of (a, b) pairs of conversations, or [n, F]")
+            E = self.embed([p[0] for p in pairs] + [p[1] for p in pairs])
+            candidates = E[:len(pairs)] - E[len(pairs):]
+
+        def project(D, name):
+            D = torch.as_tensor(D, dtype=torch.float64).cpu()
+            if D.dim() != 2 or D.shape[1] != self.F:
+                raise InputError(f"{name} must be differences [n, F = {self.F}], got {tuple(D.shape)}")
+            return (D @ self.V.double()).numpy()
+        X = project(candidates, "candidates")
+        if isinstance(answered, dict):
+            exclude, y = [int(i) for i in answered], np.array(list(answered.values()), dtype=np.float64)
+            if any(not 0 <= i < len(X) for i in exclude) or not np.isin(y, (-1, 1)).all():
+                raise InputError(f"answered must map candidate indices in [0, {len(X)}) to 1 (a preferred) or -1")
+            return select_comparisons(X, k, rule=rule, known=X[exclude] * y[:, None], exclude=exclude)
+        return select_comparisons(X, k, rule=rule, known=None if answered is None else project(answered, "answered"))
 
     def export(self, out_dir, user):
         """Write a Hugging Face AutoModelForSequenceClassification checkpoint of `user`'s reward to out_dir

@@ -14,7 +14,16 @@ fits the person's weights w [K] on the frozen basis V (the few-shot step of trai
 stored in the file), prints w and how many of their comparisons it orders right, and writes a Hugging Face
 AutoModelForSequenceClassification checkpoint whose score.weight is (V w)^T, linked to the reward model's
 own weight files (utils.export_reward_model).
+
+    python PRISM/personalize.py suggest=pool.jsonl model=... [comparisons=my.jsonl]
+
+suggest: a jsonl pool of candidate comparisons the person has not answered, one a line {"prompt": ..., "a": ...,
+"b": ...}. Prints the next num_suggestions to ask, best first (utils.PersonalizedReward.suggest: `selection`
+"active" asks where the answer tells most about w, "uncertainty" where it is predicted nearest 50/50), given the
+comparisons answered so far (none: from the prior); pool lines identical to an answered comparison are skipped.
+With suggest, nothing is exported.
 """
+import json
 import sys
 from pathlib import Path
 
@@ -24,7 +33,7 @@ from utils import InputError, MissingFileError  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
-comparisons = None         # the person's jsonl file (required)
+comparisons = None         # the person's jsonl file of answered comparisons (required unless suggest is given)
 model = None               # learned-model file written by a train_basis.py (required)
 model_name = None          # reward model (hub id or local path); default: the one named in the model file
 out_dir = None             # exported reward model; default: PRISM/results/personalized/<jsonl name>_<model name>
@@ -32,31 +41,64 @@ export = True              # False: only print w
 num_iterations = None      # few-shot Adam steps; default: the model file's (500)
 learning_rate = None       # few-shot learning rate; default: the model file's
 device = None              # reward model device; default: cuda if available, else cpu
+suggest = None             # a jsonl pool of unanswered candidates {"prompt", "a", "b"}: print the next ones to ask
+num_suggestions = 3        # with suggest: how many
+selection = "active"       # with suggest: "active" (most information about w) or "uncertainty" (nearest 50/50)
+_types = {"comparisons": str, "model": str, "model_name": str, "suggest": str}
 # -----------------------------------------------------------------------------
 config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"} if export else None)
-if comparisons is None or model is None:
-    raise InputError(f"comparisons={comparisons}, model={model}: both are needed; pass "
-                     "comparisons=FILE.jsonl model=results/models/K..._alpha....safetensors")
-if not Path(comparisons).is_file():
-    raise MissingFileError(f"comparisons={comparisons}: no such file")
+export = export and suggest is None
+if model is None or (comparisons is None and suggest is None):
+    raise InputError(f"comparisons={comparisons}, suggest={suggest}, model={model}: pass model=results/models/"
+                     "K..._alpha....safetensors and comparisons=FILE.jsonl (to personalise), suggest=POOL.jsonl "
+                     "(to choose what to ask next) or both")
+for path in (comparisons, suggest):
+    if path is not None and not Path(path).is_file():
+        raise MissingFileError(f"{'comparisons' if path == comparisons else 'suggest'}={path}: no such file")
 
-chosen, rejected, bad = utils.read_comparisons(comparisons)
-for n, reason in bad:
-    print(f"{comparisons}:{n}: skipped, {reason}")
-if not chosen:
-    raise InputError(f"comparisons={comparisons}: no valid comparison (see the lines above); each line must be "
-                     '{"prompt": ..., "chosen": ..., "rejected": ...}')
-print(f"{len(chosen)} comparisons read from {comparisons}" + (f" ({len(bad)} bad line(s) skipped)" if bad else ""))
 
+def read(key, path, sides, what):
+    """The good lines of the jsonl `path` (setting `key`) -> (first sides, second sides, their line numbers)."""
+    first, second, bad = utils.read_comparisons(path, sides)
+    for n, reason in bad:
+        print(f"{path}:{n}: skipped, {reason}")
+    if not first:
+        raise InputError(f"{key}={path}: no valid {what} (see the lines above); each line must be "
+                         f'{{"prompt": ..., "{sides[0]}": ..., "{sides[1]}": ...}}')
+    print(f"{len(first)} {what}s read from {path}" + (f" ({len(bad)} bad line(s) skipped)" if bad else ""))
+    skip = dict(bad)
+    with open(path, encoding="utf-8") as f:
+        return first, second, [n for n, line in enumerate(f, 1) if line.strip() and n not in skip]
+
+
+chosen, rejected, _ = read("comparisons", comparisons, ("chosen", "rejected"), "comparison") if comparisons else \
+    ([], [], [])
 rm = utils.PersonalizedReward.load(model, model_name=model_name, device=device)
 print(rm)
-E = rm.embed(chosen + rejected)  # what rm.personalize(chosen, rejected) does, keeping the embeddings
-diffs = E[:len(chosen)] - E[len(chosen):]
-w = rm.fit_weights(diffs, num_iterations, learning_rate)
-margin, uniform = diffs @ rm.head(w), diffs @ rm.head("uniform")
-print("w = [" + ", ".join(f"{x:.4f}" for x in w.tolist()) + "]")
-print(f"ordered right: {int((margin > 0).sum())}/{len(margin)} of these comparisons with w, "
-      f"{int((uniform > 0).sum())}/{len(uniform)} with the uniform weights")
+diffs = None
+if chosen:
+    E = rm.embed(chosen + rejected)  # what rm.personalize(chosen, rejected) does, keeping the embeddings
+    diffs = E[:len(chosen)] - E[len(chosen):]
+    w = rm.fit_weights(diffs, num_iterations, learning_rate)
+    margin, uniform = diffs @ rm.head(w), diffs @ rm.head("uniform")
+    print("w = [" + ", ".join(f"{x:.4f}" for x in w.tolist()) + "]")
+    print(f"ordered right: {int((margin > 0).sum())}/{len(margin)} of these comparisons with w, "
+          f"{int((uniform > 0).sum())}/{len(uniform)} with the uniform weights")
+if suggest:
+    a, b, lines = read("suggest", suggest, ("a", "b"), "candidate")
+    done = {frozenset(json.dumps(c) for c in pair) for pair in zip(chosen, rejected)}
+    keep = [i for i in range(len(a)) if frozenset((json.dumps(a[i]), json.dumps(b[i]))) not in done]
+    if len(keep) < len(a):
+        print(f"{len(a) - len(keep)} candidate(s) already answered in {comparisons}: skipped")
+    if not keep:
+        raise InputError(f"suggest={suggest}: every candidate is already answered")
+    best = rm.suggest([(a[i], b[i]) for i in keep], min(num_suggestions, len(keep)), answered=diffs, rule=selection)
+    print(f"ask next ({selection}, best first; add each answer to the comparisons file as "
+          '{"prompt": ..., "chosen": <the preferred reply>, "rejected": <the other>}):')
+    for rank, j in enumerate(best, 1):
+        i = keep[j]
+        print(f"{rank}. {suggest}:{lines[i]}\n   prompt: {a[i][-2]['content']!r:.200}\n"
+              f"   a: {a[i][-1]['content']!r:.200}\n   b: {b[i][-1]['content']!r:.200}")
 if export:
     out = Path(out_dir) if out_dir else (utils.script_out_dir(__file__) / "personalized"
                                          / f"{Path(comparisons).stem}_{Path(model).stem}")

@@ -29,6 +29,9 @@ num_iterations = None      # Adam steps of the joint fit; None: 20000 (published
 learning_rate = 0.5
 fewshot_iterations = 500
 fewshot_learning_rate = 0.5
+shot_selection = "random"  # how a user's few-shot dialogs are picked from its pool: "random" (published),
+                           # "uncertainty" or "active" (asked one at a time, README "Choosing the comparisons"),
+                           # or a list of them, run side by side: shot_selection=['random','uncertainty','active']
 baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 seed = 0
@@ -38,6 +41,7 @@ synthetic_features = 64
 data_dir = None            # default: PRISM/data
 out_dir = None             # default: PRISM/results
 device = None
+_types = {"shot_selection": (str, list)}  # one rule or a list of them
 # -----------------------------------------------------------------------------
 config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"},
                          checks=[check_baselines])  # every setting checked before any work
@@ -53,11 +57,12 @@ fewshot_dialogs = data.info["fewshot_dialogs"]  # [m] the dialog of each few-sho
 if num_shots is None:
     most = max(len(set(fewshot_dialogs[data.unseen_fewshot.user == u].tolist())) for u in range(data.N_unseen))
     num_shots = list(range(1, most + 1))
-*accuracies, skipped = utils.run_few_shot_vary_shots(
+accuracies, skipped = utils.run_few_shot_vary_shots(
     trials, [alpha], [K], num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, data.head, data.N,
     data.N_unseen, device, regularized=True, shot_groups=fewshot_dialogs,
     num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
-    fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True)
+    fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True,
+    shot_selection=[shot_selection] if isinstance(shot_selection, str) else shot_selection)
 baseline_results = run_baselines_vary_shots(
     baselines, trials, num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, device,
     shot_groups=fewshot_dialogs, seed=seed, settings=baseline_settings)

@@ -26,6 +26,9 @@ num_iterations = 1000
 learning_rate = 0.5
 fewshot_iterations = 500
 fewshot_learning_rate = 0.1
+shot_selection = "random"  # how a user's few-shot pairs are picked from its pool: "random" (published),
+                           # "uncertainty" or "active" (asked one at a time, README "Choosing the comparisons"),
+                           # or a list of them, run side by side: shot_selection=['random','uncertainty','active']
 N = 1000
 N_unseen = 500
 train_density = 0.005
@@ -40,6 +43,7 @@ synthetic_prompts = [9402, 1000]
 data_dir = None            # default: PersonalLLM/data
 out_dir = None             # default: PersonalLLM/results
 device = None
+_types = {"shot_selection": (str, list)}  # one rule or a list of them
 # -----------------------------------------------------------------------------
 config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"},
                          checks=[check_baselines, personalllm.check_config])  # every setting checked before any work
@@ -51,10 +55,11 @@ data = personalllm.load(data_dir=data_dir, synthetic=synthetic, synthetic_prompt
                         synthetic_features=synthetic_features, N=N, N_unseen=N_unseen, train_density=train_density,
                         fewshot_pool_density=fewshot_pool_density, dirichlet_alpha=dirichlet_alpha, seed=seed,
                         reference=reference)
-*accuracies, skipped = utils.run_few_shot_vary_shots(
+accuracies, skipped = utils.run_few_shot_vary_shots(
     trials, [alpha], [K], num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, data.head, data.N,
     data.N_unseen, device, num_iterations=num_iterations, learning_rate=learning_rate,
-    fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True)
+    fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True,
+    shot_selection=[shot_selection] if isinstance(shot_selection, str) else shot_selection)
 baseline_results = run_baselines_vary_shots(
     baselines, trials, num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, device,
     seed=seed, settings=baseline_settings)

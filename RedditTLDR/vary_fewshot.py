@@ -28,6 +28,9 @@ num_iterations = 500       # joint fit, as published for vary_fewshot
 learning_rate = 0.5
 fewshot_iterations = 500
 fewshot_learning_rate = 0.1
+shot_selection = "random"  # how a user's few-shot pairs are picked from its pool: "random" (published),
+                           # "uncertainty" or "active" (asked one at a time, README "Choosing the comparisons"),
+                           # or a list of them, run side by side: shot_selection=['random','uncertainty','active']
 protocol = "published"     # "published" or "paper" (see train_basis.py)
 max_train_pairs = 150      # per seen worker
 max_fewshot_pairs = 100    # pool of an unseen worker's shots, as published (None: all its train-split comparisons)
@@ -41,6 +44,7 @@ synthetic_features = 64
 data_dir = None            # default: RedditTLDR/data
 out_dir = None             # default: RedditTLDR/results
 device = None
+_types = {"shot_selection": (str, list)}  # one rule or a list of them
 # -----------------------------------------------------------------------------
 config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"},
                          checks=[check_baselines])  # every setting checked before any work
@@ -51,10 +55,11 @@ utils.set_seed(seed)
 data = tldr.load(data_dir=data_dir, synthetic=synthetic, synthetic_features=synthetic_features, protocol=protocol,
                  max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs, min_comparisons=min_comparisons,
                  split_seed=split_seed, seed=seed, reference=reference)
-*accuracies, skipped = utils.run_few_shot_vary_shots(
+accuracies, skipped = utils.run_few_shot_vary_shots(
     trials, [alpha], [K], num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, data.head, data.N,
     data.N_unseen, device, num_iterations=num_iterations, learning_rate=learning_rate,
-    fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True)
+    fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True,
+    shot_selection=[shot_selection] if isinstance(shot_selection, str) else shot_selection)
 baseline_results = run_baselines_vary_shots(
     baselines, trials, num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, device,
     seed=seed, settings=baseline_settings)

@@ -120,9 +120,11 @@ def test_corrupted_prepared_file_is_named_with_the_command_that_remakes_it(tmp_p
     ("RedditTLDR/train_basis.py", "protocol=papr", ["protocol='papr'", "published, paper"]),
     ("PRISM/train_basis.py", "alpha_list=[-1.0]", ["alpha_list=[-1.0]", ">= 0"]),
     ("PersonalLLM/prepare.py", "shard_size=0", ["shard_size=0", ">= 1"]),
+    ("PRISM/vary_fewshot.py", "shot_selection=greedy", ["shot_selection='greedy'", "random, uncertainty, active"]),
+    ("RedditTLDR/vary_fewshot.py", "shot_selection=['active','greedy']", ["'greedy'", "random, uncertainty, active"]),
 ])
 def test_other_scripts_check_their_settings(script, override, names, tmp_path):
-    proc = run_inline(script, "synthetic=True" if "train_basis" in script else "model_name=/nonexistent",
+    proc = run_inline(script, "synthetic=True" if "prepare" not in script else "model_name=/nonexistent",
                       f"{'data_dir' if 'prepare' in script else 'out_dir'}={tmp_path}", override)
     assert_one_line_error(proc, *names)
     assert "prompts x" not in proc.stdout  # prepare.py did not read the dataset

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from test_embed import make_conversations
+from test_errors import run_inline
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import utils
@@ -255,3 +256,42 @@ def test_personalize_command_end_to_end(tmp_path, tiny_reward_model):
                       check=False)
     assert proc.returncode == 2 and "bad.jsonl:1: skipped" in proc.stdout and "no valid comparison" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_suggest_on_a_jsonl_pool_end_to_end(tmp_path, tiny_reward_model):
+    """PRISM/personalize.py suggest=pool.jsonl prints the next comparisons to ask (the pool's line numbers), the same
+    as PersonalizedReward.suggest in this process; a candidate already answered is never suggested."""
+    model_file = make_model_file(tmp_path / "K3_alpha0.safetensors", tiny_reward_model)
+    convs = make_conversations(16, seed=3)
+    pool = [{"prompt": c[0]["content"], "a": c[1]["content"], "b": r[1]["content"]}
+            for c, r in zip(convs[:8], convs[8:])]
+    lines = [json.dumps(p) for p in pool]
+    lines.insert(3, '{"prompt": "broken", "a": "x"}')  # line 4: reported and skipped
+    (tmp_path / "pool.jsonl").write_text("\n".join(lines) + "\n")
+    mine = [{"prompt": pool[0]["prompt"], "chosen": pool[0]["b"], "rejected": pool[0]["a"]},  # pool line 1, answered
+            {"prompt": pool[5]["prompt"], "chosen": pool[5]["a"], "rejected": pool[6]["b"]}]
+    (tmp_path / "my.jsonl").write_text("\n".join(json.dumps(m) for m in mine) + "\n")
+    proc = run_inline("PRISM/personalize.py", f"suggest={tmp_path / 'pool.jsonl'}",  # the script, in this process
+                      f"comparisons={tmp_path / 'my.jsonl'}", f"model={model_file}", "num_suggestions=3")
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr
+    assert "pool.jsonl:4: skipped, missing b" in out and "1 candidate(s) already answered" in out
+    assert "ask next (active" in out and "w = [" in out and "export:" not in out
+    printed = [int(line.split(":")[-1]) for line in out.splitlines() if line[:3] in ("1. ", "2. ", "3. ")]
+    # the same in this process: candidates are the pool's good lines 2, 3, 5, ... 9 (line 1 answered, 4 broken)
+    rm = utils.PersonalizedReward.load(model_file)
+    chosen, rejected, _ = utils.read_comparisons(tmp_path / "my.jsonl")
+    a, b, bad = utils.read_comparisons(tmp_path / "pool.jsonl", sides=("a", "b"))
+    assert [n for n, _ in bad] == [4] and len(a) == 8
+    line_of = [1, 2, 3, 5, 6, 7, 8, 9]
+    best = rm.suggest(list(zip(a, b))[1:], 3, answered=rm.embed(chosen) - rm.embed(rejected))
+    assert printed == [line_of[1 + j] for j in best] and len(set(best)) == 3
+    # from the prior; from precomputed differences; an answered candidate is never suggested again
+    E = rm.embed(a + b)
+    first = rm.suggest(list(zip(a, b)), 8)
+    assert sorted(first) == list(range(8)) and rm.suggest(E[:8] - E[8:], 8) == first
+    again = rm.suggest(E[:8] - E[8:], 7, answered={first[0]: -1})
+    assert first[0] not in again and len(again) == 7
+    assert len(rm.suggest(E[:8] - E[8:], 2, rule="uncertainty")) == 2
+    with pytest.raises(utils.InputError, match="answered must map"):
+        rm.suggest(E[:8] - E[8:], 1, answered={8: 1})

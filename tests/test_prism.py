@@ -270,8 +270,13 @@ def test_train_basis_and_vary_fewshot_synthetic(tmp_path):
 
     run_script("PRISM/vary_fewshot.py", "synthetic=True", "synthetic_users=200", "K=3", "trials=2",
                "num_iterations=50", "fewshot_iterations=50", "baselines=['vpl']", *FAST_BASELINES,
-               f"out_dir={tmp_path}")
+               "shot_selection=['random','active']", f"out_dir={tmp_path}")
     res = json.loads((tmp_path / "vary_fewshot_synthetic.json").read_text())
+    active = res["results_by_selection"]["active"]  # whole dialogs asked one at a time: one deterministic run
+    assert res["results_by_selection"]["random"] == res["results"] and [r["shots"] for r in active] == \
+        [r["shots"] for r in res["results"]] and all(r["unseen_test"]["std"] == 0 for r in active[:2])
+    assert 0 < res["full_pool"]["unseen_test"]["mean"] < 1 and set(res["shots_to_95pct_of_full_pool"]) == \
+        {"random", "active"}
     shots = [r["shots"] for r in res["results"]]
     assert shots[0] == 1 and shots == list(range(1, len(shots) + 1)) and len(shots) >= 3
     assert res["results"][0]["users_skipped"] == 0 and res["results"][-1]["users_skipped"] > 0
