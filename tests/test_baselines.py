@@ -174,7 +174,7 @@ def test_same_seed_same_numbers(data, name):
     for r in runs:
         r[name].pop("seconds")
     assert runs[0] == runs[1]
-    assert set(runs[0][name]) == set(utils.RESULT_NAMES) | {"label", "settings"}
+    assert set(runs[0][name]) == set(utils.RESULT_NAMES) | {"label", "method", "settings"}
     assert runs[0][name]["settings"] == baselines.full_settings(name, settings)  # every setting it ran with
     if name != "per_user_bt":  # a deterministic fit from zero: no seed involved
         m0 = baselines.make_baseline(name, 16, seed=3, **settings)
