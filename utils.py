@@ -158,6 +158,7 @@ RULES = {
     "seen_fraction": "in (0, 1)", "min_dialogs": "int >= 1", "max_length": "int >= 1",
     "validation_fraction": "in [0, 1)", "reference": "one of head published",
     "max_tokens_per_batch": "int >= 1", "shard_size": "int >= 1", "stop_after_shards": "int >= 0",
+    "embedding_dtype": "one of float32 bfloat16 float16",
     "shot_selection": "one of random uncertainty active (or a list)", "selection": "one of active uncertainty",
     "num_suggestions": "int >= 1",
 }
@@ -243,7 +244,7 @@ _CONFIG_TYPES = (bool, int, float, str, list, tuple, dict, type(None))
 # The type of the settings whose default is None (a script may add its own in a `_types = {name: type}` dict).
 NONE_DEFAULT_TYPES = {"data_dir": str, "out_dir": str, "dataset_path": str, "device": str, "split": str,
                       "rm_head": str, "from_published": str, "stop_after_shards": int, "limit": int,
-                      "num_iterations": int, "num_shots": list, "max_fewshot_pairs": int}
+                      "num_iterations": int, "num_shots": list, "max_fewshot_pairs": int, "embedding_dtype": str}
 
 
 def _normalise_argv(argv):
@@ -2260,15 +2261,15 @@ def _length_batches(lengths, max_tokens_per_batch=None, max_batch_size=None):
 
 
 def embed_token_ids(model, token_ids, pad_id, max_tokens_per_batch=16384, max_batch_size=64,
-                    padding_side="right", pbar=None):
-    """token_ids: list of N lists of int -> [N, F] float32 CPU: final hidden state (after the final norm) of the last
-    real token, in input order. Length-sorted padded batches (see _length_batches; None disables a bound),
+                    padding_side="right", pbar=None, out_dtype=torch.float32):
+    """token_ids: list of N lists of int -> [N, F] CPU tensor of out_dtype: final hidden state (after the final norm)
+    of the last real token, in input order. Length-sorted padded batches (see _length_batches; None disables a bound),
     explicit attention_mask and position_ids (so left padding sees the same positions as no padding)."""
     _check_side("padding_side", padding_side)
     base = getattr(model, model.base_model_prefix, model)  # LlamaModel: last_hidden_state is after the final norm
     device = next(model.parameters()).device
     lengths = [len(ids) for ids in token_ids]
-    out = torch.empty(len(token_ids), model.config.get_text_config().hidden_size, dtype=torch.float32)
+    out = torch.empty(len(token_ids), model.config.get_text_config().hidden_size, dtype=out_dtype)
     for batch in _length_batches(lengths, max_tokens_per_batch, max_batch_size):
         B, L = len(batch), lengths[batch[0]]
         input_ids = torch.full((B, L), pad_id, dtype=torch.long)
@@ -2283,7 +2284,7 @@ def embed_token_ids(model, token_ids, pad_id, max_tokens_per_batch=16384, max_ba
         with torch.inference_mode():
             hidden = base(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                           position_ids=position_ids.to(device), use_cache=False).last_hidden_state  # [B, L, F]
-            emb = hidden[torch.arange(B, device=device), last.to(device)].float().cpu()
+            emb = hidden[torch.arange(B, device=device), last.to(device)].to(out_dtype).cpu()
         out[batch] = emb  # out is a normal tensor (usable with autograd later), not an inference tensor
         if pbar is not None:
             pbar.update(B)
@@ -2370,11 +2371,11 @@ def _extras_digest(extras, metadata):
     return h.hexdigest()
 
 
-def _write_embeddings_file(path, row_chunks, n_rows, n_features, groups, tensors, metadata):
+def _write_embeddings_file(path, row_chunks, n_rows, n_features, groups, tensors, metadata, dtype=torch.float32):
     """Stream a safetensors file to path (atomically, deterministically) without holding the full matrix:
-    the float32 [n_rows, n_features] matrix arrives as row chunks [n_i, F] and is stored as consecutive row
+    the [n_rows, n_features] matrix of `dtype` arrives as row chunks [n_i, F] and is stored as consecutive row
     blocks named by groups [(name, n)]; tensors {name: small CPU tensor} and metadata {str: str} are added."""
-    entries = [(name, torch.float32, [n, n_features], None) for name, n in groups]  # None: comes from row_chunks
+    entries = [(name, dtype, [n, n_features], None) for name, n in groups]  # None: comes from row_chunks
     entries += [(name, t.dtype, list(t.shape), t) for name, t in sorted(tensors.items())]
     entries.sort(key=lambda e: -e[1].itemsize)  # keeps every tensor aligned; stable, so the blocks stay in a row
     header = {"__metadata__": metadata}
@@ -2396,7 +2397,7 @@ def _write_embeddings_file(path, row_chunks, n_rows, n_features, groups, tensors
                 elif not matrix_done:  # all group blocks, back to back
                     rows = 0
                     for chunk in row_chunks:
-                        if chunk.dtype != torch.float32 or chunk.dim() != 2 or chunk.shape[1] != n_features:
+                        if chunk.dtype != dtype or chunk.dim() != 2 or chunk.shape[1] != n_features:
                             raise ValueError(f"bad row chunk {chunk.dtype} {tuple(chunk.shape)}")
                         f.write(_tensor_bytes(chunk))
                         rows += chunk.shape[0]
@@ -2438,7 +2439,7 @@ def _plan_shards(n_items, shard_size, settings, conv_digests, shard_dir, rank, w
 
 def _compute_shards(conversations, todo, ranges, shard_fps, shard_dir, shard_meta, *, model_name, device, dtype,
                     max_length, truncation_side, padding_side, max_tokens_per_batch, max_batch_size, model_kwargs,
-                    stop_after_shards, progress):
+                    stop_after_shards, progress, embedding_dtype):
     """Embed and save the shards `todo` (indices into ranges / shard_fps) -> True when stopped early
     (stop_after_shards). shard_meta: the metadata every shard file gets, besides its own."""
     if not todo:
@@ -2459,7 +2460,7 @@ def _compute_shards(conversations, todo, ranges, shard_fps, shard_dir, shard_met
         token_ids, n_truncated = tokenize_conversations(tokenizer, conversations[start:stop], max_length,
                                                         truncation_side)
         emb = embed_token_ids(model, token_ids, tokenizer.pad_token_id, max_tokens_per_batch, max_batch_size,
-                              padding_side, pbar)
+                              padding_side, pbar, embedding_dtype)
         meta = {**shard_meta, "shard_fingerprint": shard_fps[k], "start": str(start), "stop": str(stop),
                 "n_truncated": str(n_truncated)}
         save_tensors(_shard_path(shard_dir, start, stop), {"embeddings": emb, "head": head}, meta)
@@ -2479,7 +2480,8 @@ def _merge_shards(out_path, shard_dir, ranges, shard_fps, groups, extras, metada
         print(f"extract_embeddings: {missing}/{len(ranges)} shards not finished in {shard_dir}; "
               "run again to resume", flush=True)
         return None
-    head = load_file(str(paths[0]))["head"]
+    first = load_file(str(paths[0]))
+    head, dtype = first["head"], first["embeddings"].dtype
 
     def chunks():
         for path in paths:
@@ -2491,9 +2493,10 @@ def _merge_shards(out_path, shard_dir, ranges, shard_fps, groups, extras, metada
     n_items = ranges[-1][1]
     n_truncated = sum(int(meta["n_truncated"]) for meta in metas)
     final_meta = {**metadata, **run_meta, "n_features": str(head.shape[0]), "n_truncated": str(n_truncated)}
-    _write_embeddings_file(out_path, chunks(), n_items, head.shape[0], groups, {"head": head, **extras}, final_meta)
-    print(f"extract_embeddings: wrote {out_path} ({n_items} x {head.shape[0]}); {n_truncated}/{n_items} "
-          f"conversations truncated to max_length={run_meta['max_length']} tokens "
+    _write_embeddings_file(out_path, chunks(), n_items, head.shape[0], groups, {"head": head, **extras}, final_meta,
+                           dtype)
+    print(f"extract_embeddings: wrote {out_path} ({n_items} x {head.shape[0]}, {str(dtype).removeprefix('torch.')}); "
+          f"{n_truncated}/{n_items} conversations truncated to max_length={run_meta['max_length']} tokens "
           f"(truncation_side={run_meta['truncation_side']})", flush=True)
     if not keep_shards:
         shutil.rmtree(shard_dir, ignore_errors=True)
@@ -2509,17 +2512,22 @@ def _rewrite_extras(out_path, old_meta, groups, extras, metadata, extras_digest,
         final_meta = {**metadata, **{k: old_meta[k] for k in _RESERVED_METADATA if k in old_meta},
                       "extras_sha256": extras_digest}
         n_items = sum(n for _, n in groups)
-        _write_embeddings_file(out_path, chunks, n_items, head.shape[0], groups, {"head": head, **extras}, final_meta)
+        dtype = {v: k for k, v in _ST_DTYPES.items()}[f.get_slice(groups[0][0]).get_dtype()]
+        _write_embeddings_file(out_path, chunks, n_items, head.shape[0], groups, {"head": head, **extras}, final_meta,
+                               dtype)
 
 
 def extract_embeddings(conversations, out_path, *, model_name, groups=None, extra_tensors=None, metadata=None,
                        max_tokens_per_batch=16384, max_batch_size=64, max_length=4096, truncation_side="left",
                        padding_side="right", shard_size=2048, stop_after_shards=None, device=None, dtype=None,
-                       keep_shards=False, progress=True, tokenizer_name=None, trust_remote_code=False):
+                       embedding_dtype=None, keep_shards=False, progress=True, tokenizer_name=None,
+                       trust_remote_code=False):
     """Embed M conversations with the reward model and write ONE safetensors file at out_path with
-    `embeddings` [M, F] float32 (or, with groups={name: n, ...} summing to M, consecutive row blocks under those
-    names), `head` [F, 1] float32 (score.weight.T), the caller's extra_tensors, and __metadata__ (caller metadata +
-    model_name, fingerprint, n_items, n_features, dtype, max_length, truncation_side, n_truncated, groups).
+    `embeddings` [M, F] (or, with groups={name: n, ...} summing to M, consecutive row blocks under those names) in
+    embedding_dtype (None: the model's dtype, bf16 on CUDA and float32 on CPU: the model's hidden state loses
+    nothing; "float32" keeps float32), `head` [F, 1] float32 (score.weight.T), the caller's extra_tensors, and
+    __metadata__ (caller metadata + model_name, fingerprint, n_items, n_features, dtype, max_length,
+    truncation_side, n_truncated, groups).
     Returns out_path, or None when stopped early (stop_after_shards) or shards are missing.
     Skips the work when out_path is up to date (same fingerprint over conversations, model_name, max_length,
     truncation_side, dtype, groups; batching knobs only change rounding and are not part of it); only rewrites the
@@ -2539,8 +2547,11 @@ def extract_embeddings(conversations, out_path, *, model_name, groups=None, extr
     device = get_device(device)
     dtype = _resolve_dtype(dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
+    embedding_dtype = dtype if embedding_dtype is None else _resolve_dtype(embedding_dtype, device)
     settings = {"model_name": str(model_name), "max_length": max_length, "truncation_side": truncation_side,
                 "dtype": dtype_name}
+    if embedding_dtype != torch.float32:  # float32 files keep the fingerprints they were written with
+        settings["embedding_dtype"] = str(embedding_dtype).removeprefix("torch.")
     if tokenizer_name is not None:
         settings["tokenizer_name"] = str(tokenizer_name)
     conv_digests = [_sha256_json(conv) for conv in conversations]
@@ -2574,6 +2585,7 @@ def extract_embeddings(conversations, out_path, *, model_name, groups=None, extr
                                   truncation_side=truncation_side, padding_side=padding_side,
                                   max_tokens_per_batch=max_tokens_per_batch, max_batch_size=max_batch_size,
                                   stop_after_shards=stop_after_shards, progress=progress,
+                                  embedding_dtype=embedding_dtype,
                                   model_kwargs={"tokenizer_name": tokenizer_name,
                                                 "trust_remote_code": trust_remote_code})
         if stopped:

@@ -106,7 +106,7 @@ if not utils.is_main_process():
 if path is None:
     raise SystemExit(f"embedding of {cache} did not finish; run again to resume")
 t = utils.load_tensors(path, ["embeddings", "head"], make_cmd=f"python {Path(__file__)}")
-E = t["embeddings"]
+E = t["embeddings"].float()
 
 heads = {"reference": t["head"]}  # name -> [F, 1]
 learned = []

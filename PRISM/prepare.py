@@ -48,6 +48,7 @@ max_length = 4096          # tokens; longer conversations keep their last max_le
 max_tokens_per_batch = 16384
 shard_size = 2048          # conversations per resumable shard
 stop_after_shards = None   # stop early after this many new shards (for testing resume)
+embedding_dtype = None     # stored dtype: None = the model's (bfloat16 on CUDA, float32 on CPU), or "float32"
 from_published = None      # folder with the published train_embeddings.pkl / test_embeddings.pkl: convert (no GPU)
 # -----------------------------------------------------------------------------
 config = utils.configure(globals(), script=__file__, writable={"data_dir": "data"})
@@ -84,7 +85,7 @@ path = utils.extract_embeddings(
               "user_split": user_split,
               "num_users": len(users), "num_seen": int(users["seen"].sum()), "num_pairs": len(pairs)},
     max_tokens_per_batch=max_tokens_per_batch, max_length=max_length, shard_size=shard_size,
-    stop_after_shards=stop_after_shards)
+    stop_after_shards=stop_after_shards, embedding_dtype=embedding_dtype)
 if path is not None and utils.is_main_process():  # the tables last, once their embeddings exist
     utils.atomic_write_bytes(data_dir / "pairs.parquet", pairs.to_parquet(index=False))
     utils.atomic_write_bytes(data_dir / "users.parquet", users.to_parquet(index=False))

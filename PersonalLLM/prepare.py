@@ -34,6 +34,7 @@ max_length = 4096          # tokens; longer conversations keep their last max_le
 max_tokens_per_batch = 16384
 shard_size = 2048          # conversations per resumable shard
 stop_after_shards = None   # stop early after this many new shards (for testing resume)
+embedding_dtype = None     # stored dtype: None = the model's (bfloat16 on CUDA, float32 on CPU), or "float32"
 from_published = None      # the published script's embeddings safetensors: convert it (train split, no GPU)
 # -----------------------------------------------------------------------------
 config = utils.configure(globals(), script=__file__, writable={"data_dir": "data"})
@@ -66,7 +67,7 @@ def prepare(split_name):
                        utils.PUBLISHED_REFERENCE: utils.read_published_reference(model_name)},
         metadata={"dataset": dataset_name, "split": split_name, "reward_models": ",".join(MODEL_NAMES)},
         max_tokens_per_batch=max_tokens_per_batch, max_length=max_length, shard_size=shard_size,
-        stop_after_shards=stop_after_shards)
+        stop_after_shards=stop_after_shards, embedding_dtype=embedding_dtype)
 
 
 if from_published is not None:  # the published output: train split only, scores from the dataset
