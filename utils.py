@@ -158,7 +158,7 @@ RULES = {
     "seen_fraction": "in (0, 1)", "min_dialogs": "int >= 1", "max_length": "int >= 1",
     "validation_fraction": "in [0, 1)", "reference": "one of head published",
     "max_tokens_per_batch": "int >= 1", "shard_size": "int >= 1", "stop_after_shards": "int >= 0",
-    "embedding_dtype": "one of float32 bfloat16 float16",
+    "embedding_dtype": "one of float32 bfloat16 float16", "pairs_dtype": "one of auto float32 bfloat16",
     "shot_selection": "one of random uncertainty active (or a list)", "selection": "one of active uncertainty",
     "num_suggestions": "int >= 1",
 }
@@ -917,6 +917,17 @@ def report_shots(res, num_shots, config, out_dir, name, title, K, alpha=None, sk
 # 4. Preference pairs of many users
 # ----------------------------------------------------------------------------------------
 
+def matmul_f32(X, V, block_floats=2**22):
+    """X [n, F] @ V [F, K] -> [n, K] with float32 accumulation, V kept in float32: a half-precision X (bf16 pairs or
+    embeddings) is widened a block of about block_floats values at a time, never all at once."""
+    if X.dtype in (torch.float32, torch.float64):
+        return X @ V.to(X.device, X.dtype)
+    V = V.to(X.device, torch.float32)
+    block = max(1, block_floats // max(1, X.shape[1]))
+    return torch.cat([X[i:i + block].float() @ V for i in range(0, len(X), block)]) if len(X) else \
+        torch.zeros(0, V.shape[1], device=X.device)
+
+
 class Pairs:
     """The comparisons of C users, packed: pair j belongs to user `user[j]`.
 
@@ -987,11 +998,25 @@ class Pairs:
         return self.table, self.chosen, self.rejected
 
     def project(self, V):
-        """[M, K] = d^T V for every pair, without materialising [M, F] for table pairs."""
+        """[M, K] = d^T V for every pair (float32 accumulation for bf16 pairs), without materialising [M, F] for
+        table pairs."""
         if self.diffs is not None:
-            return self.diffs @ V.to(self.diffs.device, self.diffs.dtype)
-        S = self.table @ V.to(self.table.device, self.table.dtype)  # [R, K]
+            return matmul_f32(self.diffs, V)
+        S = matmul_f32(self.table, V)  # [R, K]
         return S[self.chosen] - S[self.rejected]
+
+    @property
+    def dtype(self):
+        return (self.diffs if self.diffs is not None else self.table).dtype
+
+    def to_dtype(self, dtype):
+        """These pairs with their table (or differences) in `dtype` (the same Pairs when it is already so)."""
+        if self.dtype == dtype:
+            return self
+        if self.diffs is not None:
+            return Pairs(self.user, self.num_users, diffs=self.diffs.to(dtype))
+        return Pairs(self.user, self.num_users, table=self.table.to(dtype), chosen=self.chosen,
+                     rejected=self.rejected)
 
     def select(self, idx):
         """A Pairs of the pair rows `idx` [m] (same users)."""
@@ -1090,6 +1115,22 @@ class PreferenceData:
         """(seen_train, seen_test, unseen_fewshot, unseen_test): the pair arguments of run / run_regularized."""
         return self.seen_train, self.seen_test, self.unseen_fewshot, self.unseen_test
 
+    def with_dtype(self, pairs_dtype="auto"):
+        """This data with its pairs' tables in `pairs_dtype`: "auto" keeps the prepared file's dtype, "float32" or
+        "bfloat16" converts them (a table shared by several pair sets is converted once); info["pairs_dtype"]."""
+        check_value("pairs_dtype", pairs_dtype)
+        out = dataclasses.replace(self, info=dict(self.info))  # __post_init__ checks it again
+        if pairs_dtype != "auto":
+            dtype, done = getattr(torch, pairs_dtype), {}
+            for name in ("seen_train", "seen_test", "unseen_fewshot", "unseen_test"):
+                p = getattr(out, name)
+                t = p.diffs if p.diffs is not None else p.table
+                done.setdefault(id(t), t.to(dtype))
+                setattr(out, name, Pairs(p.user, p.num_users, diffs=done[id(t)]) if p.diffs is not None else
+                        Pairs(p.user, p.num_users, table=done[id(t)], chosen=p.chosen, rejected=p.rejected))
+        out.info["pairs_dtype"] = str(out.seen_train.dtype).removeprefix("torch.")
+        return out
+
 
 # ----------------------------------------------------------------------------------------
 # 5. Population simulation (the PersonalLLM protocol, without [N, P, F])
@@ -1154,6 +1195,8 @@ class _ThinMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X, V):
         ctx.save_for_backward(X)
+        if X.dtype != torch.float32:  # bf16 pairs: float32 accumulation, a block of rows widened at a time
+            return matmul_f32(X, V)
         if X.is_cuda:
             return X @ V
         return X @ V.t().contiguous().t()
@@ -1161,13 +1204,13 @@ class _ThinMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, G):
         (X,) = ctx.saved_tensors
-        if X.is_cuda:
+        if X.is_cuda and X.dtype == torch.float32:
             return None, (G.t() @ X).t()
-        Gt = G.t().contiguous()  # [K, M]
-        dV = torch.zeros(G.shape[1], X.shape[1], dtype=X.dtype)
+        Gt = G.t().contiguous().float()  # [K, M]
+        dV = torch.zeros(G.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
         block = max(256, 2**20 // X.shape[1])  # rows per block: about 1M floats of X
         for i in range(0, X.shape[0], block):
-            dV.addmm_(Gt[:, i:i + block], X[i:i + block])
+            dV.addmm_(Gt[:, i:i + block], X[i:i + block].float())
         return None, dV.t()
 
 
@@ -1281,10 +1324,12 @@ def _bt_loss(X, V, Wu, pw):
 # ----------------------------------------------------------------------------------------
 
 def _pack(X, device):
-    """(diffs [M, F], user [M], counts [C]) on `device` from a list of tensors or a Pairs."""
+    """(diffs [M, F], user [M], counts [C]) on `device` from a list of tensors or a Pairs. Half-precision pairs
+    (bf16) stay so: d = e_c - e_r is computed in float32 from the table rows and rounded once; every product with
+    them accumulates in float32 (matmul_f32, the bf16 kernel)."""
     pairs = as_pairs(X)
-    return (pairs.dense().to(device, torch.float32), pairs.user.to(device),
-            pairs.counts().to(device))
+    dtype = pairs.dtype if pairs.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return pairs.dense().to(device, dtype), pairs.user.to(device), pairs.counts().to(device)
 
 
 def _user_logits(XV, W, user):

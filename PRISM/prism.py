@@ -328,8 +328,8 @@ def convert_published(train_path, test_path, head, published_reference=None):
             try:
                 x = r["extra_info"]
                 records.append((code, str(x["user_id"]), str(x["dialog_id"]), bool(x["seen"]),
-                                torch.as_tensor(x["chosen_conv_embedding"], dtype=torch.float32).reshape(-1),
-                                torch.as_tensor(x["rejected_conv_embedding"], dtype=torch.float32).reshape(-1)))
+                                torch.as_tensor(x["chosen_conv_embedding"]).reshape(-1),  # their own dtype
+                                torch.as_tensor(x["rejected_conv_embedding"]).reshape(-1)))
             except (KeyError, TypeError) as err:
                 raise InputError(f"{path}: record {i} lacks extra_info fields ({err})") from err
     if not records:
@@ -356,7 +356,8 @@ def convert_published(train_path, test_path, head, published_reference=None):
     return t
 
 
-def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_features=64, seed=0, reference="head"):
+def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_features=64, seed=0, reference="head",
+         pairs_dtype="auto"):
     """PRISM as published (see split_users) -> utils.PreferenceData.
 
     Reads data_dir/embeddings.safetensors (written by prepare.py; default data_dir: PRISM/data), or
@@ -367,6 +368,7 @@ def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_feature
     "reward_model" (utils.reward_model_info) and "users" / "unseen_users" (PRISM user ids, from users.parquet).
     head: the reward model's own, or with reference="published" the published scripts' direction
     (utils.choose_reference; synthetic data: utils.stand_in_reference), the K = 0 column and V_sft.
+    pairs_dtype: the dtype of the embedding table, "auto" (the prepared file's), "float32" or "bfloat16".
     """
     make_cmd = f"python {HERE / 'prepare.py'}" + (f" data_dir={data_dir}" if data_dir else "")
     if synthetic:
@@ -399,7 +401,8 @@ def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_feature
     for name, c in zip(["seen train", "seen test", "unseen few-shot", "unseen test"], counts):
         if (c == 0).any():
             raise InputError(f"{int((c == 0).sum())} users have no {name} pairs")
-    print(f"PRISM{' (synthetic)' if synthetic else ''}: {N} seen / {N_unseen} unseen users, F = {E.shape[1]}; "
+    print(f"PRISM{' (synthetic)' if synthetic else ''}: {N} seen / {N_unseen} unseen users, F = {E.shape[1]}, "
+          f"{str(E.dtype).removeprefix('torch.')}; "
           f"pairs: {len(out[0].user)} seen train, {len(out[1].user)} seen test, {len(out[2].user)} unseen few-shot, "
           f"{len(out[3].user)} unseen test")
     info = {"fewshot_dialogs": t["dialog"][(~seen) & (split == 0)], "reference": reference}
@@ -407,7 +410,7 @@ def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_feature
         info["reward_model"] = utils.reward_model_info(path)
         info.update(_user_ids(path.parent / "users.parquet", N, N_unseen))
     head = utils.choose_reference(reference, t, None if synthetic else path, make_cmd)
-    return utils.PreferenceData(*out, head=head, info=info)
+    return utils.PreferenceData(*out, head=head, info=info).with_dtype(pairs_dtype)
 
 
 def _user_ids(path, N, N_unseen):

@@ -38,6 +38,7 @@ fewshot_learning_rate = 0.5
 baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 seed = 0
+pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
 synthetic = False          # True: a generated PRISM-shaped dataset with a planted low-rank structure
 synthetic_users = 1000
 synthetic_features = 64    # embedding size F of the synthetic data
@@ -55,7 +56,8 @@ if num_iterations is None:
 t0 = time.time()
 utils.set_seed(seed)
 data = prism.load(data_dir=data_dir, synthetic=synthetic, synthetic_users=synthetic_users,
-                  synthetic_features=synthetic_features, seed=seed, reference=reference)
+                  synthetic_features=synthetic_features, seed=seed, reference=reference,
+                  pairs_dtype=pairs_dtype)
 *accuracies, models = utils.run_regularized(
     K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, device,
     num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,

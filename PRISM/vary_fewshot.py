@@ -35,6 +35,7 @@ shot_selection = "random"  # how a user's few-shot dialogs are picked from its p
 baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 seed = 0
+pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
 synthetic = False
 synthetic_users = 1000
 synthetic_features = 64
@@ -52,7 +53,8 @@ if num_iterations is None:
 t0 = time.time()
 utils.set_seed(seed)
 data = prism.load(data_dir=data_dir, synthetic=synthetic, synthetic_users=synthetic_users,
-                  synthetic_features=synthetic_features, seed=seed, reference=reference)
+                  synthetic_features=synthetic_features, seed=seed, reference=reference,
+                  pairs_dtype=pairs_dtype)
 fewshot_dialogs = data.info["fewshot_dialogs"]  # [m] the dialog of each few-shot pair
 if num_shots is None:
     most = max(len(set(fewshot_dialogs[data.unseen_fewshot.user == u].tolist())) for u in range(data.N_unseen))

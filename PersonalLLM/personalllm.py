@@ -34,7 +34,7 @@ def convert_published(embeddings_path, df, head, out_path, published_reference=N
     """The published prepare.py output (safetensors with one key `embeddings` [P * 8, F], prompt-major, the train
     split) + that split's rows `df` (for the scores) + the reward head [F, 1] (and the published reference
     direction [F, 1]) -> out_path in the prepared format."""
-    E = utils.load_tensors(embeddings_path, ["embeddings"])["embeddings"].float()
+    E = utils.load_tensors(embeddings_path, ["embeddings"])["embeddings"]  # its own dtype, as published
     if E.dim() != 2 or E.shape[0] != NUM_RESPONSES * len(df):
         raise InputError(f"{embeddings_path}: `embeddings` has shape {tuple(E.shape)}, expected "
                          f"[{NUM_RESPONSES} * {len(df)}, F] for the {len(df)} prompts of the split")
@@ -117,7 +117,8 @@ def read_splits(data_dir=None, synthetic=False, synthetic_prompts=(9402, 1000), 
                              f"{S_te.shape[1]}, {S_te.shape[2]}]) were not prepared with the same reward model; "
                              f"recreate both with: {make_cmd}")
     print(f"data: {S_tr.shape[0]} train / {S_te.shape[0]} test prompts, {S_tr.shape[1]} responses, "
-          f"{S_tr.shape[2]} reward models, F = {E_tr.shape[1]}{' (synthetic)' if synthetic else ''}")
+          f"{S_tr.shape[2]} reward models, F = {E_tr.shape[1]}, {str(E_tr.dtype).removeprefix('torch.')}"
+          f"{' (synthetic)' if synthetic else ''}")
     return E_tr, S_tr, E_te, S_te, head
 
 
@@ -193,7 +194,7 @@ def population(E_train, S_train, E_test, S_test, N, N_unseen, train_density, few
 
 def load(data_dir=None, synthetic=False, synthetic_prompts=(9402, 1000), synthetic_features=128, N=1000,
          N_unseen=500, train_density=0.005, fewshot_density=0.001, fewshot_pool_density=None, dirichlet_alpha=0.1,
-         seed=0, reference="head"):
+         seed=0, reference="head", pairs_dtype="auto"):
     """The PersonalLLM protocol on the prepared (or synthetic) data -> utils.PreferenceData.
 
     Draws the population with the global NumPy generator: call utils.set_seed(seed) first.
@@ -201,6 +202,7 @@ def load(data_dir=None, synthetic=False, synthetic_prompts=(9402, 1000), synthet
     shots from), else int(fewshot_density * P). info: N, N_unseen, the densities, dirichlet_alpha and
     (prepared data) "reward_model": {"model_name", "max_length", "truncation_side"} of the embeddings.
     head: the reward model's own head, or with reference="published" the published scripts' direction.
+    pairs_dtype: the dtype of the pairs' tables, "auto" (the prepared file's), "float32" or "bfloat16".
     """
     E_tr, S_tr, E_te, S_te, head = read_splits(data_dir, synthetic, synthetic_prompts, synthetic_features, seed,
                                                reference)
@@ -210,4 +212,4 @@ def load(data_dir=None, synthetic=False, synthetic_prompts=(9402, 1000), synthet
             "dirichlet_alpha": dirichlet_alpha, "reference": reference}
     if not synthetic:
         info["reward_model"] = utils.reward_model_info(Path(data_dir or HERE / "data") / "train.safetensors")
-    return utils.PreferenceData(*pairs, head=head, info=info)
+    return utils.PreferenceData(*pairs, head=head, info=info).with_dtype(pairs_dtype)

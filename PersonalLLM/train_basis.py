@@ -40,6 +40,7 @@ dirichlet_alpha = 0.1      # users w ~ Dirichlet(dirichlet_alpha * ones(10))
 baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 seed = 0
+pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
 synthetic = False          # True: a generated PersonalLLM-shaped dataset, no download
 synthetic_features = 128   # embedding size F of the synthetic data
 synthetic_prompts = [9402, 1000]  # train, test prompts of the synthetic data
@@ -57,7 +58,7 @@ utils.set_seed(seed)
 data = personalllm.load(data_dir=data_dir, synthetic=synthetic, synthetic_prompts=synthetic_prompts,
                         synthetic_features=synthetic_features, N=N, N_unseen=N_unseen, train_density=train_density,
                         fewshot_density=fewshot_density, dirichlet_alpha=dirichlet_alpha, seed=seed,
-                        reference=reference)
+                        reference=reference, pairs_dtype=pairs_dtype)
 *accuracies, models = utils.run(
     K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, device,
     num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,

@@ -37,6 +37,7 @@ dirichlet_alpha = 0.1
 baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 seed = 0
+pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
 synthetic = False
 synthetic_features = 128
 synthetic_prompts = [9402, 1000]
@@ -54,7 +55,7 @@ utils.set_seed(seed)
 data = personalllm.load(data_dir=data_dir, synthetic=synthetic, synthetic_prompts=synthetic_prompts,
                         synthetic_features=synthetic_features, N=N, N_unseen=N_unseen, train_density=train_density,
                         fewshot_pool_density=fewshot_pool_density, dirichlet_alpha=dirichlet_alpha, seed=seed,
-                        reference=reference)
+                        reference=reference, pairs_dtype=pairs_dtype)
 accuracies, skipped = utils.run_few_shot_vary_shots(
     trials, [alpha], [K], num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, data.head, data.N,
     data.N_unseen, device, num_iterations=num_iterations, learning_rate=learning_rate,

@@ -49,10 +49,12 @@ PUBLISHED_FILES = {"train": "tldr_embeddings_train.pkl", "validation": "tldr_emb
 
 
 def _flat(x):
-    """[F] float32 from a tensor, an array or a list of them ([tensor F] in the published pickles)."""
+    """[F] in its own floating dtype from a tensor, an array or a list of them ([tensor F] in the published
+    pickles)."""
     if isinstance(x, (list, tuple)):
         x = torch.stack([torch.as_tensor(v) for v in x])
-    return torch.as_tensor(x, dtype=torch.float32).reshape(-1)
+    x = torch.as_tensor(x)
+    return (x if x.is_floating_point() else x.float()).reshape(-1)
 
 
 def convert_published(pkl_path, head, published_reference=None):
@@ -143,7 +145,8 @@ def read_splits(data_dir=None, synthetic=False, synthetic_features=64, seed=0):
                              f"models; recreate both with: {make_cmd}")
     print(f"data: {len(train['row'])} train / {len(test['row'])} validation comparisons, "
           f"{len(np.unique(train['worker']))} / {len(np.unique(test['worker']))} workers, "
-          f"F = {train['chosen'].shape[1]}{' (synthetic)' if synthetic else ''}")
+          f"F = {train['chosen'].shape[1]}, {str(train['chosen'].dtype).removeprefix('torch.')}"
+          f"{' (synthetic)' if synthetic else ''}")
     return train, test
 
 
@@ -256,11 +259,12 @@ def split_pairs(train, test, protocol="published", max_train_pairs=150, max_fews
 
 
 def load(data_dir=None, synthetic=False, synthetic_features=64, protocol="published", max_train_pairs=150,
-         max_fewshot_pairs=50, min_comparisons=50, split_seed=0, seed=0, reference="head"):
+         max_fewshot_pairs=50, min_comparisons=50, split_seed=0, seed=0, reference="head", pairs_dtype="auto"):
     """A Reddit TLDR protocol (see split_pairs) on the prepared (or synthetic) data -> utils.PreferenceData.
 
     head: the reward model's own, or with reference="published" the published scripts' direction
-    (utils.choose_reference; synthetic data: utils.stand_in_reference). info: N, N_unseen, "workers":
+    (utils.choose_reference; synthetic data: utils.stand_in_reference). pairs_dtype: the dtype of the pairs'
+    table, "auto" (the prepared files'), "float32" or "bfloat16". info: N, N_unseen, "workers":
     {"protocol", "seen", "unseen", "dropped" (worker names), "pairs": {role: count}}, "users" / "unseen_users"
     (the seen / unseen worker names, in user order) and (prepared data) "reward_model" (utils.reward_model_info).
     """
@@ -274,4 +278,4 @@ def load(data_dir=None, synthetic=False, synthetic_features=64, protocol="publis
         info["reward_model"] = utils.reward_model_info(path)
     head = utils.choose_reference(reference, train, path, f"python {HERE / 'prepare.py'}" +
                                   (f" data_dir={data_dir}" if data_dir else ""))
-    return utils.PreferenceData(*pairs, head=head, info=info)
+    return utils.PreferenceData(*pairs, head=head, info=info).with_dtype(pairs_dtype)

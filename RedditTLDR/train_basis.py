@@ -46,6 +46,7 @@ split_seed = 0             # shuffles the workers (random.Random) and draws the 
 baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 seed = 0
+pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
 synthetic = False          # True: a generated Reddit-TLDR-shaped dataset, no download
 synthetic_features = 64    # embedding size F of the synthetic data
 save_models = True         # write V, W, W_unseen of every (alpha, K) to out_dir/models/
@@ -61,7 +62,8 @@ t0 = time.time()
 utils.set_seed(seed)
 data = tldr.load(data_dir=data_dir, synthetic=synthetic, synthetic_features=synthetic_features, protocol=protocol,
                  max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs, min_comparisons=min_comparisons,
-                 split_seed=split_seed, seed=seed, reference=reference)
+                 split_seed=split_seed, seed=seed, reference=reference,
+                 pairs_dtype=pairs_dtype)
 *accuracies, models = utils.run(
     K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, device,
     num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,

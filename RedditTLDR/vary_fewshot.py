@@ -39,6 +39,7 @@ split_seed = 0
 baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 seed = 0
+pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
 synthetic = False
 synthetic_features = 64
 data_dir = None            # default: RedditTLDR/data
@@ -54,7 +55,8 @@ t0 = time.time()
 utils.set_seed(seed)
 data = tldr.load(data_dir=data_dir, synthetic=synthetic, synthetic_features=synthetic_features, protocol=protocol,
                  max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs, min_comparisons=min_comparisons,
-                 split_seed=split_seed, seed=seed, reference=reference)
+                 split_seed=split_seed, seed=seed, reference=reference,
+                 pairs_dtype=pairs_dtype)
 accuracies, skipped = utils.run_few_shot_vary_shots(
     trials, [alpha], [K], num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, data.head, data.N,
     data.N_unseen, device, num_iterations=num_iterations, learning_rate=learning_rate,
