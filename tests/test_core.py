@@ -528,3 +528,47 @@ def test_vary_shots_with_selection_rules():
     assert len(out["full_pool"]) == 4 and out["full_pool"][2].shape == (1,)
     with pytest.raises(utils.InputError, match="'greedy'.*one of random, uncertainty, active"):
         utils.run_few_shot_vary_shots(*args, **kw, shot_selection=["random", "greedy"])
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_fit_on_bf16_pairs_recovers_the_float32_accuracy(kernel, monkeypatch):
+    """Planted rank-3 users: LoRe on the same pairs held in bf16 (differences rounded once, products accumulated in
+    float32) reaches the float32 fit's test accuracy within 0.01 (and the same per-user accuracies to 0.05)."""
+    if kernel and utils.numba is None:
+        pytest.skip("numba not installed")
+    if not kernel:
+        monkeypatch.setattr(utils, "numba", None)
+    train, test, _, _ = planted()
+    pairs = utils.Pairs.from_list(train)
+    accs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        utils.set_seed(0)
+        W, V = utils.LoRe(None, 0, len(train), 32, 3, 300, 0.5).train(pairs.to_dtype(dtype), device="cpu")
+        accs[dtype] = utils.user_accuracies(utils.Pairs.from_list(test).to_dtype(dtype), V, W)
+    assert accs[torch.float32].mean() > 0.85
+    assert abs(accs[torch.bfloat16].mean() - accs[torch.float32].mean()) < 0.01
+
+
+@pytest.mark.skipif(utils.numba is None, reason="numba not installed")
+def test_bf16_kernel_equals_the_float32_kernel_on_the_rounded_values():
+    """The bf16 kernel (uint16 bits widened in registers, 4-row groups, 3-column blocks, 512-column tiles) == the
+    float32 kernel on X.bfloat16().float(), to float32 rounding: each sum of n products within
+    4 eps sqrt(n) sum|terms|. Odd sizes cover partial groups and tiles and K not a multiple of 3. Against X moved
+    by less than one bf16 step the same check fails: it can tell a wrong widening."""
+    g = torch.Generator().manual_seed(0)
+    eps = float(np.finfo(np.float32).eps)
+    for M, F_dim, K in [(1003, 300, 3), (57, 1030, 5), (6, 16, 1), (9, 70, 7)]:
+        X = (3 * torch.randn(M, F_dim, generator=g)).bfloat16()
+        Vt = torch.randn(K, F_dim, generator=g)
+        Wu = torch.softmax(torch.randn(M, K, generator=g), 1)
+        pw = torch.rand(M, generator=g)
+        args = (Vt.numpy(), Wu.numpy(), pw.numpy(), utils.LOGIT_SCALE)
+        loss, dVt, XV, gr = utils._bt_loss_kernel_bf16(X.view(torch.int16).numpy().view(np.uint16), *args)
+        Xr = X.float()
+        ref = utils._bt_loss_kernel(Xr.numpy(), *args)
+        tol_XV = 4 * eps * np.sqrt(F_dim) * (Xr.abs() @ Vt.abs().T).numpy()
+        tol_dV = 4 * eps * np.sqrt(M) * ((ref[3][:, None] * Wu.numpy()).T.__abs__() @ Xr.abs().numpy())
+        assert (np.abs(XV - ref[2]) <= tol_XV + 1e-30).all() and (np.abs(dVt - ref[1]) <= tol_dV + 1e-30).all()
+        assert loss == pytest.approx(ref[0], rel=1e-5) and np.allclose(gr, ref[3], rtol=1e-4, atol=1e-9)
+        moved = utils._bt_loss_kernel((Xr + 0.01 * torch.randn(M, F_dim, generator=g)).numpy(), *args)
+        assert not (np.abs(XV - moved[2]) <= tol_XV).all()

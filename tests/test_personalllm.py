@@ -179,3 +179,30 @@ def test_load_draws_the_protocol_population():
     assert pooled.unseen_fewshot.counts().tolist() == [20] * 5 and pooled.info["fewshot_density"] == 0.1
     assert torch.equal(pooled.seen_train.dense(), data.seen_train.dense())
 
+
+
+def test_bf16_prepared_files_load_with_their_dtype(prepared, tiny_reward_model, tmp_path, capsys):
+    """prepare.py embedding_dtype=bfloat16 writes bf16 embeddings (the float32 ones rounded once); load keeps them
+    in bf16 (pairs_dtype=auto) and says so, or converts them; the NaN and shape checks work on bf16 files."""
+    root, *_ = prepared
+    run_script("PersonalLLM/prepare.py", f"model_name={tiny_reward_model}", f"dataset_path={root}",
+               f"data_dir={tmp_path}", "shard_size=64", "embedding_dtype=bfloat16")
+    f32 = utils.load_tensors(root / "data" / "train.safetensors", allow_nan=("scores",))
+    bf16 = utils.load_tensors(tmp_path / "train.safetensors", allow_nan=("scores",))
+    assert bf16["embeddings"].dtype == torch.bfloat16 and bf16["head"].dtype == torch.float32
+    assert torch.equal(bf16["embeddings"], f32["embeddings"].bfloat16())
+    assert (tmp_path / "train.safetensors").stat().st_size < 0.6 * (root / "data" / "train.safetensors").stat().st_size
+    utils.set_seed(0)
+    data = personalllm.load(data_dir=tmp_path, N=6, N_unseen=4, train_density=0.5, fewshot_density=0.25)
+    assert "F = 64, bfloat16" in capsys.readouterr().out and data.info["pairs_dtype"] == "bfloat16"
+    assert data.seen_train.table.dtype == torch.bfloat16
+    utils.set_seed(0)
+    as_f32 = personalllm.load(data_dir=tmp_path, N=6, N_unseen=4, train_density=0.5, fewshot_density=0.25,
+                              pairs_dtype="float32")
+    assert as_f32.seen_train.table.dtype == torch.float32 and torch.equal(as_f32.seen_train.user, data.seen_train.user)
+    bad = dict(bf16)
+    bad["embeddings"] = bad["embeddings"].clone()
+    bad["embeddings"][5, 3] = float("nan")
+    utils.save_tensors(tmp_path / "nan" / "train.safetensors", bad)
+    with pytest.raises(utils.InputError, match="NaN"):
+        personalllm.read_split(tmp_path / "nan" / "train.safetensors", "python prepare.py")
