@@ -417,3 +417,20 @@ def test_a_swept_setting_runs_each_value_and_the_choice_uses_held_out_training_p
         baselines.full_settings("pal", {"K": [2, 3], "dim": [8, 16]})
     with pytest.raises(utils.InputError, match="K=\\[2, 0\\]"):
         baselines.full_settings("pal", {"K": [2, 0]})
+
+
+def test_baselines_accept_bf16_tables(data):
+    """Every baseline runs on pairs whose table is bf16 (it computes in float32) and scores what it scores on the
+    same values in float32."""
+    small = {k: (v.select_users(range(0, v.num_users, 3)) if isinstance(v, utils.Pairs) else v)
+             for k, v in data.items()}
+    rounded = {k: (v.to_dtype(torch.bfloat16).to_dtype(torch.float32) if isinstance(v, utils.Pairs) else v)
+               for k, v in small.items()}
+    half = {k: (v.to_dtype(torch.bfloat16) if isinstance(v, utils.Pairs) else v) for k, v in small.items()}
+    settings = {"per_user_bt": {"num_iterations": 100}, "vpl": {"hidden_dim": 16, "latent_dim": 8, "num_epochs": 1},
+                "pal": {"dim": 16, "batch_size": 16, "fewshot_epochs": 2}}
+    runs = [baselines.run_baselines(list(settings), d["train"], d["test"], d["fewshot"], d["test_unseen"], "cpu",
+                                    settings=settings) for d in (rounded, half)]
+    for name in settings:
+        for r in utils.RESULT_NAMES:
+            assert runs[1][name][r]["mean"] == pytest.approx(runs[0][name][r]["mean"], abs=1e-6), (name, r)
