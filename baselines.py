@@ -76,7 +76,7 @@ def _map_rows(fn, table, rows, device, batch):
     return torch.cat([fn(table[rows[s:s + batch]].to(device, torch.float32)) for s in range(0, len(rows), batch)])
 
 
-def _user_logits(C, K, gen):
+def _fresh_logits(C, K, gen):
     """[C, K] fresh user logits ~ randn, drawn user by user (as released), so that a user's start does not depend
     on how many users are drawn with it."""
     return torch.stack([torch.randn(K, generator=gen) for _ in range(C)]) if C else torch.zeros(0, K)
@@ -444,7 +444,7 @@ class PAL(_Baseline):
         table, chosen, rejected = self._sides(pairs, device)
         user = pairs.user.to(device)
         gen = torch.Generator().manual_seed(self.seed)
-        self.W = nn.Parameter(_user_logits(pairs.num_users, self.K, gen))
+        self.W = nn.Parameter(_fresh_logits(pairs.num_users, self.K, gen))
         self.to(device)
         projectors = [self.f] + ([self.g] if self.variant == "B" else [])
         groups = [{"params": [p for m in projectors for p in m.parameters()], "lr": self.learning_rate,
@@ -509,7 +509,7 @@ class PAL(_Baseline):
         user = pairs.user.to(device)
         self.to(device)
         gen = torch.Generator().manual_seed(self.seed + 1)
-        W = _user_logits(pairs.num_users, self.K, gen).to(device).requires_grad_()
+        W = _fresh_logits(pairs.num_users, self.K, gen).to(device).requires_grad_()
         opt = _RowAdam(W, self.fewshot_learning_rate)  # AdamW without decay, one per user as released
         trainable = [p.requires_grad for p in self.parameters()]
         for p in self.parameters():

@@ -159,7 +159,7 @@ def test_pal_new_users_leave_shared_parts_unchanged(data, variant, monkeypatch):
         assert torch.equal(before[k], after[k]), k
     assert all(p.requires_grad for p in model.parameters())  # trainable again afterwards
     # the new users' weights did move away from their random start
-    W0 = baselines._user_logits(data["fewshot"].num_users, 3, torch.Generator().manual_seed(model.seed + 1))
+    W0 = baselines._fresh_logits(data["fewshot"].num_users, 3, torch.Generator().manual_seed(model.seed + 1))
     assert (W - W0).abs().max() > 0.1
 
 
@@ -271,7 +271,7 @@ def test_pal_b_new_user_kernel_equals_the_pytorch_loop(data, monkeypatch):
     monkeypatch.setattr(utils, "numba", None)
     slow = model.personalize(data["fewshot"])
     assert torch.allclose(fast, slow, atol=1e-4, rtol=1e-4), (fast - slow).abs().max()
-    W0 = baselines._user_logits(*fast.shape, torch.Generator().manual_seed(model.seed + 1))
+    W0 = baselines._fresh_logits(*fast.shape, torch.Generator().manual_seed(model.seed + 1))
     assert (fast - W0).abs().max() > 0.1
 
 
@@ -329,7 +329,7 @@ def test_pal_user_weights_follow_the_released_per_user_adam(data, kernel, monkey
     train = data["train"].select_users(range(0, data["train"].num_users, 3))
     reference = baselines.PAL(16, **settings)
     gen = torch.Generator().manual_seed(7)
-    W_ref = released_pal_fit(reference, train, baselines._user_logits(train.num_users, 3, gen), gen)
+    W_ref = released_pal_fit(reference, train, baselines._fresh_logits(train.num_users, 3, gen), gen)
     model = baselines.PAL(16, **settings).fit(train, "cpu")
     assert torch.allclose(model.W.detach(), W_ref, atol=2e-5), (model.W - W_ref).abs().max()
     assert torch.allclose(model.f[0].weight, reference.f[0].weight, atol=2e-5)
@@ -337,7 +337,7 @@ def test_pal_user_weights_follow_the_released_per_user_adam(data, kernel, monkey
         monkeypatch.setattr(utils, "numba", None)
     new = model.personalize(data["fewshot"], "cpu")
     gen = torch.Generator().manual_seed(8)
-    W0 = baselines._user_logits(data["fewshot"].num_users, 3, gen)
+    W0 = baselines._fresh_logits(data["fewshot"].num_users, 3, gen)
     new_ref = released_pal_new_users(model, data["fewshot"], W0, gen)
     assert torch.allclose(new, new_ref, atol=2e-5), (new - new_ref).abs().max()
     assert (new - W0).abs().max() > 0.1
@@ -362,7 +362,7 @@ def test_pal_new_user_fit_does_not_depend_on_the_users_beside_it(kernel, monkeyp
     W_alone, W_beside = model.personalize(alone), model.personalize(beside)
     assert W_beside.shape == (202, 3)
     assert torch.allclose(W_alone[0], W_beside[0], atol=1e-6), (W_alone[0], W_beside[0])
-    assert (W_alone[0] - baselines._user_logits(1, 3, torch.Generator().manual_seed(1))[0]).abs().max() > 0.01
+    assert (W_alone[0] - baselines._fresh_logits(1, 3, torch.Generator().manual_seed(1))[0]).abs().max() > 0.01
 
 
 def test_vpl_context_lengths_kl_clock_and_evaluation_contexts(data):
