@@ -1120,7 +1120,9 @@ class PreferenceData:
         "bfloat16" converts them (a table shared by several pair sets is converted once); info["pairs_dtype"]."""
         check_value("pairs_dtype", pairs_dtype)
         out = dataclasses.replace(self, info=dict(self.info))  # __post_init__ checks it again
-        if pairs_dtype != "auto":
+        if pairs_dtype != "auto" and getattr(torch, pairs_dtype) != self.seen_train.dtype:
+            print(f"pairs converted to {pairs_dtype} (the prepared files hold "
+                  f"{str(self.seen_train.dtype).removeprefix('torch.')})")
             dtype, done = getattr(torch, pairs_dtype), {}
             for name in ("seen_train", "seen_test", "unseen_fewshot", "unseen_test"):
                 p = getattr(out, name)

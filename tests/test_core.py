@@ -504,6 +504,8 @@ def test_selection_never_repeats_nor_reads_unanswered_labels(rule):
     assert sorted(units) == list(range(10))
     with pytest.raises(utils.InputError, match="k=2"):
         utils.select_comparisons(X[:3], 2, rule=rule, exclude=[0, 2])
+    picks = utils.select_comparisons(X, 10, rule=rule, exclude=chosen[:12])  # k > 1: distinct, none asked before
+    assert len(set(picks)) == 10 and not set(picks) & set(chosen[:12])
     # in the pipeline, a pair's stored orientation is its answer: flipping the pairs not asked changes nothing
     pool = utils.Pairs(torch.arange(2).repeat_interleave(20), 2, diffs=torch.tensor(X))
     units = utils.shot_units(pool, np.tile(np.repeat(np.arange(5), 4), 2))
