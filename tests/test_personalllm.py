@@ -178,6 +178,11 @@ def test_load_draws_the_protocol_population():
     pooled = personalllm.load(**kw, fewshot_pool_density=0.1)
     assert pooled.unseen_fewshot.counts().tolist() == [20] * 5 and pooled.info["fewshot_density"] == 0.1
     assert torch.equal(pooled.seen_train.dense(), data.seen_train.dense())
+    utils.set_seed(1)  # synthetic data made in bf16 == the float32 data rounded once: the same users, pairs, scores
+    bf16 = personalllm.load(**kw, pairs_dtype="bfloat16")
+    assert bf16.seen_train.table.dtype == torch.bfloat16 and bf16.info["pairs_dtype"] == "bfloat16"
+    assert torch.equal(bf16.seen_train.table, data.seen_train.table.bfloat16())
+    assert torch.equal(bf16.unseen_test.chosen, data.unseen_test.chosen)
 
 
 
