@@ -981,11 +981,18 @@ class Pairs:
         """[C] number of pairs of each user."""
         return torch.bincount(self.user, minlength=self.num_users)
 
-    def dense(self):
-        """[M, F] differences (materialised from the table if needed)."""
+    def dense(self, block_rows=8192):
+        """[M, F] differences (materialised from the table if needed, in the table's dtype, a block of rows at a
+        time: no [M, F] temporaries beside the result)."""
         if self.diffs is not None:
             return self.diffs
-        return self.table[self.chosen] - self.table[self.rejected]
+        if self.table.requires_grad:
+            return self.table[self.chosen] - self.table[self.rejected]
+        out = self.table.new_empty((len(self.chosen), self.table.shape[1]))
+        for i in range(0, len(out), block_rows):
+            j = i + block_rows
+            torch.sub(self.table[self.chosen[i:j]], self.table[self.rejected[i:j]], out=out[i:j])
+        return out
 
     def sides(self):
         """(table [R, F], chosen [M], rejected [M]): both embeddings of every pair, without a copy.

@@ -232,6 +232,18 @@ def test_lean_population_equals_seed_document_functions():
     assert torch.allclose(lean.project(V), lean.dense() @ V, atol=1e-4)
 
 
+def test_dense_differences_by_blocks_equal_the_whole_expression():
+    """Pairs.dense() builds [M, F] a block of rows at a time, in the table's dtype (bf16 rounded once)."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        T = torch.randn(50, 9, generator=g).to(dtype)
+        c, r = torch.randint(0, 50, (103,), generator=g), torch.randint(0, 50, (103,), generator=g)
+        p = utils.Pairs(torch.arange(103) % 4, 4, table=T, chosen=c, rejected=r)
+        whole = (T[c].float() - T[r].float()).to(dtype)
+        assert p.dense(block_rows=10).dtype == dtype and torch.equal(p.dense(block_rows=10), whole)
+        assert torch.equal(p.dense(), whole)
+
+
 def test_pairs_select_users_and_list_roundtrip():
     X = [torch.full((m, 2), float(i)) for i, m in enumerate((2, 3, 1))]
     pairs = utils.Pairs.from_list(X)
