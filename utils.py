@@ -924,8 +924,15 @@ def matmul_f32(X, V, block_floats=2**22):
         return X @ V.to(X.device, X.dtype)
     V = V.to(X.device, torch.float32)
     block = max(1, block_floats // max(1, X.shape[1]))
-    return torch.cat([X[i:i + block].float() @ V for i in range(0, len(X), block)]) if len(X) else \
-        torch.zeros(0, V.shape[1], device=X.device)
+    if V.requires_grad and torch.is_grad_enabled():
+        return torch.cat([X[i:i + block].float() @ V for i in range(0, len(X), block)] or [X[:0].float() @ V])
+    out = torch.empty(len(X), V.shape[1], device=X.device)
+    buf = torch.empty(min(block, len(X)), X.shape[1], device=X.device)  # one float32 block, reused: no heap growth
+    for i in range(0, len(X), block):
+        n = min(block, len(X) - i)
+        buf[:n].copy_(X[i:i + n])
+        torch.mm(buf[:n], V, out=out[i:i + n])
+    return out
 
 
 class Pairs:
@@ -981,7 +988,7 @@ class Pairs:
         """[C] number of pairs of each user."""
         return torch.bincount(self.user, minlength=self.num_users)
 
-    def dense(self, block_rows=8192):
+    def dense(self, block_rows=2048):
         """[M, F] differences (materialised from the table if needed, in the table's dtype, a block of rows at a
         time: no [M, F] temporaries beside the result)."""
         if self.diffs is not None:
@@ -989,9 +996,12 @@ class Pairs:
         if self.table.requires_grad:
             return self.table[self.chosen] - self.table[self.rejected]
         out = self.table.new_empty((len(self.chosen), self.table.shape[1]))
+        a, b = (self.table.new_empty((min(block_rows, len(out)), self.table.shape[1])) for _ in range(2))  # reused
         for i in range(0, len(out), block_rows):
-            j = i + block_rows
-            torch.sub(self.table[self.chosen[i:j]], self.table[self.rejected[i:j]], out=out[i:j])
+            j = min(i + block_rows, len(out))
+            torch.index_select(self.table, 0, self.chosen[i:j], out=a[:j - i])
+            torch.index_select(self.table, 0, self.rejected[i:j], out=b[:j - i])
+            torch.sub(a[:j - i], b[:j - i], out=out[i:j])
         return out
 
     def sides(self):
@@ -1218,8 +1228,10 @@ class _ThinMatmul(torch.autograd.Function):
         Gt = G.t().contiguous().float()  # [K, M]
         dV = torch.zeros(G.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
         block = max(256, 2**20 // X.shape[1])  # rows per block: about 1M floats of X
+        buf = None if X.dtype == torch.float32 else torch.empty(min(block, len(X)), X.shape[1], device=X.device)
         for i in range(0, X.shape[0], block):
-            dV.addmm_(Gt[:, i:i + block], X[i:i + block].float())
+            x = X[i:i + block] if buf is None else buf[:min(block, len(X) - i)].copy_(X[i:i + block])
+            dV.addmm_(Gt[:, i:i + block], x)
         return None, dV.t()
 
 
