@@ -104,6 +104,15 @@ def get_device(device=None):
     return device
 
 
+def all_finite(t, block_floats=2**22):
+    """torch.isfinite(t).all(), a block of rows at a time: no [N, F] mask (nor |t| copy) of a large tensor."""
+    if not t.is_floating_point():
+        return True
+    flat = t.flatten(1) if t.dim() > 1 else t.reshape(-1, 1)
+    rows = max(1, block_floats // max(1, flat.shape[1]))
+    return all(bool(torch.isfinite(flat[i:i + rows]).all()) for i in range(0, len(flat), rows))
+
+
 def set_seed(seed):
     """Seed Python, NumPy and PyTorch (all devices)."""
     random.seed(seed)
@@ -490,7 +499,7 @@ def load_tensors(path, keys=(), make_cmd=None, allow_nan=()):
     if missing:
         raise InputError(f"{path} lacks tensor(s) {missing}; it holds {sorted(tensors)}{_remake(make_cmd)}")
     for k, v in tensors.items():
-        if v.is_floating_point() and k not in allow_nan and not torch.isfinite(v).all():
+        if k not in allow_nan and not all_finite(v):
             raise InputError(f"{path}: tensor {k!r} contains NaN or inf values{_remake(make_cmd)}")
     return tensors
 
@@ -1678,7 +1687,7 @@ class LoRe(nn.Module):
         if len(counts) != self.num_classes:
             raise InputError(f"got {len(counts)} users, the model was built for num_classes={self.num_classes}")
         check_counts(counts)
-        if not torch.isfinite(diffs).all():
+        if not all_finite(diffs):
             raise InputError("pairs contain NaN or inf")
 
 

@@ -86,12 +86,19 @@ def make_synthetic(num_train=9402, num_test=1000, num_features=256, num_response
 
     def split(P):
         prompt = torch.randn(P, 1, num_features, generator=g)
-        E = torch.randn(P, num_responses, num_features, generator=g)
-        E += prompt  # in place: one [P * R, F] float32 tensor at a time (1.2 GB at full scale)
-        E = E.reshape(P * num_responses, -1)
-        scores = (E @ H).reshape(P, num_responses, num_models)
+        E = torch.empty(P * num_responses, num_features, dtype=dtype)
+        scores = torch.empty(P * num_responses, num_models)
+        # 64 prompts at a time, so that no [P * R, F] float32 temporary exists beside E: torch draws a tensor's
+        # normals in order, 16 at a time, so blocks of a multiple of 16 numbers give the numbers of one draw
+        for p0 in range(0, P, 64):
+            e = torch.randn(min(64, P - p0), num_responses, num_features, generator=g)
+            e += prompt[p0:p0 + 64]
+            e = e.reshape(-1, num_features)
+            scores[p0 * num_responses:p0 * num_responses + len(e)] = e @ H
+            E[p0 * num_responses:p0 * num_responses + len(e)] = e
+        scores = scores.reshape(P, num_responses, num_models)
         scores = scores + score_noise * scores.std() * torch.randn(scores.shape, generator=g)
-        return {"embeddings": E.to(dtype), "scores": scores}
+        return {"embeddings": E, "scores": scores}
 
     return split(num_train), split(num_test), head
 

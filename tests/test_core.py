@@ -232,6 +232,19 @@ def test_lean_population_equals_seed_document_functions():
     assert torch.allclose(lean.project(V), lean.dense() @ V, atol=1e-4)
 
 
+def test_all_finite_by_blocks_finds_every_nan_and_inf():
+    for dtype in (torch.float32, torch.bfloat16):
+        t = torch.zeros(100, 7, dtype=dtype)
+        assert utils.all_finite(t, block_floats=10) and utils.all_finite(t[:0])
+        for i, j, bad in ((99, 6, float("nan")), (0, 0, float("inf")), (37, 3, -float("inf"))):
+            u = t.clone()
+            u[i, j] = bad
+            assert not utils.all_finite(u, block_floats=10) and not utils.all_finite(u)
+            assert not utils.all_finite(u[:, j]) and not utils.all_finite(u.reshape(10, 10, 7), block_floats=10)
+    assert utils.all_finite(torch.tensor(1.0)) and not utils.all_finite(torch.tensor(float("nan")))
+    assert utils.all_finite(torch.arange(5))
+
+
 def test_dense_differences_by_blocks_equal_the_whole_expression():
     """Pairs.dense() builds [M, F] a block of rows at a time, in the table's dtype (bf16 rounded once)."""
     g = torch.Generator().manual_seed(0)

@@ -157,6 +157,25 @@ def test_synthetic_vary_fewshot_writes_outputs(tmp_path):
     assert (tmp_path / "vary_fewshot_synthetic.png").exists()
 
 
+def test_synthetic_data_made_by_blocks_equal_one_draw():
+    """make_synthetic draws the embeddings 64 prompts at a time (no [P * R, F] float32 temporary): the same numbers
+    and scores as one draw of the whole tensor; in bf16, those numbers rounded once."""
+    tr, te, head = personalllm.make_synthetic(200, 30, 16, seed=0)
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(16, 4, generator=g))
+    H = U @ torch.randn(4, 10, generator=g)
+    H = H / H.norm(dim=0, keepdim=True)
+    torch.randn(16, 1, generator=g)  # the head's noise
+    prompt = torch.randn(200, 1, 16, generator=g)
+    E = (prompt + torch.randn(200, 8, 16, generator=g)).reshape(1600, 16)
+    S = (E @ H).reshape(200, 8, 10)
+    S = S + 0.05 * S.std() * torch.randn(S.shape, generator=g)
+    assert torch.equal(tr["embeddings"], E) and torch.equal(tr["scores"], S)
+    tr16, te16, _ = personalllm.make_synthetic(200, 30, 16, seed=0, dtype=torch.bfloat16)
+    assert torch.equal(tr16["embeddings"], E.bfloat16()) and torch.equal(tr16["scores"], S)
+    assert torch.equal(te16["embeddings"], te["embeddings"].bfloat16())
+
+
 def test_load_draws_the_protocol_population():
     """personalllm.load == the seed functions by hand: Dirichlet users, int(density * P) pairs each, best vs
     worst response on every test prompt; the pool density replaces the few-shot density."""
