@@ -1286,6 +1286,14 @@ def cpu_kernel(py_func=None, *, parallel=True):
 
 
 if numba is not None:
+    @numba.njit(inline="always", fastmath=True)
+    def _softplus_and_grad(z, pw, scale):
+        """(pw softplus(-z), d/dz' of it for z = z' / scale: -pw sigmoid(-z) / scale), stable for any z."""
+        e = np.exp(-abs(z))
+        sig = e / (1.0 + e) if z > 0 else 1.0 / (1.0 + e)
+        return pw * (np.log1p(e) + max(-z, 0.0)), -sig * pw / scale
+
+
     @cpu_kernel
     def _bt_loss_kernel(X, Vt, Wu, pw, scale):
         """One pass over X [M, F]: loss = sum_m pw_m softplus(-z_m), z_m = x_m^T V wu_m / scale,
@@ -1306,11 +1314,8 @@ if numba is not None:
                         s += X[m, f] * Vt[k, f]
                     XV[m, k] = s
                     z += s * Wu[m, k]
-                z /= scale
-                e = np.exp(-abs(z))  # stable softplus(-z) and sigmoid(-z)
-                losses[b] += pw[m] * (np.log1p(e) + max(-z, 0.0))
-                sig = e / (1.0 + e) if z > 0 else 1.0 / (1.0 + e)
-                g[m] = -sig * pw[m] / scale
+                loss, g[m] = _softplus_and_grad(z / scale, pw[m], scale)
+                losses[b] += loss
                 for k in range(K):
                     gk = np.float32(g[m] * Wu[m, k])
                     for f in range(F):
@@ -1522,11 +1527,8 @@ if numba is not None:
                     for k in range(K):
                         XV[m, k] = s[r, k]
                         z += s[r, k] * Wu[m, k]
-                    z /= scale
-                    ez = np.exp(-abs(z))  # stable softplus(-z) and sigmoid(-z)
-                    losses[b] += pw[m] * (np.log1p(ez) + max(-z, 0.0))
-                    sig = ez / (1.0 + ez) if z > 0 else 1.0 / (1.0 + ez)
-                    g[m] = -sig * pw[m] / scale
+                    loss, g[m] = _softplus_and_grad(z / scale, pw[m], scale)
+                    losses[b] += loss
                     for k in range(K):
                         gw[r, k] = np.float32(g[m] * Wu[m, k])
                 for t0 in range(0, F, _TILE):  # (3) dV_k += sum_r g_r wu_rk x_r
