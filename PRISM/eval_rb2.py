@@ -100,7 +100,8 @@ path = utils.extract_embeddings(conversations, cache, model_name=model_name, tok
                                 extra_tensors={"prompt_row": prompt_row, "is_chosen": is_chosen.long()},
                                 metadata={"dataset": dataset_name, "split": split, "limit": limit},
                                 max_tokens_per_batch=max_tokens_per_batch, max_batch_size=batch_size,
-                                max_length=max_length, truncation_side=truncation_side, shard_size=shard_size)
+                                max_length=max_length, truncation_side=truncation_side, shard_size=shard_size,
+                                record=config.record)
 if not utils.is_main_process():
     sys.exit(0)
 if path is None:

@@ -85,7 +85,7 @@ path = utils.extract_embeddings(
               "user_split": user_split,
               "num_users": len(users), "num_seen": int(users["seen"].sum()), "num_pairs": len(pairs)},
     max_tokens_per_batch=max_tokens_per_batch, max_length=max_length, shard_size=shard_size,
-    stop_after_shards=stop_after_shards, embedding_dtype=embedding_dtype)
+    stop_after_shards=stop_after_shards, embedding_dtype=embedding_dtype, record=config.record)
 if path is not None and utils.is_main_process():  # the tables last, once their embeddings exist
     utils.atomic_write_bytes(data_dir / "pairs.parquet", pairs.to_parquet(index=False))
     utils.atomic_write_bytes(data_dir / "users.parquet", users.to_parquet(index=False))

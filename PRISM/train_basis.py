@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
-from baselines import check_baselines, run_baselines  # noqa: E402
+from lorelib.baselines import check_baselines, run_baselines  # noqa: E402
 from PRISM import prism  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -35,7 +35,7 @@ num_iterations = None      # Adam steps of the joint fit; None: 20000 (published
 learning_rate = 0.5
 fewshot_iterations = 500
 fewshot_learning_rate = 0.5
-baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
+baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 seed = 0
 pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
@@ -58,24 +58,24 @@ utils.set_seed(seed)
 data = prism.load(data_dir=data_dir, synthetic=synthetic, synthetic_users=synthetic_users,
                   synthetic_features=synthetic_features, seed=seed, reference=reference,
                   pairs_dtype=pairs_dtype)
-*accuracies, models = utils.run_regularized(
-    K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, device,
+result = utils.fit_ranks(
+    K_list, alpha_list, data.head, data.features, data.N, data.N_unseen, device, regularized=True,
     num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
-    fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_models=True)
+    fewshot_learning_rate=fewshot_learning_rate, seed=seed, record=config.record)
 out = utils.script_out_dir(__file__, out_dir)
 name = "train_basis_synthetic" if synthetic else "train_basis"
-paths = utils.save_models(out / name.replace("train_basis", "models"), models, data, dataset="PRISM",
+paths = utils.save_models(out / name.replace("train_basis", "models"), result.models, data, dataset="PRISM",
                           fewshot_iterations=fewshot_iterations,
-                          fewshot_learning_rate=fewshot_learning_rate) if save_models else {}
+                          fewshot_learning_rate=fewshot_learning_rate, record=config.record) if save_models else {}
 # K chosen on held-out seen-user training pairs (never the test pairs), for the one-line summary
 selection = utils.select_rank(K_list, alpha_list, data.head, data.seen_train, device, regularized=True, seed=seed,
                               validation_fraction=validation_fraction, num_iterations=num_iterations,
                               learning_rate=learning_rate)
 # the paper's other methods, on the same users and pairs, after LoRe's models are saved
 baseline_results = run_baselines(baselines, *data.features, device, seed=seed, settings=baseline_settings,
-                                 validation_fraction=validation_fraction)
-utils.report_run(accuracies, K_list, alpha_list, config, out, name, "PRISM (synthetic)" if synthetic else "PRISM",
+                                 validation_fraction=validation_fraction, record=config.record)
+utils.report_run(result, config, out, name, "PRISM (synthetic)" if synthetic else "PRISM",
                  extra={"seconds": time.time() - t0, "num_iterations_used": num_iterations,
-                        "kept_bases": {f"K={K} alpha={a:g}": m["V"].shape[1] for (a, K), m in models.items()},
-                        "models": paths}, baselines=baseline_results, selection=selection)
+                        "kept_bases": {f"K={K} alpha={a:g}": m["V"].shape[1] for (a, K), m in result.models.items()},
+                        "models": paths}, baselines=baseline_results, selection=selection, record=config.record)
 print(f"done in {time.time() - t0:.0f}s")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
-from baselines import check_baselines, run_baselines_vary_shots  # noqa: E402
+from lorelib.baselines import check_baselines, run_baselines_vary_shots  # noqa: E402
 from PRISM import prism  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -32,7 +32,7 @@ fewshot_learning_rate = 0.5
 shot_selection = "random"  # how a user's few-shot dialogs are picked from its pool: "random" (published),
                            # "uncertainty" or "active" (asked one at a time, README "Choosing the comparisons"),
                            # or a list of them, run side by side: shot_selection=['random','uncertainty','active']
-baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
+baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 seed = 0
 pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
@@ -59,19 +59,19 @@ fewshot_dialogs = data.info["fewshot_dialogs"]  # [m] the dialog of each few-sho
 if num_shots is None:
     most = max(len(set(fewshot_dialogs[data.unseen_fewshot.user == u].tolist())) for u in range(data.N_unseen))
     num_shots = list(range(1, most + 1))
-accuracies, skipped = utils.run_few_shot_vary_shots(
+result = utils.vary_shots(
     trials, [alpha], [K], num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, data.head, data.N,
     data.N_unseen, device, regularized=True, shot_groups=fewshot_dialogs,
     num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
-    fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True,
-    shot_selection=[shot_selection] if isinstance(shot_selection, str) else shot_selection)
+    fewshot_learning_rate=fewshot_learning_rate, seed=seed,
+    shot_selection=shot_selection, full_pool=True, record=config.record)
 baseline_results = run_baselines_vary_shots(
     baselines, trials, num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, device,
-    shot_groups=fewshot_dialogs, seed=seed, settings=baseline_settings)
+    shot_groups=fewshot_dialogs, seed=seed, settings=baseline_settings, record=config.record)
 name = "vary_fewshot_synthetic" if synthetic else "vary_fewshot"
-utils.report_shots(accuracies, num_shots, config, utils.script_out_dir(__file__, out_dir), name,
-                   "PRISM, few-shot dialogs" + (" (synthetic)" if synthetic else ""), K, alpha, skipped=skipped,
+utils.report_shots(result, config, utils.script_out_dir(__file__, out_dir), name,
+                   "PRISM, few-shot dialogs" + (" (synthetic)" if synthetic else ""),
                    extra={"seconds": time.time() - t0, "num_iterations_used": num_iterations,
                           "shots_are": "dialogs per unseen user"}, xlabel="few-shot dialogs per user",
-                          baselines=baseline_results)
+                   baselines=baseline_results, record=config.record)
 print(f"done in {time.time() - t0:.0f}s")

@@ -67,7 +67,7 @@ def prepare(split_name):
                        utils.PUBLISHED_REFERENCE: utils.read_published_reference(model_name)},
         metadata={"dataset": dataset_name, "split": split_name, "reward_models": ",".join(MODEL_NAMES)},
         max_tokens_per_batch=max_tokens_per_batch, max_length=max_length, shard_size=shard_size,
-        stop_after_shards=stop_after_shards, embedding_dtype=embedding_dtype)
+        stop_after_shards=stop_after_shards, embedding_dtype=embedding_dtype, record=config.record)
 
 
 if from_published is not None:  # the published output: train split only, scores from the dataset

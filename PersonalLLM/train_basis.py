@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
-from baselines import check_baselines, run_baselines  # noqa: E402
+from lorelib.baselines import check_baselines, run_baselines  # noqa: E402
 from PersonalLLM import personalllm  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -37,7 +37,7 @@ N_unseen = 500             # unseen users (few-shot)
 train_density = 0.005      # fraction of train prompts each seen user labels (47 of 9,402)
 fewshot_density = 0.001    # fraction each unseen user labels for few-shot (9 of 9,402)
 dirichlet_alpha = 0.1      # users w ~ Dirichlet(dirichlet_alpha * ones(10))
-baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
+baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 seed = 0
 pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
@@ -59,23 +59,24 @@ data = personalllm.load(data_dir=data_dir, synthetic=synthetic, synthetic_prompt
                         synthetic_features=synthetic_features, N=N, N_unseen=N_unseen, train_density=train_density,
                         fewshot_density=fewshot_density, dirichlet_alpha=dirichlet_alpha, seed=seed,
                         reference=reference, pairs_dtype=pairs_dtype)
-*accuracies, models = utils.run(
-    K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, device,
+result = utils.fit_ranks(
+    K_list, alpha_list, data.head, data.features, data.N, data.N_unseen, device,
     num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
-    fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_models=True)
+    fewshot_learning_rate=fewshot_learning_rate, seed=seed, record=config.record)
 out = utils.script_out_dir(__file__, out_dir)
 name = "train_basis_synthetic" if synthetic else "train_basis"
-paths = utils.save_models(out / name.replace("train_basis", "models"), models, data, dataset="PersonalLLM",
+paths = utils.save_models(out / name.replace("train_basis", "models"), result.models, data, dataset="PersonalLLM",
                           fewshot_iterations=fewshot_iterations,
-                          fewshot_learning_rate=fewshot_learning_rate) if save_models else {}
+                          fewshot_learning_rate=fewshot_learning_rate, record=config.record) if save_models else {}
 # K chosen on held-out seen-user training pairs (never the test pairs), for the one-line summary
 selection = utils.select_rank(K_list, alpha_list, data.head, data.seen_train, device, seed=seed,
                               validation_fraction=validation_fraction, num_iterations=num_iterations,
                               learning_rate=learning_rate)
 # the paper's other methods, on the same users and pairs, after LoRe's models are saved
 baseline_results = run_baselines(baselines, *data.features, device, seed=seed, settings=baseline_settings,
-                                 validation_fraction=validation_fraction)
-utils.report_run(accuracies, K_list, alpha_list, config, out, name,
+                                 validation_fraction=validation_fraction, record=config.record)
+utils.report_run(result, config, out, name,
                  "PersonalLLM (synthetic)" if synthetic else "PersonalLLM",
-                 extra={"seconds": time.time() - t0, "models": paths}, baselines=baseline_results, selection=selection)
+                 extra={"seconds": time.time() - t0, "models": paths}, baselines=baseline_results, selection=selection,
+                 record=config.record)
 print(f"done in {time.time() - t0:.0f}s")

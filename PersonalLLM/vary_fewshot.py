@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
-from baselines import check_baselines, run_baselines_vary_shots  # noqa: E402
+from lorelib.baselines import check_baselines, run_baselines_vary_shots  # noqa: E402
 from PersonalLLM import personalllm  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -34,7 +34,7 @@ N_unseen = 500
 train_density = 0.005
 fewshot_pool_density = 0.005  # each unseen user's pool of pairs (47 of 9,402) to draw shots from
 dirichlet_alpha = 0.1
-baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
+baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 seed = 0
 pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
@@ -56,16 +56,16 @@ data = personalllm.load(data_dir=data_dir, synthetic=synthetic, synthetic_prompt
                         synthetic_features=synthetic_features, N=N, N_unseen=N_unseen, train_density=train_density,
                         fewshot_pool_density=fewshot_pool_density, dirichlet_alpha=dirichlet_alpha, seed=seed,
                         reference=reference, pairs_dtype=pairs_dtype)
-accuracies, skipped = utils.run_few_shot_vary_shots(
+result = utils.vary_shots(
     trials, [alpha], [K], num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, data.head, data.N,
     data.N_unseen, device, num_iterations=num_iterations, learning_rate=learning_rate,
-    fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True,
-    shot_selection=[shot_selection] if isinstance(shot_selection, str) else shot_selection)
+    fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed,
+    shot_selection=shot_selection, full_pool=True, record=config.record)
 baseline_results = run_baselines_vary_shots(
     baselines, trials, num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, device,
-    seed=seed, settings=baseline_settings)
+    seed=seed, settings=baseline_settings, record=config.record)
 name = "vary_fewshot_synthetic" if synthetic else "vary_fewshot"
-utils.report_shots(accuracies, num_shots, config, utils.script_out_dir(__file__, out_dir), name,
-                   "PersonalLLM (synthetic)" if synthetic else "PersonalLLM", K, alpha, skipped=skipped,
-                   extra={"seconds": time.time() - t0}, baselines=baseline_results)
+utils.report_shots(result, config, utils.script_out_dir(__file__, out_dir), name,
+                   "PersonalLLM (synthetic)" if synthetic else "PersonalLLM",
+                   extra={"seconds": time.time() - t0}, baselines=baseline_results, record=config.record)
 print(f"done in {time.time() - t0:.0f}s")

@@ -100,7 +100,7 @@ def prepare(split_name):
                        utils.PUBLISHED_REFERENCE: utils.read_published_reference(model_name)},
         metadata={"dataset": f"{dataset_name}/{dataset_config}", "split": split_name, "workers": json.dumps(names)},
         max_tokens_per_batch=max_tokens_per_batch, max_length=max_length, shard_size=shard_size,
-        stop_after_shards=stop_after_shards, embedding_dtype=embedding_dtype)
+        stop_after_shards=stop_after_shards, embedding_dtype=embedding_dtype, record=config.record)
 
 
 if from_published is not None:

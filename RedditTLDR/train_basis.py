@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
-from baselines import check_baselines, run_baselines  # noqa: E402
+from lorelib.baselines import check_baselines, run_baselines  # noqa: E402
 from RedditTLDR import tldr  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -43,7 +43,7 @@ max_train_pairs = 150      # per seen worker (a large number keeps all)
 max_fewshot_pairs = 50     # per unseen worker
 min_comparisons = 50       # paper protocol: workers with fewer comparisons are dropped
 split_seed = 0             # shuffles the workers (random.Random) and draws the capped subsets
-baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
+baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 seed = 0
 pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
@@ -64,24 +64,24 @@ data = tldr.load(data_dir=data_dir, synthetic=synthetic, synthetic_features=synt
                  max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs, min_comparisons=min_comparisons,
                  split_seed=split_seed, seed=seed, reference=reference,
                  pairs_dtype=pairs_dtype)
-*accuracies, models = utils.run(
-    K_list, alpha_list, data.head, *data.features, data.N, data.N_unseen, device,
+result = utils.fit_ranks(
+    K_list, alpha_list, data.head, data.features, data.N, data.N_unseen, device,
     num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
-    fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_models=True)
+    fewshot_learning_rate=fewshot_learning_rate, seed=seed, record=config.record)
 out = utils.script_out_dir(__file__, out_dir)
 name = "train_basis" + ("_paper" if protocol == "paper" else "") + ("_synthetic" if synthetic else "")
 title = "Reddit TLDR" + (" paper split" if protocol == "paper" else "") + (" (synthetic)" if synthetic else "")
-paths = utils.save_models(out / name.replace("train_basis", "models"), models, data, dataset="RedditTLDR",
+paths = utils.save_models(out / name.replace("train_basis", "models"), result.models, data, dataset="RedditTLDR",
                           fewshot_iterations=fewshot_iterations,
-                          fewshot_learning_rate=fewshot_learning_rate) if save_models else {}
+                          fewshot_learning_rate=fewshot_learning_rate, record=config.record) if save_models else {}
 # K chosen on held-out seen-user training pairs (never the test pairs), for the one-line summary
 selection = utils.select_rank(K_list, alpha_list, data.head, data.seen_train, device, seed=seed,
                               validation_fraction=validation_fraction, num_iterations=num_iterations,
                               learning_rate=learning_rate)
 # the paper's other methods, on the same users and pairs, after LoRe's models are saved
 baseline_results = run_baselines(baselines, *data.features, device, seed=seed, settings=baseline_settings,
-                                 validation_fraction=validation_fraction)
-utils.report_run(accuracies, K_list, alpha_list, config, out, name, title,
+                                 validation_fraction=validation_fraction, record=config.record)
+utils.report_run(result, config, out, name, title,
                  extra={"workers": data.info["workers"], "seconds": time.time() - t0, "models": paths},
-                 baselines=baseline_results, selection=selection)
+                 baselines=baseline_results, selection=selection, record=config.record)
 print(f"done in {time.time() - t0:.0f}s")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
-from baselines import check_baselines, run_baselines_vary_shots  # noqa: E402
+from lorelib.baselines import check_baselines, run_baselines_vary_shots  # noqa: E402
 from RedditTLDR import tldr  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -36,7 +36,7 @@ max_train_pairs = 150      # per seen worker
 max_fewshot_pairs = 100    # pool of an unseen worker's shots, as published (None: all its train-split comparisons)
 min_comparisons = 50       # paper protocol
 split_seed = 0
-baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (baselines.py); [] skips them
+baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
 seed = 0
 pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
@@ -57,17 +57,17 @@ data = tldr.load(data_dir=data_dir, synthetic=synthetic, synthetic_features=synt
                  max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs, min_comparisons=min_comparisons,
                  split_seed=split_seed, seed=seed, reference=reference,
                  pairs_dtype=pairs_dtype)
-accuracies, skipped = utils.run_few_shot_vary_shots(
+result = utils.vary_shots(
     trials, [alpha], [K], num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, data.head, data.N,
     data.N_unseen, device, num_iterations=num_iterations, learning_rate=learning_rate,
-    fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed, return_skipped=True,
-    shot_selection=[shot_selection] if isinstance(shot_selection, str) else shot_selection)
+    fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=seed,
+    shot_selection=shot_selection, full_pool=True, record=config.record)
 baseline_results = run_baselines_vary_shots(
     baselines, trials, num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, device,
-    seed=seed, settings=baseline_settings)
+    seed=seed, settings=baseline_settings, record=config.record)
 name = "vary_fewshot" + ("_paper" if protocol == "paper" else "") + ("_synthetic" if synthetic else "")
 title = "Reddit TLDR" + (" paper split" if protocol == "paper" else "") + (" (synthetic)" if synthetic else "")
-utils.report_shots(accuracies, num_shots, config, utils.script_out_dir(__file__, out_dir), name, title, K, alpha,
-                   skipped=skipped, extra={"workers": data.info["workers"], "seconds": time.time() - t0},
-                   baselines=baseline_results)
+utils.report_shots(result, config, utils.script_out_dir(__file__, out_dir), name, title,
+                   extra={"workers": data.info["workers"], "seconds": time.time() - t0}, baselines=baseline_results,
+                   record=config.record)
 print(f"done in {time.time() - t0:.0f}s")

@@ -22,8 +22,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import baselines  # noqa: E402
 import utils  # noqa: E402
+from lorelib import baselines  # noqa: E402
 from PersonalLLM import personalllm  # noqa: E402
 
 # config

@@ -23,6 +23,7 @@ from transformers import AutoModelForSequenceClassification, LlamaConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import utils  # noqa: E402
+from lorelib import extract  # noqa: E402
 
 # -----------------------------------------------------------------------------
 n_seqs = 2000
@@ -67,7 +68,7 @@ def main():
     config = LlamaConfig(**cfg, max_position_embeddings=131072, rms_norm_eps=1e-5,
                          rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, num_labels=1,
                          pad_token_id=0, tie_word_embeddings=False)
-    attn = utils._default_attn(dev, dtype)
+    attn = extract._default_attn(dev, dtype)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     with torch.device(dev):  # random init directly on the device in the target dtype (no fp32 CPU copy)
@@ -84,7 +85,7 @@ def main():
     lengths = torch.exp(math.log(min_len) + u * (math.log(max_len) - math.log(min_len))).long().tolist()
     token_ids = [torch.randint(1, config.vocab_size, (n,), generator=g).tolist() for n in lengths]
     n_tokens = sum(lengths)
-    batches = utils._length_batches(lengths, max_tokens_per_batch, max_batch_size)
+    batches = extract._length_batches(lengths, max_tokens_per_batch, max_batch_size)
     padded = sum(len(b) * lengths[b[0]] for b in batches)
     print(f"{n_seqs} sequences, {n_tokens} tokens, length min/median/mean/max = {min(lengths)}/"
           f"{sorted(lengths)[n_seqs // 2]}/{n_tokens / n_seqs:.0f}/{max(lengths)}; {len(batches)} batches "

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import utils  # noqa: E402
 from conftest import make_tiny_reward_model  # noqa: E402
+from lorelib import extract  # noqa: E402
 
 # -----------------------------------------------------------------------------
 n_convs = 512
@@ -81,7 +82,7 @@ def main():
         torch.manual_seed(seed)
         with torch.device(dev):
             model = AutoModelForSequenceClassification.from_config(
-                config, dtype=torch.bfloat16, attn_implementation=utils._default_attn(dev, torch.bfloat16)).eval()
+                config, dtype=torch.bfloat16, attn_implementation=extract._default_attn(dev, torch.bfloat16)).eval()
         rm.tokenizer, rm.model = tokenizer, model
     tokenizer, model = rm.load_reward_model()
     convs = conversations(n_convs, g)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import utils  # noqa: E402
+from lorelib import kernels  # noqa: E402
 
 # config
 num_users = 1000
@@ -92,10 +93,10 @@ def main():
 
     t_packed = time_iters(packed_step, packed_iters)
     t_bf16 = time_iters(lambda: packed_step(Xb), packed_iters)
-    kernel, utils.numba = utils.numba, None  # the pure-PyTorch path: two thin products
+    kernel, kernels.numba = kernels.numba, None  # the pure-PyTorch path: two thin products
     t_two_pass = time_iters(packed_step, packed_iters)
     t_two_pass_bf16 = time_iters(lambda: packed_step(Xb), max(2, packed_iters // 3))
-    utils.numba = kernel
+    kernels.numba = kernel
     t_loop = time_iters(loop_step, loop_iters)
     # floors: the fastest plain reduction that reads every value once (a max; the bf16 pairs as their int16 bits)
     t_read = time_iters(lambda: X.max(), 5)

@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import baselines
 import utils
+from lorelib import baselines, kernels
+from lorelib.baseline import fresh_logits
+from lorelib.vpl import _context_rows
 
 # small but learnable settings for planted data (the published defaults are for thousands of pairs in 4096-d)
 VPL_SMALL = dict(hidden_dim=32, latent_dim=16, learning_rate=3e-3, num_epochs=12)
@@ -101,7 +103,7 @@ def test_per_user_bt_equals_a_plain_loop_of_bt_fits(kernel, monkeypatch):
     if kernel and utils.numba is None:
         pytest.skip("numba not installed")
     if not kernel:
-        monkeypatch.setattr(utils, "numba", None)
+        monkeypatch.setattr(kernels, "numba", None)
     g = torch.Generator().manual_seed(1)
     X = [torch.randn(m, 8, generator=g) * 3 for m in (3, 9, 1, 5, 12)]
     pairs = utils.Pairs.from_list(X)
@@ -150,7 +152,7 @@ def test_pal_new_users_leave_shared_parts_unchanged(data, variant, monkeypatch):
     model = baselines.PAL(16, K=3, variant=variant, dim=16, batch_size=16, fewshot_epochs=3).fit(data["train"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.personalize(data["fewshot"])  # PAL-B on CPU: the numba kernel
-    monkeypatch.setattr(utils, "numba", None)
+    monkeypatch.setattr(kernels, "numba", None)
     W = model.personalize(data["fewshot"])  # the PyTorch loop
     assert W.shape == (data["fewshot"].num_users, 3)
     after = model.state_dict()
@@ -159,7 +161,7 @@ def test_pal_new_users_leave_shared_parts_unchanged(data, variant, monkeypatch):
         assert torch.equal(before[k], after[k]), k
     assert all(p.requires_grad for p in model.parameters())  # trainable again afterwards
     # the new users' weights did move away from their random start
-    W0 = baselines._fresh_logits(data["fewshot"].num_users, 3, torch.Generator().manual_seed(model.seed + 1))
+    W0 = fresh_logits(data["fewshot"].num_users, 3, torch.Generator().manual_seed(model.seed + 1))
     assert (W - W0).abs().max() > 0.1
 
 
@@ -268,10 +270,10 @@ def test_pal_b_new_user_kernel_equals_the_pytorch_loop(data, monkeypatch):
     """PAL-B's new-user fit on CPU (numba, step for step) == the autograd loop with fused AdamW."""
     model = baselines.PAL(16, K=3, dim=16, batch_size=16).fit(data["train"])
     fast = model.personalize(data["fewshot"])
-    monkeypatch.setattr(utils, "numba", None)
+    monkeypatch.setattr(kernels, "numba", None)
     slow = model.personalize(data["fewshot"])
     assert torch.allclose(fast, slow, atol=1e-4, rtol=1e-4), (fast - slow).abs().max()
-    W0 = baselines._fresh_logits(*fast.shape, torch.Generator().manual_seed(model.seed + 1))
+    W0 = fresh_logits(*fast.shape, torch.Generator().manual_seed(model.seed + 1))
     assert (fast - W0).abs().max() > 0.1
 
 
@@ -329,15 +331,15 @@ def test_pal_user_weights_follow_the_released_per_user_adam(data, kernel, monkey
     train = data["train"].select_users(range(0, data["train"].num_users, 3))
     reference = baselines.PAL(16, **settings)
     gen = torch.Generator().manual_seed(7)
-    W_ref = released_pal_fit(reference, train, baselines._fresh_logits(train.num_users, 3, gen), gen)
+    W_ref = released_pal_fit(reference, train, fresh_logits(train.num_users, 3, gen), gen)
     model = baselines.PAL(16, **settings).fit(train, "cpu")
     assert torch.allclose(model.W.detach(), W_ref, atol=2e-5), (model.W - W_ref).abs().max()
     assert torch.allclose(model.f[0].weight, reference.f[0].weight, atol=2e-5)
     if not kernel:
-        monkeypatch.setattr(utils, "numba", None)
+        monkeypatch.setattr(kernels, "numba", None)
     new = model.personalize(data["fewshot"], "cpu")
     gen = torch.Generator().manual_seed(8)
-    W0 = baselines._fresh_logits(data["fewshot"].num_users, 3, gen)
+    W0 = fresh_logits(data["fewshot"].num_users, 3, gen)
     new_ref = released_pal_new_users(model, data["fewshot"], W0, gen)
     assert torch.allclose(new, new_ref, atol=2e-5), (new - new_ref).abs().max()
     assert (new - W0).abs().max() > 0.1
@@ -350,7 +352,7 @@ def test_pal_new_user_fit_does_not_depend_on_the_users_beside_it(kernel, monkeyp
     if kernel and utils.numba is None:
         pytest.skip("numba not installed")
     if not kernel:
-        monkeypatch.setattr(utils, "numba", None)
+        monkeypatch.setattr(kernels, "numba", None)
     d = planted(seen_per_type=5, unseen_per_type=101, n_train=20, n_fewshot=3)
     model = baselines.PAL(16, K=3, dim=16, batch_size=8, fewshot_epochs=5, fewshot_batch_size=1).fit(d["train"])
     table, chosen, rejected = d["fewshot"].sides()
@@ -362,7 +364,7 @@ def test_pal_new_user_fit_does_not_depend_on_the_users_beside_it(kernel, monkeyp
     W_alone, W_beside = model.personalize(alone), model.personalize(beside)
     assert W_beside.shape == (202, 3)
     assert torch.allclose(W_alone[0], W_beside[0], atol=1e-6), (W_alone[0], W_beside[0])
-    assert (W_alone[0] - baselines._fresh_logits(1, 3, torch.Generator().manual_seed(1))[0]).abs().max() > 0.01
+    assert (W_alone[0] - fresh_logits(1, 3, torch.Generator().manual_seed(1))[0]).abs().max() > 0.01
 
 
 def test_vpl_context_lengths_kl_clock_and_evaluation_contexts(data):
@@ -370,13 +372,13 @@ def test_vpl_context_lengths_kl_clock_and_evaluation_contexts(data):
     annealing advances once per micro-batch of micro_batch_size pairs; eval_all_pairs encodes every pair."""
     rows = torch.arange(100, 130)
     gen = torch.Generator().manual_seed(0)
-    ctx = baselines._context_rows(rows, 8, gen, exclude_self=True, random_length=True)
+    ctx = _context_rows(rows, 8, gen, exclude_self=True, random_length=True)
     lengths = (ctx >= 0).sum(1)
     assert lengths.min() == 1 and lengths.max() == 8 and len(set(lengths.tolist())) >= 6
     assert all(rows[j] not in ctx[j] and set(ctx[j][ctx[j] >= 0].tolist()) <= set(rows.tolist()) for j in range(30))
-    fixed = baselines._context_rows(rows, 8, gen, exclude_self=True)
+    fixed = _context_rows(rows, 8, gen, exclude_self=True)
     assert ((fixed >= 0).sum(1) == 8).all()
-    assert ((baselines._context_rows(rows[:3], 8, gen, exclude_self=True, random_length=True) >= 0).sum(1) <= 2).all()
+    assert ((_context_rows(rows[:3], 8, gen, exclude_self=True, random_length=True) >= 0).sum(1) <= 2).all()
 
     small = data["train"].select_users(range(0, data["train"].num_users, 3))  # 10 users x 30 pairs
     model = baselines.VPL(16, hidden_dim=8, latent_dim=4, batch_size=32, micro_batch_size=4, num_epochs=1, beta=0.1)

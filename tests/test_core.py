@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import utils
+from lorelib import kernels, selection
 
 
 def planted(num_users=60, pairs_per_user=40, num_test=200, F_dim=32, rank=3, seed=0):
@@ -63,7 +64,7 @@ def test_fused_cpu_kernel_equals_two_pass_torch_path(monkeypatch):
     grads = []
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr(utils, "numba", None)
+            monkeypatch.setattr(kernels, "numba", None)
         utils.set_seed(0)
         model = utils.LoRe(None, 0, 5, 300, 4)
         loss = model.loss(pairs.dense(), pairs.user, pairs.counts())
@@ -92,7 +93,7 @@ def test_fused_cpu_kernel_keeps_the_torch_thread_count():
 def test_thin_matmul_gradient_matches_autograd():
     X, V = torch.randn(1000, 300), torch.randn(300, 4, requires_grad=True)
     G = torch.randn(1000, 4)
-    (utils._ThinMatmul.apply(X, V) * G).sum().backward()
+    (kernels.ThinMatmul.apply(X, V) * G).sum().backward()
     assert torch.allclose(V.grad, X.t() @ G, atol=1e-3, rtol=1e-5)
 
 
@@ -399,20 +400,22 @@ def test_load_tensors_errors(tmp_path):
 
 
 def test_numba_cache_survives_another_module_name(tmp_path):
-    """utils.py imported under another name, then normally, in one process; then normally again: no crash, only
-    the canonical import writes the numba cache, and the next run loads it without writing."""
+    """lorelib/kernels.py loaded under another module name, then imported normally, in one process; then normally
+    again: no crash, only the canonical import (`lorelib.kernels`) writes the numba cache, and the next run loads it
+    without writing (a second process does not compile again)."""
     import os
     import subprocess
     import sys
     pytest.importorskip("numba")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    fit = "m.LoRe(None, 0, 2, 8, 2, 2).train([torch.randn(5, 8), torch.randn(4, 8)]); print(m.__name__, 'ok'); "
+    fit = ("X, V = torch.randn(9, 8), torch.randn(8, 2, requires_grad=True); "
+           "m.bt_loss(X, V, torch.rand(9, 2), torch.ones(9), 100.0).backward(); print(m.__name__, 'ok'); ")
     count = f"print('cache files', len(list(pathlib.Path({str(tmp_path)!r}).rglob('*.nb*')))); "
-    other = ("import importlib.util, pathlib, torch; spec = importlib.util.spec_from_file_location('lore_utils', "
-             f"{os.path.join(root, 'utils.py')!r}); o = importlib.util.module_from_spec(spec); "
+    other = ("import importlib.util, pathlib, torch; spec = importlib.util.spec_from_file_location('lore_kernels', "
+             f"{os.path.join(root, 'lorelib', 'kernels.py')!r}); o = importlib.util.module_from_spec(spec); "
              "spec.loader.exec_module(o); m = o; " + fit + count)
-    plain = f"import sys; sys.path.insert(0, {root!r}); import torch, utils; m = utils; " + fit
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # `utils` importable only where asked
+    plain = f"import sys; sys.path.insert(0, {root!r}); import torch, lorelib.kernels; m = lorelib.kernels; " + fit
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # `lorelib` importable only where asked
     env["NUMBA_CACHE_DIR"] = str(tmp_path)
     stamps, logs = [], []
     for code in [other + plain, plain]:
@@ -461,7 +464,7 @@ def test_laplace_posterior_and_closed_form_information():
     rng, _, X, y = planted_candidates(0, 40)
     known = X[:15] * y[:15, None]
     u, Sigma = utils.laplace_posterior(known)
-    prec, terms = np.eye(5) / 9, utils._posterior_terms
+    prec, terms = np.eye(5) / 9, selection._posterior_terms
     assert np.abs(terms(u, known, prec)[1]).max() < 1e-8  # a stationary point
     v, E = rng.normal(0, 1, 5), np.eye(5) * 1e-5  # gradient and exact Hessian against finite differences
     _, grad, _, H = terms(v, known, prec)
@@ -564,7 +567,7 @@ def test_a_fit_on_bf16_pairs_recovers_the_float32_accuracy(kernel, monkeypatch):
     if kernel and utils.numba is None:
         pytest.skip("numba not installed")
     if not kernel:
-        monkeypatch.setattr(utils, "numba", None)
+        monkeypatch.setattr(kernels, "numba", None)
     train, test, _, _ = planted()
     pairs = utils.Pairs.from_list(train)
     accs = {}
@@ -590,12 +593,12 @@ def test_bf16_kernel_equals_the_float32_kernel_on_the_rounded_values():
         Wu = torch.softmax(torch.randn(M, K, generator=g), 1)
         pw = torch.rand(M, generator=g)
         args = (Vt.numpy(), Wu.numpy(), pw.numpy(), utils.LOGIT_SCALE)
-        loss, dVt, XV, gr = utils._bt_loss_kernel_bf16(X.view(torch.int16).numpy().view(np.uint16), *args)
+        loss, dVt, XV, gr = kernels.bt_loss_kernel_bf16(X.view(torch.int16).numpy().view(np.uint16), *args)
         Xr = X.float()
-        ref = utils._bt_loss_kernel(Xr.numpy(), *args)
+        ref = kernels.bt_loss_kernel(Xr.numpy(), *args)
         tol_XV = 4 * eps * np.sqrt(F_dim) * (Xr.abs() @ Vt.abs().T).numpy()
         tol_dV = 4 * eps * np.sqrt(M) * ((ref[3][:, None] * Wu.numpy()).T.__abs__() @ Xr.abs().numpy())
         assert (np.abs(XV - ref[2]) <= tol_XV + 1e-30).all() and (np.abs(dVt - ref[1]) <= tol_dV + 1e-30).all()
         assert loss == pytest.approx(ref[0], rel=1e-5) and np.allclose(gr, ref[3], rtol=1e-4, atol=1e-9)
-        moved = utils._bt_loss_kernel((Xr + 0.01 * torch.randn(M, F_dim, generator=g)).numpy(), *args)
+        moved = kernels.bt_loss_kernel((Xr + 0.01 * torch.randn(M, F_dim, generator=g)).numpy(), *args)
         assert not (np.abs(XV - moved[2]) <= tol_XV).all()

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import utils
+from lorelib import extract
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("the quick brown fox jumps over a lazy dog while reward models read preferences of many users; "
@@ -102,7 +103,7 @@ def test_batched_equals_single(tok_model, padding_side):
 
 def test_length_batches():
     lengths = [5, 100, 7, 7, 50, 1, 300, 20]
-    batches = utils._length_batches(lengths, max_tokens_per_batch=200, max_batch_size=3)
+    batches = extract._length_batches(lengths, max_tokens_per_batch=200, max_batch_size=3)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     flat = [lengths[i] for b in batches for i in b]
     assert flat == sorted(lengths, reverse=True)
@@ -177,7 +178,7 @@ def test_resume_is_byte_identical(tiny_reward_model, tmp_path, monkeypatch, caps
     # up to date: returns at once, without loading the model
     def boom(*args, **kwargs):
         raise AssertionError("model loaded although the output is up to date")
-    monkeypatch.setattr(utils, "load_reward_model", boom)
+    monkeypatch.setattr(extract, "load_reward_model", boom)
     mtime = out.stat().st_mtime_ns
     assert utils.extract_embeddings(convs, out, **kw) == out
     assert "up to date" in capsys.readouterr().out and out.stat().st_mtime_ns == mtime
@@ -229,7 +230,7 @@ def test_groups_extras_metadata(tok_model, tiny_reward_model, tmp_path, monkeypa
     # a fresh run with those extras
     fresh = utils.extract_embeddings(chosen + rejected, tmp_path / "fresh.safetensors",
                                      extra_tensors={"user_id": user + 1}, metadata={"split": "dev"}, **kw)
-    monkeypatch.setattr(utils, "load_reward_model", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(extract, "load_reward_model", lambda *a, **k: 1 / 0)
     capsys.readouterr()
     assert utils.extract_embeddings(chosen + rejected, out, extra_tensors={"user_id": user + 1},
                                     metadata={"split": "dev"}, **kw) == out
@@ -246,7 +247,7 @@ def test_streaming_writer_roundtrip(tmp_path):
     groups = [("a", 4), ("none", 0), ("b", 7)]
     path = tmp_path / "x.safetensors"
     meta = {"k": "v", "ünï": "çødé"}
-    utils._write_embeddings_file(path, iter([mat[:3], mat[3:9], mat[9:]]), 11, 5, groups, tensors, meta)
+    extract._write_embeddings_file(path, iter([mat[:3], mat[3:9], mat[9:]]), 11, 5, groups, tensors, meta)
     f = load_file(path)
     assert torch.equal(f["a"], mat[:4]) and torch.equal(f["b"], mat[4:]) and f["none"].shape == (0, 5)
     for k, t in tensors.items():
@@ -257,10 +258,10 @@ def test_streaming_writer_roundtrip(tmp_path):
     n = int.from_bytes(raw[:8], "little")
     assert n % 8 == 0 and len(raw) == 8 + n + 11 * 5 * 4 + 5 * 4 + 3 + 40 + 6 + 32
     # deterministic, and a failing writer leaves neither the target nor a temp file behind
-    utils._write_embeddings_file(path, iter([mat]), 11, 5, groups, tensors, meta)
+    extract._write_embeddings_file(path, iter([mat]), 11, 5, groups, tensors, meta)
     assert path.read_bytes() == raw
     with pytest.raises(ValueError, match="rows"):
-        utils._write_embeddings_file(tmp_path / "y.safetensors", iter([mat[:5]]), 11, 5, groups, tensors, meta)
+        extract._write_embeddings_file(tmp_path / "y.safetensors", iter([mat[:5]]), 11, 5, groups, tensors, meta)
     assert os.listdir(tmp_path) == ["x.safetensors"]
 
 

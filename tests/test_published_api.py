@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from test_core import loop_loss, planted
 
 import utils
+from lorelib.model import pack
 
 
 def test_module_level_names_of_the_published_star_import():
@@ -164,7 +165,7 @@ def test_forward_returns_the_published_loss_terms():
     model = utils.LoRe(V_sft, 0.3, 5, 6, 2)
     nll, reg = model(X)
     assert torch.allclose(nll + reg, loop_loss(model.V, model.W, X, 0.3, V_sft), atol=1e-6)
-    diffs, user, counts = utils._pack(X, "cpu")
+    diffs, user, counts = pack(X, "cpu")
     assert torch.allclose(nll + reg, model.loss(diffs, user, counts), atol=1e-6)
     assert model(diffs, user).shape == (35,)  # the packed form
 

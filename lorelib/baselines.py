@@ -1,0 +1,200 @@
+"""The other methods of the paper's tables, on the same frozen embeddings as LoRe: per-user Bradley-Terry
+rewards (bt.PerUserBT, the published `learn_multiple`), VPL (vpl.py) and PAL (pal.py).
+
+    from lorelib import baselines
+    model = baselines.make_baseline("vpl", num_features=F).fit(data.seen_train)
+    state = model.personalize(data.unseen_fewshot)
+    model.accuracies(data.unseen_test, state)       # [C] per-user accuracy, as for LoRe
+
+Every baseline class takes (num_features, seed=..., **settings), carries its table `label` and the range
+`rules` of its settings (their defaults, the published values, live in its signature), fits on the seen
+users' pairs (`fit`), personalises new users from their few-shot pairs (`personalize`: returns their state,
+leaves the fitted model unchanged) and scores pairs (`margins`: reward(chosen) - reward(rejected));
+`accuracies` is, per user, the fraction of pairs with a positive margin (a tie is wrong). BASELINES maps a
+script's name of each to its class: adding a baseline is one class (a module of its own) and one entry there.
+run_baselines / run_baselines_vary_shots run them beside pipelines.fit_ranks / vary_shots on the same users,
+pairs, few-shot examples and seed. Optional: no module below imports this one (nor utils.py).
+
+Imports: config, data, bt, pipelines, vpl, pal.
+"""
+import inspect
+import time
+
+import numpy as np
+import torch
+
+from .bt import PerUserBT
+from .config import InputError, check_values, note_finished, set_seed
+from .data import RESULT_NAMES, as_pairs
+from .pal import PAL
+from .pipelines import check_users, holdout_pairs, shot_units, stack_trials
+from .vpl import VPL
+
+BASELINES = {"per_user_bt": PerUserBT, "vpl": VPL, "pal": PAL}  # a script's name -> class
+
+
+def _check_names(names):
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown:
+        raise InputError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)} (baselines=[] skips them)")
+
+
+def full_settings(name, overrides=None):
+    """{setting: value} that baseline `name` runs with: the defaults of its class (the published values) with
+    `overrides` ({setting: value}) applied. One setting may be a list of values, a sweep (e.g. PAL's K = [2, 5,
+    10]): each value is a run of its own. InputError for an unknown name or setting, or a value out of range."""
+    _check_names([name])
+    cls = BASELINES[name]
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(cls.rules))
+    if unknown:
+        raise InputError(f"baseline_settings[{name!r}]: {unknown} are no {cls.__name__} setting; it has "
+                         f"{sorted(cls.rules)}")
+    swept = [k for k, v in overrides.items() if isinstance(v, (list, tuple))]
+    if len(swept) > 1 or any(len(overrides[k]) == 0 for k in swept):
+        raise InputError(f"baseline_settings[{name!r}]: {swept} are lists; one setting at most can take a "
+                         "non-empty list of values (a sweep)")
+    defaults = inspect.signature(cls).parameters
+    settings = {k: defaults[k].default for k in cls.rules} | overrides
+    try:
+        check_values(settings, {k: ("each " if k in swept else "") + r for k, r in cls.rules.items()})
+    except InputError as e:
+        raise InputError(f"baseline_settings[{name!r}]: {e}") from None
+    return settings
+
+
+def _runs(names, overrides):
+    """[(entry, name, settings, sweep)]: one run per baseline, or one per value of its swept setting (entry
+    "pal_K5", sweep {"K": 5})."""
+    out = []
+    for name in names:
+        settings = full_settings(name, (overrides or {}).get(name))
+        swept = [k for k, v in settings.items() if isinstance(v, (list, tuple))]
+        if not swept:
+            out.append((name, name, settings, {}))
+        for k in swept:
+            out += [(f"{name}_{k}{v}", name, {**settings, k: v}, {k: v}) for v in settings[k]]
+    return out
+
+
+def check_baselines(config):
+    """A script's check before any work (utils.configure(..., checks=[check_baselines])): its `baselines`
+    names known baselines and its `baseline_settings` ({name: {setting: value}}) overrides their settings
+    within their ranges."""
+    _check_names(list(config.get("baselines") or []))
+    overrides = config.get("baseline_settings") or {}
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise InputError(f"baseline_settings={overrides!r}: must be a dict {{baseline: {{setting: value}}}}, "
+                         'e.g. baseline_settings={"vpl": {"beta": 0.0}}')
+    _check_names(list(overrides))
+    for name, kw in overrides.items():
+        full_settings(name, kw)
+
+
+def make_baseline(name, num_features, seed=0, **settings):
+    """A baseline by its script name ("per_user_bt", "vpl", "pal") with its settings (keyword arguments)."""
+    _check_names([name])
+    return BASELINES[name](num_features, seed=seed, **settings)
+
+
+def _start(name, num_features, seed, settings):
+    """(model, start time) of one baseline run, seeded like LoRe's fits."""
+    set_seed(seed)
+    return make_baseline(name, num_features, seed=seed, **settings), time.time()
+
+
+def _entry(name, model, settings, sweep):
+    """The table label and the JSON fields naming one run."""
+    label = model.label + "".join(f" ({k} = {v})" for k, v in sweep.items())
+    return {"label": label, "method": model.label, "settings": settings, **({"sweep": sweep} if sweep else {})}
+
+
+def run_baselines(baselines, train_features, test_features_sparse, train_features_unseen,
+                  test_features_sparse_unseen, device=None, *, seed=0, settings=None, validation_fraction=0.1,
+                  record=None):
+    """Fit each baseline on the seen users, personalise the unseen users from their few-shot pairs, evaluate.
+
+    baselines: names of BASELINES ("per_user_bt", "vpl", "pal"); settings: {name: {setting: value}}, overrides
+    of their published settings, one of which may be a list (a sweep: one run per value). The same four pair
+    sets as pipelines.fit_ranks, the same accuracy definition. For a sweep, the value of best mean accuracy on held-out
+    pairs of the seen users' training data (validation_fraction of each user's, pipelines.holdout_pairs; never the
+    test pairs) is marked "chosen". Returns {entry: {"label", "method", "settings" (all of them, as run),
+    ["sweep", "validation", "chosen"], "seen_train", "seen_test", "unseen_fewshot", "unseen_test": {"mean",
+    "std"} over users, "seconds"}}, entry the name or, in a sweep, "<name>_<setting><value>" (e.g. "pal_K5").
+    """
+    _check_names(baselines)
+    train, test, train_u, test_u = (as_pairs(x) for x in (train_features, test_features_sparse,
+                                                          train_features_unseen, test_features_sparse_unseen))
+    check_users([("test_features_sparse", test, len(train)),
+                       ("test_features_sparse_unseen", test_u, len(train_u))])
+    runs = _runs(baselines, settings)
+    out = {}
+    for entry, name, full, sweep in runs:
+        model, t0 = _start(name, train.num_features, seed, full)
+        model.fit(train, device)
+        state = model.personalize(train_u, device)
+        accs = [model.accuracies(train, None, device), model.accuracies(test, None, device),
+                model.accuracies(train_u, state, device), model.accuracies(test_u, state, device)]
+        out[entry] = {**_entry(name, model, full, sweep), **{
+            n: {"mean": float(np.mean(a)), "std": float(np.std(a))} for n, a in zip(RESULT_NAMES, accs)}}
+        out[entry]["seconds"] = time.time() - t0
+        note_finished(record, out[entry]["label"])
+        print(f"{out[entry]['label']}: " + ", ".join(f"{n} {out[entry][n]['mean']:.4f}" for n in RESULT_NAMES)
+              + f"  [{out[entry]['seconds']:.1f}s]")
+    swept = [name for name in baselines if sum(r[1] == name for r in runs) > 1]
+    if swept and validation_fraction > 0:
+        fit, held = holdout_pairs(train, validation_fraction, seed)
+        for name in swept:
+            for entry, _, full, sweep in (r for r in runs if r[1] == name):
+                model, _ = _start(name, train.num_features, seed, full)
+                out[entry]["validation"] = float(np.nanmean(model.fit(fit, device).accuracies(held, None, device)))
+                print(f"model choice: {out[entry]['label']}: held-out seen-user training pairs "
+                      f"{out[entry]['validation']:.4f}")
+            group = [e for e, n, _, _ in runs if n == name]
+            best = max(group, key=lambda e: out[e]["validation"])
+            for e in group:
+                out[e]["chosen"] = e == best
+    return out
+
+
+def run_baselines_vary_shots(baselines, trials, num_shots, train_features, train_features_unseen,
+                             test_features_sparse_unseen, device=None, *, shot_groups=None, seed=0, settings=None,
+                             record=None):
+    """run_few_shot_vary_shots for the baselines: each is fit once on the seen users, then every unseen user
+    is personalised from the same `shots` examples per trial as LoRe gets (same draws, same skipped users).
+
+    Returns {entry: {"label", "method", "settings" (all of them, as run), ["sweep"], "accuracies": 4 arrays
+    [len(num_shots)], "seconds"}} (entries as in run_baselines): few-shot train accuracy mean and std over
+    trials, unseen-user test accuracy mean and std over trials (each trial's value is the mean over users); NaN
+    where no user has enough examples.
+    """
+    _check_names(baselines)
+    train, pool, test_u = (as_pairs(x) for x in (train_features, train_features_unseen, test_features_sparse_unseen))
+    check_users([("test_features_sparse_unseen", test_u, len(pool))])
+    units = shot_units(pool, shot_groups)
+    n_units = torch.tensor([len(u) for u in units])
+    out = {}
+    for entry, name, full, sweep in _runs(baselines, settings):
+        model, t0 = _start(name, train.num_features, seed, full)
+        label = _entry(name, model, full, sweep)["label"]
+        model.fit(train, device)
+        res = np.full((4, len(num_shots)), np.nan)
+        for j, shots in enumerate(num_shots):
+            users = torch.nonzero(n_units >= shots).flatten().tolist()
+            if not users:
+                continue
+            stacked = stack_trials(pool, units, users, shots, trials, seed)  # the draws LoRe gets
+            test = test_u.select_users(users)
+            fs, ts = [], []
+            for t in range(trials):
+                shot_pairs = stacked.select_users(range(t * len(users), (t + 1) * len(users)))
+                state = model.personalize(shot_pairs, device)
+                fs.append(model.accuracies(shot_pairs, state, device).mean())
+                ts.append(model.accuracies(test, state, device).mean())
+            res[:, j] = np.mean(fs), np.std(fs), np.mean(ts), np.std(ts)
+            print(f"{label} shots={shots}: few-shot train {res[0, j]:.4f}, unseen test {res[2, j]:.4f} "
+                  f"+- {res[3, j]:.4f} ({len(users)} users, {trials} trials)")
+        out[entry] = {**_entry(name, model, full, sweep), "accuracies": tuple(res), "seconds": time.time() - t0}
+        note_finished(record, f"{label} (every shot count)")
+        print(f"{label}: {out[entry]['seconds']:.1f}s")
+    return out

@@ -1,0 +1,238 @@
+"""VPL, variational preference learning (Poddar et al. 2024), on the frozen embeddings: a user's latent z is
+inferred from their context pairs, and a decoder scores e [F] given z.
+
+Imports: config, data, baseline.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as nnf
+from tqdm.auto import tqdm
+
+from .baseline import Baseline, check_features, map_rows, mlp, seeded, used_rows, user_rows
+from .config import check_values, get_device
+from .data import as_pairs
+
+
+def _warmup_cosine(total_steps, warmup_ratio):
+    """LambdaLR factor: linear warm-up over warmup_ratio * total_steps, then cosine decay to 0."""
+    warmup = int(math.ceil(warmup_ratio * total_steps))
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+    return factor
+
+
+def _decay_groups(modules, weight_decay):
+    """AdamW parameter groups: weight decay on weight matrices, none on biases."""
+    params = [p for m in modules for p in m.parameters()]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def _context_rows(rows, num_contexts, gen, exclude_self, random_length=False):
+    """Context pairs of every pair of one user: [n, C] positions in `rows` [n], -1 padded.
+
+    exclude_self: each of the user's pairs gets min(C, n - 1) other pairs of the user, drawn
+    without replacement, or with random_length min(c, n - 1) of them, c uniform in 1..C for each pair
+    (as the released VPL draws its context lengths); else every row gets the same min(C, n) pairs
+    (the user's context; C = n: all of them)."""
+    n = len(rows)
+    if not exclude_self:
+        pick = torch.randperm(n, generator=gen)[:num_contexts] if n > num_contexts else torch.arange(n)
+        out = torch.full((num_contexts,), -1, dtype=torch.long)
+        out[:len(pick)] = rows[pick]
+        return out
+    c = min(num_contexts, n - 1)
+    out = torch.full((n, num_contexts), -1, dtype=torch.long)
+    length = torch.randint(1, num_contexts + 1, (n, 1), generator=gen) if random_length else None
+    block = max(1, 2**22 // n)  # bounded memory for users with very many pairs
+    for s in range(0, n, block):
+        b = min(block, n - s)
+        scores = torch.rand(b, n, generator=gen)
+        scores[torch.arange(b), torch.arange(s, s + b)] = 2.0  # never pick the pair itself
+        out[s:s + b, :c] = rows[scores.topk(c, dim=1, largest=False).indices]
+    if random_length:
+        out[torch.arange(num_contexts) >= length] = -1
+    return out
+
+
+class VPL(Baseline):
+    """Variational preference learning (Poddar et al. 2024) on frozen embeddings e [F].
+
+    Encoder: MLP [e_chosen; e_rejected] (2F -> H -> H -> L, LeakyReLU(0.2)) per context pair,
+    one self-attention layer (q, k, v: Linear(L, L)) over a user's C contexts, masked mean,
+    linear heads for mu and log sigma^2 [L], both clamped to [-1, 1]. Training latent
+    z = normalize(mu + sigma * eps) * sqrt(L). Decoder: MLP [e_x; z] (F + L -> H -> H -> 1):
+    the reward r(x, z). Loss: mean softplus(-(r(chosen, z) - r(rejected, z))) + beta * anneal(t)
+    * KL(N(mu, sigma^2) || N(0, I)), anneal a cyclical cosine from 0.1 to 1 over kl_period
+    micro-batches of micro_batch_size pairs (the released code's forward passes: its batch of 32
+    is 8 accumulated passes of 4, and its annealer advances once per pass). Each target pair's
+    contexts: c other pairs of its user, c uniform in 1..C per pair as released (fixed_context_length:
+    always C), resampled every epoch. AdamW (no decay on biases), gradient clipping, cosine schedule
+    with warm-up, batches of pairs shuffled across users. A user's latent at evaluation is encoded
+    from at most C of its pairs, as released (eval_all_pairs: all of them), its training pairs for
+    seen users, its few-shot pairs for new users, with no gradient step: eval_latent="normalized"
+    uses normalize(mu) * sqrt(L), on the training latents' sphere; "mean" uses mu as released.
+    """
+    label = "VPL"
+    rules = {"hidden_dim": "int >= 1", "latent_dim": "int >= 1", "num_contexts": "int >= 1", "beta": ">= 0",
+             "learning_rate": "> 0", "weight_decay": ">= 0", "batch_size": "int >= 1", "num_epochs": "int >= 0",
+             "warmup_ratio": ">= 0", "max_grad_norm": "> 0", "kl_period": "int >= 1", "micro_batch_size": "int >= 1",
+             "fixed_context_length": "bool", "eval_all_pairs": "bool",
+             "eval_latent": "one of normalized mean", "eval_batch_size": "int >= 1"}
+
+    def __init__(self, num_features, hidden_dim=512, latent_dim=512, num_contexts=8, beta=1e-4, learning_rate=1e-4,
+                 weight_decay=1e-3, batch_size=32, num_epochs=2, warmup_ratio=0.03, max_grad_norm=1.0,
+                 kl_period=10000, micro_batch_size=4, fixed_context_length=False, eval_all_pairs=False,
+                 eval_latent="normalized", eval_batch_size=1024, seed=0):
+        super().__init__()
+        check_values(locals(), self.rules)
+        self.num_features, self.latent_dim, self.num_contexts = num_features, latent_dim, num_contexts
+        self.beta, self.learning_rate, self.weight_decay = beta, learning_rate, weight_decay
+        self.batch_size, self.num_epochs, self.warmup_ratio = batch_size, num_epochs, warmup_ratio
+        self.max_grad_norm, self.kl_period, self.micro_batch_size = max_grad_norm, kl_period, micro_batch_size
+        self.fixed_context_length, self.eval_all_pairs = fixed_context_length, eval_all_pairs
+        self.eval_latent, self.eval_batch_size, self.seed = eval_latent, eval_batch_size, seed
+        act = lambda: nn.LeakyReLU(0.2)  # noqa: E731
+        with seeded(seed):
+            self.encoder = mlp([2 * num_features, hidden_dim, hidden_dim, latent_dim], act)
+            self.query, self.key, self.value = (nn.Linear(latent_dim, latent_dim) for _ in range(3))
+            self.mu_head, self.logvar_head = nn.Linear(latent_dim, latent_dim), nn.Linear(latent_dim, latent_dim)
+            self.decoder = mlp([num_features + latent_dim, hidden_dim, hidden_dim, 1], act)
+        self.z_seen = None
+        self.losses = []
+
+    def encode(self, e_chosen, e_rejected, mask):
+        """(mu, logvar) [B, L] from context pairs e_chosen, e_rejected [B, C, F] and mask [B, C] (True = a pair)."""
+        h = self.encoder(torch.cat([e_chosen, e_rejected], -1))  # [B, C, L]
+        att = self.query(h) @ self.key(h).transpose(1, 2) / math.sqrt(self.latent_dim)  # [B, C, C]
+        att = att.masked_fill(~mask[:, None, :], -1e9).softmax(-1)
+        h = att @ self.value(h)
+        m = mask.float()[..., None]
+        h = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        return self.mu_head(h).clamp(-1, 1), self.logvar_head(h).clamp(-1, 1)
+
+    def reward(self, e, z):
+        """[B] reward of items e [B, F] for latents z [B, L]."""
+        return self.decoder(torch.cat([e, z], -1))[:, 0]
+
+    def anneal(self, step):
+        """KL weight factor after `step` micro-batches [B] (a tensor): cyclical cosine from 0.1 to 1 over
+        kl_period micro-batches."""
+        frac = (step % self.kl_period) / self.kl_period
+        return 0.1 + 0.9 * 0.5 * (1 - torch.cos(math.pi * frac))
+
+    def _contexts(self, table, chosen, rejected, ctx):
+        """(e_chosen, e_rejected [B, C, F], mask [B, C]) of context pair rows ctx [B, C] (-1 = none)."""
+        mask = ctx >= 0
+        c = ctx.clamp(min=0)
+        return table[chosen[c]], table[rejected[c]], mask
+
+    def fit(self, pairs, device=None):
+        """Train on the seen users' pairs; then encode each seen user's latent from its pairs -> self."""
+        self._cache = {}
+        pairs = as_pairs(pairs)
+        check_features(pairs, self.num_features)
+        device = get_device(device)
+        table, chosen, rejected = pairs.sides()
+        table, chosen, rejected = table.to(device, torch.float32), chosen.to(device), rejected.to(device)
+        rows = user_rows(pairs)
+        self.to(device)
+        M = len(pairs.user)
+        steps_per_epoch = math.ceil(M / self.batch_size)
+        total = self.num_epochs * steps_per_epoch
+        opt = torch.optim.AdamW(_decay_groups([self], self.weight_decay), lr=self.learning_rate, fused=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(total, self.warmup_ratio))
+        gen = torch.Generator().manual_seed(self.seed)
+        micro = 0  # micro-batches so far: the KL annealing's clock
+        bar = tqdm(total=total, desc="VPL", leave=False, disable=None)
+        for _ in range(self.num_epochs):
+            ctx = torch.full((M, self.num_contexts), -1, dtype=torch.long)
+            for r in rows:
+                ctx[r] = _context_rows(r, self.num_contexts, gen, exclude_self=True,
+                                       random_length=not self.fixed_context_length)
+            ctx = ctx.to(device)
+            perm = torch.randperm(M, generator=gen).to(device)
+            for b in range(steps_per_epoch):
+                idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
+                mu, logvar = self.encode(*self._contexts(table, chosen, rejected, ctx[idx]))
+                eps = torch.randn(mu.shape, generator=gen).to(device)
+                z = nnf.normalize(mu + torch.exp(0.5 * logvar) * eps, dim=-1) * math.sqrt(self.latent_dim)
+                r = self.reward(table[torch.cat([chosen[idx], rejected[idx]])], torch.cat([z, z]))  # one pass
+                margin = r[:len(idx)] - r[len(idx):]
+                kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(-1)  # [B]
+                part = torch.arange(len(idx), device=device) // self.micro_batch_size  # micro-batch of each pair
+                parts = int(part[-1]) + 1
+                kl = torch.zeros(parts, device=device).index_add_(0, part, kl) / torch.bincount(part, minlength=parts)
+                weight = self.anneal(torch.arange(micro, micro + parts, device=device, dtype=torch.float64)).float()
+                loss = nnf.softplus(-margin).mean() + self.beta * (weight * kl).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.parameters(), self.max_grad_norm)
+                opt.step()
+                sched.step()
+                micro += parts
+                self.losses.append(loss.item())
+                bar.update(1)
+        bar.close()
+        self.z_seen = self.latents(pairs, device)
+        return self
+
+    @torch.no_grad()
+    def latents(self, pairs, device=None):
+        """[C, L] each user's latent, encoded from at most C of its pairs (subsampled with the seed), or from all
+        of them (eval_all_pairs)."""
+        pairs = as_pairs(pairs)
+        check_features(pairs, self.num_features)
+        device = get_device(device)
+        table, chosen, rejected = pairs.sides()
+        self.to(device)
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        rows = user_rows(pairs)
+        width = max(len(r) for r in rows) if self.eval_all_pairs else self.num_contexts
+        ctx = torch.stack([_context_rows(r, width, gen, exclude_self=False) for r in rows])
+        out = []
+        step = max(1, self.eval_batch_size // width)  # users per batch: eval_batch_size context pairs
+        for s in range(0, len(ctx), step):  # gathered where the table is, then moved
+            e_c, e_r, mask = self._contexts(table, chosen, rejected, ctx[s:s + step])
+            mu, _ = self.encode(e_c.to(device, torch.float32), e_r.to(device, torch.float32), mask.to(device))
+            out.append(nnf.normalize(mu, dim=-1) * math.sqrt(self.latent_dim)
+                       if self.eval_latent == "normalized" else mu)
+        return torch.cat(out).cpu()
+
+    def personalize(self, pairs, device=None):
+        """New users' latents [C', L] from their few-shot pairs: an encoder pass, no gradient step."""
+        return self.latents(pairs, device)
+
+    @torch.no_grad()
+    def margins(self, pairs, z=None, device=None):
+        """[M] r(chosen, z_user) - r(rejected, z_user); z [C, L] (default: the seen users' latents).
+
+        The decoder's first layer on [e; z] is W_e e + W_z z + b: W_e e is computed once per table row
+        used and W_z z + b once per user (test pairs of many users share their rows)."""
+        pairs, z, device = self._margin_inputs(pairs, z, self.z_seen, "latents z", device)
+        table, _, _ = pairs.sides()
+        rows, ic, ir = used_rows(pairs)
+        self.to(device)
+        first, rest = self.decoder[0], self.decoder[1:]
+        W_e, W_z = first.weight[:, :self.num_features], first.weight[:, self.num_features:]
+        item = self._cached("items", pairs, device, lambda: map_rows(
+            lambda e: e @ W_e.t(), table, rows, device, self.eval_batch_size))  # [U, H]
+        person = z.to(device) @ W_z.t() + first.bias  # [C, H]
+        out = []
+        for s in range(0, len(pairs.user), self.eval_batch_size):
+            sl = slice(s, s + self.eval_batch_size)
+            pu = person[pairs.user[sl].to(device)]
+            rc = rest(item[ic[sl].to(device)] + pu)[:, 0]
+            rr = rest(item[ir[sl].to(device)] + pu)[:, 0]
+            out.append((rc - rr).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+# ----------------------------------------------------------------------------------------
+# PAL (Chen et al. 2025)
+# ----------------------------------------------------------------------------------------
