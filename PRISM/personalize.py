@@ -12,8 +12,9 @@ model: a learned-model file of any dataset's train_basis.py (results/models/K{K}
 Embeds both conversations of every comparison with the reward model named in the model file (or model_name),
 fits the person's weights w [K] on the frozen basis V (the few-shot step of train_basis.py, with the settings
 stored in the file), prints w and how many of their comparisons it orders right, and writes a Hugging Face
-AutoModelForSequenceClassification checkpoint whose score.weight is (V w)^T, linked to the reward model's
-own weight files (utils.export_reward_model).
+AutoModelForSequenceClassification checkpoint whose score.weight is (V w / 100)^T, linked to the reward model's
+own weight files (utils.export_reward_model): its logits are calibrated Bradley-Terry log-odds, on the base reward
+model's scale (calibrated=False: (V w)^T, the raw e^T V w). To steer a policy with it: PRISM/steer_policy.py.
 
     python PRISM/personalize.py suggest=pool.jsonl model=... [comparisons=my.jsonl]
 
@@ -38,6 +39,8 @@ model = None               # learned-model file written by a train_basis.py (req
 model_name = None          # reward model (hub id or local path); default: the one named in the model file
 out_dir = None             # exported reward model; default: PRISM/results/personalized/<jsonl name>_<model name>
 export = True              # False: only print w
+calibrated = True          # the export's logits: calibrated log-odds e^T V w / 100 (as the base reward model's own
+                           # head gives; sigmoid(r_c - r_r) = P(c preferred)), or False: the raw e^T V w (100x larger)
 num_iterations = None      # few-shot Adam steps; default: the model file's (500)
 learning_rate = None       # few-shot learning rate; default: the model file's
 device = None              # reward model device; default: cuda if available, else cpu
@@ -102,5 +105,6 @@ if suggest:
 if export:
     out = Path(out_dir) if out_dir else (utils.script_out_dir(__file__) / "personalized"
                                          / f"{Path(comparisons).stem}_{Path(model).stem}")
-    rm.export(out, user=w)
-    print(f"load it with AutoModelForSequenceClassification.from_pretrained({str(out)!r})")
+    rm.export(out, user=w, calibrated=calibrated)
+    print(f"its logits are {'calibrated log-odds (e^T V w / 100)' if calibrated else 'raw e^T V w'}; load it with "
+          f"AutoModelForSequenceClassification.from_pretrained({str(out)!r})")

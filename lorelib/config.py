@@ -125,7 +125,7 @@ RULES = {
     "max_tokens_per_batch": "int >= 1", "shard_size": "int >= 1", "stop_after_shards": "int >= 0",
     "embedding_dtype": "one of float32 bfloat16 float16", "pairs_dtype": "one of auto float32 bfloat16",
     "shot_selection": "one of random uncertainty active (or a list)", "selection": "one of active uncertainty",
-    "num_suggestions": "int >= 1",
+    "num_suggestions": "int >= 1", "calibrated": "bool",
 }
 
 

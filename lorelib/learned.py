@@ -20,6 +20,12 @@ from .files import jsonable, load_metadata, load_tensors, save_or_fallback, save
 from .model import LOGIT_SCALE, PersonalizeBatch
 from .selection import select_comparisons
 
+
+class UnknownUserError(InputError, KeyError):
+    """A user id that a learned model does not hold (an InputError: one line in a script; also a KeyError)."""
+    __str__ = Exception.__str__  # the message as it is (KeyError's own str() would quote it)
+
+
 MODEL_FORMAT = "lore-model-1"  # metadata["format"] of a learned-model file
 _MODEL_REQUIRED = ("format", "model_name", "dataset", "n_features", "logit_scale", "users", "unseen_users")
 
@@ -38,6 +44,8 @@ def save_lore_model(path, V, W, W_unseen, *, model_name, dataset, users=None, un
     """Write a learned model atomically: V [F, K], W [C, K] (seen users), W_unseen [C_u, K].
 
     model_name: the reward model whose embeddings V was fit on (None for synthetic embeddings).
+    logit_scale: the fit's likelihood is sigmoid(d^T V w / logit_scale) (1 for the reward model's own head, K = 0);
+    PersonalizedReward divides by it for calibrated rewards.
     users / unseen_users: the ids (str or int) of the rows of W / W_unseen (default 0..C-1, C..C+C_u-1).
     metadata: more {name: JSON-able value} (K, alpha, few-shot settings, ...). Every metadata value is
     stored JSON-encoded; load_lore_model decodes it.
@@ -101,7 +109,8 @@ def save_models(out_dir, models, data, *, dataset, fewshot_iterations, fewshot_l
                     **{k: v for k, v in rm.items() if k != "model_name"}}
         path = save_or_fallback(Path(out_dir) / f"K{K}_alpha{alpha:g}.safetensors", lambda p: save_lore_model(
             p, m["V"], m["W"], m["W_unseen"], model_name=rm["model_name"], dataset=dataset,
-            users=data.info.get("users"), unseen_users=data.info.get("unseen_users"), metadata=metadata))
+            users=data.info.get("users"), unseen_users=data.info.get("unseen_users"), metadata=metadata,
+            logit_scale=1.0 if K == 0 else LOGIT_SCALE))  # K = 0: the reward model's own head, its logits log-odds
         paths[f"K={K} alpha={alpha:g}"] = None if path is None else str(path)
         note_written(record, path)
     print(f"wrote the learned models (V, W, W_unseen, user ids) to {Path(out_dir)}/")
@@ -224,14 +233,20 @@ class PersonalizedReward:
             for i, u in enumerate(ids):
                 if u == user or str(u) == str(user):
                     return W[i].clone()
-        examples = ", ".join(repr(u) for u in self.users[:3])
-        raise KeyError(f"user {user!r} is not a seen or unseen user of {self.path or 'this model'} "
-                       f"({len(self.users)} seen users, e.g. {examples}); give a user id, a weight vector [{self.K}] "
-                       "or 'uniform'")
+        def some(ids):
+            return ", ".join(repr(u) for u in ids[:5]) + (f", ... ({len(ids)} in all)" if len(ids) > 5 else "")
+        raise UnknownUserError(f"user {user!r} is not a seen or unseen user of {self.path or 'this model'}: give a "
+                               f"seen user ({some(self.users) or 'none'}), an unseen user "
+                               f"({some(self.unseen_users) or 'none'}), a weight vector of K = {self.K} numbers, "
+                               "or 'uniform'")
 
-    def head(self, user):
-        """-> [F] the reward head V w of `user` (reward = e(x, y)^T head)."""
-        return self.V @ self.weights(user)
+    def head(self, user, calibrated=True):
+        """-> [F] the reward head of `user`: reward = e(x, y)^T head. calibrated (default): V w / logit_scale, so
+        that rewards are Bradley-Terry log-odds, sigmoid(r_chosen - r_rejected) = the fit's probability that the
+        user prefers chosen, the convention of the base reward model's own head; calibrated=False: the raw V w the
+        fit works with (logit_scale = 100 times larger)."""
+        head = self.V @ self.weights(user)
+        return head / self.logit_scale if calibrated else head
 
     def load_reward_model(self):
         """-> (tokenizer, model), loaded once (load_reward_model)."""
@@ -260,10 +275,12 @@ class PersonalizedReward:
             return embed_token_ids(model, token_ids, tokenizer.pad_token_id, self.max_tokens_per_batch,
                                    self.max_batch_size, pbar=pbar)
 
-    def reward(self, conversations, user):
-        """-> [M] rewards e(x, y)^T V w of M conversations (message lists) for `user` (id, weights [K] or
-        "uniform"). Equals the logit of the model written by .export(out_dir, user)."""
-        return self.embed(conversations) @ self.head(user)
+    def reward(self, conversations, user, calibrated=True):
+        """-> [M] rewards of M conversations (message lists) for `user` (id, weights [K] or "uniform"): calibrated
+        log-odds e(x, y)^T V w / logit_scale (default; sigmoid(r_c - r_r) is the model's preference probability), or
+        calibrated=False the raw e(x, y)^T V w. Equals the logit of the model written by .export(out_dir, user,
+        calibrated)."""
+        return self.embed(conversations) @ self.head(user, calibrated)
 
     def fit_weights(self, diffs, num_iterations=None, learning_rate=None):
         """diffs [m, F] (chosen minus rejected embeddings) -> [K] simplex weights fit on the frozen V
@@ -319,15 +336,21 @@ class PersonalizedReward:
             return select_comparisons(X, k, rule=rule, known=X[exclude] * y[:, None], exclude=exclude)
         return select_comparisons(X, k, rule=rule, known=None if answered is None else project(answered, "answered"))
 
-    def export(self, out_dir, user):
+    def export(self, out_dir, user, calibrated=True):
         """Write a Hugging Face AutoModelForSequenceClassification checkpoint of `user`'s reward to out_dir
-        -> Path. score.weight is (V w)^T [1, F]; every other tensor is the reward model's own, linked
-        (see export_reward_model)."""
+        -> Path. score.weight is head(user, calibrated)^T [1, F]: by default the logit scale is folded into the head,
+        so its logits are calibrated log-odds like the base reward model's (sigmoid(r_c - r_r) = P(c preferred));
+        calibrated=False keeps the raw e^T V w (100 times larger). Every other tensor is the reward model's own,
+        linked (see export_reward_model); the head file's metadata says which logits it gives."""
         if self.model_name is None:
             self.load_reward_model()  # raises the error that names the missing model_name
         w = self.weights(user)
         info = {"lore_model": self.path, "dataset": self.dataset,
-                "user": user if isinstance(user, (str, int)) else "weights", "w": w.tolist()}
-        return export_reward_model(self.model_name, (self.V @ w).reshape(1, -1), out_dir, info)
+                "user": user if isinstance(user, (str, int)) else "weights", "w": w.tolist(),
+                "logits": "calibrated" if calibrated else "raw", "logit_scale": self.logit_scale,
+                "logits_are": (f"e^T V w / {self.logit_scale:g}: Bradley-Terry log-odds, sigmoid(r_chosen - "
+                               "r_rejected) = P(chosen preferred)") if calibrated else
+                              f"e^T V w: {self.logit_scale:g} times the Bradley-Terry log-odds"}
+        return export_reward_model(self.model_name, self.head(user, calibrated).reshape(1, -1), out_dir, info)
 
 

@@ -74,10 +74,15 @@ def test_model_file_round_trip(tmp_path, tiny_reward_model):
 def test_weights_of_a_user(rm):
     assert torch.allclose(rm.weights("uniform"), torch.full((3,), 1 / 3))
     assert torch.equal(rm.weights([0.2, 0.3, 0.5]), torch.tensor([0.2, 0.3, 0.5]))
-    with pytest.raises(KeyError, match="not a seen or unseen user"):
+    with pytest.raises(utils.InputError, match="not a seen or unseen user") as e:  # one line in a script
         rm.weights("zz")
-    with pytest.raises(ValueError, match="K = 3"):
+    assert "'a', 'b', 'c', 'd', 'e'" in str(e.value) and "'x', 'y'" in str(e.value) and isinstance(e.value, KeyError)
+    with pytest.raises(utils.InputError, match="K = 3"):
         rm.weights([0.5, 0.5])
+    for user in ("zz", [0.5, 0.5]):  # what export is given is checked before anything is written
+        with pytest.raises(utils.InputError):
+            rm.export(os.path.join(os.path.dirname(rm.path), "never"), user=user)
+    assert not os.path.exists(os.path.join(os.path.dirname(rm.path), "never"))
 
 
 def test_reward_is_embedding_times_V_w(rm, tiny_reward_model):
@@ -89,11 +94,32 @@ def test_reward_is_embedding_times_V_w(rm, tiny_reward_model):
         w = rm.weights(user)
         by_hand = torch.stack([sum(E[i, f] * sum(rm.V[f, k] * w[k] for k in range(3)) for f in range(F))
                                for i in range(len(convs))])
-        assert torch.allclose(rm.reward(convs, user=user), by_hand, atol=1e-4)
-    # K = 0 (the reference head as V [F, 1], w = [1]) gives the reward model's own logit
-    ref = utils.PersonalizedReward(utils.reward_head(model), torch.ones(1, 1), model_name=tiny_reward_model)
+        assert torch.allclose(rm.reward(convs, user=user, calibrated=False), by_hand, atol=1e-4)
+        assert torch.allclose(rm.reward(convs, user=user), by_hand / 100, atol=1e-6)  # calibrated: the log-odds
+    # K = 0 (the reference head as V [F, 1], w = [1], logit scale 1, as save_models writes it) gives the reward
+    # model's own logit, calibrated or not
+    ref = utils.PersonalizedReward(utils.reward_head(model), torch.ones(1, 1), model_name=tiny_reward_model,
+                                   logit_scale=1.0)
     _, logits = hf_scores(tiny_reward_model, tokenizer, convs)
     assert torch.allclose(ref.reward(convs, user=[1.0]), logits, atol=1e-4)
+    assert torch.allclose(ref.reward(convs, user=[1.0], calibrated=False), logits, atol=1e-4)
+
+
+def test_exported_logits_are_the_fits_log_odds(rm, tmp_path):
+    """sigmoid(export(c) - export(r)) is the fit's probability sigmoid(d^T V w / 100) that the user prefers c, as a
+    reward model's logits are; calibrated=False exports the raw e^T V w, 100 times larger; the head file says which."""
+    tokenizer = rm.load_reward_model()[0]
+    rm = utils.PersonalizedReward(300 * rm.V, rm.W, users=rm.users, model_name=rm.model_name)  # confident answers
+    out, raw = rm.export(tmp_path / "cal", user="b"), rm.export(tmp_path / "raw", user="b", calibrated=False)
+    chosen, rejected = make_conversations(8, seed=21), make_conversations(8, seed=22)
+    (_, r_c), (_, r_r) = hf_scores(out, tokenizer, chosen), hf_scores(out, tokenizer, rejected)
+    d = rm.embed(chosen) - rm.embed(rejected)
+    fit = torch.sigmoid(d @ rm.V @ rm.weights("b") / 100)  # the likelihood LoRe is trained with
+    assert (fit - 0.5).abs().max() > 0.2 and torch.allclose(torch.sigmoid(r_c - r_r), fit, atol=1e-6)
+    assert torch.allclose(hf_scores(raw, tokenizer, chosen)[1], 100 * r_c, rtol=1e-5, atol=1e-4)
+    meta = [utils.load_metadata(f / utils.EXPORT_HEAD_FILE) for f in (out, raw)]
+    assert [json.loads(m["logits"]) for m in meta] == ["calibrated", "raw"]
+    assert json.loads(meta[0]["logit_scale"]) == 100.0
 
 
 def test_export_scores_like_reward_and_links_the_base(rm, tiny_reward_model, tmp_path):

@@ -195,8 +195,13 @@ def test_prepare_train_eval_end_to_end(prism_dir, tiny_reward_model, tmp_path):
     p = pairs.iloc[-1]  # a pair of the last unseen user
     conv = [{"role": m_["role"], "content": m_["content"]} for m_ in p["prompt"]]
     conv.append({"role": "assistant", "content": p["chosen"]})
-    torch.testing.assert_close(rm.reward([conv], user=p["user_id"]),
+    torch.testing.assert_close(rm.reward([conv], user=p["user_id"], calibrated=False),
                                t["embeddings"][[p["chosen_row"]]] @ m["V"] @ m["W_unseen"][p["user"] - 3],
+                               atol=1e-4, rtol=1e-4)
+    # K = 0 is the reward model's own head: its logits are log-odds already (logit scale 1), the fit's are / 100
+    k0 = utils.PersonalizedReward.load(out / "models" / "K0_alpha10000.safetensors")
+    assert (k0.logit_scale, rm.logit_scale) == (1.0, 100.0)
+    torch.testing.assert_close(k0.reward([conv], user=p["user_id"]), t["embeddings"][[p["chosen_row"]]] @ t["head"],
                                atol=1e-4, rtol=1e-4)
 
     rb2 = write_rb2(tmp_path / "rb2")
