@@ -214,7 +214,6 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
 
 generate_popupulation = generate_population  # the published name
 
-# --- population simulation (the PersonalLLM seed functions; sample_population_pairs is the lean one) ---
 
 def _as_array(x):
     """A float64 NumPy array from nested lists / tuples / object arrays of numbers, arrays or tensors
