@@ -42,8 +42,8 @@ def _logits_and_grads(X, u):
 
 
 def _fisher(G, z):
-    """[K, K] expected Fisher information sum_i lam_i g_i g_i^T of rows with logits z [n], gradients G [n, K]; it
-    does not depend on the answers (lam_i = sigmoid(z_i) sigmoid(-z_i))."""
+    """[K, K] Fisher information sum_i lam_i g_i g_i^T at the logits z [n] of rows with gradients G [n, K]
+    (lam_i = sigmoid(z_i) sigmoid(-z_i))."""
     return (G * (_sigmoid_np(z) * _sigmoid_np(-z))[:, None]).T @ G
 
 
@@ -110,6 +110,22 @@ def _row_variance(G, Sigma):
     return np.maximum(((G @ Sigma) * G).sum(1), 0.0)
 
 
+def expected_curvature(mu, var):
+    """[n] E[sigmoid(z) sigmoid(-z)], z ~ N(mu, var) (mu, var [n]): the Fisher information of an answer about its
+    logit, averaged over the posterior's spread of the logit; in closed form through _logistic_mixture,
+    sigmoid'(z) ~ sum_j a_j b_j phi(b_j z), so the expectation is sum_j a_j phi(mu / s_j) / s_j, s_j^2 = 1/b_j^2 + var.
+    (At the posterior mean alone it vanishes for a confident prediction even when the logit is far from known.)"""
+    mix_a, mix_b = _logistic_mixture()
+    s = np.sqrt(1.0 / mix_b ** 2 + np.asarray(var, dtype=np.float64)[:, None])
+    return (np.exp(-0.5 * (np.asarray(mu, dtype=np.float64)[:, None] / s) ** 2) / s) @ mix_a / np.sqrt(2 * np.pi)
+
+
+def _expected_fisher(G, z, Sigma):
+    """[K, K] sum_i lam_i g_i g_i^T with lam_i = expected_curvature(z_i, g_i^T Sigma g_i): the expected Fisher
+    information of answering rows with logits z [n], gradients G [n, K] (it does not depend on the answers)."""
+    return (G * expected_curvature(z, _row_variance(G, Sigma))[:, None]).T @ G
+
+
 def comparison_scores(X, u, Sigma, rule="active"):
     """[n] value of asking each candidate X [n, K] (rows x = d^T V, either orientation: every score is even in x)
     under the posterior N(u, Sigma) of laplace_posterior, with w = softmax(u) and z = x^T w / 100:
@@ -131,15 +147,16 @@ def unit_information(X, u, Sigma, groups=None, num_units=None):
     """[U] expected information (nats) about u of asking each unit under N(u, Sigma). groups None: each row X [n, K]
     is a unit and this is its BALD (comparison_scores "active"). Else unit j, the rows R_j of groups [n] == j
     (U = num_units, default groups.max() + 1), scores its joint information 1/2 log det(I + Sigma G_j^T Lambda_j G_j),
-    G_j [|R_j|, K] the rows' gradients g, Lambda_j = diag(lam_i), lam_i = sigmoid(z_i) sigmoid(-z_i): the drop of the
-    Gaussian posterior's entropy when its precision gains the unit's expected Fisher information (a unit of similar
-    pairs is worth little more than one of them; the sum of their BALD would count each)."""
+    G_j [|R_j|, K] the rows' gradients g, Lambda_j = diag(lam_i), lam_i = expected_curvature(z_i, g_i^T Sigma g_i): the
+    drop of the Gaussian posterior's entropy when its precision gains the unit's expected Fisher information (a unit
+    of similar pairs is worth little more than one of them; the sum of their BALD would count each)."""
     if groups is None:
         return comparison_scores(X, u, Sigma, "active")
     groups = np.asarray(groups)
     _, z, G = _logits_and_grads(X, u)
+    lam = expected_curvature(z, _row_variance(G, Sigma))
     M = np.zeros((int(groups.max()) + 1 if num_units is None else num_units,) + Sigma.shape)
-    np.add.at(M, groups, (G * (_sigmoid_np(z) * _sigmoid_np(-z))[:, None])[:, :, None] * G[:, None, :])
+    np.add.at(M, groups, (G * lam[:, None])[:, :, None] * G[:, None, :])
     L = np.linalg.cholesky(Sigma)  # det(I + Sigma M) = det(I + L^T M L): symmetric, eigenvalues >= 0
     return 0.5 * np.log1p(np.maximum(np.linalg.eigvalsh(L.T @ M @ L), 0.0)).sum(-1)
 
@@ -184,8 +201,9 @@ def select_comparisons(X, k=1, *, rule="active", known=None, exclude=(), groups=
     row, 0..U-1 (e.g. a dialog, whose answer reveals all its pairs; None: each row its own). known [m, K]: the
     answers so far, rows preferred minus other; exclude: units already asked (never returned; an index outside
     [0, U) is an InputError). Scores: _unit_scores under laplace_posterior(known); ties go to the lowest index.
-    k > 1 is greedy: after each pick Sigma^-1 gains the unit's expected Fisher information (it does not depend on
-    the answers) and the rest are rescored, so a near-duplicate of a pick loses its value ("longest" ignores this).
+    k > 1 is greedy: after each pick Sigma^-1 gains the unit's expected Fisher information (_expected_fisher; it does
+    not depend on the answers) and the rest are rescored, so a near-duplicate of a pick loses its value ("longest"
+    ignores this).
     stop_below (nats): stop before a pick when the best remaining unit_information is below it (the stopping rule).
     return_information: also return info, the best remaining unit_information before each pick, plus, when
     stop_below stopped the list, the value that fell below it (len(info) = len(picks) + 1 then)."""
@@ -212,7 +230,7 @@ def select_comparisons(X, k=1, *, rule="active", known=None, exclude=(), groups=
         free[picks[-1]] = False
         if rule != "longest" and len(picks) < k:
             _, z, G = _logits_and_grads(X[[picks[-1]]] if groups is None else X[groups == picks[-1]], u)
-            Sigma = np.linalg.inv(np.linalg.inv(Sigma) + _fisher(G, z))
+            Sigma = np.linalg.inv(np.linalg.inv(Sigma) + _expected_fisher(G, z, Sigma))
     return (picks, info) if return_information else picks
 
 
