@@ -195,7 +195,7 @@ def report_shots(result, config, out_dir, name, title, extra=None, xlabel="few-s
     """
     seeds = list(result) if isinstance(result, (list, tuple)) else [result]
     if len(seeds) > 1 or len(seeds[0].rules) > 1:
-        return _report_comparison(seeds, config, out_dir, name, title, extra, xlabel, record)
+        return _report_comparison(seeds, config, out_dir, name, title, extra, xlabel, baselines, record)
     result = seeds[0]
     num_shots, K, alpha = result.num_shots, result.K_list[0], result.alpha_list[0]
     full = None if result.full_pool is None else [float(x) for x in result.full_pool[:, 0, 0]]
@@ -291,7 +291,7 @@ def _panels(xs, points, rules, xlabel, what, lines=None):
     return out
 
 
-def _report_comparison(results, config, out_dir, name, title, extra, xlabel, record):
+def _report_comparison(results, config, out_dir, name, title, extra, xlabel, baselines, record):
     """The rules side by side over one or more seeds (a list of ShotsResult of the same rules and shot counts).
 
     Per rule and shot count: the unseen-test accuracy (mean over seeds of the mean over users, 95% interval over
@@ -299,6 +299,7 @@ def _report_comparison(results, config, out_dir, name, title, extra, xlabel, rec
     comparisons answered per user, and the whole-pool accuracy of the same users (their w fit on the whole pool),
     from which the fewest shots reaching 95% / 99% of it. With pair budgets (grouped shots): the same at exactly P
     answered comparisons. Tables, the JSON ("results_by_selection", "results_by_answered_pairs") and a plot.
+    baselines (one seed only): as in report_shots, a table, the JSON's "baselines" and curves in the first panel.
     """
     r0 = results[0]
     num_shots, K, alpha, rules = r0.num_shots, r0.K_list[0], r0.alpha_list[0], r0.rules
@@ -353,6 +354,17 @@ def _report_comparison(results, config, out_dir, name, title, extra, xlabel, rec
         panels += _panels(budgets, at, rules, "answered comparisons per user", "per answered comparison")
     if r0.stopping:
         more["stopping"] = _report_stopping(results)
+    if baselines:
+        curves = {m: [np.asarray(x, dtype=np.float64).reshape(-1) for x in b["accuracies"][:4]]
+                  for m, b in baselines.items()}
+        print("\nbaselines (random shots, published settings): unseen-user test accuracy, mean ± std over trials")
+        print_table(["shots"] + [b["label"] for b in baselines.values()], [
+            [s] + [f"{c[2][j]:.4f} ± {c[3][j]:.4f}" for c in curves.values()] for j, s in enumerate(num_shots)])
+        more["baselines"] = {m: {**{k: v for k, v in b.items() if k != "accuracies"}, "results": [
+            {"shots": s, "fewshot_train": {"mean": c[0][j], "std": c[1][j]},
+             "unseen_test": {"mean": c[2][j], "std": c[3][j]}, "users_skipped": r0.skipped[j]}
+            for j, s in enumerate(num_shots)]} for (m, b), c in zip(baselines.items(), curves.values())}
+        panels[0]["series"].update({b["label"]: (num_shots, curves[m][2], curves[m][3]) for m, b in baselines.items()})
     payload = {"config": config, "K": K, "alpha": alpha, "seeds": [r.seed for r in results],
                "intervals": "95%: mean over seeds of the mean over users +- 1.96 standard errors over users (seeds "
                             "as strata); vs_random: the same over the per-user differences (paired)",
