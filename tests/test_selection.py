@@ -268,6 +268,7 @@ def test_stopping_rule():
     _, _, X, y = planted_candidates(9, 60)
     full, info = utils.choose_shots(X, 40, lambda r: y[r], "active", return_information=True)
     assert len(full) == len(info) == 40
+    assert selection.stop_points([0.5, 0.2, 0.1], 3, [0.6, 0.3, 0.15, 0.05]) == [1, 1, 2, 3]  # at least one asked
     for first in (4, 13, 25):  # thresholds that let at least `first` questions through
         threshold = min(info[:first]) - 1e-9
         asked, trace = utils.choose_shots(X, 40, lambda r: y[r], "active", stop_below=threshold,
@@ -384,17 +385,19 @@ def test_longest_asks_the_dialogs_with_most_pairs_first():
 
 def planted_dialogs(seed, num_users, dialogs_per_user, test_pairs=0, F_dim=12, rank=3):
     """Users with w* on the simplex over a basis V* [F, rank] (the same V* for every seed); each has dialogs of 1-4
-    pairs and `test_pairs` pairs, all oriented by d^T V* w* -> (Pairs, the dialog of every pair, test Pairs)."""
+    pairs (dialogs_per_user: a count, or one per user) and `test_pairs` pairs, all oriented by d^T V* w*
+    -> (Pairs, the dialog of every pair, test Pairs)."""
+    counts = [dialogs_per_user] * num_users if isinstance(dialogs_per_user, int) else dialogs_per_user
     V = np.random.default_rng(0).normal(size=(F_dim, rank))
     rng = np.random.default_rng(seed)
     rows, user, dialog, test = [], [], [], []
     for u in range(num_users):
         w = rng.dirichlet(np.full(rank, 0.3))
-        for d in range(dialogs_per_user):
+        for d in range(counts[u]):
             D = rng.normal(size=(rng.integers(1, 5), F_dim))
             rows.append(D * np.sign(D @ V @ w)[:, None])
             user += [u] * len(D)
-            dialog += [u * dialogs_per_user + d] * len(D)
+            dialog += [u * 100 + d] * len(D)
         T = rng.normal(size=(test_pairs, F_dim))
         test.append(torch.tensor(T * np.sign(T @ V @ w)[:, None], dtype=torch.float32))
     pool = utils.Pairs(torch.tensor(user), num_users, diffs=torch.tensor(np.concatenate(rows), dtype=torch.float32))
@@ -402,9 +405,10 @@ def planted_dialogs(seed, num_users, dialogs_per_user, test_pairs=0, F_dim=12, r
 
 
 def small_shots(seed, rules, **kw):
-    """vary_shots on 12 seen and 5 unseen planted users with 5 dialogs each (K = 3, 2 trials, 1, 2, 5 dialogs)."""
+    """vary_shots on 12 seen and 5 unseen planted users with 5, 5, 3, 4, 5 dialogs (K = 3, 2 trials, 1, 2, 5 dialogs:
+    two users are left out at 5)."""
     train, _, _ = planted_dialogs(seed, 12, 6)
-    pool, dialogs, test = planted_dialogs(seed + 100, 5, 5, test_pairs=30)
+    pool, dialogs, test = planted_dialogs(seed + 100, 5, [5, 5, 3, 4, 5], test_pairs=30)
     return utils.vary_shots(2, [0.0], [3], [1, 2, 5], train, pool, test, torch.randn(12, 1), 12, 5, "cpu",
                             num_iterations=40, fewshot_iterations=30, seed=seed, shot_selection=rules,
                             full_pool=True, shot_groups=dialogs, **kw)
@@ -429,7 +433,8 @@ def test_vary_shots_keeps_per_user_numbers_and_the_stopping_rule():
     assert stacked.counts().tolist() == [3, 3] and torch.equal(stacked.diffs[:3], pool.diffs[3:6])
     stop = res.stopping[(0.0, 3)]
     assert (stop["asked"][0] <= stop["asked"][1]).all() and (stop["asked"] <= stop["budget"]).all()
-    assert (stop["asked"] >= 1).all() and (stop["budget"] == 5).all()
+    assert (stop["asked"] >= 1).all() and stop["budget"].tolist() == [5, 5, 3, 4, 5]
+    assert np.isnan(res.user_acc["active"][0, 0, 2]).tolist() == [False, False, True, True, False]
     pool, _, test = planted_dialogs(0, 4, 2, test_pairs=3)
     with pytest.raises(utils.InputError, match="longest"):  # single pairs: no dialogs to order
         utils.vary_shots(1, [0.0], [2], [1], pool, pool, test, torch.randn(12, 1), 4, 4, "cpu",
@@ -465,7 +470,7 @@ def test_report_over_seeds_pairs_users_and_matches_the_reference_users(tmp_path)
         d, dh = intervals.paired_difference(acc, [r.user_acc["random"][0, 0, j] for r in runs])
         assert entry["vs_random"]["ci95"] == pytest.approx([d - dh, d + dh])
         ref = np.mean([np.nanmean(np.where(np.isnan(a), np.nan, r.full_pool_users[0, 0])) for a, r in zip(acc, runs)])
-        assert entry["full_pool_same_users"] == pytest.approx(ref)
+        assert entry["full_pool_same_users"] == pytest.approx(ref) and entry["users"] == (10 if j < 2 else 6)
     assert [e["pairs"] for e in out["results_by_answered_pairs"]["active"]] == [3]
 
 
