@@ -154,11 +154,12 @@ def unit_information(X, u, Sigma, groups=None, num_units=None):
         return comparison_scores(X, u, Sigma, "active")
     groups = np.asarray(groups)
     _, z, G = _logits_and_grads(X, u)
-    lam = expected_curvature(z, _row_variance(G, Sigma))
+    A = (G * np.sqrt(expected_curvature(z, _row_variance(G, Sigma)))[:, None]) @ np.linalg.cholesky(Sigma)
+    order = np.argsort(groups, kind="stable")  # det(I + Sigma G^T Lambda G) = det(I + L^T G^T Lambda G L)
+    present, starts = np.unique(groups[order], return_index=True)
     M = np.zeros((int(groups.max()) + 1 if num_units is None else num_units,) + Sigma.shape)
-    np.add.at(M, groups, (G * lam[:, None])[:, :, None] * G[:, None, :])
-    L = np.linalg.cholesky(Sigma)  # det(I + Sigma M) = det(I + L^T M L): symmetric, eigenvalues >= 0
-    return 0.5 * np.log1p(np.maximum(np.linalg.eigvalsh(L.T @ M @ L), 0.0)).sum(-1)
+    M[present] = np.add.reduceat(A[order, :, None] * A[order, None, :], starts, axis=0)
+    return 0.5 * np.linalg.slogdet(np.eye(len(Sigma)) + M)[1]
 
 
 def _unit_scores(rule, X, u, Sigma, groups, U, var0):
