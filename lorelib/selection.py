@@ -165,11 +165,12 @@ def unit_information(X, u, Sigma, groups=None, num_units=None):
 def _unit_scores(rule, X, u, Sigma, groups, U, var0):
     """[U] scores of every unit under N(u, Sigma): "active" unit_information, else the sum over the unit's rows of
     comparison_scores; "uncertainty" weighs each row's entropy by the share of its predictive variance that the greedy
-    picks so far left, g^T Sigma g / var0 (var0: under the posterior of the answers; 1 where var0 = 0)."""
+    picks so far left, g^T Sigma g / var0 (var0: under the posterior of the answers, None before the first pick, where
+    the share is 1; 1 where var0 = 0)."""
     if rule == "active":
-        return unit_information(X, u, Sigma, None if groups is None else groups, U)
+        return unit_information(X, u, Sigma, groups, U)
     rows = comparison_scores(X, u, Sigma, rule)
-    if rule == "uncertainty":
+    if rule == "uncertainty" and var0 is not None:
         var = _row_variance(_logits_and_grads(X, u)[2], Sigma)
         rows = rows * np.divide(var, var0, out=np.ones_like(var), where=var0 > 0)
     return rows if groups is None else np.bincount(groups, rows, U)
@@ -218,7 +219,7 @@ def select_comparisons(X, k=1, *, rule="active", known=None, exclude=(), groups=
     if stop_below is not None:
         check_value("stop_below", stop_below, "> 0")
     u, Sigma = laplace_posterior(np.zeros((0, X.shape[1])) if known is None else known, prior_scale)
-    var0 = _row_variance(_logits_and_grads(X, u)[2], Sigma) if rule == "uncertainty" else None
+    var0 = _row_variance(_logits_and_grads(X, u)[2], Sigma) if rule == "uncertainty" and k > 1 else None
     picks, info = [], []
     for _ in range(k):
         if rule == "active" or stop_below is not None or return_information:
@@ -226,7 +227,7 @@ def select_comparisons(X, k=1, *, rule="active", known=None, exclude=(), groups=
             info.append(float(gain[free].max()))
             if stop_below is not None and info[-1] < stop_below:
                 break
-        score = gain if rule == "active" else _unit_scores(rule, X, u, Sigma, groups, U, var0)
+        score = gain if rule == "active" else _unit_scores(rule, X, u, Sigma, groups, U, var0 if picks else None)
         picks.append(int(np.argmax(np.where(free, score, -np.inf))))
         free[picks[-1]] = False
         if rule != "longest" and len(picks) < k:
