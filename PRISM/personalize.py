@@ -19,9 +19,12 @@ model's scale (calibrated=False: (V w)^T, the raw e^T V w). To steer a policy wi
     python PRISM/personalize.py suggest=pool.jsonl model=... [comparisons=my.jsonl]
 
 suggest: a jsonl pool of candidate comparisons the person has not answered, one a line {"prompt": ..., "a": ...,
-"b": ...}. Prints the next num_suggestions to ask, best first (utils.PersonalizedReward.suggest: `selection`
-"active" asks where the answer tells most about w, "uncertainty" where it is predicted nearest 50/50), given the
+"b": ...}. Prints the next num_suggestions to ask, best first, each with its expected information about w (nats)
+(utils.PersonalizedReward.suggest: `selection` "active" asks where the answer tells most about w, "uncertainty"
+where it is predicted nearest 50/50, "variance" where the predicted reward gap is least known), given the
 comparisons answered so far (none: from the prior); pool lines identical to an answered comparison are skipped.
+stop_below (nats): the stopping rule: fewer (or none: "stop asking") once the best remaining expected information
+falls below it (what each threshold saves and costs: the dataset READMEs, "Choosing the comparisons").
 With suggest, nothing is exported.
 """
 import json
@@ -46,8 +49,11 @@ learning_rate = None       # few-shot learning rate; default: the model file's
 device = None              # reward model device; default: cuda if available, else cpu
 suggest = None             # a jsonl pool of unanswered candidates {"prompt", "a", "b"}: print the next ones to ask
 num_suggestions = 3        # with suggest: how many
-selection = "active"       # with suggest: "active" (most information about w) or "uncertainty" (nearest 50/50)
-_types = {"comparisons": str, "model": str, "model_name": str, "suggest": str}
+selection = "active"       # with suggest: "active" (most information about w), "uncertainty" (nearest 50/50) or
+                           # "variance" (the least known reward gap)
+stop_below = None          # with suggest: stop suggesting once the best remaining expected information (nats) is
+                           # below this, e.g. 0.05 (None: always num_suggestions)
+_types = {"comparisons": str, "model": str, "model_name": str, "suggest": str, "stop_below": float}
 # -----------------------------------------------------------------------------
 config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"} if export else None)
 export = export and suggest is None
@@ -95,13 +101,19 @@ if suggest:
         print(f"{len(a) - len(keep)} candidate(s) already answered in {comparisons}: skipped")
     if not keep:
         raise InputError(f"suggest={suggest}: every candidate is already answered")
-    best = rm.suggest([(a[i], b[i]) for i in keep], min(num_suggestions, len(keep)), answered=diffs, rule=selection)
-    print(f"ask next ({selection}, best first; add each answer to the comparisons file as "
-          '{"prompt": ..., "chosen": <the preferred reply>, "rejected": <the other>}):')
-    for rank, j in enumerate(best, 1):
+    best, info = rm.suggest([(a[i], b[i]) for i in keep], min(num_suggestions, len(keep)), answered=diffs,
+                            rule=selection, stop_below=stop_below, return_information=True)
+    if best:
+        print(f"ask next ({selection}, best first; add each answer to the comparisons file as "
+              '{"prompt": ..., "chosen": <the preferred reply>, "rejected": <the other>}):')
+    for rank, (j, gain) in enumerate(zip(best, info), 1):
         i = keep[j]
-        print(f"{rank}. {suggest}:{lines[i]}\n   prompt: {a[i][-2]['content']!r:.200}\n"
-              f"   a: {a[i][-1]['content']!r:.200}\n   b: {b[i][-1]['content']!r:.200}")
+        print(f"{rank}. {suggest}:{lines[i]} (expected information {gain:.3f} nats)\n"
+              f"   prompt: {a[i][-2]['content']!r:.200}\n   a: {a[i][-1]['content']!r:.200}\n"
+              f"   b: {b[i][-1]['content']!r:.200}")
+    if len(info) > len(best):
+        print(f"stop asking{' more' if best else ''}: the best remaining comparison's expected information, "
+              f"{info[-1]:.3f} nats, is below stop_below={stop_below:g}")
 if export:
     out = Path(out_dir) if out_dir else (utils.script_out_dir(__file__) / "personalized"
                                          / f"{Path(comparisons).stem}_{Path(model).stem}")

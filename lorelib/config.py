@@ -124,8 +124,10 @@ RULES = {
     "validation_fraction": "in [0, 1)", "reference": "one of head published",
     "max_tokens_per_batch": "int >= 1", "shard_size": "int >= 1", "stop_after_shards": "int >= 0",
     "embedding_dtype": "one of float32 bfloat16 float16", "pairs_dtype": "one of auto float32 bfloat16",
-    "shot_selection": "one of random uncertainty active (or a list)", "selection": "one of active uncertainty",
-    "num_suggestions": "int >= 1", "calibrated": "bool",
+    "shot_selection": "one of random uncertainty active variance longest (or a list)",
+    "selection": "one of active uncertainty variance", "num_suggestions": "int >= 1", "calibrated": "bool",
+    "seeds": "each int >= 0 or None", "stop_thresholds": "each > 0 or None",
+    "pair_budgets": "each int >= 1 or None", "stop_below": "> 0 or None",
 }
 
 

@@ -309,13 +309,16 @@ class PersonalizedReward:
         E = self.embed(chosen + rejected)
         return self.fit_weights(E[:m] - E[m:], num_iterations, learning_rate)
 
-    def suggest(self, candidates, k=1, answered=None, rule="active"):
-        """Which of a person's candidate comparisons to ask next -> k indices into `candidates`, best first
+    def suggest(self, candidates, k=1, answered=None, rule="active", stop_below=None, return_information=False):
+        """Which of a person's candidate comparisons to ask next -> up to k indices into `candidates`, best first
         (select_comparisons on the candidates projected onto V: "active", the largest expected information about
-        the person's weights, or "uncertainty", the answer predicted nearest 50/50).
+        the person's weights, "uncertainty", the answer predicted nearest 50/50, or "variance", the largest
+        predictive variance).
         candidates: a list of n (a, b) pairs of conversations (message lists), or their differences e(a) - e(b)
         [n, F]. answered: what the person has answered so far: {candidate index: 1 if they preferred a, -1 if b}
-        (never suggested again), or the differences [m, F] (chosen minus rejected) of other comparisons, or None."""
+        (never suggested again), or the differences [m, F] (chosen minus rejected) of other comparisons, or None.
+        stop_below (nats): the stopping rule: fewer than k (maybe none) when the best remaining expected information
+        falls below it (stop asking). return_information: (indices, info) as select_comparisons gives them."""
         if not (torch.is_tensor(candidates) or isinstance(candidates, np.ndarray)):
             pairs = list(candidates)
             if not pairs or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
@@ -333,8 +336,10 @@ class PersonalizedReward:
             exclude, y = [int(i) for i in answered], np.array(list(answered.values()), dtype=np.float64)
             if any(not 0 <= i < len(X) for i in exclude) or not np.isin(y, (-1, 1)).all():
                 raise InputError(f"answered must map candidate indices in [0, {len(X)}) to 1 (a preferred) or -1")
-            return select_comparisons(X, k, rule=rule, known=X[exclude] * y[:, None], exclude=exclude)
-        return select_comparisons(X, k, rule=rule, known=None if answered is None else project(answered, "answered"))
+            return select_comparisons(X, k, rule=rule, known=X[exclude] * y[:, None], exclude=exclude,
+                                      stop_below=stop_below, return_information=return_information)
+        return select_comparisons(X, k, rule=rule, known=None if answered is None else project(answered, "answered"),
+                                  stop_below=stop_below, return_information=return_information)
 
     def export(self, out_dir, user, calibrated=True):
         """Write a Hugging Face AutoModelForSequenceClassification checkpoint of `user`'s reward to out_dir

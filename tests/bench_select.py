@@ -4,7 +4,8 @@ One choice = the Laplace posterior of the user's K logits refit on the answers s
 candidate, utils.select_comparisons(X, 1, known=...), the step PersonalizedReward.suggest and the few-shot protocol's
 active / uncertainty rules take after each answer. Candidates X [n, K] are random rows shaped like projected
 comparisons (a shared direction plus spread, scale 1000), with `answered` of them answered by a random planted user.
-Also times the one projection of the pool, [n, F] @ [F, K] at F = 4096, done once per user. Prints the median
+Also times active selection of dialogs (the pool in groups of 4 rows, each scored by its joint information, as on
+PRISM) and the one projection of the pool, [n, F] @ [F, K] at F = 4096, done once per user. Prints the median
 (and fastest) of `repeats` calls for K in 5, 10, 50 and pools of 100, 1,000 and 10,000 candidates.
 
     OMP_NUM_THREADS=1 python tests/bench_select.py
@@ -46,7 +47,8 @@ def timed(fn):
 
 print(f"ms per choice, median (fastest) of {repeats} calls; {answered} comparisons answered; "
       f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-print(f"{'K':>4} {'pool':>7} {'active':>16} {'uncertainty':>16} {'projection once (F = 4096)':>28}")
+print(f"{'K':>4} {'pool':>7} {'active':>16} {'uncertainty':>16} {'active, dialogs of 4':>21} "
+      f"{'projection once (F = 4096)':>28}")
 for K in (5, 10, 50):
     for n in (100, 1000, 10000):
         rng = np.random.default_rng([seed, K, n])
@@ -56,7 +58,10 @@ for K in (5, 10, 50):
         known = X[asked] * np.where(X[asked] @ w > 0, 1.0, -1.0)[:, None]
         cells = [timed(lambda: utils.select_comparisons(X, 1, rule=rule, known=known, exclude=asked))
                  for rule in ("active", "uncertainty")]
+        groups = np.arange(n) // 4
+        cells.append(timed(lambda: utils.select_comparisons(X, 1, known=known, groups=groups,
+                                                            exclude=np.unique(groups[asked]))))
         D, V = torch.randn(n, 4096), torch.randn(4096, K)
         cells.append(timed(lambda: D @ V))
         print(f"{K:>4} {n:>7}" + "".join(f"{f'{m:.2f} ({f:.2f})':>17}" for m, f in cells[:2])
-              + f"{f'{cells[2][0]:.2f} ({cells[2][1]:.2f})':>29}")
+              + f"{f'{cells[2][0]:.2f} ({cells[2][1]:.2f})':>22}" + f"{f'{cells[3][0]:.2f} ({cells[3][1]:.2f})':>29}")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import utils
-from lorelib import kernels, selection
+from lorelib import kernels
 
 
 def planted(num_users=60, pairs_per_user=40, num_test=200, F_dim=32, rank=3, seed=0):
@@ -447,117 +447,6 @@ def test_rank_is_chosen_on_held_out_training_pairs():
     assert utils.select_rank([0, 1, 3], [0.0], None, pairs) is None  # one candidate: nothing to choose
     assert utils.select_rank([2, 3], [0.0], None, pairs, validation_fraction=0.0) is None
 
-
-
-# --- choosing the few-shot comparisons (uncertainty and active selection) ---
-
-def planted_candidates(seed, n, K=5, scale=1000.0):
-    """Planted w ~ Dirichlet(1) [K], candidates X ~ N(0, scale^2) [n, K] (rows d^T V) and Bradley-Terry answers
-    y [n] (+1: the row's first side preferred) -> (rng, w, X, y)."""
-    rng = np.random.default_rng(seed)
-    w = rng.dirichlet(np.ones(K))
-    X = rng.normal(0, scale, (n, K))
-    return rng, w, X, np.where(rng.random(n) < 1 / (1 + np.exp(-X @ w / 100)), 1, -1)
-
-
-def test_laplace_posterior_and_closed_form_information():
-    rng, _, X, y = planted_candidates(0, 40)
-    known = X[:15] * y[:15, None]
-    u, Sigma = utils.laplace_posterior(known)
-    prec, terms = np.eye(5) / 9, selection._posterior_terms
-    assert np.abs(terms(u, known, prec)[1]).max() < 1e-8  # a stationary point
-    v, E = rng.normal(0, 1, 5), np.eye(5) * 1e-5  # gradient and exact Hessian against finite differences
-    _, grad, _, H = terms(v, known, prec)
-    central = [(terms(v + e, known, prec), terms(v - e, known, prec)) for e in E]
-    assert np.allclose(grad, [(a[0] - b[0]) / 2e-5 for a, b in central], atol=1e-6)
-    assert np.allclose(H, [(a[1] - b[1]) / 2e-5 for a, b in central], atol=1e-6)
-    assert np.all(np.linalg.eigvalsh(Sigma) > 0)
-    u0, S0 = utils.laplace_posterior(np.zeros((0, 5)))  # no answers: the prior N(0, 3^2 I)
-    assert np.array_equal(u0, np.zeros(5)) and np.allclose(S0, 9 * np.eye(5))
-    # the closed form of I(y; z), z ~ N(mu, var), against a fine grid over z
-    mu, var = np.array([0.0, 1.0, -3.0, 5.0, 0.3, -20.0, 2.0]), np.array([1e-4, 4.0, 9.0, 400.0, 2500.0, 100.0, 0.01])
-    h = lambda p: -(p * np.log(np.maximum(p, 1e-300)) + (1 - p) * np.log(np.maximum(1 - p, 1e-300)))  # noqa: E731
-    grid = []
-    for m, v in zip(mu, var):
-        z = m + np.sqrt(v) * np.linspace(-12, 12, 200001)
-        pdf = np.exp(-0.5 * np.linspace(-12, 12, 200001) ** 2)
-        pdf /= pdf.sum()
-        p = 1 / (1 + np.exp(-z))
-        grid.append(h(p @ pdf) - h(p) @ pdf)
-    assert np.abs(utils.expected_information(mu, var) - np.array(grid)).max() < 1e-6
-    scores = utils.comparison_scores(X, u, Sigma)  # even in x: the orientation of a candidate tells nothing
-    assert np.array_equal(scores, utils.comparison_scores(-X, u, Sigma)) and scores.min() >= 0
-
-
-def test_active_selection_needs_fewer_answers_than_random():
-    """Planted w, 300 candidates with Bradley-Terry answers, 10 seeds: answers until w, fit by the few-shot step
-    (PersonalizeBatch, 500 steps, lr 0.1) on the answers so far, orders 90% of 3,000 held-out comparisons as the
-    planted w does (31 if never within 30). Asserted: active needs at least 5 fewer answers than random on
-    average, and fewer on at least 7 of the 10 seeds."""
-    budget, need, rows = 30, {"random": [], "active": []}, []
-    held = []
-    for seed in range(10):
-        rng, w, X, y = planted_candidates(seed, 300)
-        H = rng.normal(0, 1000, (3000, 5))
-        held.append((H, np.sign(H @ w)))
-        for rule in need:
-            order = (rng.permutation(300)[:budget] if rule == "random" else
-                     utils.choose_shots(X, budget, lambda r: y[r], "active"))
-            rows += [torch.tensor(X[order[:t]] * y[order[:t], None]) for t in range(1, budget + 1)]
-    W = utils.personalize_users(utils.Pairs.from_list(rows), torch.eye(5)).double().numpy().reshape(10, 2, budget, 5)
-    for seed, (H, truth) in enumerate(held):
-        for r, rule in enumerate(need):
-            agree = (np.sign(H @ W[seed, r].T) == truth[:, None]).mean(0)
-            need[rule].append(int(np.argmax(agree >= 0.9)) + 1 if (agree >= 0.9).any() else budget + 1)
-    active, random_ = np.array(need["active"]), np.array(need["random"])
-    assert active.mean() + 5 <= random_.mean() and (active < random_).sum() >= 7, need  # measured: 6.0 vs 17.3, 9/10
-
-
-@pytest.mark.parametrize("rule", ["uncertainty", "active"])
-def test_selection_never_repeats_nor_reads_unanswered_labels(rule):
-    rng, _, X, y = planted_candidates(1, 40)
-    asked = []
-
-    def answer(rows):
-        asked.extend(rows.tolist())
-        return y[rows]
-    chosen = utils.choose_shots(X, 40, answer, rule)  # the whole pool: each candidate once, answered once
-    assert sorted(chosen) == list(range(40)) and asked == chosen
-    hidden = y.copy()
-    hidden[chosen[12:]] = rng.permutation(hidden[chosen[12:]]) * rng.choice([-1, 1], 28)  # shuffle the unanswered
-    assert utils.choose_shots(X, 12, lambda r: hidden[r], rule) == chosen[:12]
-    # groups (dialogs): a unit's rows are answered together, units are never repeated
-    groups = np.repeat(np.arange(10), 4)
-    units = utils.choose_shots(X, 10, lambda r: y[r], rule, groups=groups)
-    assert sorted(units) == list(range(10))
-    with pytest.raises(utils.InputError, match="k=2"):
-        utils.select_comparisons(X[:3], 2, rule=rule, exclude=[0, 2])
-    picks = utils.select_comparisons(X, 10, rule=rule, exclude=chosen[:12])  # k > 1: distinct, none asked before
-    assert len(set(picks)) == 10 and not set(picks) & set(chosen[:12])
-    # in the pipeline, a pair's stored orientation is its answer: flipping the pairs not asked changes nothing
-    pool = utils.Pairs(torch.arange(2).repeat_interleave(20), 2, diffs=torch.tensor(X))
-    units = utils.shot_units(pool, np.tile(np.repeat(np.arange(5), 4), 2))
-    chosen = utils.select_shots(pool, units, [0, 1], 3, rule, seed=2)
-    flipped = pool.diffs.clone()
-    for u in (0, 1):
-        for c in set(range(5)) - set(chosen[u]):
-            flipped[units[u][c]] *= -1
-    assert utils.select_shots(utils.Pairs(pool.user, 2, diffs=flipped), units, [0, 1], 3, rule, seed=2) == chosen
-
-
-def test_vary_shots_with_selection_rules():
-    train, _, _, _ = planted(num_users=12, pairs_per_user=10, num_test=5, seed=7)
-    pool, test_u, _, _ = planted(num_users=4, pairs_per_user=8, num_test=20, seed=8)
-    args = (2, [0], [2], [2, 4], train, pool, test_u, torch.randn(32, 1), 12, 4, "cpu")
-    kw = dict(num_iterations=60, fewshot_iterations=50, seed=3, return_skipped=True)
-    published = utils.run_few_shot_vary_shots(*args, **kw)
-    out, skipped = utils.run_few_shot_vary_shots(*args, **kw, shot_selection=["random", "uncertainty", "active"])
-    assert all(np.array_equal(a, b) for a, b in zip(out["random"], published[:4])) and skipped == published[4]
-    for rule in ("uncertainty", "active"):  # deterministic: one run, std 0
-        assert np.isfinite(out[rule][2]).all() and (out[rule][1] == 0).all() and (out[rule][3] == 0).all()
-    assert len(out["full_pool"]) == 4 and out["full_pool"][2].shape == (1,)
-    with pytest.raises(utils.InputError, match="'greedy'.*one of random, uncertainty, active"):
-        utils.run_few_shot_vary_shots(*args, **kw, shot_selection=["random", "greedy"])
 
 
 @pytest.mark.parametrize("kernel", [True, False])

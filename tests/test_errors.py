@@ -122,12 +122,21 @@ def test_corrupted_prepared_file_is_named_with_the_command_that_remakes_it(tmp_p
     ("PersonalLLM/prepare.py", "shard_size=0", ["shard_size=0", ">= 1"]),
     ("PRISM/vary_fewshot.py", "shot_selection=greedy", ["shot_selection='greedy'", "random, uncertainty, active"]),
     ("RedditTLDR/vary_fewshot.py", "shot_selection=['active','greedy']", ["'greedy'", "random, uncertainty, active"]),
+    ("PersonalLLM/vary_fewshot.py", "shot_selection=['random','longest']", ["'longest'", "single pairs"]),
+    ("PRISM/vary_fewshot.py", "seeds=[0,1]", ["seeds=[0, 1]", "baselines=[]"]),
+    ("RedditTLDR/vary_fewshot.py", "stop_thresholds=[0.1,-1]", ["stop_thresholds", "-1"]),
 ])
 def test_other_scripts_check_their_settings(script, override, names, tmp_path):
     proc = run_inline(script, "synthetic=True" if "prepare" not in script else "model_name=/nonexistent",
                       f"{'data_dir' if 'prepare' in script else 'out_dir'}={tmp_path}", override)
     assert_one_line_error(proc, *names)
     assert "prompts x" not in proc.stdout  # prepare.py did not read the dataset
+
+
+def test_personalize_checks_the_stopping_threshold_first(tmp_path):
+    proc = run_inline("PRISM/personalize.py", "stop_below=0", f"model={tmp_path / 'none.safetensors'}",
+                      f"suggest={tmp_path / 'none.jsonl'}", f"out_dir={tmp_path}")
+    assert_one_line_error(proc, "stop_below=0", "> 0")
 
 
 def test_eval_rb2_bad_head_file_is_reported_before_embedding(tmp_path):

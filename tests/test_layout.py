@@ -32,8 +32,8 @@ tensor_shapes time tokenize_conversations torch tqdm user_accuracies write_repor
 NUMBA_NAMES = ["cgutils", "intrinsic", "ir", "types"]
 
 # lorelib's modules, bottom first: each may import only modules before it in this list (CONTRIBUTING.md's map)
-ORDER = ["config", "files", "kernels", "data", "report", "model", "bt", "selection", "pipelines", "extract", "export",
-         "learned", "baseline", "vpl", "pal", "baselines"]
+ORDER = ["config", "files", "kernels", "data", "intervals", "report", "model", "bt", "selection", "pipelines",
+         "extract", "export", "learned", "baseline", "vpl", "pal", "baselines"]
 
 
 def test_utils_keeps_every_public_name():

@@ -303,7 +303,8 @@ def test_suggest_on_a_jsonl_pool_end_to_end(tmp_path, tiny_reward_model):
     assert proc.returncode == 0, proc.stderr
     assert "pool.jsonl:4: skipped, missing b" in out and "1 candidate(s) already answered" in out
     assert "ask next (active" in out and "w = [" in out and "export:" not in out
-    printed = [int(line.split(":")[-1]) for line in out.splitlines() if line[:3] in ("1. ", "2. ", "3. ")]
+    printed = [int(line.split(":")[-1].split()[0]) for line in out.splitlines() if line[:3] in ("1. ", "2. ", "3. ")]
+    assert all("expected information" in line for line in out.splitlines() if line[:3] in ("1. ", "2. ", "3. "))
     # the same in this process: candidates are the pool's good lines 2, 3, 5, ... 9 (line 1 answered, 4 broken)
     rm = utils.PersonalizedReward.load(model_file)
     chosen, rejected, _ = utils.read_comparisons(tmp_path / "my.jsonl")
@@ -321,3 +322,8 @@ def test_suggest_on_a_jsonl_pool_end_to_end(tmp_path, tiny_reward_model):
     assert len(rm.suggest(E[:8] - E[8:], 2, rule="uncertainty")) == 2
     with pytest.raises(utils.InputError, match="answered must map"):
         rm.suggest(E[:8] - E[8:], 1, answered={8: 1})
+    # the stopping rule: above every candidate's expected information (at most log 2 nats) nothing is suggested
+    proc = run_inline("PRISM/personalize.py", f"suggest={tmp_path / 'pool.jsonl'}", f"model={model_file}",
+                      "stop_below=0.7")
+    assert proc.returncode == 0 and "stop asking: the best remaining comparison" in proc.stdout
+    assert "ask next" not in proc.stdout
