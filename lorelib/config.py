@@ -125,7 +125,7 @@ RULES = {
     "max_tokens_per_batch": "int >= 1", "shard_size": "int >= 1", "stop_after_shards": "int >= 0",
     "embedding_dtype": "one of float32 bfloat16 float16", "pairs_dtype": "one of auto float32 bfloat16",
     "shot_selection": "one of random uncertainty active (or a list)", "selection": "one of active uncertainty",
-    "num_suggestions": "int >= 1",
+    "num_suggestions": "int >= 1", "choice_quality": "bool", "choice_prompts": "int >= 1 or None",
 }
 
 
@@ -209,7 +209,8 @@ _CONFIG_TYPES = (bool, int, float, str, list, tuple, dict, type(None))
 # The type of the settings whose default is None (a script may add its own in a `_types = {name: type}` dict).
 NONE_DEFAULT_TYPES = {"data_dir": str, "out_dir": str, "dataset_path": str, "device": str, "split": str,
                       "rm_head": str, "from_published": str, "stop_after_shards": int, "limit": int,
-                      "num_iterations": int, "num_shots": list, "max_fewshot_pairs": int, "embedding_dtype": str}
+                      "num_iterations": int, "num_shots": list, "max_fewshot_pairs": int, "embedding_dtype": str,
+                      "choice_prompts": int}
 
 
 def _normalise_argv(argv):
