@@ -109,8 +109,8 @@ def pick(scores, valid):
 
 def _ranks(x, valid):
     """[Q, J] average ranks (1..n) of x among the valid entries of each row; 0 at pads."""
-    less = ((x[:, None, :] < x[:, :, None]) & valid[:, None, :]).sum(-1)
-    equal = ((x[:, None, :] == x[:, :, None]) & valid[:, None, :]).sum(-1)
+    less = ((x[:, None, :] < x[:, :, None]) & valid[:, None, :]).sum(-1).double()
+    equal = ((x[:, None, :] == x[:, :, None]) & valid[:, None, :]).sum(-1).double()
     return torch.where(valid, less + (equal + 1) / 2, torch.zeros((), dtype=torch.float64))
 
 

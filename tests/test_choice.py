@@ -81,19 +81,21 @@ def test_reference_head_regret_and_win_rates_equal_a_hand_computation():
 
 def test_ratings_with_ties_top_spearman_and_chance_by_hand():
     table = torch.randn(4, 3)
-    truth = torch.tensor([[10., 20, 20, 40], [30, 30, 10, 5]], dtype=torch.float64)
-    c = Candidates(table, torch.tensor([[0, 1, 2, 3]]), torch.tensor([0, 0]), torch.tensor([0, 1]), truth, 2,
+    truth = torch.tensor([[10., 20, 20, 40], [30, 30, 10, 5], [30, 30, 10, 5]], dtype=torch.float64)
+    c = Candidates(table, torch.tensor([[0, 1, 2, 3]]), torch.tensor([0, 0, 0]), torch.tensor([0, 1, 2]), truth, 3,
                    "rating")
-    res = choice_quality(lambda c: torch.tensor([[1., 2, 3, 4], [0, 1, 2, 3]]), c)
+    res = choice_quality(lambda c: torch.tensor([[1., 2, 3, 4], [0, 1, 2, 3], [0, 3, 2, 1]]), c)
     s = res["summary"]
-    assert res["picks"].tolist() == [3, 3]
-    assert s["top"]["mean"] == 0.5  # user 0's pick is its top; user 1's is its worst
-    assert s["gain"]["mean"] == pytest.approx(((40 - 22.5) + (5 - 18.75)) / 2)
+    assert res["picks"].tolist() == [3, 3, 1]
+    # user 0 picks its top, user 1 its worst, user 2 the second of its two tied tops (a tie at the top counts)
+    assert s["top"]["mean"] == pytest.approx(2 / 3)
+    assert s["gain"]["mean"] == pytest.approx(((40 - 22.5) + (5 - 18.75) + (30 - 18.75)) / 3)
     # user 0: ranks [1, 2, 3, 4] against [1, 2.5, 2.5, 4]: 4.5 / sqrt(5 * 4.5); user 1: [1, 2, 3, 4] against
-    # [3.5, 3.5, 2, 1]: centred (-1.5, -.5, .5, 1.5) . (1, 1, -.5, -1.5) = -4.5, |.|^2 = 5 and 4.5
-    assert s["spearman"]["mean"] == pytest.approx((4.5 / math.sqrt(22.5) - 4.5 / math.sqrt(22.5)) / 2)
-    # chance: a tie at the top counts for each tied reply: user 1 has two of four
-    assert res["chance"]["top"]["mean"] == pytest.approx((1 / 4 + 2 / 4) / 2)
+    # [3.5, 3.5, 2, 1]: centred (-1.5, -.5, .5, 1.5) . (1, 1, -.5, -1.5) = -4.5, |.|^2 = 5 and 4.5; user 2:
+    # [1, 4, 3, 2] against the same: (-1.5, 1.5, .5, -.5) . (1, 1, -.5, -1.5) = 0.5
+    assert s["spearman"]["mean"] == pytest.approx((4.5 - 4.5 + 0.5) / math.sqrt(22.5) / 3)
+    # chance: a tie at the top counts for each tied reply: users 1 and 2 have two of four
+    assert res["chance"]["top"]["mean"] == pytest.approx((1 / 4 + 2 / 4 + 2 / 4) / 3)
     # a user whose ratings are all equal has no Spearman (left out of the mean, not counted as 0)
     flat = Candidates(table, torch.tensor([[0, 1, 2, 3]]), torch.tensor([0, 0]), torch.tensor([0, 1]),
                       torch.tensor([[10., 20, 30, 40], [50, 50, 50, 50]], dtype=torch.float64), 2, "rating")
