@@ -9,7 +9,8 @@ import torch.nn.functional as nnf
 
 import utils
 from lorelib import baselines
-from lorelib.choice import Candidates, ChoiceRun, choice_quality, lore_scorer, pick
+from lorelib.choice import Candidates, ChoiceRun, choice_quality, kendall_tau, lore_scorer, pick
+from lorelib.pipelines import RankResult
 from PersonalLLM import personalllm
 from PRISM import prism
 
@@ -158,6 +159,40 @@ def test_lore_scorer_equals_a_plain_loop():
             if c.rows[c.prompt[q], j] >= 0:
                 e = c.table[c.rows[c.prompt[q], j]]
                 assert float(s[q, j]) == pytest.approx(float(e @ V @ W[c.user[q]]), abs=1e-5)
+
+
+def test_kendall_tau_by_hand():
+    assert kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)  # one discordant pair of six
+    assert kendall_tau([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / math.sqrt(2 * 3))  # tau-b: a tie in x
+    assert kendall_tau([3, 2, 1], [1, 2, 3]) == -1 and math.isnan(kendall_tau([1, 1], [1, 2]))
+
+
+def test_choice_run_scores_each_group_with_its_own_weights():
+    """ChoiceRun on a fit_ranks result: seen users with W, unseen with W_unseen; the head and the K = 1 reward are
+    the win rates' references (each wins half against itself); rank agreement from the accuracies given."""
+    sets = {"seen": random_sets("reward", C=7, F=6, seed=0), "unseen": random_sets("reward", C=5, F=6, seed=1)}
+    sets["unseen"].table = sets["seen"].table
+    g = torch.Generator().manual_seed(2)
+    head, v = torch.randn(6, 1, generator=g), torch.randn(6, 1, generator=g)
+    V, W, W_u = torch.randn(6, 2, generator=g), torch.rand(7, 2, generator=g), torch.rand(5, 2, generator=g)
+    models = {(0.0, 0): {"V": head, "W": torch.ones(7, 1), "W_unseen": torch.ones(5, 1)},
+              (0.0, 1): {"V": v, "W": torch.ones(7, 1), "W_unseen": torch.ones(5, 1)},
+              (0.0, 2): {"V": V, "W": W, "W_unseen": W_u}}
+    means = np.zeros((4, 1, 3))
+    means[1, 0], means[3, 0] = [0.6, 0.7, 0.9], [0.9, 0.7, 0.6]  # seen test, unseen test accuracy at K = 0, 1, 2
+    run = ChoiceRun(sets, head)
+    run.add_ranks(RankResult([0, 1, 2], [0.0], means, means, models))
+    ref, bt, lore = run.ranks
+    assert ref["seen"]["win_vs_ref"] == {"mean": 0.5, "std": 0.0, "users": 7}
+    assert bt["unseen"]["win_vs_BT"] == {"mean": 0.5, "std": 0.0, "users": 5}
+    against = {"ref": choice_quality(lore_scorer(head, torch.ones(1)), sets["unseen"])["picks"],
+               "BT": choice_quality(lore_scorer(v, torch.ones(1)), sets["unseen"])["picks"]}
+    assert lore["unseen"] == choice_quality(lore_scorer(V, W_u), sets["unseen"], against)["summary"]
+    taus = run.payload(RankResult([0, 1, 2], [0.0], means, means, models))["rank_agreement"]
+    for group in ("seen", "unseen"):
+        sign = 1 if group == "seen" else -1
+        regret = [-r[group]["regret"]["mean"] for r in run.ranks]
+        assert taus[group]["regret"] == pytest.approx(sign * kendall_tau([0, 1, 2], regret))
 
 
 # --- the baselines' per-candidate scores ---

@@ -297,6 +297,12 @@ def test_train_basis_and_vary_fewshot_synthetic(tmp_path):
     assert set(baselines) == {"per_user_bt", "vpl", "pal"} and all(b > ref + 0.05 for b in baselines.values()), \
         (ref, baselines)
     assert (tmp_path / "models_synthetic" / "K3_alpha0.safetensors").is_file()
+    # choice quality on the first turns, by the users' ratings: every method and alpha, beside chance
+    choice = res["choice"]
+    assert choice["kind"] == "rating" and len(choice["results"]) == 6 and set(choice["baselines"]) == set(baselines)
+    top = [r["unseen"]["top"]["mean"] for r in choice["results"][:3]]  # alpha = 0: ref < LoRe K = 3
+    assert top[2] > top[0] and top[2] > choice["chance"]["unseen"]["top"]["mean"] + 0.1, (top, choice["chance"])
+    assert (tmp_path / "train_basis_synthetic_choice.png").is_file() and "choice quality" in log
 
     run_script("PRISM/vary_fewshot.py", "synthetic=True", "synthetic_users=200", "K=3", "trials=2",
                "num_iterations=50", "fewshot_iterations=50", "baselines=['vpl']", *FAST_BASELINES,
