@@ -24,6 +24,7 @@ same for a uniformly random pick (Spearman: 0).
 Imports: config, files, kernels, report (any module below it; no baseline: they are scored through `scores`).
 """
 import dataclasses
+import time
 from pathlib import Path
 
 import numpy as np
@@ -198,8 +199,8 @@ def choice_quality(scorer, cands, against=None):
 
 
 def kendall_tau(x, y):
-    """Kendall's tau-b of two score lists (ties counted as in tau-b); NaN when either is constant."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
+    """Kendall's tau-b of two score lists (ties counted as in tau-b); NaN when either is constant or has a None."""
+    x, y = (np.array([np.nan if v is None else v for v in z], float) for z in (x, y))
     i, j = np.triu_indices(len(x), 1)
     dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
     den = np.sqrt((dx != 0).sum() * (dy != 0).sum())
@@ -214,6 +215,7 @@ class ChoiceRun:
     compare with the picks of the reference head `head` [F, 1] and of the K = 1 reward of the first alpha."""
 
     def __init__(self, sets, head):
+        t0 = time.time()
         self.sets, self.kind = sets, sets["seen"].kind
         self.metrics = list(METRICS[self.kind])
         self.against = {g: {} for g in GROUPS}
@@ -222,10 +224,13 @@ class ChoiceRun:
             for g in GROUPS:
                 self.against[g]["ref"] = choice_quality(ref, sets[g])["picks"]
         self.chance = {g: summarize(chance_metrics(sets[g], self.against[g]), sets[g]) for g in GROUPS}
-        self.ranks, self.baselines = [], {}
+        self.ranks, self.baselines, self.seconds = [], {}, time.time() - t0
 
     def _measure(self, scorers):
-        return {g: choice_quality(scorers[g], self.sets[g], self.against[g])["summary"] for g in GROUPS}
+        t0 = time.time()
+        out = {g: choice_quality(scorers[g], self.sets[g], self.against[g])["summary"] for g in GROUPS}
+        self.seconds += time.time() - t0
+        return out
 
     def add_ranks(self, result):
         """LoRe at every (alpha, K) of a pipelines.fit_ranks result (K = 0: the head, K = 1: shared BT)."""
@@ -254,7 +259,7 @@ class ChoiceRun:
         alpha and K, and the baselines), per group: 1 when choice quality orders the methods as accuracy does."""
         out = {"kind": self.kind, "metrics": self.metrics,
                "lower_is_better": sorted(LOWER_IS_BETTER & set(self.metrics)), "std_over": "users",
-               "chance": self.chance, "results": self.ranks, "baselines": self.baselines}
+               "chance": self.chance, "results": self.ranks, "baselines": self.baselines, "seconds": self.seconds}
         if result is not None:
             ak = [(result.alpha_list.index(r["alpha"]), result.K_list.index(r["K"])) for r in self.ranks]
             acc = {g: [float(result.means[i][a, k]) for a, k in ak] +
@@ -280,6 +285,7 @@ class ChoiceRun:
               f"{', '.join(LOWER_IS_BETTER & set(self.metrics)) or 'every metric'}: lower is better"
               + ("" if self.kind == "rating" else ", the rest higher") + "; chance: a random pick")
         print_table(["method", "alpha", "K"] + [f"{g} {m}" for g, m in cols], rows)
+        print(f"choice quality took {self.seconds:.1f}s")
         for g, taus in payload.get("rank_agreement", {}).items():
             print(f"{g} users: Kendall's tau between test accuracy and choice quality over the methods: "
                   + ", ".join(f"{m} {t:+.2f}" for m, t in taus.items()))
