@@ -9,7 +9,7 @@ import torch.nn.functional as nnf
 
 import utils
 from lorelib import baselines
-from lorelib.choice import Candidates, ChoiceRun, choice_quality, kendall_tau, lore_scorer, pick
+from lorelib.choice import Candidates, ChoiceRun, choice_quality, kendall_tau, lore_scorer, method_scorer, pick
 from lorelib.pipelines import RankResult
 from PersonalLLM import personalllm
 from PRISM import prism
@@ -251,13 +251,19 @@ def test_the_choice_hook_changes_no_baseline_number():
     sets = {g: Candidates(train.table, torch.arange(200).reshape(50, 4), torch.arange(50).repeat(n),
                           torch.arange(n).repeat_interleave(50), torch.randn(50 * n, 4, dtype=torch.float64), n,
                           "reward") for g, n in [("seen", 6), ("unseen", 4)]}
-    run = ChoiceRun(sets, torch.randn(8, 1))
-    hooked = baselines.run_baselines(list(SMALL), train, test, fewshot, test_u, "cpu", settings=settings,
-                                     on_fit=run.add_baseline)
+    run, fits = ChoiceRun(sets, torch.randn(8, 1)), {}
+
+    def hook(entry, label, model, state):
+        fits[entry] = (model, state)
+        run.add_baseline(entry, label, model, state)
+    hooked = baselines.run_baselines(list(SMALL), train, test, fewshot, test_u, "cpu", settings=settings, on_fit=hook)
     for e in plain:
         plain[e].pop("seconds"), hooked[e].pop("seconds")
     assert hooked == plain and set(run.baselines) == set(SMALL)
-    assert 0 <= run.baselines["vpl"]["unseen"]["regret"]["mean"] <= 1
+    for e, (model, state) in fits.items():  # new users are scored with their few-shot state, seen users with the fit
+        for g, st in [("seen", None), ("unseen", state)]:
+            expected = choice_quality(method_scorer(model, st), sets[g], run.against[g])["summary"]
+            assert run.baselines[e][g] == expected
 
 
 # --- the datasets' candidate sets ---
