@@ -281,9 +281,10 @@ class ChoiceRun:
         rows += [["ref" if r["K"] == 0 else "BT" if r["K"] == 1 else "LoRe", f"{r['alpha']:g}", r["K"]] + cells(r)
                  for r in self.ranks]
         rows += [[b["label"], "", ""] + cells(b) for b in self.baselines.values()]
+        lower = sorted(LOWER_IS_BETTER & set(self.metrics))
         print(f"\n{title}: choice quality (best of each prompt's candidates), mean ± std over users; "
-              f"{', '.join(LOWER_IS_BETTER & set(self.metrics)) or 'every metric'}: lower is better"
-              + ("" if self.kind == "rating" else ", the rest higher") + "; chance: a random pick")
+              + (f"{', '.join(lower)}: lower is better, the rest higher" if lower else "higher is better")
+              + "; chance: a random pick")
         print_table(["method", "alpha", "K"] + [f"{g} {m}" for g, m in cols], rows)
         print(f"choice quality took {self.seconds:.1f}s")
         for g, taus in payload.get("rank_agreement", {}).items():
