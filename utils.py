@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from lorelib.bt import PerUserBT, fit_bt
+from lorelib.choice import Candidates, choice_quality  # best-of-N choice quality of any scorer
 from lorelib.config import (
     NONE_DEFAULT_TYPES,
     RULES,

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import utils
+from lorelib.choice import Candidates
 from utils import InputError
 
 HERE = Path(__file__).resolve().parent
@@ -28,6 +29,9 @@ FILES = ["survey.jsonl", "conversations.jsonl", "utterances.jsonl"]
 
 
 TENSORS = ["embeddings", "head", "chosen", "rejected", "user", "dialog", "turn", "seen", "split"]
+
+
+SCORES = ["chosen_score", "rejected_score"]  # per pair: the user's 1-100 rating of each reply (NaN where missing)
 
 
 SPLITS = ["train", "test"]  # split code 0: training (seen users) / few-shot (unseen users); 1: test
@@ -258,7 +262,8 @@ def pair_tensors(pairs):
         return torch.as_tensor(pairs[name].to_numpy().astype(np.int64))
     return {"chosen": col("chosen_row"), "rejected": col("rejected_row"), "user": col("user"),
             "dialog": col("dialog"), "turn": col("turn"), "seen": col("seen"),
-            "split": torch.as_tensor((pairs["split"] == "test").to_numpy().astype(np.int64))}
+            "split": torch.as_tensor((pairs["split"] == "test").to_numpy().astype(np.int64)),
+            **{k: torch.as_tensor(pairs[k].to_numpy(dtype=np.float32)) for k in SCORES}}
 
 
 def make_synthetic(num_users=1000, num_features=64, rank=4, dirichlet_alpha=0.1, label_noise=0.2,
@@ -267,10 +272,12 @@ def make_synthetic(num_users=1000, num_features=64, rank=4, dirichlet_alpha=0.1,
 
     Users have 6 + Geometric(0.3) - 1 dialogs (at most 20); a dialog has 1-4 turns; the first
     turn shows 4 replies, later turns 2 (as in PRISM). A reply's embedding is its dialog's
-    context plus N(0, I) [F]; user i scores it e^T U w_i (U [F, rank] orthonormal, w_i ~
-    Dirichlet(dirichlet_alpha)) plus Gumbel noise of scale `label_noise` and chooses the best.
+    context plus N(0, I) [F]; user i's utility of it is e^T h_i (h_i = U w_i normalised, U [F, rank]
+    orthonormal, w_i ~ Dirichlet(dirichlet_alpha)) plus Gumbel noise of scale `label_noise`; it chooses the
+    reply of highest utility and rates each on PRISM's 1-100 scale: 50 + 15 x (utility - the turn's mean
+    utility), rounded and clipped to [1, 100] (so the chosen reply has the top rating, possibly tied).
     The reference head is the mean user direction plus noise (`head_noise` x its norm).
-    Returns the dict of tensors of TENSORS (see load), plus the planted user reward
+    Returns the dict of tensors of TENSORS and SCORES (see load), plus the planted user reward
     directions `true_directions` [C, F] (rows in user-index order).
     """
     rng = np.random.default_rng(seed)
@@ -285,23 +292,26 @@ def make_synthetic(num_users=1000, num_features=64, rank=4, dirichlet_alpha=0.1,
     users, num_seen, dialog_split = split_users(np.repeat(np.arange(num_users), n_dialogs).tolist(), seed)
     index = {u: i for i, u in enumerate(users)}
     starts = np.concatenate([[0], np.cumsum(n_dialogs)])
-    rows, cols = [], {k: [] for k in ["chosen", "rejected", "user", "dialog", "turn", "split"]}
+    rows, cols = [], {k: [] for k in ["chosen", "rejected", "user", "dialog", "turn", "split"] + SCORES}
     for u in users:
         for split in (0, 1):
             for d in [d for d in range(starts[u], starts[u + 1]) if dialog_split[d] == split]:
                 context = rng.standard_normal(num_features)
                 for t in range(rng.integers(1, 5)):
                     E = context + rng.standard_normal((4 if t == 0 else 2, num_features))
-                    best = np.argmax(E @ H[u] + label_noise * rng.gumbel(size=len(E)))
+                    utility = E @ H[u] + label_noise * rng.gumbel(size=len(E))
+                    best = np.argmax(utility)
+                    rating = np.clip(np.round(50 + 15 * (utility - utility.mean())), 1, 100)
                     c = len(rows)
                     rows.append(E[best])
                     for j in range(len(E)):
                         if j != best:
                             for k, v in [("chosen", c), ("rejected", len(rows)), ("user", index[u]),
-                                         ("dialog", d), ("turn", t), ("split", split)]:
+                                         ("dialog", d), ("turn", t), ("split", split),
+                                         ("chosen_score", rating[best]), ("rejected_score", rating[j])]:
                                 cols[k].append(v)
                             rows.append(E[j])
-    t = {k: torch.as_tensor(v, dtype=torch.long) for k, v in cols.items()}
+    t = {k: torch.as_tensor(v, dtype=torch.float32 if k in SCORES else torch.long) for k, v in cols.items()}
     t["seen"] = (t["user"] < num_seen).long()
     t["embeddings"] = torch.as_tensor(np.stack(rows), dtype=torch.float32)
     t["head"] = torch.as_tensor(head, dtype=torch.float32).reshape(-1, 1)
@@ -356,8 +366,76 @@ def convert_published(train_path, test_path, head, published_reference=None):
     return t
 
 
+def _make_cmd(data_dir=None):
+    """The command that writes the prepared files into data_dir (None: the default folder)."""
+    return f"python {HERE / 'prepare.py'}" + (f" data_dir={data_dir}" if data_dir else "")
+
+
+def check_scores(path, make_cmd):
+    """InputError unless the prepared file at `path` holds the ratings (SCORES) that choice quality needs: read
+    from its header only."""
+    missing = [k for k in SCORES if k not in utils.tensor_shapes(path, make_cmd)]
+    if missing:
+        how = (f"the published pkl files hold no ratings: prepare from the jsonl files with {make_cmd} (embeds "
+               f"every reply again)" if "converted_from" in utils.load_metadata(path) else
+               f"add it with: {make_cmd} (rewrites the file with the ratings, without embedding again)")
+        raise InputError(f"{path} has no `{missing[0]}` tensor (each reply's 1-100 rating by its user, which choice "
+                         f"quality needs; files prepared before it was stored lack it); {how}, or pass "
+                         f"choice_quality=False for accuracy only")
+
+
+def check_config(config):
+    """The scripts' check before any work (utils.configure(..., checks=[check_config])): with choice_quality, the
+    prepared file holds the users' ratings."""
+    if config.get("choice_quality") and not config.get("synthetic"):
+        check_scores(Path(config.get("data_dir") or HERE / "data") / "embeddings.safetensors",
+                     _make_cmd(config.get("data_dir")))
+
+
+def first_turns(t, table, N, source, make_cmd):
+    """{"seen", "unseen": lorelib.choice.Candidates} of choice quality: the first turn of every test dialog (its
+    smallest turn with pairs), where its user chooses among the chosen reply and each rejected one, with the user's
+    ratings (t: the tensors of TENSORS and SCORES; table: the embeddings [R, F]; users 0..N-1 are seen, the rest
+    unseen and renumbered from 0). A turn with a missing rating is left out (counted)."""
+    pairs = np.flatnonzero(t["split"].numpy() == 1)
+    dialog, turn, chosen, rejected, user = (t[k].numpy() for k in ("dialog", "turn", "chosen", "rejected", "user"))
+    score_c, score_r = (t[k].double().numpy() for k in SCORES)
+    first = {}
+    for i in pairs:
+        first[dialog[i]] = min(first.get(dialog[i], turn[i]), turn[i])
+    turns = {}
+    for i in pairs:
+        if turn[i] == first[dialog[i]]:
+            turns.setdefault(dialog[i], []).append(i)
+    J = 1 + max((len(v) for v in turns.values()), default=1)
+    out, skipped = {g: ([], [], []) for g in ("seen", "unseen")}, 0
+    for d, idx in sorted(turns.items()):
+        if len(set(chosen[idx])) != 1:
+            raise InputError(f"{source}: dialog {d}'s first turn has pairs with different chosen rows; re-run: "
+                             f"{make_cmd}")
+        rows = [int(chosen[idx[0]])] + rejected[idx].tolist()
+        truth = [float(score_c[idx[0]])] + score_r[idx].tolist()
+        if not np.isfinite(truth).all():
+            skipped += 1
+            continue
+        u = int(user[idx[0]])
+        group = out["seen" if u < N else "unseen"]
+        group[0].append(rows + [-1] * (J - len(rows)))
+        group[1].append(truth + [float("nan")] * (J - len(rows)))
+        group[2].append(u if u < N else u - N)
+    num_users = {"seen": N, "unseen": int(t["user"].max()) + 1 - N}
+    sets = {g: Candidates(table, torch.tensor(rows, dtype=torch.long).reshape(-1, J), torch.arange(len(rows)),
+                          torch.tensor(users, dtype=torch.long),
+                          torch.tensor(truth, dtype=torch.float64).reshape(-1, J), num_users[g], "rating")
+            for g, (rows, truth, users) in out.items()}
+    print(f"choice quality: the first turns of the test dialogs, {J} replies at most: "
+          + ", ".join(f"{len(c.prompt)} of {g} users ({len(torch.unique(c.user))} users)" for g, c in sets.items())
+          + (f"; {skipped} with a missing rating left out" if skipped else ""))
+    return sets
+
+
 def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_features=64, seed=0, reference="head",
-         pairs_dtype="auto"):
+         pairs_dtype="auto", choice=False):
     """PRISM as published (see split_users) -> utils.PreferenceData.
 
     Reads data_dir/embeddings.safetensors (written by prepare.py; default data_dir: PRISM/data), or
@@ -369,14 +447,17 @@ def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_feature
     head: the reward model's own, or with reference="published" the published scripts' direction
     (utils.choose_reference; synthetic data: utils.stand_in_reference), the K = 0 column and V_sft.
     pairs_dtype: the dtype of the embedding table, "auto" (the prepared file's), "float32" or "bfloat16".
+    choice: also info["choice"], the candidate sets of choice quality (first_turns); the file must hold SCORES.
     """
-    make_cmd = f"python {HERE / 'prepare.py'}" + (f" data_dir={data_dir}" if data_dir else "")
+    make_cmd = _make_cmd(data_dir)
     if synthetic:
         utils.check_values(dict(synthetic_users=synthetic_users, synthetic_features=synthetic_features))
         t = make_synthetic(synthetic_users, synthetic_features, seed=seed)
     else:
         path = Path(data_dir or HERE / "data") / "embeddings.safetensors"
-        t = utils.load_tensors(path, TENSORS, make_cmd=make_cmd)
+        if choice:
+            check_scores(path, make_cmd)
+        t = utils.load_tensors(path, TENSORS, make_cmd=make_cmd, allow_nan=SCORES)
         utils.check_shapes(path, {"embeddings": (t["embeddings"].shape, ("R", "F")),
                                   "head": (t["head"].shape, ("F", 1)),
                                   **{k: (t[k].shape, ("P",)) for k in TENSORS[2:]}}, make_cmd)
@@ -410,7 +491,11 @@ def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_feature
         info["reward_model"] = utils.reward_model_info(path)
         info.update(_user_ids(path.parent / "users.parquet", N, N_unseen))
     head = utils.choose_reference(reference, t, None if synthetic else path, make_cmd)
-    return utils.PreferenceData(*out, head=head, info=info).with_dtype(pairs_dtype)
+    data = utils.PreferenceData(*out, head=head, info=info).with_dtype(pairs_dtype)
+    if choice:  # on the pairs' table: the embeddings in the dtype the pairs have
+        data.info["choice"] = first_turns(t, data.seen_train.table, N, "synthetic data" if synthetic else path,
+                                         make_cmd)
+    return data
 
 
 def _user_ids(path, N, N_unseen):

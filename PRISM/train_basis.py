@@ -10,7 +10,8 @@ head, K = 1 one Bradley-Terry reward for everyone. Seen users are trained on hal
 dialogs and tested on the other half; unseen users fit their weights on half of their dialogs
 (few-shot) and are tested on the rest.
 
-Writes to out_dir (default PRISM/results): train_basis.json, train_basis.png (accuracy vs rank)
+Writes to out_dir (default PRISM/results): train_basis.json, train_basis.png (accuracy vs rank),
+train_basis_choice.png (choice quality vs rank: best of each test dialog's first-turn replies, by the user's ratings)
 and models/K{K}_alpha{alpha}.safetensors (models_synthetic/ for synthetic data) with `V` [F, K']
 (the kept basis columns), `W` [N, K'] (seen users), `W_unseen` [N_unseen, K'] and metadata (PRISM
 user ids, reward model, ...; utils.save_lore_model), for PRISM/eval_rb2.py rm_head=...,
@@ -23,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
 from lorelib.baselines import check_baselines, run_baselines  # noqa: E402
+from lorelib.choice import ChoiceRun  # noqa: E402
 from PRISM import prism  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -37,6 +39,7 @@ fewshot_iterations = 500
 fewshot_learning_rate = 0.5
 baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
+choice_quality = True      # also best-of-N choice quality (README, "Choice quality"); False: accuracy only
 seed = 0
 pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
 synthetic = False          # True: a generated PRISM-shaped dataset with a planted low-rank structure
@@ -48,7 +51,7 @@ out_dir = None             # default: PRISM/results
 device = None              # default: cuda if available, else cpu
 # -----------------------------------------------------------------------------
 config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"},
-                         checks=[check_baselines])  # every setting checked before any work
+                         checks=[check_baselines, prism.check_config])  # every setting checked before any work
 device = utils.get_device(device)
 if num_iterations is None:
     num_iterations = 500 if synthetic else 20000
@@ -57,11 +60,16 @@ t0 = time.time()
 utils.set_seed(seed)
 data = prism.load(data_dir=data_dir, synthetic=synthetic, synthetic_users=synthetic_users,
                   synthetic_features=synthetic_features, seed=seed, reference=reference,
-                  pairs_dtype=pairs_dtype)
+                  pairs_dtype=pairs_dtype, choice=choice_quality)
 result = utils.fit_ranks(
     K_list, alpha_list, data.head, data.features, data.N, data.N_unseen, device, regularized=True,
     num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
     fewshot_learning_rate=fewshot_learning_rate, seed=seed, record=config.record)
+# best-of-N among each test dialog's first-turn replies, by the user's own 1-100 ratings; seen users with their fit,
+# unseen users with their few-shot fit (a measurement only: it changes no fit)
+choice = ChoiceRun(data.info["choice"], data.head) if choice_quality else None
+if choice:
+    choice.add_ranks(result)
 out = utils.script_out_dir(__file__, out_dir)
 name = "train_basis_synthetic" if synthetic else "train_basis"
 paths = utils.save_models(out / name.replace("train_basis", "models"), result.models, data, dataset="PRISM",
@@ -73,9 +81,15 @@ selection = utils.select_rank(K_list, alpha_list, data.head, data.seen_train, de
                               learning_rate=learning_rate)
 # the paper's other methods, on the same users and pairs, after LoRe's models are saved
 baseline_results = run_baselines(baselines, *data.features, device, seed=seed, settings=baseline_settings,
-                                 validation_fraction=validation_fraction, record=config.record)
-utils.report_run(result, config, out, name, "PRISM (synthetic)" if synthetic else "PRISM",
+                                 validation_fraction=validation_fraction, record=config.record,
+                                 on_fit=choice.add_baseline if choice else None)
+title = "PRISM (synthetic)" if synthetic else "PRISM"
+choice_json = {"choice": choice.payload(result, baseline_results)} if choice else {}
+utils.report_run(result, config, out, name, title,
                  extra={"seconds": time.time() - t0, "num_iterations_used": num_iterations,
                         "kept_bases": {f"K={K} alpha={a:g}": m["V"].shape[1] for (a, K), m in result.models.items()},
-                        "models": paths}, baselines=baseline_results, selection=selection, record=config.record)
+                        "models": paths, **choice_json}, baselines=baseline_results, selection=selection,
+                 record=config.record)
+if choice:
+    choice.report(choice_json["choice"], out, name, title, record=config.record)
 print(f"done in {time.time() - t0:.0f}s")

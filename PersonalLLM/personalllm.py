@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 import utils
+from lorelib.choice import Candidates
 from utils import InputError
 
 HERE = Path(__file__).resolve().parent
@@ -180,7 +181,8 @@ def check_config(config):
 
 def population(E_train, S_train, E_test, S_test, N, N_unseen, train_density, fewshot_density, dirichlet_alpha,
                fewshot_pool_density=None):
-    """The PersonalLLM protocol (seed with utils.set_seed first) -> (train, test, train_unseen, test_unseen) Pairs.
+    """The PersonalLLM protocol (seed with utils.set_seed first) -> ((train, test, train_unseen, test_unseen) Pairs,
+    (W [N, M], W_unseen [N_unseen, M]) the users' true weights over the reward models).
 
     N seen users w ~ Dirichlet(dirichlet_alpha * ones(M)) with int(train_density * P) train pairs
     each; N_unseen new users with int(fewshot_density * P) few-shot pairs (or
@@ -199,12 +201,32 @@ def population(E_train, S_train, E_test, S_test, N, N_unseen, train_density, few
     test_unseen = utils.sample_population_pairs(S_test, E_test, W_unseen, 1.0)
     print(f"{N} seen users x {int(train_density * len(S_train))} pairs, {N_unseen} unseen users x "
           f"{train_unseen.counts()[0].item()} few-shot pairs, {len(S_test)} test prompts each")
-    return train, test, train_unseen, test_unseen
+    return (train, test, train_unseen, test_unseen), (W, W_unseen)
+
+
+def choice_sets(E_test, S_test, W, W_unseen, num_prompts=None, seed=0):
+    """{"seen", "unseen": lorelib.choice.Candidates}: every user on every test prompt (or on the same num_prompts
+    of them, drawn with np.random.RandomState(seed)), choosing among its R responses (rows of E_test [P * R, F],
+    prompt-major), with the user's true reward: S_test [P, R, M] mixed by its weights W [N, M] (W_unseen
+    [N_unseen, M]), the reward its pairs come from."""
+    P, R, _ = S_test.shape
+    keep = np.arange(P) if num_prompts is None or num_prompts >= P else \
+        np.sort(np.random.RandomState(seed).choice(P, num_prompts, replace=False))
+    rows = torch.arange(P * R).reshape(P, R)[torch.from_numpy(keep)]
+    n = len(keep)
+
+    def group(W):
+        C = len(W)
+        truth = torch.from_numpy(np.einsum("prm,cm->cpr", S_test[keep], np.asarray(W, dtype=np.float64)))
+        return Candidates(E_test, rows, torch.arange(n).repeat(C), torch.arange(C).repeat_interleave(n),
+                          truth.reshape(C * n, R), C, "reward")
+    print(f"choice quality: every user on {n} of the {P} test prompts, best of {R} responses")
+    return {"seen": group(W), "unseen": group(W_unseen)}
 
 
 def load(data_dir=None, synthetic=False, synthetic_prompts=(9402, 1000), synthetic_features=128, N=1000,
          N_unseen=500, train_density=0.005, fewshot_density=0.001, fewshot_pool_density=None, dirichlet_alpha=0.1,
-         seed=0, reference="head", pairs_dtype="auto"):
+         seed=0, reference="head", pairs_dtype="auto", choice=False, choice_prompts=None):
     """The PersonalLLM protocol on the prepared (or synthetic) data -> utils.PreferenceData.
 
     Draws the population with the global NumPy generator: call utils.set_seed(seed) first.
@@ -213,15 +235,22 @@ def load(data_dir=None, synthetic=False, synthetic_prompts=(9402, 1000), synthet
     (prepared data) "reward_model": {"model_name", "max_length", "truncation_side"} of the embeddings.
     head: the reward model's own head, or with reference="published" the published scripts' direction.
     pairs_dtype: the dtype of the pairs' tables, "auto" (the prepared file's), "float32" or "bfloat16".
+    info["true_weights"]: {"seen": W [N, M], "unseen": W_unseen [N_unseen, M]}, the users' Dirichlet weights over
+    the M reward models; with choice, info["choice"]: the candidate sets of choice quality (choice_sets) on
+    choice_prompts of the test prompts (None: all of them), drawn with the seed.
     """
     utils.check_value("pairs_dtype", pairs_dtype)
     E_tr, S_tr, E_te, S_te, head = read_splits(  # synthetic data are made in the pairs' dtype (float32 for "auto")
         data_dir, synthetic, synthetic_prompts, synthetic_features, seed, reference,
         getattr(torch, "float32" if pairs_dtype == "auto" else pairs_dtype))
-    pairs = population(E_tr, S_tr, E_te, S_te, N, N_unseen, train_density, fewshot_density, dirichlet_alpha,
-                       fewshot_pool_density)
+    pairs, (W, W_unseen) = population(E_tr, S_tr, E_te, S_te, N, N_unseen, train_density, fewshot_density,
+                                      dirichlet_alpha, fewshot_pool_density)
     info = {"train_density": train_density, "fewshot_density": fewshot_pool_density or fewshot_density,
-            "dirichlet_alpha": dirichlet_alpha, "reference": reference}
+            "dirichlet_alpha": dirichlet_alpha, "reference": reference,
+            "true_weights": {"seen": W, "unseen": W_unseen}}
     if not synthetic:
         info["reward_model"] = utils.reward_model_info(Path(data_dir or HERE / "data") / "train.safetensors")
-    return utils.PreferenceData(*pairs, head=head, info=info).with_dtype(pairs_dtype)
+    data = utils.PreferenceData(*pairs, head=head, info=info).with_dtype(pairs_dtype)
+    if choice:  # on the test pairs' table: the embeddings in the dtype the pairs have
+        data.info["choice"] = choice_sets(data.seen_test.table, S_te, W, W_unseen, choice_prompts, seed)
+    return data

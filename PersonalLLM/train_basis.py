@@ -8,7 +8,8 @@ Users are Dirichlet(0.1) mixtures of the 10 reward models; a user's pair on a pr
 highest- vs lowest-scored response. Seen users see 0.5% of the train prompts (47 pairs), unseen
 users 0.1% (9 pairs); everyone is evaluated on all test prompts.
 
-Writes to out_dir (default PersonalLLM/results): train_basis.json, train_basis.png (accuracy vs rank)
+Writes to out_dir (default PersonalLLM/results): train_basis.json, train_basis.png (accuracy vs rank),
+train_basis_choice.png (choice quality vs rank: best of each test prompt's 8 responses, by the user's true reward)
 and models/K{K}_alpha{alpha}.safetensors (models_synthetic/ for synthetic data): V [F, K], W [N, K],
 W_unseen [N_unseen, K] and metadata (utils.save_lore_model), for utils.PersonalizedReward and
 PRISM/personalize.py. Simulated users are numbered: seen 0..N-1, unseen N..N+N_unseen-1.
@@ -20,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
 from lorelib.baselines import check_baselines, run_baselines  # noqa: E402
+from lorelib.choice import ChoiceRun  # noqa: E402
 from PersonalLLM import personalllm  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -39,6 +41,8 @@ fewshot_density = 0.001    # fraction each unseen user labels for few-shot (9 of
 dirichlet_alpha = 0.1      # users w ~ Dirichlet(dirichlet_alpha * ones(10))
 baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
+choice_quality = True      # also best-of-N choice quality (README, "Choice quality"); False: accuracy only
+choice_prompts = 200       # test prompts (the same for every user and method, drawn with the seed) it uses; None: all
 seed = 0
 pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
 synthetic = False          # True: a generated PersonalLLM-shaped dataset, no download
@@ -58,11 +62,17 @@ utils.set_seed(seed)
 data = personalllm.load(data_dir=data_dir, synthetic=synthetic, synthetic_prompts=synthetic_prompts,
                         synthetic_features=synthetic_features, N=N, N_unseen=N_unseen, train_density=train_density,
                         fewshot_density=fewshot_density, dirichlet_alpha=dirichlet_alpha, seed=seed,
-                        reference=reference, pairs_dtype=pairs_dtype)
+                        reference=reference, pairs_dtype=pairs_dtype, choice=choice_quality,
+                        choice_prompts=choice_prompts)
 result = utils.fit_ranks(
     K_list, alpha_list, data.head, data.features, data.N, data.N_unseen, device,
     num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
     fewshot_learning_rate=fewshot_learning_rate, seed=seed, record=config.record)
+# best-of-N among each test prompt's 8 responses, by the user's true reward; seen users with their fit, unseen users
+# with their few-shot fit (a measurement only: it changes no fit)
+choice = ChoiceRun(data.info["choice"], data.head) if choice_quality else None
+if choice:
+    choice.add_ranks(result)
 out = utils.script_out_dir(__file__, out_dir)
 name = "train_basis_synthetic" if synthetic else "train_basis"
 paths = utils.save_models(out / name.replace("train_basis", "models"), result.models, data, dataset="PersonalLLM",
@@ -74,9 +84,13 @@ selection = utils.select_rank(K_list, alpha_list, data.head, data.seen_train, de
                               learning_rate=learning_rate)
 # the paper's other methods, on the same users and pairs, after LoRe's models are saved
 baseline_results = run_baselines(baselines, *data.features, device, seed=seed, settings=baseline_settings,
-                                 validation_fraction=validation_fraction, record=config.record)
-utils.report_run(result, config, out, name,
-                 "PersonalLLM (synthetic)" if synthetic else "PersonalLLM",
-                 extra={"seconds": time.time() - t0, "models": paths}, baselines=baseline_results, selection=selection,
-                 record=config.record)
+                                 validation_fraction=validation_fraction, record=config.record,
+                                 on_fit=choice.add_baseline if choice else None)
+title = "PersonalLLM (synthetic)" if synthetic else "PersonalLLM"
+choice_json = {"choice": choice.payload(result, baseline_results)} if choice else {}
+utils.report_run(result, config, out, name, title,
+                 extra={"seconds": time.time() - t0, "models": paths, **choice_json}, baselines=baseline_results,
+                 selection=selection, record=config.record)
+if choice:
+    choice.report(choice_json["choice"], out, name, title, record=config.record)
 print(f"done in {time.time() - t0:.0f}s")

@@ -118,4 +118,18 @@ class Baseline(nn.Module):
         pairs = as_pairs(pairs)
         return accuracy_by_user(self.margins(pairs, state, device), pairs.user, pairs.num_users)
 
+    def _score_inputs(self, table, rows, user, state, seen, what, device):
+        """(state, device, used [U], pos [P, J]) for `scores`: state (one row per user) defaults to the seen users'
+        `seen`; used: the distinct table rows of the candidates rows [P, J] (-1 pads), pos: each one's position in
+        `used` (so that per-item features are computed once per row)."""
+        if table.shape[1] != self.num_features:
+            raise InputError(f"the table has {table.shape[1]} features, the model expects {self.num_features}")
+        state = seen if state is None else state
+        if state is None:
+            raise InputError(f"call fit(pairs) first, or pass {what}")
+        if len(user) and int(user.max()) >= len(state):
+            raise InputError(f"got {what} for {len(state)} users, but a query belongs to user {int(user.max())}")
+        used, pos = torch.unique(rows.clamp(min=0), return_inverse=True)
+        return state, get_device(device), used, pos
+
 

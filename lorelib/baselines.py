@@ -111,7 +111,7 @@ def _entry(name, model, settings, sweep):
 
 def run_baselines(baselines, train_features, test_features_sparse, train_features_unseen,
                   test_features_sparse_unseen, device=None, *, seed=0, settings=None, validation_fraction=0.1,
-                  record=None):
+                  record=None, on_fit=None):
     """Fit each baseline on the seen users, personalise the unseen users from their few-shot pairs, evaluate.
 
     baselines: names of BASELINES ("per_user_bt", "vpl", "pal"); settings: {name: {setting: value}}, overrides
@@ -121,6 +121,8 @@ def run_baselines(baselines, train_features, test_features_sparse, train_feature
     test pairs) is marked "chosen". Returns {entry: {"label", "method", "settings" (all of them, as run),
     ["sweep", "validation", "chosen"], "seen_train", "seen_test", "unseen_fewshot", "unseen_test": {"mean",
     "std"} over users, "seconds"}}, entry the name or, in a sweep, "<name>_<setting><value>" (e.g. "pal_K5").
+    on_fit(entry, label, model, state): called after each run is evaluated, with the fitted model and the unseen
+    users' state, to measure more of the same fit (e.g. choice.ChoiceRun.add_baseline); it changes nothing here.
     """
     _check_names(baselines)
     train, test, train_u, test_u = (as_pairs(x) for x in (train_features, test_features_sparse,
@@ -141,6 +143,8 @@ def run_baselines(baselines, train_features, test_features_sparse, train_feature
         note_finished(record, out[entry]["label"])
         print(f"{out[entry]['label']}: " + ", ".join(f"{n} {out[entry][n]['mean']:.4f}" for n in RESULT_NAMES)
               + f"  [{out[entry]['seconds']:.1f}s]")
+        if on_fit is not None:
+            on_fit(entry, out[entry]["label"], model, state)
     swept = [name for name in baselines if sum(r[1] == name for r in runs) > 1]
     if swept and validation_fraction > 0:
         fit, held = holdout_pairs(train, validation_fraction, seed)

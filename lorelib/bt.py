@@ -150,6 +150,24 @@ class PerUserBT(nn.Module):
         pairs = as_pairs(pairs)
         return accuracy_by_user(self.margins(pairs, V, device), pairs.user, pairs.num_users)
 
+    @torch.no_grad()
+    def scores(self, table, rows, prompt, user, V=None, device=None, chunk=4096):
+        """[Q, J] reward e^T v_user of every candidate: query q is user[q]'s prompt prompt[q], whose candidates are
+        the rows rows[prompt[q]] of table [R, F] (rows [P, J], -1 pads: any value there); V [C, F] (default: the
+        seen users' fit). Chunks of `chunk` queries."""
+        V = self.V if V is None else torch.as_tensor(V, dtype=torch.float32)
+        if V is None:
+            raise InputError("call fit(pairs) first, or pass V")
+        if V.shape[1] != table.shape[1] or (len(user) and int(user.max()) >= len(V)):
+            raise InputError(f"V has shape {tuple(V.shape)}, the table {tuple(table.shape)}, the users "
+                             f"{int(user.max()) + 1 if len(user) else 0}")
+        device = get_device(device)
+        V, out = V.to(device), []
+        for s in range(0, len(prompt), chunk):
+            X = table[rows[prompt[s:s + chunk]].clamp(min=0)].to(device, torch.float32)  # [q, J, F]
+            out.append(torch.bmm(X, V[user[s:s + chunk].to(device)][:, :, None])[:, :, 0].cpu())
+        return torch.cat(out) if out else torch.zeros(0, rows.shape[1])
+
 
 
 def fit_bt(pairs, V_ref=None, alpha=0.0, num_iterations=1000, learning_rate=0.01, device=None):

@@ -128,6 +128,7 @@ RULES = {
     "selection": "one of active uncertainty variance", "num_suggestions": "int >= 1", "calibrated": "bool",
     "seeds": "each int >= 0 or None", "stop_thresholds": "each > 0 or None",
     "pair_budgets": "each int >= 1 or None", "stop_below": "> 0 or None",
+    "choice_quality": "bool", "choice_prompts": "int >= 1 or None",
 }
 
 
@@ -211,7 +212,8 @@ _CONFIG_TYPES = (bool, int, float, str, list, tuple, dict, type(None))
 # The type of the settings whose default is None (a script may add its own in a `_types = {name: type}` dict).
 NONE_DEFAULT_TYPES = {"data_dir": str, "out_dir": str, "dataset_path": str, "device": str, "split": str,
                       "rm_head": str, "from_published": str, "stop_after_shards": int, "limit": int,
-                      "num_iterations": int, "num_shots": list, "max_fewshot_pairs": int, "embedding_dtype": str}
+                      "num_iterations": int, "num_shots": list, "max_fewshot_pairs": int, "embedding_dtype": str,
+                      "choice_prompts": int}
 
 
 def _normalise_argv(argv):

@@ -211,6 +211,38 @@ class PAL(Baseline):
         """[C, K] users' weights on the simplex (default: the seen users')."""
         return torch.softmax((self.W if W is None else W).detach().cpu(), -1)
 
+    @torch.no_grad()
+    def scores(self, table, rows, prompt, user, W=None, device=None):
+        """[Q, J] score of every candidate: query q is user[q]'s prompt prompt[q], whose candidates are the rows
+        rows[prompt[q]] of table [R, F] (rows [P, J], -1 pads: any value there); W [C, K] logits (default: the seen
+        users'). PAL-B: scale * cos(a_user, f(e)), its prompt proxy the mean of all the prompt's candidate rows
+        (symmetric and label-free, as the pair's mean of its two rows is: a prompt of two candidates gives the
+        pair's margin); PAL-A: -||f(e) - a_user||."""
+        W, device, used, pos = self._score_inputs(table, rows, user, W, self.W, "user weights W", device)
+        self.to(device)
+        w = torch.softmax(W.detach().to(device), -1)
+        items = map_rows(self.f, table, used, device, self.eval_batch_size)  # [U, d]
+        if self.variant == "B":
+            step = max(1, self.eval_batch_size // rows.shape[1])
+            G = []  # [P, K, d] the prompt maps of each prompt's proxy
+            for r in rows.split(step):
+                valid = (r >= 0).to(device, torch.float32)[:, :, None]
+                proxy = (table[r.clamp(min=0)].to(device, torch.float32) * valid).sum(1) / valid.sum(1)
+                G.append(torch.stack([g(proxy) for g in self.g], 1))
+            G, scale = torch.cat(G), self.tau.exp().clamp(max=100.0)
+        else:
+            A = self.f(w @ self.P)  # [C, d] ideal points
+        pos, step, out = pos.to(device), max(1, 2 * self.eval_batch_size // rows.shape[1]), []
+        for s in range(0, len(prompt), step):
+            p, u = prompt[s:s + step].to(device), user[s:s + step].to(device)
+            f = items[pos[p]]  # [q, J, d]
+            if self.variant == "B":
+                a = (w[u][:, :, None] * G[p]).sum(1)
+                out.append((scale * nnf.cosine_similarity(a[:, None, :], f, dim=-1)).cpu())
+            else:
+                out.append(-(f - A[u][:, None, :]).norm(dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, rows.shape[1])
+
 
 if kernels.numba is not None:
     @kernels.cpu_kernel(parallel=False)

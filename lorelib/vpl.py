@@ -232,6 +232,23 @@ class VPL(Baseline):
             out.append((rc - rr).cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
+    @torch.no_grad()
+    def scores(self, table, rows, prompt, user, z=None, device=None):
+        """[Q, J] reward r(e, z_user) of every candidate: query q is user[q]'s prompt prompt[q], whose candidates
+        are the rows rows[prompt[q]] of table [R, F] (rows [P, J], -1 pads: any value there); z [C, L] (default:
+        the seen users' latents). As in margins, W_e e once per distinct row and W_z z + b once per user."""
+        z, device, used, pos = self._score_inputs(table, rows, user, z, self.z_seen, "latents z", device)
+        self.to(device)
+        first, rest = self.decoder[0], self.decoder[1:]
+        W_e, W_z = first.weight[:, :self.num_features], first.weight[:, self.num_features:]
+        item = map_rows(lambda e: e @ W_e.t(), table, used, device, self.eval_batch_size)  # [U, H]
+        person = z.to(device) @ W_z.t() + first.bias  # [C, H]
+        pos, step, out = pos.to(device), max(1, 2 * self.eval_batch_size // rows.shape[1]), []
+        for s in range(0, len(prompt), step):
+            h = item[pos[prompt[s:s + step].to(device)]] + person[user[s:s + step].to(device)][:, None, :]
+            out.append(rest(h)[:, :, 0].cpu())
+        return torch.cat(out) if out else torch.zeros(0, rows.shape[1])
+
 
 # ----------------------------------------------------------------------------------------
 # PAL (Chen et al. 2025)

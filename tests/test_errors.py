@@ -243,7 +243,7 @@ def test_ctrl_c_mid_fit_leaves_no_partial_output_and_a_rerun_succeeds(tmp_path):
     assert os.listdir(tmp_path / "out") == []  # no JSON, no PNG, no temp file
     run_script("PersonalLLM/train_basis.py", *TINY, f"out_dir={tmp_path / 'out'}")
     assert sorted(os.listdir(tmp_path / "out")) == ["models_synthetic", "train_basis_synthetic.json",
-                                                    "train_basis_synthetic.png"]
+                                                    "train_basis_synthetic.png", "train_basis_synthetic_choice.png"]
 
 
 def test_two_copies_writing_the_same_out_dir(tmp_path):
@@ -255,7 +255,7 @@ def test_two_copies_writing_the_same_out_dir(tmp_path):
         p.communicate(timeout=300)
         assert p.returncode == 0
     assert sorted(os.listdir(tmp_path)) == ["models_synthetic", "train_basis_synthetic.json",
-                                            "train_basis_synthetic.png"]
+                                            "train_basis_synthetic.png", "train_basis_synthetic_choice.png"]
     assert os.listdir(tmp_path / "models_synthetic") == ["K0_alpha0.safetensors"]
     assert len(json.loads((tmp_path / "train_basis_synthetic.json").read_text())["results"]) == 1
 

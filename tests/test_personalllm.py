@@ -131,10 +131,18 @@ def test_synthetic_train_basis_shows_paper_ordering_and_is_reproducible(tmp_path
     JSON, where every baseline beats the reward model's own head on unseen users."""
     proc = run_script("PersonalLLM/train_basis.py", *SMALL, "K_list=[0,1,3]", *FAST_BASELINES,
                       f"out_dir={tmp_path / 'a'}")
-    run_script("PersonalLLM/train_basis.py", *SMALL, "K_list=[0,1,3]", "baselines=[]", f"out_dir={tmp_path / 'b'}")
+    run_script("PersonalLLM/train_basis.py", *SMALL, "K_list=[0,1,3]", "baselines=[]", "choice_quality=False",
+               f"out_dir={tmp_path / 'b'}")
     a = json.loads((tmp_path / "a" / "train_basis_synthetic.json").read_text())
     b = json.loads((tmp_path / "b" / "train_basis_synthetic.json").read_text())
-    assert a["results"] == b["results"] and "baselines" not in b
+    assert a["results"] == b["results"] and "baselines" not in b and "choice" not in b  # choice changes no fit
+    # choice quality beside it: ref > BT > LoRe in regret, each reference wins half against itself
+    choice = a["choice"]
+    assert [r["K"] for r in choice["results"]] == [0, 1, 3] and set(choice["baselines"]) == set(a["baselines"])
+    regret = [r["unseen"]["regret"]["mean"] for r in choice["results"]]
+    assert regret[0] > regret[1] > regret[2] and choice["results"][0]["seen"]["win_vs_ref"]["mean"] == 0.5
+    assert choice["results"][1]["unseen"]["win_vs_BT"]["mean"] == 0.5 and "choice quality" in proc.stdout
+    assert (tmp_path / "a" / "train_basis_synthetic_choice.png").exists()
     unseen = [r["unseen_test"]["mean"] for r in a["results"]]
     assert unseen[0] < unseen[1] - 0.02 and unseen[1] < unseen[2] - 0.05, unseen  # ref < BT < LoRe
     baselines = {m: r["unseen_test"]["mean"] for m, r in a["baselines"].items()}

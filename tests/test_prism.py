@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import utils
-from conftest import FAST_BASELINES, run_script, write_rb2
+from conftest import FAST_BASELINES, REPO_ROOT, run_script, write_rb2
 from PRISM import prism, rewardbench
 
 # ------------------------------------------------------------------------------------------------
@@ -177,12 +177,42 @@ def test_prepare_train_eval_end_to_end(prism_dir, tiny_reward_model, tmp_path):
     # a second run finds the embeddings up to date
     assert "up to date" in run_script("PRISM/prepare.py", f"dataset_path={prism_dir}", f"data_dir={data}",
                                       f"model_name={tiny_reward_model}").stdout
+    # the users' ratings of every pair's replies, as in pairs.parquet; a file prepared before they were stored
+    # is refused by choice quality, and prepare.py adds them without embedding again
+    path = data / "embeddings.safetensors"
+    full = utils.load_tensors(path)
+    for k in prism.SCORES:
+        assert torch.equal(full[k], torch.tensor(pairs[k].to_numpy(dtype=np.float32)))
+    meta = utils.load_metadata(path)
+    utils.save_tensors(path, {k: v for k, v in full.items() if k not in prism.SCORES},
+                       metadata={**meta, "extras_sha256": "prepared before the ratings were stored"})
+    proc = run_script("PRISM/train_basis.py", f"data_dir={data}", f"out_dir={out}", check=False)
+    assert proc.returncode == 2 and "has no `chosen_score` tensor" in proc.stderr and \
+        f"add it with: python {os.path.join(REPO_ROOT, 'PRISM', 'prepare.py')} data_dir={data}" in proc.stderr
+    log = run_script("PRISM/prepare.py", f"dataset_path={prism_dir}", f"data_dir={data}",
+                     f"model_name={tiny_reward_model}").stdout
+    assert "has current embeddings but other extra tensors or metadata, rewriting it" in log
+    again = utils.load_tensors(path)
+    assert all(torch.equal(again[k], full[k]) for k in full) and set(again) == set(full)
 
     log = run_script("PRISM/train_basis.py", f"data_dir={data}", f"out_dir={out}", "K_list=[0,1,3]",
                      "num_iterations=30", "fewshot_iterations=20").stdout
     assert "3 seen / 2 unseen users" in log  # published split: a user with too few dialogs was among the first 80%
     res = json.loads((out / "train_basis.json").read_text())
     assert [r["K"] for r in res["results"]] == [0, 1, 3] and (out / "train_basis.png").is_file()
+    # choice quality of the reference head, by hand from pairs.parquet: each seen user's test first turns
+    first = pairs[(pairs["split"] == "test") & pairs["seen"]]
+    first = first[first["turn"] == first.groupby("dialog")["turn"].transform("min")]
+    tops = {}
+    for _, turn in first.groupby("dialog"):
+        rows = [turn["chosen_row"].iloc[0]] + list(turn["rejected_row"])
+        ratings = [turn["chosen_score"].iloc[0]] + list(turn["rejected_score"])
+        picked = int(torch.argmax(t["embeddings"][rows] @ t["head"][:, 0]))
+        tops.setdefault(turn["user"].iloc[0], []).append(ratings[picked] == max(ratings))
+    ref = res["choice"]["results"][0]
+    assert ref["K"] == 0 and ref["seen"]["top"]["mean"] == pytest.approx(np.mean([np.mean(v) for v in tops.values()]))
+    assert set(res["choice"]["baselines"]) == {"per_user_bt", "vpl", "pal"}
+    assert (out / "train_basis_choice.png").is_file()
     head_file = out / "models" / "K3_alpha10000.safetensors"
     h = utils.load_tensors(head_file, ["V", "W", "W_unseen"])
     assert h["V"].shape[0] == 64 and h["W"].shape == (3, h["V"].shape[1]) and h["W_unseen"].shape[0] == 2
@@ -272,6 +302,12 @@ def test_train_basis_and_vary_fewshot_synthetic(tmp_path):
     assert set(baselines) == {"per_user_bt", "vpl", "pal"} and all(b > ref + 0.05 for b in baselines.values()), \
         (ref, baselines)
     assert (tmp_path / "models_synthetic" / "K3_alpha0.safetensors").is_file()
+    # choice quality on the first turns, by the users' ratings: every method and alpha, beside chance
+    choice = res["choice"]
+    assert choice["kind"] == "rating" and len(choice["results"]) == 6 and set(choice["baselines"]) == set(baselines)
+    top = [r["unseen"]["top"]["mean"] for r in choice["results"][:3]]  # alpha = 0: ref < LoRe K = 3
+    assert top[2] > top[0] and top[2] > choice["chance"]["unseen"]["top"]["mean"] + 0.1, (top, choice["chance"])
+    assert (tmp_path / "train_basis_synthetic_choice.png").is_file() and "choice quality" in log
 
     run_script("PRISM/vary_fewshot.py", "synthetic=True", "synthetic_users=200", "K=3", "trials=2",
                "num_iterations=50", "fewshot_iterations=50", "baselines=['vpl']", *FAST_BASELINES,
