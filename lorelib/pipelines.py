@@ -74,6 +74,14 @@ def _fit_basis(model_cls, K, V_final, alpha, pairs, *, num_iterations, learning_
     return model.train(pairs, device=device)
 
 
+def _published(regularized, num_iterations, fewshot_learning_rate, joint_steps):
+    """(model class, num_iterations, fewshot_learning_rate) with the published defaults for None: LoRe_regularized,
+    20000 steps and few-shot lr 0.5 (PRISM), or LoRe, `joint_steps` steps and few-shot lr 0.1."""
+    return (LoRe_regularized if regularized else LoRe,
+            (20000 if regularized else joint_steps) if num_iterations is None else num_iterations,
+            (0.5 if regularized else 0.1) if fewshot_learning_rate is None else fewshot_learning_rate)
+
+
 def _check_pipeline_args(**settings):
     """InputError naming the argument for the range errors of run / run_regularized / run_few_shot_vary_shots;
     says so when fewshot_iterations=0 (unseen users keep uniform weights over the basis)."""
@@ -100,11 +108,8 @@ def fit_ranks(K_list, alpha_list, V_final, features, N, N_unseen, device=None, *
     K = 1: one Bradley-Terry reward, w = [1], no few-shot step; K >= 2: LoRe (regularized: LoRe_regularized).
     Defaults as published: num_iterations 1000 (regularized 20000), fewshot_learning_rate 0.1 (regularized
     0.5). Every (alpha, K) starts from set_seed(seed). record: the script's RunRecord (what is finished)."""
-    model_cls = LoRe_regularized if regularized else LoRe
-    if num_iterations is None:
-        num_iterations = 20000 if regularized else 1000
-    if fewshot_learning_rate is None:
-        fewshot_learning_rate = 0.5 if regularized else 0.1
+    model_cls, num_iterations, fewshot_learning_rate = _published(regularized, num_iterations, fewshot_learning_rate,
+                                                                  joint_steps=1000)
     _check_pipeline_args(K_list=K_list, alpha_list=alpha_list, N=N, N_unseen=N_unseen, num_iterations=num_iterations,
                          learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
                          fewshot_learning_rate=fewshot_learning_rate)
@@ -295,11 +300,8 @@ def vary_shots(trials, alpha_list, K_list, num_shots, train_features, train_feat
     in its order (random: a fresh order per trial and user, np.random.default_rng([seed, trial, user])) with the last
     one cut short; the users whose units asked by every rule hold at least P comparisons (ShotsResult.budget_acc).
     """
-    model_cls = LoRe_regularized if regularized else LoRe
-    if num_iterations is None:
-        num_iterations = 20000 if regularized else 500
-    if fewshot_learning_rate is None:
-        fewshot_learning_rate = 0.5 if regularized else 0.1
+    model_cls, num_iterations, fewshot_learning_rate = _published(regularized, num_iterations, fewshot_learning_rate,
+                                                                  joint_steps=500)
     _check_pipeline_args(K_list=K_list, alpha_list=alpha_list, N=N, N_unseen=N_unseen, num_iterations=num_iterations,
                          learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
                          fewshot_learning_rate=fewshot_learning_rate, trials=trials, num_shots=num_shots,
