@@ -28,7 +28,8 @@ class PAL(Baseline):
     the prompt proxy is the mean of the pair's two rows (symmetric, so it does not leak the
     label). variant="A" (ReLU): K prototypes P [K, F] (unit-norm Gaussian rows), a_u =
     f(softmax(W_u) P); margin ||f(x_r) - a_u|| - ||f(x_c) - a_u||; hinge loss max(0, 1 - margin).
-    Adam: projectors lr 1e-4 with weight decay 0.01, W (and P) lr 5e-3, tau lr 0.1; batches of
+    Adam: projectors lr 1e-4 with weight decay 0.01 on every projector parameter, biases included, as
+    released (bias_decay=False: weights only), W (and P) lr 5e-3, tau lr 0.1; batches of
     pairs shuffled across users. New users: everything shared frozen, fresh W ~ randn, AdamW
     lr 5e-3 without decay for a fixed number of epochs (no selection on test pairs). As released,
     each user's row of W has its own Adam state and moves only in the steps where the user is in
@@ -36,18 +37,19 @@ class PAL(Baseline):
     """
     label = "PAL"
     rules = {"K": "int >= 1", "variant": "one of A B", "dim": "int >= 1", "learning_rate": "> 0",
-             "weight_decay": ">= 0", "user_learning_rate": "> 0", "tau_learning_rate": ">= 0", "batch_size": "int >= 1",
+             "weight_decay": ">= 0", "bias_decay": "bool", "user_learning_rate": "> 0", "tau_learning_rate": ">= 0",
+             "batch_size": "int >= 1",
              "num_epochs": "int >= 0", "fewshot_learning_rate": "> 0", "fewshot_epochs": "int >= 0",
              "fewshot_batch_size": "int >= 1", "tau_init": "number", "eval_batch_size": "int >= 1"}
 
-    def __init__(self, num_features, K=2, variant="B", dim=512, learning_rate=1e-4, weight_decay=0.01,
+    def __init__(self, num_features, K=2, variant="B", dim=512, learning_rate=1e-4, weight_decay=0.01, bias_decay=True,
                  user_learning_rate=5e-3, tau_learning_rate=0.1, batch_size=4, num_epochs=1,
                  fewshot_learning_rate=5e-3, fewshot_epochs=20, fewshot_batch_size=4, tau_init=math.log(1 / 0.07),
                  eval_batch_size=1024, seed=0):
         super().__init__()
         check_values(locals(), self.rules)
         self.num_features, self.K, self.variant, self.dim = num_features, K, variant, dim
-        self.learning_rate, self.weight_decay = learning_rate, weight_decay
+        self.learning_rate, self.weight_decay, self.bias_decay = learning_rate, weight_decay, bias_decay
         self.user_learning_rate, self.tau_learning_rate = user_learning_rate, tau_learning_rate
         self.batch_size, self.num_epochs = batch_size, num_epochs
         self.fewshot_learning_rate, self.fewshot_epochs = fewshot_learning_rate, fewshot_epochs
@@ -87,8 +89,11 @@ class PAL(Baseline):
         table, chosen, rejected = pairs.sides()
         return table.to(device, torch.float32), chosen.to(device), rejected.to(device)
 
-    def fit(self, pairs, device=None):
-        """Train projectors, (prototypes, tau) and the seen users' W [C, K] on their pairs -> self."""
+    def fit(self, pairs, device=None, on_epoch=None):
+        """Train projectors, (prototypes, tau) and the seen users' W [C, K] on their pairs -> self.
+        on_epoch(epoch): called after each epoch (1, 2, ...) with the model as it then is; without a schedule, the
+        model after epoch e of a fit is the model that num_epochs=e fits (a budget grid scores each epoch of one fit).
+        self.user_steps [C]: the optimiser steps in which each user's weights moved."""
         self._cache = {}
         pairs = as_pairs(pairs)
         check_features(pairs, self.num_features)
@@ -98,10 +103,15 @@ class PAL(Baseline):
         user = pairs.user.to(device)
         gen = torch.Generator().manual_seed(self.seed)
         self.W = nn.Parameter(fresh_logits(pairs.num_users, self.K, gen))
+        self.user_steps = torch.zeros(pairs.num_users, dtype=torch.long)
         self.to(device)
         projectors = [self.f] + ([self.g] if self.variant == "B" else [])
-        groups = [{"params": [p for m in projectors for p in m.parameters()], "lr": self.learning_rate,
-                   "weight_decay": self.weight_decay}]
+        params = [p for m in projectors for p in m.parameters()]
+        decayed = [p for p in params if self.bias_decay or p.dim() >= 2]
+        groups = [{"params": decayed, "lr": self.learning_rate, "weight_decay": self.weight_decay}]
+        if len(decayed) < len(params):  # the biases, without decay
+            groups.append({"params": [p for p in params if p.dim() < 2], "lr": self.learning_rate,
+                           "weight_decay": 0.0})
         if self.variant == "A":
             groups.append({"params": [self.P], "lr": self.user_learning_rate, "weight_decay": 0.0})
         else:
@@ -111,7 +121,7 @@ class PAL(Baseline):
         M = len(user)
         steps = math.ceil(M / self.batch_size)
         bar = tqdm(total=self.num_epochs * steps, desc=f"PAL-{self.variant}", leave=False, disable=None)
-        for _ in range(self.num_epochs):
+        for epoch in range(self.num_epochs):
             perm = torch.randperm(M, generator=gen).to(device)
             for b in range(steps):
                 idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
@@ -125,7 +135,12 @@ class PAL(Baseline):
                 opt_W.step(torch.unique(user[idx]))
                 self.losses.append(loss.item())
                 bar.update(1)
+            self.user_steps = opt_W.t[:, 0].long().cpu()
+            if on_epoch is not None:
+                self._cache = {}  # the shared parts moved: features computed before are stale
+                on_epoch(epoch + 1)
         bar.close()
+        self._cache = {}
         return self
 
     @torch.no_grad()

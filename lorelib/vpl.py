@@ -33,12 +33,12 @@ def _decay_groups(modules, weight_decay):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def _context_rows(rows, num_contexts, gen, exclude_self, random_length=False):
+def _context_rows(rows, num_contexts, gen, exclude_self, min_length=None):
     """Context pairs of every pair of one user: [n, C] positions in `rows` [n], -1 padded.
 
     exclude_self: each of the user's pairs gets min(C, n - 1) other pairs of the user, drawn
-    without replacement, or with random_length min(c, n - 1) of them, c uniform in 1..C for each pair
-    (as the released VPL draws its context lengths); else every row gets the same min(C, n) pairs
+    without replacement, or with min_length set min(c, n - 1) of them, c uniform in min_length..C for each
+    pair (the released UltraFeedback-P-4 run: randint(2, 8)); else every row gets the same min(C, n) pairs
     (the user's context; C = n: all of them)."""
     n = len(rows)
     if not exclude_self:
@@ -48,7 +48,8 @@ def _context_rows(rows, num_contexts, gen, exclude_self, random_length=False):
         return out
     c = min(num_contexts, n - 1)
     out = torch.full((n, num_contexts), -1, dtype=torch.long)
-    length = torch.randint(1, num_contexts + 1, (n, 1), generator=gen) if random_length else None
+    random_length = min_length is not None and min_length < num_contexts
+    length = torch.randint(min_length, num_contexts + 1, (n, 1), generator=gen) if random_length else None
     block = max(1, 2**22 // n)  # bounded memory for users with very many pairs
     for s in range(0, n, block):
         b = min(block, n - s)
@@ -71,9 +72,13 @@ class VPL(Baseline):
     * KL(N(mu, sigma^2) || N(0, I)), anneal a cyclical cosine from 0.1 to 1 over kl_period
     micro-batches of micro_batch_size pairs (the released code's forward passes: its batch of 32
     is 8 accumulated passes of 4, and its annealer advances once per pass). Each target pair's
-    contexts: c other pairs of its user, c uniform in 1..C per pair as released (fixed_context_length:
-    always C), resampled every epoch. AdamW (no decay on biases), gradient clipping, cosine schedule
-    with warm-up, batches of pairs shuffled across users. A user's latent at evaluation is encoded
+    contexts: C other pairs of its user (context_length="fixed", as the released Pets and
+    UltraFeedback-P-2 runs), or c of them with c uniform in 2..C ("2..C", UltraFeedback-P-4) or
+    1..C ("1..C", a code path no released run takes), resampled every epoch. An epoch passes over
+    num_duplicates copies of the pairs, each with its own contexts, shuffled together (the released
+    UltraFeedback runs duplicate their training set 4x or 8x). AdamW (no decay on biases), gradient
+    clipping, cosine schedule with warm-up over all steps, batches of pairs shuffled across users.
+    A user's latent at evaluation is encoded
     from at most C of its pairs, as released (eval_all_pairs: all of them), its training pairs for
     seen users, its few-shot pairs for new users, with no gradient step: eval_latent="normalized"
     uses normalize(mu) * sqrt(L), on the training latents' sphere; "mean" uses mu as released.
@@ -82,12 +87,12 @@ class VPL(Baseline):
     rules = {"hidden_dim": "int >= 1", "latent_dim": "int >= 1", "num_contexts": "int >= 1", "beta": ">= 0",
              "learning_rate": "> 0", "weight_decay": ">= 0", "batch_size": "int >= 1", "num_epochs": "int >= 0",
              "warmup_ratio": ">= 0", "max_grad_norm": "> 0", "kl_period": "int >= 1", "micro_batch_size": "int >= 1",
-             "fixed_context_length": "bool", "eval_all_pairs": "bool",
+             "context_length": "one of fixed 2..C 1..C", "num_duplicates": "int >= 1", "eval_all_pairs": "bool",
              "eval_latent": "one of normalized mean", "eval_batch_size": "int >= 1"}
 
     def __init__(self, num_features, hidden_dim=512, latent_dim=512, num_contexts=8, beta=1e-4, learning_rate=1e-4,
                  weight_decay=1e-3, batch_size=32, num_epochs=2, warmup_ratio=0.03, max_grad_norm=1.0,
-                 kl_period=10000, micro_batch_size=4, fixed_context_length=False, eval_all_pairs=False,
+                 kl_period=10000, micro_batch_size=4, context_length="fixed", num_duplicates=1, eval_all_pairs=False,
                  eval_latent="normalized", eval_batch_size=1024, seed=0):
         super().__init__()
         check_values(locals(), self.rules)
@@ -95,7 +100,7 @@ class VPL(Baseline):
         self.beta, self.learning_rate, self.weight_decay = beta, learning_rate, weight_decay
         self.batch_size, self.num_epochs, self.warmup_ratio = batch_size, num_epochs, warmup_ratio
         self.max_grad_norm, self.kl_period, self.micro_batch_size = max_grad_norm, kl_period, micro_batch_size
-        self.fixed_context_length, self.eval_all_pairs = fixed_context_length, eval_all_pairs
+        self.context_length, self.num_duplicates, self.eval_all_pairs = context_length, num_duplicates, eval_all_pairs
         self.eval_latent, self.eval_batch_size, self.seed = eval_latent, eval_batch_size, seed
         act = lambda: nn.LeakyReLU(0.2)  # noqa: E731
         with seeded(seed):
@@ -142,24 +147,27 @@ class VPL(Baseline):
         table, chosen, rejected = table.to(device, torch.float32), chosen.to(device), rejected.to(device)
         rows = user_rows(pairs)
         self.to(device)
-        M = len(pairs.user)
-        steps_per_epoch = math.ceil(M / self.batch_size)
+        M, D = len(pairs.user), self.num_duplicates
+        steps_per_epoch = math.ceil(D * M / self.batch_size)
         total = self.num_epochs * steps_per_epoch
         opt = torch.optim.AdamW(_decay_groups([self], self.weight_decay), lr=self.learning_rate, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(total, self.warmup_ratio))
         gen = torch.Generator().manual_seed(self.seed)
+        min_length = {"fixed": None, "2..C": 2, "1..C": 1}[self.context_length]
+        pair = torch.arange(D * M, device=device) % M  # the pair of each item of an epoch (D copies of the pairs)
         micro = 0  # micro-batches so far: the KL annealing's clock
         bar = tqdm(total=total, desc="VPL", leave=False, disable=None)
         for _ in range(self.num_epochs):
-            ctx = torch.full((M, self.num_contexts), -1, dtype=torch.long)
-            for r in rows:
-                ctx[r] = _context_rows(r, self.num_contexts, gen, exclude_self=True,
-                                       random_length=not self.fixed_context_length)
-            ctx = ctx.to(device)
-            perm = torch.randperm(M, generator=gen).to(device)
+            ctx = torch.full((D, M, self.num_contexts), -1, dtype=torch.long)
+            for copy in ctx:  # each copy its own contexts
+                for r in rows:
+                    copy[r] = _context_rows(r, self.num_contexts, gen, exclude_self=True, min_length=min_length)
+            ctx = ctx.reshape(D * M, -1).to(device)
+            perm = torch.randperm(D * M, generator=gen).to(device)
             for b in range(steps_per_epoch):
-                idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
-                mu, logvar = self.encode(*self._contexts(table, chosen, rejected, ctx[idx]))
+                item = perm[b * self.batch_size:(b + 1) * self.batch_size]
+                idx = pair[item]
+                mu, logvar = self.encode(*self._contexts(table, chosen, rejected, ctx[item]))
                 eps = torch.randn(mu.shape, generator=gen).to(device)
                 z = nnf.normalize(mu + torch.exp(0.5 * logvar) * eps, dim=-1) * math.sqrt(self.latent_dim)
                 r = self.reward(table[torch.cat([chosen[idx], rejected[idx]])], torch.cat([z, z]))  # one pass
@@ -248,8 +256,3 @@ class VPL(Baseline):
             h = item[pos[prompt[s:s + step].to(device)]] + person[user[s:s + step].to(device)][:, None, :]
             out.append(rest(h)[:, :, 0].cpu())
         return torch.cat(out) if out else torch.zeros(0, rows.shape[1])
-
-
-# ----------------------------------------------------------------------------------------
-# PAL (Chen et al. 2025)
-# ----------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ NUMBA_NAMES = ["cgutils", "intrinsic", "ir", "types"]
 
 # lorelib's modules, bottom first: each may import only modules before it in this list (CONTRIBUTING.md's map)
 ORDER = ["config", "files", "kernels", "data", "intervals", "report", "model", "bt", "selection", "pipelines",
-         "extract", "export", "learned", "choice", "baseline", "vpl", "pal", "baselines"]
+         "extract", "export", "learned", "choice", "baseline", "vpl", "pal", "tuning",
+         "baselines"]
 
 
 def test_utils_keeps_every_public_name():

@@ -231,8 +231,8 @@ def test_prepare_train_eval_end_to_end(prism_dir, tiny_reward_model, tmp_path):
     # K = 0 is the reward model's own head: its logits are log-odds already (logit scale 1), the fit's are / 100
     k0 = utils.PersonalizedReward.load(out / "models" / "K0_alpha10000.safetensors")
     assert (k0.logit_scale, rm.logit_scale) == (1.0, 100.0)
-    torch.testing.assert_close(k0.reward([conv], user=p["user_id"]), (t["embeddings"][[p["chosen_row"]]] @ t["head"])[:, 0],
-                               atol=1e-4, rtol=1e-4)
+    expected = (t["embeddings"][[p["chosen_row"]]] @ t["head"])[:, 0]
+    torch.testing.assert_close(k0.reward([conv], user=p["user_id"]), expected, atol=1e-4, rtol=1e-4)
 
     rb2 = write_rb2(tmp_path / "rb2")
     log = run_script("PRISM/eval_rb2.py", "--rm_head", head_file, "weights=all", "--limit", "2", f"dataset_path={rb2}",

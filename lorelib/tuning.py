@@ -1,0 +1,75 @@
+"""A baseline's "tuned" row: its training budget chosen on a grid, scored on held-out pairs of the seen users'
+training data, never on test pairs (the rule that chooses LoRe's K, pipelines.select_rank).
+
+    grid = {"num_epochs": [1, 2], "user_learning_rate,fewshot_learning_rate": [5e-3, 0.5], "K": [2, 5]}
+    out = tune(lambda s: PAL(F, **s), grid, seen_train, validation_fraction=0.1, seed=0)
+    out["chosen"]       # {setting: value} of best mean held-out accuracy over users (the first on a tie)
+
+The settings are swept jointly (every point of the product). A key naming two settings ("a,b") gives both the
+same value (PAL's seen- and new-user weight learning rates are one setting as released, both 5e-3). A model whose
+fit takes on_epoch (PAL: no schedule, so its model after epoch e is the model num_epochs=e fits) is fit once per
+point of the other settings for the largest num_epochs and scored after each epoch of the grid.
+
+Imports: config, data, pipelines.
+"""
+import inspect
+import itertools
+import time
+
+import numpy as np
+
+from .config import InputError
+from .data import as_pairs
+from .pipelines import holdout_pairs
+
+
+def grid_points(grid):
+    """[{setting: value}]: every point of the product of grid {key: [values]} (the first key varies slowest); a key
+    "a,b" sets a and b to its value."""
+    if not isinstance(grid, dict) or not grid or not all(isinstance(v, (list, tuple)) and v for v in grid.values()):
+        raise InputError(f"a tuning grid is a dict {{setting: [values]}} with non-empty lists; got {grid!r}")
+    keys = list(grid)
+    return [{name: value for key, value in zip(keys, values) for name in key.split(",")}
+            for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def tune(make, grid, pairs, *, validation_fraction=0.1, seed=0, device=None, log=print):
+    """Fit make(settings) for every point of `grid` on the seen users' training `pairs` less a held-out
+    validation_fraction of each user's pairs (pipelines.holdout_pairs), score each on the held-out pairs (mean
+    over users of the accuracy, a tie wrong), choose the best (the first on a tie).
+
+    Returns {"grid", "validation_fraction", "points": [{"settings", "validation", "seconds"}], "chosen"}; seconds
+    of an epoch-scored point: the fit's time up to that epoch. Only `pairs` is read: no test pair can enter."""
+    if not 0 < validation_fraction < 1:
+        raise InputError(f"tuning needs held-out training pairs: validation_fraction={validation_fraction} must be "
+                         "in (0, 1)")
+    fit, held = holdout_pairs(as_pairs(pairs), validation_fraction, seed)
+    points = grid_points(grid)
+    by_epoch = "num_epochs" in grid and "on_epoch" in inspect.signature(make(points[0]).fit).parameters
+    epochs = sorted(set(grid["num_epochs"])) if by_epoch else [None]
+    scored = {}
+    for point in points:
+        base = {k: v for k, v in point.items() if not by_epoch or k != "num_epochs"}
+        key = tuple(sorted((k, repr(v)) for k, v in base.items()))
+        if key in scored:
+            continue
+        model, t0 = make({**base, "num_epochs": epochs[-1]} if by_epoch else point), time.time()
+
+        def score(epoch):
+            acc = float(np.nanmean(model.accuracies(held, None, device)))
+            scored[key + (epoch,)] = (acc, time.time() - t0)
+
+        if by_epoch:
+            model.fit(fit, device, on_epoch=lambda e: score(e) if e in epochs else None)
+        else:
+            model.fit(fit, device)
+            score(None)
+        scored[key] = True
+    out = []
+    for point in points:
+        key = tuple(sorted((k, repr(v)) for k, v in point.items() if not by_epoch or k != "num_epochs"))
+        acc, seconds = scored[key + ((point["num_epochs"] if by_epoch else None),)]
+        out.append({"settings": point, "validation": acc, "seconds": seconds})
+        log(f"  tuning {point}: held-out seen-user training pairs {acc:.4f}  [{seconds:.1f}s]")
+    best = max(range(len(out)), key=lambda i: (out[i]["validation"], -i))
+    return {"grid": grid, "validation_fraction": validation_fraction, "points": out, "chosen": out[best]["settings"]}
