@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
-from lorelib.baselines import check_baselines, run_baselines  # noqa: E402
+from lorelib.baselines import TUNE_GRID, check_baselines, run_baselines  # noqa: E402
 from lorelib.choice import ChoiceRun  # noqa: E402
 from PRISM import prism  # noqa: E402
 
@@ -39,6 +39,9 @@ fewshot_iterations = 500
 fewshot_learning_rate = 0.5
 baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
+tuned_settings = {}        # each baseline's tuned row (README, "Tuned rows"); {}: the released rows only
+tune = False               # True: choose the tuned rows' settings here, on held-out seen-user training pairs
+tune_grid = TUNE_GRID      # the grid tune=True sweeps jointly per baseline (lorelib/baselines.py)
 choice_quality = True      # also best-of-N choice quality (README, "Choice quality"); False: accuracy only
 seed = 0
 pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
@@ -81,6 +84,7 @@ selection = utils.select_rank(K_list, alpha_list, data.head, data.seen_train, de
                               learning_rate=learning_rate)
 # the paper's other methods, on the same users and pairs, after LoRe's models are saved
 baseline_results = run_baselines(baselines, *data.features, device, seed=seed, settings=baseline_settings,
+                                 tuned_settings=tuned_settings, tune_grid=tune_grid if tune else None,
                                  validation_fraction=validation_fraction, record=config.record,
                                  on_fit=choice.add_baseline if choice else None)
 title = "PRISM (synthetic)" if synthetic else "PRISM"

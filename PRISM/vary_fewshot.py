@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
-from lorelib.baselines import check_baselines, run_baselines_vary_shots  # noqa: E402
+from lorelib.baselines import TUNE_GRID, check_baselines, run_baselines_vary_shots  # noqa: E402
 from lorelib.pipelines import check_shot_selection  # noqa: E402
 from PRISM import prism  # noqa: E402
 
@@ -36,6 +36,9 @@ shot_selection = "random"  # how a user's few-shot dialogs are picked from its p
                            # shot_selection=['random','uncertainty','active','variance','longest']
 baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
+tuned_settings = {}        # each baseline's tuned row (README, "Tuned rows"); {}: the released rows only
+tune = False               # True: choose the tuned rows' settings here, on held-out seen-user training pairs
+tune_grid = TUNE_GRID      # the grid tune=True sweeps jointly per baseline (lorelib/baselines.py)
 seed = 0
 seeds = None               # data seeds, e.g. [0, 1, 2]: each redraws the data (synthetic users, shot draws, basis
                            # init); the rules are compared over them with 95% intervals over users, per dialog and
@@ -80,7 +83,8 @@ for s in seeds or [seed]:
         record=config.record))
 baseline_results = run_baselines_vary_shots(  # one seed only (check_shot_selection)
     baselines, trials, num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, device,
-    shot_groups=fewshot_dialogs, seed=seed, settings=baseline_settings, record=config.record)
+    shot_groups=fewshot_dialogs, seed=seed, settings=baseline_settings,
+    tuned_settings=tuned_settings, tune_grid=tune_grid if tune else None, record=config.record)
 name = "vary_fewshot_synthetic" if synthetic else "vary_fewshot"
 utils.report_shots(results if len(results) > 1 else results[0], config, utils.script_out_dir(__file__, out_dir), name,
                    "PRISM, few-shot dialogs" + (" (synthetic)" if synthetic else ""),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
-from lorelib.baselines import check_baselines, run_baselines_vary_shots  # noqa: E402
+from lorelib.baselines import TUNE_GRID, check_baselines, run_baselines_vary_shots  # noqa: E402
 from lorelib.pipelines import check_shot_selection  # noqa: E402
 from PersonalLLM import personalllm  # noqa: E402
 
@@ -38,6 +38,9 @@ fewshot_pool_density = 0.005  # each unseen user's pool of pairs (47 of 9,402) t
 dirichlet_alpha = 0.1
 baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
+tuned_settings = {}        # each baseline's tuned row (README, "Tuned rows"); {}: the released rows only
+tune = False               # True: choose the tuned rows' settings here, on held-out seen-user training pairs
+tune_grid = TUNE_GRID      # the grid tune=True sweeps jointly per baseline (lorelib/baselines.py)
 seed = 0
 seeds = None               # data seeds, e.g. [0, 1, 2]: each redraws the data (simulated users, shot draws, basis
                            # init); the rules are compared over them with 95% intervals over users (README
@@ -72,7 +75,8 @@ for s in seeds or [seed]:
         shot_selection=shot_selection, full_pool=True, stop_thresholds=stop_thresholds, record=config.record))
 baseline_results = run_baselines_vary_shots(  # one seed only (check_shot_selection)
     baselines, trials, num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, device,
-    seed=seed, settings=baseline_settings, record=config.record)
+    seed=seed, settings=baseline_settings,
+    tuned_settings=tuned_settings, tune_grid=tune_grid if tune else None, record=config.record)
 name = "vary_fewshot_synthetic" if synthetic else "vary_fewshot"
 utils.report_shots(results if len(results) > 1 else results[0], config, utils.script_out_dir(__file__, out_dir), name,
                    "PersonalLLM (synthetic)" if synthetic else "PersonalLLM",

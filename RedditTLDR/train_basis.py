@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
-from lorelib.baselines import check_baselines, run_baselines  # noqa: E402
+from lorelib.baselines import TUNE_GRID, check_baselines, run_baselines  # noqa: E402
 from RedditTLDR import tldr  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -45,6 +45,9 @@ min_comparisons = 50       # paper protocol: workers with fewer comparisons are 
 split_seed = 0             # shuffles the workers (random.Random) and draws the capped subsets
 baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
+tuned_settings = {}        # each baseline's tuned row (README, "Tuned rows"); {}: the released rows only
+tune = False               # True: choose the tuned rows' settings here, on held-out seen-user training pairs
+tune_grid = TUNE_GRID      # the grid tune=True sweeps jointly per baseline (lorelib/baselines.py)
 seed = 0
 pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
 synthetic = False          # True: a generated Reddit-TLDR-shaped dataset, no download
@@ -80,6 +83,7 @@ selection = utils.select_rank(K_list, alpha_list, data.head, data.seen_train, de
                               learning_rate=learning_rate)
 # the paper's other methods, on the same users and pairs, after LoRe's models are saved
 baseline_results = run_baselines(baselines, *data.features, device, seed=seed, settings=baseline_settings,
+                                 tuned_settings=tuned_settings, tune_grid=tune_grid if tune else None,
                                  validation_fraction=validation_fraction, record=config.record)
 utils.report_run(result, config, out, name, title,
                  extra={"workers": data.info["workers"], "seconds": time.time() - t0, "models": paths},

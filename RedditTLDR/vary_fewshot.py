@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
-from lorelib.baselines import check_baselines, run_baselines_vary_shots  # noqa: E402
+from lorelib.baselines import TUNE_GRID, check_baselines, run_baselines_vary_shots  # noqa: E402
 from lorelib.pipelines import check_shot_selection  # noqa: E402
 from RedditTLDR import tldr  # noqa: E402
 
@@ -45,6 +45,9 @@ stop_thresholds = None     # e.g. [0.1, 0.03, 0.01]: also run the stopping rule 
                            # remaining expected information, in nats, falls below each) and report what it saves
 baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
+tuned_settings = {}        # each baseline's tuned row (README, "Tuned rows"); {}: the released rows only
+tune = False               # True: choose the tuned rows' settings here, on held-out seen-user training pairs
+tune_grid = TUNE_GRID      # the grid tune=True sweeps jointly per baseline (lorelib/baselines.py)
 seed = 0
 pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
 synthetic = False
@@ -73,7 +76,8 @@ for s in seeds or [seed]:
         shot_selection=shot_selection, full_pool=True, stop_thresholds=stop_thresholds, record=config.record))
 baseline_results = run_baselines_vary_shots(  # one seed only (check_shot_selection)
     baselines, trials, num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, device,
-    seed=seed, settings=baseline_settings, record=config.record)
+    seed=seed, settings=baseline_settings,
+    tuned_settings=tuned_settings, tune_grid=tune_grid if tune else None, record=config.record)
 name = "vary_fewshot" + ("_paper" if protocol == "paper" else "") + ("_synthetic" if synthetic else "")
 title = "Reddit TLDR" + (" paper split" if protocol == "paper" else "") + (" (synthetic)" if synthetic else "")
 utils.report_shots(results if len(results) > 1 else results[0], config, utils.script_out_dir(__file__, out_dir), name,

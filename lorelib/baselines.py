@@ -36,6 +36,10 @@ from .tuning import grid_points, tune
 from .vpl import VPL
 
 BASELINES = {"per_user_bt": PerUserBT, "vpl": VPL, "pal": PAL}  # a script's name -> class
+# the settings that set each baseline's training budget, swept jointly for its tuned row (a script's tune=True)
+TUNE_GRID = {"pal": {"num_epochs": [1, 2], "user_learning_rate,fewshot_learning_rate": [5e-3, 5e-2, 0.5],
+                     "K": [2, 5], "bias_decay": [True, False]},
+             "vpl": {"num_duplicates": [1, 2], "context_length": ["fixed", "2..C"]}}
 
 
 def _check_names(names):
@@ -118,6 +122,8 @@ def check_baselines(config):
     _check_names(list(overrides))
     for name, kw in overrides.items():
         full_settings(name, kw)
+    if config.get("tune") and config.get("tune_grid") and config.get("validation_fraction", 0.1) == 0:
+        raise InputError("tune=True chooses on held-out seen-user training pairs: validation_fraction must be > 0")
     for key in ("tuned_settings", "tune_grid"):
         given = config.get(key) or {}
         if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):

@@ -128,7 +128,7 @@ RULES = {
     "selection": "one of active uncertainty variance", "num_suggestions": "int >= 1", "calibrated": "bool",
     "seeds": "each int >= 0 or None", "stop_thresholds": "each > 0 or None",
     "pair_budgets": "each int >= 1 or None", "stop_below": "> 0 or None",
-    "choice_quality": "bool", "choice_prompts": "int >= 1 or None",
+    "choice_quality": "bool", "choice_prompts": "int >= 1 or None", "tune": "bool",
 }
 
 

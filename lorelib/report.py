@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from .config import note_written
-from .data import RESULT_NAMES
+from .data import RESULT_NAMES, TIE_TOLERANCE
 from .files import atomic_path, jsonable, save_json, save_or_fallback
 from .intervals import paired_difference, stratified_mean
+
+DEGENERATE_TIES = 0.5  # a baseline with near-ties on more than this share of a test set's pairs is flagged
 
 
 def print_table(header, rows, fmt="{:.4f}"):
@@ -146,10 +148,19 @@ def report_run(result, config, out_dir, name, title, extra=None, baselines=None,
             results.append({"alpha": al, "K": K, **{n: {"mean": means[r][a, k], "std": stds[r][a, k]}
                                                     for r, n in enumerate(RESULT_NAMES)}})
     baselines = baselines or {}
+    degenerate = []
     for acc in baselines.values():
-        rows.append([acc["label"], "", ""] + [f"{acc[n]['mean']:.4f} ± {acc[n]['std']:.4f}" for n in RESULT_NAMES])
+        ties = max(acc[n].get("ties", 0.0) for n in ("seen_test", "unseen_test"))
+        flag = f" [ties {ties:.0%}]" if ties > DEGENERATE_TIES else ""
+        degenerate += [acc["label"]] if flag else []
+        rows.append([acc["label"] + flag, "", ""] + [f"{acc[n]['mean']:.4f} ± {acc[n]['std']:.4f}"
+                                                     for n in RESULT_NAMES])
     print(f"\n{title}: accuracy, mean ± std over users (K = 0: reference head, K = 1: Bradley-Terry)")
     print_table(["method", "alpha", "K"] + RESULT_NAMES, rows)
+    if degenerate:
+        print(f"[ties x%]: a degenerate fit ({', '.join(degenerate)}): its margins are near-ties (|margin| <= "
+              f"{TIE_TOLERANCE:g}) on more than {DEGENERATE_TIES:.0%} of a test set's pairs, and a tie counts as "
+              "wrong; the JSON's \"ties_half\" counts them half")
     summary = _summary(means, list(K_list), list(alpha_list), selection, baselines)
     series = {f"{label} (alpha={al:g})": (means[r][a], stds[r][a]) for a, al in enumerate(alpha_list)
               for r, label in [(1, "seen users"), (3, "unseen users")]}

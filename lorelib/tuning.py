@@ -58,6 +58,8 @@ def tune(make, grid, pairs, *, validation_fraction=0.1, seed=0, device=None, log
         def score(epoch):
             acc = float(np.nanmean(model.accuracies(held, None, device)))
             scored[key + (epoch,)] = (acc, time.time() - t0)
+            log(f"  tuning {point if epoch is None else {**base, 'num_epochs': epoch}}: held-out seen-user training "
+                f"pairs {acc:.4f}  [{scored[key + (epoch,)][1]:.1f}s]")
 
         if by_epoch:
             model.fit(fit, device, on_epoch=lambda e: score(e) if e in epochs else None)
@@ -70,6 +72,6 @@ def tune(make, grid, pairs, *, validation_fraction=0.1, seed=0, device=None, log
         key = tuple(sorted((k, repr(v)) for k, v in point.items() if not by_epoch or k != "num_epochs"))
         acc, seconds = scored[key + ((point["num_epochs"] if by_epoch else None),)]
         out.append({"settings": point, "validation": acc, "seconds": seconds})
-        log(f"  tuning {point}: held-out seen-user training pairs {acc:.4f}  [{seconds:.1f}s]")
     best = max(range(len(out)), key=lambda i: (out[i]["validation"], -i))
+    log(f"  tuning chose {out[best]['settings']} (held-out {out[best]['validation']:.4f})")
     return {"grid": grid, "validation_fraction": validation_fraction, "points": out, "chosen": out[best]["settings"]}
