@@ -41,7 +41,7 @@ fewshot_density = 0.001    # fraction each unseen user labels for few-shot (9 of
 dirichlet_alpha = 0.1      # users w ~ Dirichlet(dirichlet_alpha * ones(10))
 baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
-tuned_settings = {}        # each baseline's tuned row (README, "Tuned rows"); {}: the released rows only
+tuned_settings = personalllm.TUNED_SETTINGS  # each baseline's tuned row (README, "Tuned rows"); {}: released rows only
 tune = False               # True: choose the tuned rows' settings here, on held-out seen-user training pairs
 tune_grid = TUNE_GRID      # the grid tune=True sweeps jointly per baseline (lorelib/baselines.py)
 choice_quality = True      # also best-of-N choice quality (README, "Choice quality"); False: accuracy only

@@ -20,6 +20,11 @@ from utils import InputError
 
 HERE = Path(__file__).resolve().parent
 SPLITS = ("train", "validation")  # train: training and few-shot pairs; validation: test pairs
+# the tuned rows' settings (each baseline's point of lorelib.baselines.TUNE_GRID), chosen by `python
+# RedditTLDR/train_basis.py synthetic=True tune=True` (seed 0; held-out seen-user training pairs; README, "Tuned rows")
+TUNED_SETTINGS = {"pal": {"num_epochs": 1, "user_learning_rate": 0.5, "fewshot_learning_rate": 0.5, "K": 5,
+                          "bias_decay": False},
+                  "vpl": {"num_duplicates": 1, "context_length": "fixed"}}
 
 
 def read_split(path, make_cmd=None):

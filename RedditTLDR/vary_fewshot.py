@@ -45,7 +45,7 @@ stop_thresholds = None     # e.g. [0.1, 0.03, 0.01]: also run the stopping rule 
                            # remaining expected information, in nats, falls below each) and report what it saves
 baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
 baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
-tuned_settings = {}        # each baseline's tuned row (README, "Tuned rows"); {}: the released rows only
+tuned_settings = tldr.TUNED_SETTINGS  # each baseline's tuned row (README, "Tuned rows"); {}: released rows only
 tune = False               # True: choose the tuned rows' settings here, on held-out seen-user training pairs
 tune_grid = TUNE_GRID      # the grid tune=True sweeps jointly per baseline (lorelib/baselines.py)
 seed = 0

@@ -64,10 +64,11 @@ def make_tiny_reward_model(path, seed=0, hidden_size=64, num_layers=2, with_pad_
 # The baselines on a few thousand pairs in the script tests: narrower, with larger batches and steps and more
 # epochs than their published settings (sized for tens of thousands of pairs in 4096-d), to keep the suite fast;
 # the README reports them at their published settings.
+# small baselines, released rows only (the tuned rows: test_tldr.py's synthetic train_basis)
 FAST_BASELINES = ["baseline_settings=" + repr({
     "vpl": {"hidden_dim": 64, "latent_dim": 32, "num_epochs": 5, "learning_rate": 2e-3},
     "pal": {"dim": 64, "num_epochs": 3, "batch_size": 16, "learning_rate": 2e-3, "user_learning_rate": 2e-2,
-            "fewshot_epochs": 10, "fewshot_batch_size": 16, "fewshot_learning_rate": 2e-2}})]
+            "fewshot_epochs": 10, "fewshot_batch_size": 16, "fewshot_learning_rate": 2e-2}}), "tuned_settings={}"]
 
 
 def run_script(script, *overrides, check=True):

@@ -78,7 +78,8 @@ def test_train_basis_on_prepared_data_skips_nan_prompts(prepared, tmp_path, tiny
     assert "skipping 1 of 40 prompts with a missing (None/NaN) score" in proc.stdout
     res = json.loads((tmp_path / "train_basis.json").read_text())
     assert [r["K"] for r in res["results"]] == [0, 1, 2]
-    assert set(res["baselines"]) == {"per_user_bt", "vpl", "pal"}  # the baselines run on prepared files too
+    tuned = {f"{name}_tuned" for name in personalllm.TUNED_SETTINGS}  # the stored tuned rows too
+    assert set(res["baselines"]) == {"per_user_bt", "vpl", "pal"} | tuned  # the baselines run on prepared files too
     assert (tmp_path / "train_basis.png").stat().st_size > 1000
     # the learned models, in the common format: simulated users numbered 0..5 (seen), 6..9 (unseen)
     m = utils.load_lore_model(tmp_path / "models" / "K2_alpha0.safetensors")

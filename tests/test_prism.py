@@ -211,7 +211,8 @@ def test_prepare_train_eval_end_to_end(prism_dir, tiny_reward_model, tmp_path):
         tops.setdefault(turn["user"].iloc[0], []).append(ratings[picked] == max(ratings))
     ref = res["choice"]["results"][0]
     assert ref["K"] == 0 and ref["seen"]["top"]["mean"] == pytest.approx(np.mean([np.mean(v) for v in tops.values()]))
-    assert set(res["choice"]["baselines"]) == {"per_user_bt", "vpl", "pal"}
+    tuned = {f"{name}_tuned" for name in prism.TUNED_SETTINGS}
+    assert set(res["choice"]["baselines"]) == {"per_user_bt", "vpl", "pal"} | tuned
     assert (out / "train_basis_choice.png").is_file()
     head_file = out / "models" / "K3_alpha10000.safetensors"
     h = utils.load_tensors(head_file, ["V", "W", "W_unseen"])

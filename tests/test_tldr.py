@@ -215,16 +215,21 @@ def test_paper_protocol(synthetic):
 # both scripts in synthetic mode
 
 def test_train_basis_synthetic(tmp_path):
-    """ref, BT, LoRe and the three baselines in one table and JSON; LoRe > BT > ref, and every baseline > ref."""
+    """ref, BT, LoRe, the three baselines and the tuned rows (the stored settings) in one table and JSON; LoRe > BT >
+    ref, and every baseline > ref."""
     p = run_script("RedditTLDR/train_basis.py", "synthetic=True", f"out_dir={tmp_path}", f"data_dir={tmp_path}",
-                   "K_list=[0,1,4]", *FAST_BASELINES)
+                   "K_list=[0,1,4]", FAST_BASELINES[0])
     out = json.loads((tmp_path / "train_basis_synthetic.json").read_text())
     unseen = [r["unseen_test"]["mean"] for r in out["results"]]
     assert unseen[2] > unseen[1] + 0.05 and unseen[1] > unseen[0] + 0.03  # LoRe > BT > reference head
     baselines = {m: r["unseen_test"]["mean"] for m, r in out["baselines"].items()}
-    assert set(baselines) == {"per_user_bt", "vpl", "pal"} and all(b > unseen[0] + 0.02 for b in baselines.values()), \
-        (unseen, baselines)
-    assert all(name in p.stdout for name in ("LoRe", "per-user BT", "VPL", "PAL"))
+    assert set(baselines) == {"per_user_bt", "vpl", "pal", "vpl_tuned", "pal_tuned"}
+    assert all(b > unseen[0] + 0.02 for b in baselines.values()), (unseen, baselines)
+    assert all(name in p.stdout for name in ("LoRe", "per-user BT", "VPL", "PAL", "PAL (tuned)", "VPL (tuned)"))
+    for name, chosen in tldr.TUNED_SETTINGS.items():  # the released row's overrides, then the stored budget
+        tuned = out["baselines"][f"{name}_tuned"]
+        assert tuned["tuning"]["chosen"] == chosen and tuned["tuning"]["provenance"].startswith("stored")
+        assert tuned["settings"] == {**out["baselines"][name]["settings"], **chosen}
     assert (tmp_path / "train_basis_synthetic.png").is_file()
 
 
