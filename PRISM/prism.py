@@ -37,7 +37,9 @@ SCORES = ["chosen_score", "rejected_score"]  # per pair: the user's 1-100 rating
 SPLITS = ["train", "test"]  # split code 0: training (seen users) / few-shot (unseen users); 1: test
 # the tuned rows' settings (each baseline's point of lorelib.baselines.TUNE_GRID), chosen by `python
 # PRISM/train_basis.py synthetic=True tune=True` (seed 0; held-out seen-user training pairs; README, "Tuned rows")
-TUNED_SETTINGS = {}
+TUNED_SETTINGS = {"pal": {"num_epochs": 2, "user_learning_rate": 0.5, "fewshot_learning_rate": 0.5, "K": 5,
+                          "bias_decay": False},
+                  "vpl": {"num_duplicates": 1, "context_length": "2..C"}}
 
 
 # required fields of a jsonl line: name -> accepted types
