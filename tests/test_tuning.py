@@ -158,3 +158,21 @@ def test_near_ties_count_half_and_a_collapsed_fit_is_flagged(data, monkeypatch, 
     report.report_run(RankResult([1], [0.0], means, means * 0, {}), {}, tmp_path, "t", "T", baselines=out)
     table = capsys.readouterr().out
     assert "PAL [ties 100%]" in table and "per-user BT [ties" not in table and "degenerate fit (PAL)" in table
+
+
+def test_stored_tuned_settings_give_the_same_row_in_both_pipelines(data):
+    """tuned_settings: a "<name>_tuned" run with the released settings, the overrides, then the stored budget, the
+    same in run_baselines and run_baselines_vary_shots."""
+    stored = {"pal": {"num_epochs": 2, "user_learning_rate": 0.5, "fewshot_learning_rate": 0.5, "K": 3}}
+    plain = baselines.run_baselines(["pal"], data["train"], data["test"], data["fewshot"], data["test_unseen"], "cpu",
+                                    settings={"pal": PAL_TINY}, tuned_settings=stored)
+    shots = baselines.run_baselines_vary_shots(["pal"], 1, [10], data["train"], data["fewshot"], data["test_unseen"],
+                                               "cpu", settings={"pal": PAL_TINY}, tuned_settings=stored)
+    tuned = plain["pal_tuned"]
+    assert tuned["settings"] == {**baselines.full_settings("pal", PAL_TINY), **stored["pal"]}
+    assert tuned["tuning"] == {"provenance": tuned["tuning"]["provenance"], "chosen": stored["pal"]}
+    assert shots["pal_tuned"]["label"] == tuned["label"] == "PAL (tuned)"
+    assert shots["pal_tuned"]["settings"] == tuned["settings"] and shots["pal_tuned"]["tuning"] == tuned["tuning"]
+    assert shots["pal"]["settings"] == plain["pal"]["settings"] == baselines.full_settings("pal", PAL_TINY)
+    assert tuned["unseen_test"]["mean"] != plain["pal"]["unseen_test"]["mean"]
+    assert shots["pal_tuned"]["accuracies"][2][0] != shots["pal"]["accuracies"][2][0]
