@@ -20,7 +20,9 @@ HERE = Path(__file__).resolve().parent
 NUM_RESPONSES = 8
 # the tuned rows' settings (each baseline's point of lorelib.baselines.TUNE_GRID), chosen by `python
 # PersonalLLM/train_basis.py synthetic=True tune=True` (seed 0; held-out seen-user training pairs; README, "Tuned rows")
-TUNED_SETTINGS = {"vpl": {"num_duplicates": 2, "context_length": "fixed"}}
+TUNED_SETTINGS = {"pal": {"num_epochs": 2, "user_learning_rate": 0.05, "fewshot_learning_rate": 0.05, "K": 5,
+                          "bias_decay": True},
+                  "vpl": {"num_duplicates": 2, "context_length": "fixed"}}
 MODEL_NAMES = ["gemma_2b", "gemma_7b", "mistral_raft", "llama3_sfairx", "oasst_deberta_v3",
                "beaver_7b", "oasst_pythia_7b", "oasst_pythia_1b", "mistral_ray", "mistral_weqweasdas"]
 
