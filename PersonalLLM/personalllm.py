@@ -33,7 +33,7 @@ def reward_tensor(df):
     cols = [f"response_{i}_{m}" for i in range(1, NUM_RESPONSES + 1) for m in MODEL_NAMES]
     utils.require_columns(df, cols, "PersonalLLM scores")
     values = df[cols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
-    return torch.from_numpy(values.reshape(len(df), NUM_RESPONSES, len(MODEL_NAMES)))
+    return torch.tensor(values.reshape(len(df), NUM_RESPONSES, len(MODEL_NAMES)))  # copies: the view may be read-only
 
 
 def convert_published(embeddings_path, df, head, out_path, published_reference=None):
