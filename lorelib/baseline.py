@@ -1,6 +1,6 @@
 """What the baselines (vpl.py, pal.py) share: the Baseline class (per-user accuracy from margins, features of the
-frozen parts reused), Adam on rows with each row's own state (RowAdam, as the released PAL keeps its users'
-weights), small MLPs, seeding, and the pair-row helpers.
+frozen parts reused), weight-decay groups, Adam on rows with each row's own state (RowAdam, as the released PAL
+keeps its users' weights), small MLPs, seeding, and the pair-row helpers.
 
 Imports: config, data.
 """
@@ -29,6 +29,16 @@ def mlp(sizes, act):
         if i < len(sizes) - 2:
             layers.append(act())
     return nn.Sequential(*layers)
+
+
+def decay_groups(modules, weight_decay, bias_decay=False, **group):
+    """Optimiser parameter groups of the modules' parameters, `group` (e.g. lr=...) in each: weight decay on the
+    weight matrices, and on the biases only with bias_decay."""
+    params = [p for m in modules for p in m.parameters()]
+    if bias_decay:
+        return [{"params": params, "weight_decay": weight_decay, **group}]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, **group},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, **group}]
 
 
 def user_rows(pairs):

@@ -13,7 +13,18 @@ import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
 from . import kernels
-from .baseline import Baseline, RowAdam, check_features, fresh_logits, map_rows, mlp, seeded, used_rows, user_rows
+from .baseline import (
+    Baseline,
+    RowAdam,
+    check_features,
+    decay_groups,
+    fresh_logits,
+    map_rows,
+    mlp,
+    seeded,
+    used_rows,
+    user_rows,
+)
 from .config import check_values, get_device
 from .data import as_pairs
 
@@ -106,12 +117,7 @@ class PAL(Baseline):
         self.user_steps = torch.zeros(pairs.num_users, dtype=torch.long)
         self.to(device)
         projectors = [self.f] + ([self.g] if self.variant == "B" else [])
-        params = [p for m in projectors for p in m.parameters()]
-        decayed = [p for p in params if self.bias_decay or p.dim() >= 2]
-        groups = [{"params": decayed, "lr": self.learning_rate, "weight_decay": self.weight_decay}]
-        if len(decayed) < len(params):  # the biases, without decay
-            groups.append({"params": [p for p in params if p.dim() < 2], "lr": self.learning_rate,
-                           "weight_decay": 0.0})
+        groups = decay_groups(projectors, self.weight_decay, self.bias_decay, lr=self.learning_rate)
         if self.variant == "A":
             groups.append({"params": [self.P], "lr": self.user_learning_rate, "weight_decay": 0.0})
         else:

@@ -47,30 +47,38 @@ def tune(make, grid, pairs, *, validation_fraction=0.1, seed=0, device=None, log
     points = grid_points(grid)
     by_epoch = "num_epochs" in grid and "on_epoch" in inspect.signature(make(points[0]).fit).parameters
     epochs = sorted(set(grid["num_epochs"])) if by_epoch else [None]
-    scored = {}
+
+    def split(point):
+        """(the point less its epoch count where epochs are scored within one fit, that count or None)."""
+        if not by_epoch:
+            return point, None
+        return {k: v for k, v in point.items() if k != "num_epochs"}, point["num_epochs"]
+
+    scored = {}  # (base settings, epoch) -> (held-out accuracy, seconds)
+    fitted = set()
     for point in points:
-        base = {k: v for k, v in point.items() if not by_epoch or k != "num_epochs"}
-        key = tuple(sorted((k, repr(v)) for k, v in base.items()))
-        if key in scored:
+        base, _ = split(point)
+        key = repr(sorted(base.items()))
+        if key in fitted:
             continue
+        fitted.add(key)
         model, t0 = make({**base, "num_epochs": epochs[-1]} if by_epoch else point), time.time()
 
         def score(epoch):
             acc = float(np.nanmean(model.accuracies(held, None, device)))
-            scored[key + (epoch,)] = (acc, time.time() - t0)
+            scored[key, epoch] = (acc, time.time() - t0)
             log(f"  tuning {point if epoch is None else {**base, 'num_epochs': epoch}}: held-out seen-user training "
-                f"pairs {acc:.4f}  [{scored[key + (epoch,)][1]:.1f}s]")
+                f"pairs {acc:.4f}  [{scored[key, epoch][1]:.1f}s]")
 
         if by_epoch:
             model.fit(fit, device, on_epoch=lambda e: score(e) if e in epochs else None)
         else:
             model.fit(fit, device)
             score(None)
-        scored[key] = True
     out = []
     for point in points:
-        key = tuple(sorted((k, repr(v)) for k, v in point.items() if not by_epoch or k != "num_epochs"))
-        acc, seconds = scored[key + ((point["num_epochs"] if by_epoch else None),)]
+        base, epoch = split(point)
+        acc, seconds = scored[repr(sorted(base.items())), epoch]
         out.append({"settings": point, "validation": acc, "seconds": seconds})
     best = max(range(len(out)), key=lambda i: (out[i]["validation"], -i))
     log(f"  tuning chose {out[best]['settings']} (held-out {out[best]['validation']:.4f})")

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
-from .baseline import Baseline, check_features, map_rows, mlp, seeded, used_rows, user_rows
+from .baseline import Baseline, check_features, decay_groups, map_rows, mlp, seeded, used_rows, user_rows
 from .config import check_values, get_device
 from .data import as_pairs
 
@@ -24,13 +24,6 @@ def _warmup_cosine(total_steps, warmup_ratio):
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
     return factor
-
-
-def _decay_groups(modules, weight_decay):
-    """AdamW parameter groups: weight decay on weight matrices, none on biases."""
-    params = [p for m in modules for p in m.parameters()]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def _context_rows(rows, num_contexts, gen, exclude_self, min_length=None):
@@ -150,7 +143,7 @@ class VPL(Baseline):
         M, D = len(pairs.user), self.num_duplicates
         steps_per_epoch = math.ceil(D * M / self.batch_size)
         total = self.num_epochs * steps_per_epoch
-        opt = torch.optim.AdamW(_decay_groups([self], self.weight_decay), lr=self.learning_rate, fused=True)
+        opt = torch.optim.AdamW(decay_groups([self], self.weight_decay), lr=self.learning_rate, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(total, self.warmup_ratio))
         gen = torch.Generator().manual_seed(self.seed)
         min_length = {"fixed": None, "2..C": 2, "1..C": 1}[self.context_length]
