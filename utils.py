@@ -71,6 +71,7 @@ from lorelib.data import (
     sample_population_pairs,
     user_accuracies,
 )
+from lorelib.evaluate import holdout_pairs
 from lorelib.export import (
     EXPORT_BASE_PREFIX,
     EXPORT_COPIED_FILES,
@@ -88,6 +89,7 @@ from lorelib.extract import (
     reward_head,
     tokenize_conversations,
 )
+from lorelib.fewshot import shot_units, stack_trials
 from lorelib.files import (
     PUBLISHED_REFERENCE,
     atomic_write_bytes,
@@ -124,14 +126,11 @@ from lorelib.pipelines import (
     ShotsResult,
     check_users,
     fit_ranks,
-    holdout_pairs,
     select_rank,
-    select_shots,
-    shot_units,
-    stack_trials,
     vary_shots,
 )
-from lorelib.report import print_table, report_run, report_shots, save_plot, write_report
+from lorelib.report import print_table, report_run, save_plot, write_report
+from lorelib.report_shots import report_shots
 from lorelib.selection import (
     PRIOR_SCALE,
     choose_shots,
@@ -140,6 +139,7 @@ from lorelib.selection import (
     laplace_posterior,
     select_comparisons,
 )
+from lorelib.study import select_shots
 
 if numba is not None:  # numba internals the old module had imported at its top level
     from llvmlite import ir

@@ -28,9 +28,15 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import utils  # noqa: E402
+from lorelib.config import (  # noqa: E402
+    InputError,  # noqa: E402
+    configure,
+    is_main_process,
+)
+from lorelib.extract import extract_embeddings  # noqa: E402
+from lorelib.files import atomic_write_bytes, load_tensors, save_or_fallback, script_out_dir  # noqa: E402
+from lorelib.report import print_table  # noqa: E402
 from PRISM import rewardbench  # noqa: E402
-from utils import InputError  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override as key=value; --key value also works)
@@ -64,7 +70,8 @@ shard_size = 2048
 _types = {"head_key": str, "weights": str, "model": str, "tokenizer": str, "mode": str, "subset": str,
           "top_k": int, "save_csv": str, "dtype": str}
 # -----------------------------------------------------------------------------
-config = utils.configure(globals(), script=__file__, writable={"out_dir": "results", "data_dir": "data"})
+config = configure(globals(), script=__file__, writable={"out_dir": "results", "data_dir": "data"},
+                   rules=rewardbench.RULES)
 HERE = Path(__file__).resolve().parent
 model_name = model or model_name
 if weights is None:
@@ -95,18 +102,18 @@ tag = "".join(f"_{k}{v}" for k, v in [("split", None if split == "test" else spl
                                        ("subset", None if subset is None else "-".join(wanted).replace(" ", ""))]
               if v is not None)
 cache = Path(data_dir or HERE / "data") / f"rb2{tag}.safetensors"
-path = utils.extract_embeddings(conversations, cache, model_name=model_name, tokenizer_name=tokenizer,
+path = extract_embeddings(conversations, cache, model_name=model_name, tokenizer_name=tokenizer,
                                 trust_remote_code=trust_remote_code, device=device, dtype=dtype,
                                 extra_tensors={"prompt_row": prompt_row, "is_chosen": is_chosen.long()},
                                 metadata={"dataset": dataset_name, "split": split, "limit": limit},
                                 max_tokens_per_batch=max_tokens_per_batch, max_batch_size=batch_size,
                                 max_length=max_length, truncation_side=truncation_side, shard_size=shard_size,
                                 record=config.record)
-if not utils.is_main_process():
+if not is_main_process():
     sys.exit(0)
 if path is None:
     raise SystemExit(f"embedding of {cache} did not finish; run again to resume")
-t = utils.load_tensors(path, ["embeddings", "head"], make_cmd=f"python {Path(__file__)}")
+t = load_tensors(path, ["embeddings", "head"], make_cmd=f"python {Path(__file__)}")
 E = t["embeddings"].float()
 
 heads = {"reference": t["head"]}  # name -> [F, 1]
@@ -137,14 +144,14 @@ cols = ["head"] + [c for c in rewardbench.SUBSETS + ["overall", "overall_publish
 print(f"\nRewardBench 2 accuracy ({model_name}{f', first {limit} prompts per subset' if limit else ''}); "
       "overall: mean of the subsets, overall_published: mean of (mean of the five non-Ties subsets, Ties)"
       + (f"; learned heads ranked, best {top_k} shown" if top_k is not None and learned else ""))
-utils.print_table(cols, shown[cols].values.tolist())
+print_table(cols, shown[cols].values.tolist())
 if verbose_failures:
     for j, name in enumerate(heads):
         failed = rewardbench.failures(rewards[:, j], prompt_row, is_chosen, subsets)
         print(f"{name}: {len(failed)} prompts not fully correct: " + ", ".join(str(df["id"][p]) for p in failed))
 name = "reference" if rm_head is None else f"{Path(rm_head).stem}_{weights}"
-out = Path(save_csv) if save_csv else utils.script_out_dir(__file__, out_dir) / f"eval_rb2_{name}{tag}.csv"
-written = utils.save_or_fallback(out, lambda p: utils.atomic_write_bytes(p, ranked[cols].to_csv(index=False).encode()))
+out = Path(save_csv) if save_csv else script_out_dir(__file__, out_dir) / f"eval_rb2_{name}{tag}.csv"
+written = save_or_fallback(out, lambda p: atomic_write_bytes(p, ranked[cols].to_csv(index=False).encode()))
 if written != out:
     print(f"results in full ({out.name}):\n{ranked[cols].to_csv(index=False)}")
 print(f"wrote {written}")

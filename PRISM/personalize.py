@@ -13,14 +13,14 @@ Embeds both conversations of every comparison with the reward model named in the
 fits the person's weights w [K] on the frozen basis V (the few-shot step of train_basis.py, with the settings
 stored in the file), prints w and how many of their comparisons it orders right, and writes a Hugging Face
 AutoModelForSequenceClassification checkpoint whose score.weight is (V w / 100)^T, linked to the reward model's
-own weight files (utils.export_reward_model): its logits are calibrated Bradley-Terry log-odds, on the base reward
+own weight files (export_reward_model): its logits are calibrated Bradley-Terry log-odds, on the base reward
 model's scale (calibrated=False: (V w)^T, the raw e^T V w). To steer a policy with it: PRISM/steer_policy.py.
 
     python PRISM/personalize.py suggest=pool.jsonl model=... [comparisons=my.jsonl]
 
 suggest: a jsonl pool of candidate comparisons the person has not answered, one a line {"prompt": ..., "a": ...,
 "b": ...}. Prints the next num_suggestions to ask, best first, each with its expected information about w (nats)
-(utils.PersonalizedReward.suggest: `selection` "active" asks where the answer tells most about w, "uncertainty"
+(PersonalizedReward.suggest: `selection` "active" asks where the answer tells most about w, "uncertainty"
 where it is predicted nearest 50/50, "variance" where the predicted reward gap is least known), given the
 comparisons answered so far (none: from the prior); pool lines identical to an answered comparison are skipped.
 stop_below (nats): the stopping rule: fewer (or none: "stop asking") once the best remaining expected information
@@ -32,8 +32,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import utils  # noqa: E402
-from utils import InputError, MissingFileError  # noqa: E402
+from lorelib.config import (
+    InputError,  # noqa: E402
+    MissingFileError,  # noqa: E402
+    configure,  # noqa: E402
+)
+from lorelib.files import script_out_dir  # noqa: E402
+from lorelib.learned import PersonalizedReward, read_comparisons  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
@@ -55,7 +60,7 @@ stop_below = None          # with suggest: stop suggesting once the best remaini
                            # below this, e.g. 0.05 (None: always num_suggestions)
 _types = {"comparisons": str, "model": str, "model_name": str, "suggest": str, "stop_below": float}
 # -----------------------------------------------------------------------------
-config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"} if export else None)
+config = configure(globals(), script=__file__, writable={"out_dir": "results"} if export else None)
 export = export and suggest is None
 if model is None or (comparisons is None and suggest is None):
     raise InputError(f"comparisons={comparisons}, suggest={suggest}, model={model}: pass model=results/models/"
@@ -68,7 +73,7 @@ for path in (comparisons, suggest):
 
 def read(key, path, sides, what):
     """The good lines of the jsonl `path` (setting `key`) -> (first sides, second sides, their line numbers)."""
-    first, second, bad = utils.read_comparisons(path, sides)
+    first, second, bad = read_comparisons(path, sides)
     for n, reason in bad:
         print(f"{path}:{n}: skipped, {reason}")
     if not first:
@@ -82,7 +87,7 @@ def read(key, path, sides, what):
 
 chosen, rejected, _ = read("comparisons", comparisons, ("chosen", "rejected"), "comparison") if comparisons else \
     ([], [], [])
-rm = utils.PersonalizedReward.load(model, model_name=model_name, device=device)
+rm = PersonalizedReward.load(model, model_name=model_name, device=device)
 print(rm)
 diffs = None
 if chosen:
@@ -115,7 +120,7 @@ if suggest:
         print(f"stop asking{' more' if best else ''}: the best remaining comparison's expected information, "
               f"{info[-1]:.3f} nats, is below stop_below={stop_below:g}")
 if export:
-    out = Path(out_dir) if out_dir else (utils.script_out_dir(__file__) / "personalized"
+    out = Path(out_dir) if out_dir else (script_out_dir(__file__) / "personalized"
                                          / f"{Path(comparisons).stem}_{Path(model).stem}")
     rm.export(out, user=w, calibrated=calibrated)
     print(f"its logits are {'calibrated log-odds (e^T V w / 100)' if calibrated else 'raw e^T V w'}; load it with "

@@ -19,7 +19,7 @@ Writes to data_dir:
   embeddings.safetensors  `embeddings` [R, F] (the chosen conversation of every turn, then the
                           rejected conversation of every pair), `head` [F, 1] (the model's score
                           head), `published_reference` [F, 1] (the published scripts' reference
-                          direction, utils.read_published_reference), and per pair [P] int64:
+                          direction, read_published_reference), and per pair [P] int64:
                           chosen, rejected (rows of `embeddings`), user, dialog, turn, seen (0/1),
                           split (0 train / few-shot, 1 test)
 Malformed jsonl lines are reported and skipped. Every file is written atomically, the parquet
@@ -30,9 +30,21 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import utils  # noqa: E402
+from lorelib.config import (  # noqa: E402
+    MissingFileError,  # noqa: E402
+    configure,
+    is_main_process,
+    print0,
+)
+from lorelib.extract import extract_embeddings  # noqa: E402
+from lorelib.files import (  # noqa: E402
+    PUBLISHED_REFERENCE,
+    atomic_write_bytes,
+    read_published_reference,
+    read_score_weight,
+    save_tensors,
+)
 from PRISM import prism  # noqa: E402
-from utils import MissingFileError  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
@@ -51,17 +63,17 @@ stop_after_shards = None   # stop early after this many new shards (for testing 
 embedding_dtype = None     # stored dtype: None = the model's (bfloat16 on CUDA, float32 on CPU), or "float32"
 from_published = None      # folder with the published train_embeddings.pkl / test_embeddings.pkl: convert (no GPU)
 # -----------------------------------------------------------------------------
-config = utils.configure(globals(), script=__file__, writable={"data_dir": "data"})
+config = configure(globals(), script=__file__, writable={"data_dir": "data"})
 HERE = Path(__file__).resolve().parent
 data_dir = Path(data_dir or HERE / "data")
 source = Path(dataset_path or data_dir)
 if from_published is not None:
     files = [Path(from_published) / name for name in prism.PUBLISHED_FILES.values()]
-    out = utils.save_tensors(data_dir / "embeddings.safetensors",
-                             prism.convert_published(*files, utils.read_score_weight(model_name),
-                                                     utils.read_published_reference(model_name)),
+    out = save_tensors(data_dir / "embeddings.safetensors",
+                             prism.convert_published(*files, read_score_weight(model_name),
+                                                     read_published_reference(model_name)),
                              metadata={"converted_from": str(from_published)})
-    utils.print0(f"converted {files[0]} and {files[1].name} -> {out}")
+    print0(f"converted {files[0]} and {files[1].name} -> {out}")
     sys.exit(0)
 
 paths = {}
@@ -71,22 +83,22 @@ for name in prism.FILES:
         if dataset_path is not None:
             raise MissingFileError(f"{paths[name]} not found (dataset_path={dataset_path})")
         from huggingface_hub import hf_hub_download
-        utils.print0(f"downloading {name} from {prism.REPO} to {source}")
+        print0(f"downloading {name} from {prism.REPO} to {source}")
         paths[name] = Path(hf_hub_download(prism.REPO, name, repo_type="dataset", local_dir=source))
 
 rows = {name: prism.read_jsonl(path) for name, path in paths.items()}
 dialogs = prism.build_dialogs(*(rows[name] for name in prism.FILES))
 pairs, users, conversations = prism.build_pairs(dialogs, seed, seen_fraction, min_dialogs, user_split)
 
-path = utils.extract_embeddings(
+path = extract_embeddings(
     conversations, data_dir / "embeddings.safetensors", model_name=model_name,
-    extra_tensors={**prism.pair_tensors(pairs), utils.PUBLISHED_REFERENCE: utils.read_published_reference(model_name)},
+    extra_tensors={**prism.pair_tensors(pairs), PUBLISHED_REFERENCE: read_published_reference(model_name)},
     metadata={"dataset": prism.REPO, "seed": seed, "seen_fraction": seen_fraction, "min_dialogs": min_dialogs,
               "user_split": user_split,
               "num_users": len(users), "num_seen": int(users["seen"].sum()), "num_pairs": len(pairs)},
     max_tokens_per_batch=max_tokens_per_batch, max_length=max_length, shard_size=shard_size,
     stop_after_shards=stop_after_shards, embedding_dtype=embedding_dtype, record=config.record)
-if path is not None and utils.is_main_process():  # the tables last, once their embeddings exist
-    utils.atomic_write_bytes(data_dir / "pairs.parquet", pairs.to_parquet(index=False))
-    utils.atomic_write_bytes(data_dir / "users.parquet", users.to_parquet(index=False))
-    utils.print0(f"wrote {path}, {data_dir / 'pairs.parquet'} and users.parquet")
+if path is not None and is_main_process():  # the tables last, once their embeddings exist
+    atomic_write_bytes(data_dir / "pairs.parquet", pairs.to_parquet(index=False))
+    atomic_write_bytes(data_dir / "users.parquet", users.to_parquet(index=False))
+    print0(f"wrote {path}, {data_dir / 'pairs.parquet'} and users.parquet")

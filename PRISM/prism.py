@@ -1,7 +1,7 @@
 """PRISM (HannahRoseKirk/prism-alignment): multi-turn dialogs -> users, pairs, split; synthetic data.
 
     from PRISM import prism                  # with the repository root on sys.path
-    data = prism.load(synthetic=True)        # a utils.PreferenceData
+    data = prism.load(synthetic=True)        # a PreferenceData
 
 Every turn of a dialog shows the user several rated replies; the chosen one continues the dialog.
 A turn's prompt is the history so far (earlier user messages and chosen replies) and every
@@ -16,9 +16,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import utils
 from lorelib.choice import Candidates
-from utils import InputError
+from lorelib.config import InputError, check_value, print0
+from lorelib.data import Pairs, PreferenceData
+from lorelib.files import (
+    PUBLISHED_REFERENCE,
+    check_shapes,
+    choose_reference,
+    fingerprint,
+    load_metadata,
+    load_pickle,
+    load_tensors,
+    stand_in_reference,
+    tensor_shapes,
+)
+from lorelib.learned import reward_model_info
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,11 +47,9 @@ SCORES = ["chosen_score", "rejected_score"]  # per pair: the user's 1-100 rating
 
 
 SPLITS = ["train", "test"]  # split code 0: training (seen users) / few-shot (unseen users); 1: test
-# the tuned rows' settings (each baseline's point of lorelib.baselines.TUNE_GRID), chosen by `python
-# PRISM/train_basis.py synthetic=True tune=True` (seed 0; held-out seen-user training pairs; README, "Tuned rows")
-TUNED_SETTINGS = {"pal": {"num_epochs": 2, "user_learning_rate": 0.5, "fewshot_learning_rate": 0.5, "K": 5,
-                          "bias_decay": False},
-                  "vpl": {"num_duplicates": 1, "context_length": "2..C"}}
+# the range of this dataset's own settings (config.check_value rules; the scripts pass them to configure)
+RULES = {"user_split": "one of published filter_first", "seen_fraction": "in (0, 1)", "min_dialogs": "int >= 1",
+         "synthetic_users": "int >= 2"}
 
 
 # required fields of a jsonl line: name -> accepted types
@@ -96,10 +106,10 @@ def read_jsonl(path):
                         break
             if error:
                 bad += 1
-                utils.print0(f"{path.name}:{lineno}: {error}; line skipped")
+                print0(f"{path.name}:{lineno}: {error}; line skipped")
                 continue
             rows.append(row)
-    utils.print0(f"{path.name}: {len(rows)} rows" + (f", {bad} malformed line(s) skipped" if bad else ""))
+    print0(f"{path.name}: {len(rows)} rows" + (f", {bad} malformed line(s) skipped" if bad else ""))
     return rows
 
 
@@ -155,7 +165,7 @@ def build_dialogs(survey, conversations, utterances):
         dialogs.append({"conversation_id": cid, "user_id": conv["user_id"],
                         "conversation_type": conv.get("conversation_type"), "turns": turns})
     dropped = ", ".join(f"{n} {why}" for why, n in counts.items() if n)
-    utils.print0(f"{len(dialogs)} dialogs of {len({d['user_id'] for d in dialogs})} users"
+    print0(f"{len(dialogs)} dialogs of {len({d['user_id'] for d in dialogs})} users"
                  + (f" (dropped: {dropped})" if dropped else ""))
     return dialogs
 
@@ -194,7 +204,7 @@ def split_users(dialog_users, seed=123, seen_fraction=0.8, min_dialogs=6, user_s
         rng.shuffle(users)
         num_seen = int(seen_fraction * len(users))
     else:
-        utils.check_value("user_split", user_split)
+        check_value("user_split", user_split, RULES["user_split"])
     dialog_split = [-1] * len(dialog_users)
     for u in users:
         ds = list(by_user[u])
@@ -256,7 +266,7 @@ def build_pairs(dialogs, seed=123, seen_fraction=0.8, min_dialogs=6, user_split=
     for split in SPLITS:
         stats[f"{split}_dialogs"] = per_user(pairs[pairs["split"] == split].groupby("user")["dialog"].nunique())
     stats["pairs"] = per_user(pairs.groupby("user").size())
-    utils.print0(f"{len(users)} users with >= {min_dialogs} dialogs: {num_seen} seen, {len(users) - num_seen} unseen; "
+    print0(f"{len(users)} users with >= {min_dialogs} dialogs: {num_seen} seen, {len(users) - num_seen} unseen; "
                  f"{len(pairs)} pairs, {len(chosen_convs) + len(rejected_convs)} conversations to embed")
     return pairs, stats, chosen_convs + rejected_convs
 
@@ -320,7 +330,7 @@ def make_synthetic(num_users=1000, num_features=64, rank=4, dirichlet_alpha=0.1,
     t["seen"] = (t["user"] < num_seen).long()
     t["embeddings"] = torch.as_tensor(np.stack(rows), dtype=torch.float32)
     t["head"] = torch.as_tensor(head, dtype=torch.float32).reshape(-1, 1)
-    t[utils.PUBLISHED_REFERENCE] = utils.stand_in_reference(t["head"], seed)
+    t[PUBLISHED_REFERENCE] = stand_in_reference(t["head"], seed)
     t["true_directions"] = torch.as_tensor(H[users], dtype=torch.float32)  # [C, F] by user index
     return t
 
@@ -331,12 +341,12 @@ PUBLISHED_FILES = {"train": "train_embeddings.pkl", "test": "test_embeddings.pkl
 def convert_published(train_path, test_path, head, published_reference=None):
     """The published train_embeddings.pkl / test_embeddings.pkl (torch.save'd lists of {"prompt", "extra_info":
     {"user_id", "dialog_id", "chosen_utterance", "rejected_utterance", "chosen_conv_embedding",
-    "rejected_conv_embedding", "seen", "split"}}; read with utils.load_pickle: untrusted) + the head [F, 1] -> the
+    "rejected_conv_embedding", "seen", "split"}}; read with load_pickle: untrusted) + the head [F, 1] -> the
     dict of TENSORS that load() reads: one pair per record, the records of train_path with split 0 (train /
     few-shot) and of test_path with split 1; seen users first (in order of appearance), then unseen ones."""
     records = []
     for code, path in enumerate([train_path, test_path]):
-        data = utils.load_pickle(path)
+        data = load_pickle(path)
         if not isinstance(data, (list, tuple)):
             raise InputError(f"{path}: expected a list of records, got {type(data).__name__}")
         for i, r in enumerate(data):
@@ -367,7 +377,7 @@ def convert_published(train_path, test_path, head, published_reference=None):
     if head.shape != (t["embeddings"].shape[1], 1):
         raise InputError(f"head {tuple(head.shape)} does not match the embeddings' F = {t['embeddings'].shape[1]}")
     if published_reference is not None:
-        t[utils.PUBLISHED_REFERENCE] = published_reference
+        t[PUBLISHED_REFERENCE] = published_reference
     return t
 
 
@@ -379,10 +389,10 @@ def _make_cmd(data_dir=None):
 def check_scores(path, make_cmd):
     """InputError unless the prepared file at `path` holds the ratings (SCORES) that choice quality needs: read
     from its header only."""
-    missing = [k for k in SCORES if k not in utils.tensor_shapes(path, make_cmd)]
+    missing = [k for k in SCORES if k not in tensor_shapes(path, make_cmd)]
     if missing:
         how = (f"the published pkl files hold no ratings: prepare from the jsonl files with {make_cmd} (embeds "
-               f"every reply again)" if "converted_from" in utils.load_metadata(path) else
+               f"every reply again)" if "converted_from" in load_metadata(path) else
                f"add it with: {make_cmd} (rewrites the file with the ratings, without embedding again)")
         raise InputError(f"{path} has no `{missing[0]}` tensor (each reply's 1-100 rating by its user, which choice "
                          f"quality needs; files prepared before it was stored lack it); {how}, or pass "
@@ -390,11 +400,22 @@ def check_scores(path, make_cmd):
 
 
 def check_config(config):
-    """The scripts' check before any work (utils.configure(..., checks=[check_config])): with choice_quality, the
+    """The scripts' check before any work (configure(..., checks=[check_config])): with choice_quality, the
     prepared file holds the users' ratings."""
     if config.get("choice_quality") and not config.get("synthetic"):
         check_scores(Path(config.get("data_dir") or HERE / "data") / "embeddings.safetensors",
                      _make_cmd(config.get("data_dir")))
+
+
+def data_key(config):
+    """The key of the seen users' training data a run of `config` fits on, under which a method stores its tuned
+    settings (Method.tuned): the synthetic shape, or a fingerprint of the prepared embeddings file."""
+    if config.get("synthetic"):
+        return (f"PRISM synthetic {config.get('population', 'lowrank')} F={config['synthetic_features']} "
+                f"users={config['synthetic_users']}")
+    data_dir = config.get("data_dir")
+    path = Path(data_dir or HERE / "data") / "embeddings.safetensors"
+    return f"PRISM prepared {fingerprint(path, _make_cmd(data_dir))}"
 
 
 def first_turns(t, table, N, source, make_cmd):
@@ -441,29 +462,30 @@ def first_turns(t, table, N, source, make_cmd):
 
 def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_features=64, seed=0, reference="head",
          pairs_dtype="auto", choice=False):
-    """PRISM as published (see split_users) -> utils.PreferenceData.
+    """PRISM as published (see split_users) -> PreferenceData.
 
     Reads data_dir/embeddings.safetensors (written by prepare.py; default data_dir: PRISM/data), or
     generates make_synthetic when synthetic. seen_train / seen_test: Pairs of the seen users
     (0..N-1), unseen_fewshot / unseen_test: Pairs of the unseen users (renumbered 0..N_unseen-1),
-    all indexing the embedding table [R, F]. info["fewshot_dialogs"] [m]: the dialog of each
+    all indexing the embedding table [R, F]. info["fewshot_dialogs"] (also "shot_groups") [m]: the dialog of each
     unseen_fewshot pair (to draw whole dialogs as few-shot examples); for prepared data also
-    "reward_model" (utils.reward_model_info) and "users" / "unseen_users" (PRISM user ids, from users.parquet).
+    "reward_model" (reward_model_info) and "users" / "unseen_users" (PRISM user ids, from users.parquet).
     head: the reward model's own, or with reference="published" the published scripts' direction
-    (utils.choose_reference; synthetic data: utils.stand_in_reference), the K = 0 column and V_sft.
+    (choose_reference; synthetic data: stand_in_reference), the K = 0 column and V_sft.
     pairs_dtype: the dtype of the embedding table, "auto" (the prepared file's), "float32" or "bfloat16".
     choice: also info["choice"], the candidate sets of choice quality (first_turns); the file must hold SCORES.
     """
     make_cmd = _make_cmd(data_dir)
     if synthetic:
-        utils.check_values(dict(synthetic_users=synthetic_users, synthetic_features=synthetic_features))
+        check_value("synthetic_users", synthetic_users, RULES["synthetic_users"])
+        check_value("synthetic_features", synthetic_features)
         t = make_synthetic(synthetic_users, synthetic_features, seed=seed)
     else:
         path = Path(data_dir or HERE / "data") / "embeddings.safetensors"
         if choice:
             check_scores(path, make_cmd)
-        t = utils.load_tensors(path, TENSORS, make_cmd=make_cmd, allow_nan=SCORES)
-        utils.check_shapes(path, {"embeddings": (t["embeddings"].shape, ("R", "F")),
+        t = load_tensors(path, TENSORS, make_cmd=make_cmd, allow_nan=SCORES)
+        check_shapes(path, {"embeddings": (t["embeddings"].shape, ("R", "F")),
                                   "head": (t["head"].shape, ("F", 1)),
                                   **{k: (t[k].shape, ("P",)) for k in TENSORS[2:]}}, make_cmd)
         R = len(t["embeddings"])
@@ -479,7 +501,7 @@ def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_feature
 
     def part(is_seen, code):
         m = (seen == is_seen) & (split == code)
-        return utils.Pairs(user[m] - (0 if is_seen else N), N if is_seen else N_unseen, table=E,
+        return Pairs(user[m] - (0 if is_seen else N), N if is_seen else N_unseen, table=E,
                            chosen=t["chosen"][m], rejected=t["rejected"][m])
 
     out = part(True, 0), part(True, 1), part(False, 0), part(False, 1)
@@ -491,12 +513,13 @@ def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_feature
           f"{str(E.dtype).removeprefix('torch.')}; "
           f"pairs: {len(out[0].user)} seen train, {len(out[1].user)} seen test, {len(out[2].user)} unseen few-shot, "
           f"{len(out[3].user)} unseen test")
-    info = {"fewshot_dialogs": t["dialog"][(~seen) & (split == 0)], "reference": reference}
+    dialogs = t["dialog"][(~seen) & (split == 0)]
+    info = {"fewshot_dialogs": dialogs, "shot_groups": dialogs, "reference": reference}
     if not synthetic:
-        info["reward_model"] = utils.reward_model_info(path)
+        info["reward_model"] = reward_model_info(path)
         info.update(_user_ids(path.parent / "users.parquet", N, N_unseen))
-    head = utils.choose_reference(reference, t, None if synthetic else path, make_cmd)
-    data = utils.PreferenceData(*out, head=head, info=info).with_dtype(pairs_dtype)
+    head = choose_reference(reference, t, None if synthetic else path, make_cmd)
+    data = PreferenceData(*out, head=head, info=info).with_dtype(pairs_dtype)
     if choice:  # on the pairs' table: the embeddings in the dtype the pairs have
         data.info["choice"] = first_turns(t, data.seen_train.table, N, "synthetic data" if synthetic else path,
                                          make_cmd)

@@ -6,28 +6,30 @@ score 0.5 * that + 0.5 * (min(chosen) - max(rejected) > max(chosen) - min(chosen
 import numpy as np
 import torch
 
-import utils
-from utils import InputError, MissingFileError
+from lorelib.config import InputError, MissingFileError, print0
+from lorelib.files import load_split, load_tensors, require_columns
 
 SUBSETS = ["Factuality", "Precise IF", "Math", "Safety", "Focus", "Ties"]
+# the range of eval_rb2.py's own settings (config.check_value rules, passed to configure)
+RULES = {"weights": "one of uniform user basis all", "user": "int >= 0", "limit": "int >= 1", "top_k": "int >= 1"}
 
 
 def load_prompts(name="allenai/reward-bench-2", path=None, limit=None, split="test"):
     """RewardBench 2 test prompts as a DataFrame (id, prompt, chosen [list], rejected [list],
     subset), checked; `limit`: keep the first `limit` prompts of each subset (smoke runs)."""
-    df = utils.load_split(name, split, path)
-    utils.require_columns(df, ["id", "prompt", "chosen", "rejected", "subset"], name)
+    df = load_split(name, split, path)
+    require_columns(df, ["id", "prompt", "chosen", "rejected", "subset"], name)
     for col in ["chosen", "rejected"]:
         df[col] = [list(v) if isinstance(v, (list, tuple, np.ndarray)) else v for v in df[col]]
     ok = [isinstance(p, str) and isinstance(c, list) and isinstance(r, list) and len(c) > 0 and len(r) > 0
           and all(isinstance(x, str) for x in c + r) for p, c, r in zip(df["prompt"], df["chosen"], df["rejected"])]
     if not all(ok):
-        utils.print0(f"{name}: skipping {len(ok) - sum(ok)} prompts with a missing prompt or empty / non-text "
+        print0(f"{name}: skipping {len(ok) - sum(ok)} prompts with a missing prompt or empty / non-text "
                      "responses")
         df = df[ok]
     unknown = sorted(set(df["subset"]) - set(SUBSETS))
     if unknown:
-        utils.print0(f"{name}: subsets {unknown} are not scored (expected {SUBSETS})")
+        print0(f"{name}: subsets {unknown} are not scored (expected {SUBSETS})")
     df = df[df["subset"].isin(SUBSETS)]
     if limit is not None:
         df = df.groupby("subset", sort=False).head(limit)
@@ -96,7 +98,7 @@ def load_head(path, head_key=None, make_cmd=None):
         raise MissingFileError(f"{path} not found" + (f"; create it with: {make_cmd}" if make_cmd else ""))
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        tensors = utils.load_tensors(path, make_cmd=make_cmd)
+        tensors = load_tensors(path, make_cmd=make_cmd)
     elif suffix == ".npy":
         try:
             tensors = {"head": torch.from_numpy(np.load(path, allow_pickle=False))}

@@ -22,9 +22,17 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import utils  # noqa: E402
+from lorelib.config import (  # noqa: E402
+    InputError,  # noqa: E402
+    MissingFileError,  # noqa: E402
+    check_values,
+    configure,
+    set_seed,
+)
+from lorelib.export import EXPORT_HEAD_FILE  # noqa: E402
 from lorelib.extract import check_conversations  # noqa: E402
-from utils import InputError, MissingFileError  # noqa: E402
+from lorelib.files import load_metadata, save_json, save_or_fallback, script_out_dir  # noqa: E402
+from lorelib.report import print_table  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
@@ -52,7 +60,7 @@ _rules = {"max_steps": "int >= 1", "batch_size": "int >= 1", "num_generations": 
 
 def check(config):
     """Every setting before any model is loaded: the ranges, the files, the batch arithmetic."""
-    utils.check_values(config, _rules)
+    check_values(config, _rules)
     for key in ("policy", "reward_model", "prompts"):
         if config[key] is None:
             raise InputError(f"{key}=None: pass policy=MODEL reward_model=EXPORT_FOLDER prompts=FILE.jsonl")
@@ -87,23 +95,23 @@ def read_prompts(path):
 
 def export_logits(folder):
     """'calibrated' / 'raw' from an export's head file (PersonalizedReward.export), None for another model."""
-    head = Path(folder) / utils.EXPORT_HEAD_FILE
-    return json.loads(utils.load_metadata(head).get("logits", "null")) if head.is_file() else None
+    head = Path(folder) / EXPORT_HEAD_FILE
+    return json.loads(load_metadata(head).get("logits", "null")) if head.is_file() else None
 
 
-config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"}, checks=[check])
+config = configure(globals(), script=__file__, writable={"out_dir": "results"}, checks=[check])
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-utils.set_seed(seed)
+set_seed(seed)
 data = Dataset.from_list(read_prompts(prompts))
 logits = export_logits(reward_model)
 print(f"{len(data)} prompts from {prompts}; reward model {reward_model}: "
       + {"calibrated": "an export with calibrated logits (Bradley-Terry log-odds, the base reward model's scale)",
          "raw": "an export with RAW logits e^T V w, 100 times the log-odds: the KL term (beta) is swamped; export "
                 "with calibrated=True", None: "not a LoRe export (its own logits)"}[logits])
-out = Path(out_dir) if out_dir else utils.script_out_dir(__file__) / "steered" / Path(reward_model).name
+out = Path(out_dir) if out_dir else script_out_dir(__file__) / "steered" / Path(reward_model).name
 args = GRPOConfig(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=batch_size,
                   num_generations=num_generations, max_completion_length=max_completion_length,
                   learning_rate=learning_rate, beta=beta, temperature=temperature, scale_rewards=scale_rewards,
@@ -117,8 +125,8 @@ name = trainer.reward_func_names[0]
 last = [{"prompt": p, "completion": c, "reward": r} for p, c, r in
         zip(trainer._logs["prompt"], trainer._logs["completion"], trainer._logs["rewards"][name])]
 means = [(h["step"], h[f"rewards/{name}/mean"]) for h in trainer.state.log_history if f"rewards/{name}/mean" in h]
-utils.print_table(["step", f"mean reward ({name})"], [[s, m] for s, m in means])
-path = utils.save_or_fallback(out / "steer_policy.json", lambda p: utils.save_json(p, {
+print_table(["step", f"mean reward ({name})"], [[s, m] for s, m in means])
+path = save_or_fallback(out / "steer_policy.json", lambda p: save_json(p, {
     "config": config, "reward_model_logits": logits, "reward_name": name, "log_history": trainer.state.log_history,
     "last_step": last}))
 print(f"wrote the policy to {out} and {path}")

@@ -18,13 +18,12 @@ user ids, reward model, ...; utils.save_lore_model), for PRISM/eval_rb2.py rm_he
 PRISM/personalize.py and utils.PersonalizedReward.
 """
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import utils  # noqa: E402
-from lorelib.baselines import TUNE_GRID, check_baselines, run_baselines  # noqa: E402
-from lorelib.choice import ChoiceRun  # noqa: E402
+from lorelib import experiment, methods  # noqa: E402
+from lorelib.config import configure, set_seed  # noqa: E402
+from lorelib.files import script_out_dir  # noqa: E402
 from PRISM import prism  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -37,11 +36,10 @@ num_iterations = None      # Adam steps of the joint fit; None: 20000 (published
 learning_rate = 0.5
 fewshot_iterations = 500
 fewshot_learning_rate = 0.5
-baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
-baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
-tuned_settings = prism.TUNED_SETTINGS  # each baseline's tuned row (README, "Tuned rows"); {}: released rows only
+baselines = methods.baseline_names()  # the other methods beside LoRe (lorelib/methods.py); [] runs LoRe alone
+baseline_settings = {}     # overrides of their released settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
+tuned = True               # also each method's tuned row, where settings are stored for this data; False: released only
 tune = False               # True: choose the tuned rows' settings here, on held-out seen-user training pairs
-tune_grid = TUNE_GRID      # the grid tune=True sweeps jointly per baseline (lorelib/baselines.py)
 choice_quality = True      # also best-of-N choice quality (README, "Choice quality"); False: accuracy only
 seed = 0
 pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
@@ -53,47 +51,15 @@ data_dir = None            # default: PRISM/data (written by prepare.py)
 out_dir = None             # default: PRISM/results
 device = None              # default: cuda if available, else cpu
 # -----------------------------------------------------------------------------
-config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"},
-                         checks=[check_baselines, prism.check_config])  # every setting checked before any work
-device = utils.get_device(device)
+config = configure(globals(), script=__file__, writable={"out_dir": "results"}, rules=prism.RULES,
+                   checks=[methods.check_methods, prism.check_config])  # every setting checked before any work
 if num_iterations is None:
     num_iterations = 500 if synthetic else 20000
-
-t0 = time.time()
-utils.set_seed(seed)
+set_seed(seed)
 data = prism.load(data_dir=data_dir, synthetic=synthetic, synthetic_users=synthetic_users,
                   synthetic_features=synthetic_features, seed=seed, reference=reference,
                   pairs_dtype=pairs_dtype, choice=choice_quality)
-result = utils.fit_ranks(
-    K_list, alpha_list, data.head, data.features, data.N, data.N_unseen, device, regularized=True,
-    num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
-    fewshot_learning_rate=fewshot_learning_rate, seed=seed, record=config.record)
-# best-of-N among each test dialog's first-turn replies, by the user's own 1-100 ratings; seen users with their fit,
-# unseen users with their few-shot fit (a measurement only: it changes no fit)
-choice = ChoiceRun(data.info["choice"], data.head) if choice_quality else None
-if choice:
-    choice.add_ranks(result)
-out = utils.script_out_dir(__file__, out_dir)
-name = "train_basis_synthetic" if synthetic else "train_basis"
-paths = utils.save_models(out / name.replace("train_basis", "models"), result.models, data, dataset="PRISM",
-                          fewshot_iterations=fewshot_iterations,
-                          fewshot_learning_rate=fewshot_learning_rate, record=config.record) if save_models else {}
-# K chosen on held-out seen-user training pairs (never the test pairs), for the one-line summary
-selection = utils.select_rank(K_list, alpha_list, data.head, data.seen_train, device, regularized=True, seed=seed,
-                              validation_fraction=validation_fraction, num_iterations=num_iterations,
-                              learning_rate=learning_rate)
-# the paper's other methods, on the same users and pairs, after LoRe's models are saved
-baseline_results = run_baselines(baselines, *data.features, device, seed=seed, settings=baseline_settings,
-                                 tuned_settings=tuned_settings, tune_grid=tune_grid if tune else None,
-                                 validation_fraction=validation_fraction, record=config.record,
-                                 on_fit=choice.add_baseline if choice else None)
-title = "PRISM (synthetic)" if synthetic else "PRISM"
-choice_json = {"choice": choice.payload(result, baseline_results)} if choice else {}
-utils.report_run(result, config, out, name, title,
-                 extra={"seconds": time.time() - t0, "num_iterations_used": num_iterations,
-                        "kept_bases": {f"K={K} alpha={a:g}": m["V"].shape[1] for (a, K), m in result.models.items()},
-                        "models": paths, **choice_json}, baselines=baseline_results, selection=selection,
-                 record=config.record)
-if choice:
-    choice.report(choice_json["choice"], out, name, title, record=config.record)
-print(f"done in {time.time() - t0:.0f}s")
+experiment.train_basis(config, data, out_dir=script_out_dir(__file__, out_dir), dataset="PRISM", regularized=True,
+                       name="train_basis_synthetic" if synthetic else "train_basis",
+                       title="PRISM (synthetic)" if synthetic else "PRISM", data_key=prism.data_key(config),
+                       overrides={"num_iterations": num_iterations}, extra={"num_iterations_used": num_iterations})

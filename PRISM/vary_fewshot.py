@@ -10,12 +10,12 @@ weights on them and is evaluated on its test half. Users with fewer few-shot dia
 Writes out_dir/vary_fewshot.json and vary_fewshot.png (default out_dir: PRISM/results).
 """
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import utils  # noqa: E402
-from lorelib.baselines import TUNE_GRID, check_baselines, run_baselines_vary_shots  # noqa: E402
+from lorelib import experiment, methods  # noqa: E402
+from lorelib.config import configure  # noqa: E402
+from lorelib.files import script_out_dir  # noqa: E402
 from lorelib.pipelines import check_shot_selection  # noqa: E402
 from PRISM import prism  # noqa: E402
 
@@ -34,11 +34,10 @@ shot_selection = "random"  # how a user's few-shot dialogs are picked from its p
                            # "uncertainty", "active" or the yardsticks "variance" and "longest" (asked one at a time,
                            # README "Choosing the comparisons"), or a list of them, run side by side:
                            # shot_selection=['random','uncertainty','active','variance','longest']
-baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
-baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
-tuned_settings = prism.TUNED_SETTINGS  # each baseline's tuned row (README, "Tuned rows"); {}: released rows only
+baselines = methods.baseline_names()  # the other methods beside LoRe (lorelib/methods.py); [] runs LoRe alone
+baseline_settings = {}     # overrides of their released settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
+tuned = True               # also each method's tuned row, where settings are stored for this data; False: released only
 tune = False               # True: choose the tuned rows' settings here, on held-out seen-user training pairs
-tune_grid = TUNE_GRID      # the grid tune=True sweeps jointly per baseline (lorelib/baselines.py)
 seed = 0
 seeds = None               # data seeds, e.g. [0, 1, 2]: each redraws the data (synthetic users, shot draws, basis
                            # init); the rules are compared over them with 95% intervals over users, per dialog and
@@ -56,39 +55,18 @@ out_dir = None             # default: PRISM/results
 device = None
 _types = {"shot_selection": (str, list), "seeds": list, "stop_thresholds": list, "pair_budgets": list}
 # -----------------------------------------------------------------------------
-config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"},
-                         checks=[check_baselines, lambda c: check_shot_selection(c, dialogs=True)])  # before any work
-device = utils.get_device(device)
+config = configure(globals(), script=__file__, writable={"out_dir": "results"}, rules=prism.RULES,
+                   checks=[methods.check_methods, lambda c: check_shot_selection(c, dialogs=True)])  # before any work
 if num_iterations is None:
     num_iterations = 500 if synthetic else 20000
 if pair_budgets is None and not isinstance(shot_selection, str):
     pair_budgets = [3, 5, 10, 15, 20]
-
-t0 = time.time()
-results = []
-for s in seeds or [seed]:
-    utils.set_seed(s)
-    data = prism.load(data_dir=data_dir, synthetic=synthetic, synthetic_users=synthetic_users,
-                      synthetic_features=synthetic_features, seed=s, reference=reference, pairs_dtype=pairs_dtype)
-    fewshot_dialogs = data.info["fewshot_dialogs"]  # [m] the dialog of each few-shot pair
-    if num_shots is None:  # from the first seed's data, kept for the others
-        most = max(len(set(fewshot_dialogs[data.unseen_fewshot.user == u].tolist())) for u in range(data.N_unseen))
-        num_shots = list(range(1, most + 1))
-    results.append(utils.vary_shots(
-        trials, [alpha], [K], num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, data.head, data.N,
-        data.N_unseen, device, regularized=True, shot_groups=fewshot_dialogs,
-        num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
-        fewshot_learning_rate=fewshot_learning_rate, seed=s,
-        shot_selection=shot_selection, full_pool=True, stop_thresholds=stop_thresholds, pair_budgets=pair_budgets,
-        record=config.record))
-baseline_results = run_baselines_vary_shots(  # one seed only (check_shot_selection)
-    baselines, trials, num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, device,
-    shot_groups=fewshot_dialogs, seed=seed, settings=baseline_settings,
-    tuned_settings=tuned_settings, tune_grid=tune_grid if tune else None, record=config.record)
-name = "vary_fewshot_synthetic" if synthetic else "vary_fewshot"
-utils.report_shots(results if len(results) > 1 else results[0], config, utils.script_out_dir(__file__, out_dir), name,
-                   "PRISM, few-shot dialogs" + (" (synthetic)" if synthetic else ""),
-                   extra={"seconds": time.time() - t0, "num_iterations_used": num_iterations,
-                          "shots_are": "dialogs per unseen user"}, xlabel="few-shot dialogs per user",
-                   baselines=baseline_results, record=config.record)
-print(f"done in {time.time() - t0:.0f}s")
+experiment.vary_fewshot(
+    config, lambda s: prism.load(data_dir=data_dir, synthetic=synthetic, synthetic_users=synthetic_users,
+                                 synthetic_features=synthetic_features, seed=s, reference=reference,
+                                 pairs_dtype=pairs_dtype),
+    out_dir=script_out_dir(__file__, out_dir), name="vary_fewshot_synthetic" if synthetic else "vary_fewshot",
+    title="PRISM, few-shot dialogs" + (" (synthetic)" if synthetic else ""), data_key=prism.data_key(config),
+    regularized=True, overrides={"num_iterations": num_iterations, "pair_budgets": pair_budgets},
+    extra={"num_iterations_used": num_iterations, "shots_are": "dialogs per unseen user"},
+    xlabel="few-shot dialogs per user")

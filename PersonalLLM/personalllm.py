@@ -1,7 +1,7 @@
 """PersonalLLM (namkoong-lab/PersonalLLM): prepared files, the simulated population, synthetic data.
 
     from PersonalLLM import personalllm       # with the repository root on sys.path
-    data = personalllm.load(synthetic=True)  # a utils.PreferenceData
+    data = personalllm.load(synthetic=True)  # a PreferenceData
 
 A user is a Dirichlet mixture w of the 10 reward models; its pair on a prompt is its highest-
 minus lowest-scored response. prepare.py writes data/{train,test}.safetensors with
@@ -12,17 +12,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import utils
 from lorelib.choice import Candidates
-from utils import InputError
+from lorelib.config import InputError, check_value, check_values
+from lorelib.data import PreferenceData, generate_population, sample_population_pairs
+from lorelib.files import (
+    PUBLISHED_REFERENCE,
+    check_shapes,
+    choose_reference,
+    fingerprint,
+    load_tensors,
+    require_columns,
+    save_tensors,
+    stand_in_reference,
+    tensor_shapes,
+)
+from lorelib.learned import reward_model_info
 
 HERE = Path(__file__).resolve().parent
 NUM_RESPONSES = 8
-# the tuned rows' settings (each baseline's point of lorelib.baselines.TUNE_GRID), chosen by `python
-# PersonalLLM/train_basis.py synthetic=True tune=True` (seed 0; held-out seen-user training pairs; README, "Tuned rows")
-TUNED_SETTINGS = {"pal": {"num_epochs": 2, "user_learning_rate": 0.05, "fewshot_learning_rate": 0.05, "K": 5,
-                          "bias_decay": True},
-                  "vpl": {"num_duplicates": 2, "context_length": "fixed"}}
+# the range of this dataset's own settings (config.check_value rules; the scripts pass them to configure)
+RULES = {"train_density": "in (0, 1]", "fewshot_density": "in (0, 1]", "fewshot_pool_density": "in (0, 1] or None",
+         "dirichlet_alpha": "> 0", "synthetic_prompts": "each int >= 1"}
 MODEL_NAMES = ["gemma_2b", "gemma_7b", "mistral_raft", "llama3_sfairx", "oasst_deberta_v3",
                "beaver_7b", "oasst_pythia_7b", "oasst_pythia_1b", "mistral_ray", "mistral_weqweasdas"]
 
@@ -31,7 +41,7 @@ def reward_tensor(df):
     """[P, 8, 10] float32 scores of each response by each reward model (NaN where None)."""
     import pandas as pd
     cols = [f"response_{i}_{m}" for i in range(1, NUM_RESPONSES + 1) for m in MODEL_NAMES]
-    utils.require_columns(df, cols, "PersonalLLM scores")
+    require_columns(df, cols, "PersonalLLM scores")
     values = df[cols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
     return torch.tensor(values.reshape(len(df), NUM_RESPONSES, len(MODEL_NAMES)))  # copies: the view may be read-only
 
@@ -40,7 +50,7 @@ def convert_published(embeddings_path, df, head, out_path, published_reference=N
     """The published prepare.py output (safetensors with one key `embeddings` [P * 8, F], prompt-major, the train
     split) + that split's rows `df` (for the scores) + the reward head [F, 1] (and the published reference
     direction [F, 1]) -> out_path in the prepared format."""
-    E = utils.load_tensors(embeddings_path, ["embeddings"])["embeddings"]  # its own dtype, as published
+    E = load_tensors(embeddings_path, ["embeddings"])["embeddings"]  # its own dtype, as published
     if E.dim() != 2 or E.shape[0] != NUM_RESPONSES * len(df):
         raise InputError(f"{embeddings_path}: `embeddings` has shape {tuple(E.shape)}, expected "
                          f"[{NUM_RESPONSES} * {len(df)}, F] for the {len(df)} prompts of the split")
@@ -48,17 +58,17 @@ def convert_published(embeddings_path, df, head, out_path, published_reference=N
         raise InputError(f"head has shape {tuple(head.shape)}, the embeddings have F = {E.shape[1]}")
     tensors = {"embeddings": E, "scores": reward_tensor(df), "prompt_index": torch.arange(len(df)), "head": head}
     if published_reference is not None:
-        tensors[utils.PUBLISHED_REFERENCE] = published_reference
-    return utils.save_tensors(out_path, tensors, metadata={"converted_from": str(embeddings_path),
+        tensors[PUBLISHED_REFERENCE] = published_reference
+    return save_tensors(out_path, tensors, metadata={"converted_from": str(embeddings_path),
                                                             "reward_models": ",".join(MODEL_NAMES)})
 
 
 def read_split(path, make_cmd, reference="head"):
-    """(embeddings [P * R, F], scores [P, R, M] float64 NumPy, reference direction [F, 1]: utils.choose_reference)
+    """(embeddings [P * R, F], scores [P, R, M] float64 NumPy, reference direction [F, 1]: choose_reference)
     of a split written by PersonalLLM/prepare.py; prompts with a None/NaN score are dropped (count printed)."""
-    t = utils.load_tensors(path, ["embeddings", "scores", "head"], make_cmd=make_cmd, allow_nan=("scores",))
+    t = load_tensors(path, ["embeddings", "scores", "head"], make_cmd=make_cmd, allow_nan=("scores",))
     E, scores = t["embeddings"], t["scores"].double()
-    utils.check_shapes(path, {"embeddings": (E.shape, ("rows", "F")), "scores": (scores.shape, ("P", "R", "M")),
+    check_shapes(path, {"embeddings": (E.shape, ("rows", "F")), "scores": (scores.shape, ("P", "R", "M")),
                               "head": (t["head"].shape, ("F", 1))}, make_cmd)
     if E.shape[0] != scores.shape[0] * scores.shape[1]:
         raise InputError(f"{path}: {E.shape[0]} embeddings do not match scores of shape {tuple(scores.shape)} "
@@ -69,7 +79,7 @@ def read_split(path, make_cmd, reference="head"):
         print(f"{Path(path).name}: skipping {int((~keep).sum())} of {P} prompts with a missing (None/NaN) score")
         E = E.reshape(P, R, -1)[keep].reshape(-1, E.shape[1])
         scores = scores[keep]
-    return E, scores.numpy(), utils.choose_reference(reference, t, path, make_cmd)
+    return E, scores.numpy(), choose_reference(reference, t, path, make_cmd)
 
 
 def make_synthetic(num_train=9402, num_test=1000, num_features=256, num_responses=8, num_models=10, rank=4,
@@ -113,13 +123,13 @@ def read_splits(data_dir=None, synthetic=False, synthetic_prompts=(9402, 1000), 
                 reference="head", synthetic_dtype=torch.float32):
     """(E_train [P*R, F], S_train [P, R, M], E_test, S_test, reference direction [F, 1]) from
     data_dir/{train,test}.safetensors (written by prepare.py; default data_dir: PersonalLLM/data), or generated by
-    make_synthetic when synthetic (reference="published": utils.stand_in_reference), its embeddings in
+    make_synthetic when synthetic (reference="published": stand_in_reference), its embeddings in
     synthetic_dtype."""
     if synthetic:
         _check_synthetic_prompts(synthetic_prompts)
         tr, te, head = make_synthetic(*synthetic_prompts, synthetic_features, seed=seed, dtype=synthetic_dtype)
-        head = utils.choose_reference(reference, {"head": head, utils.PUBLISHED_REFERENCE:
-                                                  utils.stand_in_reference(head, seed)})
+        head = choose_reference(reference, {"head": head, PUBLISHED_REFERENCE:
+                                                  stand_in_reference(head, seed)})
         E_tr, S_tr = tr["embeddings"], tr["scores"].double().numpy()
         E_te, S_te = te["embeddings"], te["scores"].double().numpy()
     else:
@@ -144,7 +154,7 @@ def _make_cmd(data_dir=None):
 
 
 def _check_synthetic_prompts(synthetic_prompts):
-    utils.check_value("synthetic_prompts", synthetic_prompts)
+    check_value("synthetic_prompts", synthetic_prompts, RULES["synthetic_prompts"])
     if len(synthetic_prompts) != 2:
         raise InputError(f"synthetic_prompts={list(synthetic_prompts)!r}: must be [train prompts, test prompts]; "
                          "pass two numbers, e.g. synthetic_prompts=[9402,1000]")
@@ -157,11 +167,23 @@ def num_train_prompts(data_dir=None, synthetic=False, synthetic_prompts=(9402, 1
         _check_synthetic_prompts(synthetic_prompts)
         return synthetic_prompts[0]
     path = Path(data_dir or HERE / "data") / "train.safetensors"
-    shapes = utils.tensor_shapes(path, _make_cmd(data_dir))
+    shapes = tensor_shapes(path, _make_cmd(data_dir))
     if len(shapes.get("scores", [])) != 3:
         raise InputError(f"{path}: no `scores` [P, R, M] tensor (it has {sorted(shapes)}); "
                          f"recreate it with: {_make_cmd(data_dir)}")
     return shapes["scores"][0]
+
+
+def data_key(config):
+    """The key of the seen users' training data a run of `config` fits on, under which a method stores its tuned
+    settings (Method.tuned): the synthetic shape, or a fingerprint of the prepared train file."""
+    if config.get("synthetic"):
+        return (f"PersonalLLM synthetic {config.get('population', 'lowrank')} F={config['synthetic_features']} "
+                f"P={config['synthetic_prompts'][0]} N={config['N']} train_density={config['train_density']:g} "
+                f"dirichlet_alpha={config['dirichlet_alpha']:g}")
+    data_dir = config.get("data_dir")
+    path = Path(data_dir or HERE / "data") / "train.safetensors"
+    return f"PersonalLLM prepared {fingerprint(path, _make_cmd(data_dir))}"
 
 
 def check_pairs_per_user(P, **densities):
@@ -169,14 +191,14 @@ def check_pairs_per_user(P, **densities):
     for name, density in densities.items():
         if density is None:
             continue
-        utils.check_value(name, density)
+        check_value(name, density, RULES[name])
         if int(density * P) < 1:
             raise InputError(f"{name}={density}: int({density} x {P} train prompts) = 0 pairs per user; "
                              f"raise {name} to at least {1 / P:.3g} (1 / {P}) or use more prompts")
 
 
 def check_config(config):
-    """The scripts' check before any work (utils.configure(..., checks=[check_config])): each density of the
+    """The scripts' check before any work (configure(..., checks=[check_config])): each density of the
     config gives every user at least one of the P train prompts (P read from the prepared file's header)."""
     P = num_train_prompts(config.get("data_dir"), config.get("synthetic", False),
                           config.get("synthetic_prompts", (9402, 1000)))
@@ -186,24 +208,25 @@ def check_config(config):
 
 def population(E_train, S_train, E_test, S_test, N, N_unseen, train_density, fewshot_density, dirichlet_alpha,
                fewshot_pool_density=None):
-    """The PersonalLLM protocol (seed with utils.set_seed first) -> ((train, test, train_unseen, test_unseen) Pairs,
+    """The PersonalLLM protocol (seed with set_seed first) -> ((train, test, train_unseen, test_unseen) Pairs,
     (W [N, M], W_unseen [N_unseen, M]) the users' true weights over the reward models).
 
     N seen users w ~ Dirichlet(dirichlet_alpha * ones(M)) with int(train_density * P) train pairs
     each; N_unseen new users with int(fewshot_density * P) few-shot pairs (or
     fewshot_pool_density, for a larger pool to draw shots from); everyone on all test prompts.
     """
-    utils.check_values(dict(N=N, N_unseen=N_unseen, dirichlet_alpha=dirichlet_alpha))
+    check_values(dict(N=N, N_unseen=N_unseen))
+    check_value("dirichlet_alpha", dirichlet_alpha, RULES["dirichlet_alpha"])
     check_pairs_per_user(len(S_train), train_density=train_density,
                          **({"fewshot_pool_density": fewshot_pool_density} if fewshot_pool_density
                             else {"fewshot_density": fewshot_density}))
     alpha = dirichlet_alpha * np.ones(S_train.shape[2])
-    W = utils.generate_population(alpha, N)
-    train = utils.sample_population_pairs(S_train, E_train, W, train_density)
-    test = utils.sample_population_pairs(S_test, E_test, W, 1.0)
-    W_unseen = utils.generate_population(alpha, N_unseen)
-    train_unseen = utils.sample_population_pairs(S_train, E_train, W_unseen, fewshot_pool_density or fewshot_density)
-    test_unseen = utils.sample_population_pairs(S_test, E_test, W_unseen, 1.0)
+    W = generate_population(alpha, N)
+    train = sample_population_pairs(S_train, E_train, W, train_density)
+    test = sample_population_pairs(S_test, E_test, W, 1.0)
+    W_unseen = generate_population(alpha, N_unseen)
+    train_unseen = sample_population_pairs(S_train, E_train, W_unseen, fewshot_pool_density or fewshot_density)
+    test_unseen = sample_population_pairs(S_test, E_test, W_unseen, 1.0)
     print(f"{N} seen users x {int(train_density * len(S_train))} pairs, {N_unseen} unseen users x "
           f"{train_unseen.counts()[0].item()} few-shot pairs, {len(S_test)} test prompts each")
     return (train, test, train_unseen, test_unseen), (W, W_unseen)
@@ -232,9 +255,9 @@ def choice_sets(E_test, S_test, W, W_unseen, num_prompts=None, seed=0):
 def load(data_dir=None, synthetic=False, synthetic_prompts=(9402, 1000), synthetic_features=128, N=1000,
          N_unseen=500, train_density=0.005, fewshot_density=0.001, fewshot_pool_density=None, dirichlet_alpha=0.1,
          seed=0, reference="head", pairs_dtype="auto", choice=False, choice_prompts=None):
-    """The PersonalLLM protocol on the prepared (or synthetic) data -> utils.PreferenceData.
+    """The PersonalLLM protocol on the prepared (or synthetic) data -> PreferenceData.
 
-    Draws the population with the global NumPy generator: call utils.set_seed(seed) first.
+    Draws the population with the global NumPy generator: call set_seed(seed) first.
     Unseen users get int(fewshot_pool_density * P) few-shot pairs when it is given (a pool to draw
     shots from), else int(fewshot_density * P). info: N, N_unseen, the densities, dirichlet_alpha and
     (prepared data) "reward_model": {"model_name", "max_length", "truncation_side"} of the embeddings.
@@ -244,7 +267,7 @@ def load(data_dir=None, synthetic=False, synthetic_prompts=(9402, 1000), synthet
     the M reward models; with choice, info["choice"]: the candidate sets of choice quality (choice_sets) on
     choice_prompts of the test prompts (None: all of them), drawn with the seed.
     """
-    utils.check_value("pairs_dtype", pairs_dtype)
+    check_value("pairs_dtype", pairs_dtype)
     E_tr, S_tr, E_te, S_te, head = read_splits(  # synthetic data are made in the pairs' dtype (float32 for "auto")
         data_dir, synthetic, synthetic_prompts, synthetic_features, seed, reference,
         getattr(torch, "float32" if pairs_dtype == "auto" else pairs_dtype))
@@ -254,8 +277,8 @@ def load(data_dir=None, synthetic=False, synthetic_prompts=(9402, 1000), synthet
             "dirichlet_alpha": dirichlet_alpha, "reference": reference,
             "true_weights": {"seen": W, "unseen": W_unseen}}
     if not synthetic:
-        info["reward_model"] = utils.reward_model_info(Path(data_dir or HERE / "data") / "train.safetensors")
-    data = utils.PreferenceData(*pairs, head=head, info=info).with_dtype(pairs_dtype)
+        info["reward_model"] = reward_model_info(Path(data_dir or HERE / "data") / "train.safetensors")
+    data = PreferenceData(*pairs, head=head, info=info).with_dtype(pairs_dtype)
     if choice:  # on the test pairs' table: the embeddings in the dtype the pairs have
         data.info["choice"] = choice_sets(data.seen_test.table, S_te, W, W_unseen, choice_prompts, seed)
     return data

@@ -15,13 +15,12 @@ W_unseen [N_unseen, K] and metadata (utils.save_lore_model), for utils.Personali
 PRISM/personalize.py. Simulated users are numbered: seen 0..N-1, unseen N..N+N_unseen-1.
 """
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import utils  # noqa: E402
-from lorelib.baselines import TUNE_GRID, check_baselines, run_baselines  # noqa: E402
-from lorelib.choice import ChoiceRun  # noqa: E402
+from lorelib import experiment, methods  # noqa: E402
+from lorelib.config import configure, set_seed  # noqa: E402
+from lorelib.files import script_out_dir  # noqa: E402
 from PersonalLLM import personalllm  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -39,11 +38,10 @@ N_unseen = 500             # unseen users (few-shot)
 train_density = 0.005      # fraction of train prompts each seen user labels (47 of 9,402)
 fewshot_density = 0.001    # fraction each unseen user labels for few-shot (9 of 9,402)
 dirichlet_alpha = 0.1      # users w ~ Dirichlet(dirichlet_alpha * ones(10))
-baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
-baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
-tuned_settings = personalllm.TUNED_SETTINGS  # each baseline's tuned row (README, "Tuned rows"); {}: released rows only
+baselines = methods.baseline_names()  # the other methods beside LoRe (lorelib/methods.py); [] runs LoRe alone
+baseline_settings = {}     # overrides of their released settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
+tuned = True               # also each method's tuned row, where settings are stored for this data; False: released only
 tune = False               # True: choose the tuned rows' settings here, on held-out seen-user training pairs
-tune_grid = TUNE_GRID      # the grid tune=True sweeps jointly per baseline (lorelib/baselines.py)
 choice_quality = True      # also best-of-N choice quality (README, "Choice quality"); False: accuracy only
 choice_prompts = 200       # test prompts (the same for every user and method, drawn with the seed) it uses; None: all
 seed = 0
@@ -56,45 +54,15 @@ data_dir = None            # default: PersonalLLM/data (written by prepare.py)
 out_dir = None             # default: PersonalLLM/results
 device = None              # default: cuda if available, else cpu
 # -----------------------------------------------------------------------------
-config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"},
-                         checks=[check_baselines, personalllm.check_config])  # every setting checked before any work
-device = utils.get_device(device)
-
-t0 = time.time()
-utils.set_seed(seed)
+config = configure(globals(), script=__file__, writable={"out_dir": "results"}, rules=personalllm.RULES,
+                   checks=[methods.check_methods, personalllm.check_config])  # every setting checked before any work
+set_seed(seed)
 data = personalllm.load(data_dir=data_dir, synthetic=synthetic, synthetic_prompts=synthetic_prompts,
                         synthetic_features=synthetic_features, N=N, N_unseen=N_unseen, train_density=train_density,
                         fewshot_density=fewshot_density, dirichlet_alpha=dirichlet_alpha, seed=seed,
                         reference=reference, pairs_dtype=pairs_dtype, choice=choice_quality,
                         choice_prompts=choice_prompts)
-result = utils.fit_ranks(
-    K_list, alpha_list, data.head, data.features, data.N, data.N_unseen, device,
-    num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
-    fewshot_learning_rate=fewshot_learning_rate, seed=seed, record=config.record)
-# best-of-N among each test prompt's 8 responses, by the user's true reward; seen users with their fit, unseen users
-# with their few-shot fit (a measurement only: it changes no fit)
-choice = ChoiceRun(data.info["choice"], data.head) if choice_quality else None
-if choice:
-    choice.add_ranks(result)
-out = utils.script_out_dir(__file__, out_dir)
-name = "train_basis_synthetic" if synthetic else "train_basis"
-paths = utils.save_models(out / name.replace("train_basis", "models"), result.models, data, dataset="PersonalLLM",
-                          fewshot_iterations=fewshot_iterations,
-                          fewshot_learning_rate=fewshot_learning_rate, record=config.record) if save_models else {}
-# K chosen on held-out seen-user training pairs (never the test pairs), for the one-line summary
-selection = utils.select_rank(K_list, alpha_list, data.head, data.seen_train, device, seed=seed,
-                              validation_fraction=validation_fraction, num_iterations=num_iterations,
-                              learning_rate=learning_rate)
-# the paper's other methods, on the same users and pairs, after LoRe's models are saved
-baseline_results = run_baselines(baselines, *data.features, device, seed=seed, settings=baseline_settings,
-                                 tuned_settings=tuned_settings, tune_grid=tune_grid if tune else None,
-                                 validation_fraction=validation_fraction, record=config.record,
-                                 on_fit=choice.add_baseline if choice else None)
-title = "PersonalLLM (synthetic)" if synthetic else "PersonalLLM"
-choice_json = {"choice": choice.payload(result, baseline_results)} if choice else {}
-utils.report_run(result, config, out, name, title,
-                 extra={"seconds": time.time() - t0, "models": paths, **choice_json}, baselines=baseline_results,
-                 selection=selection, record=config.record)
-if choice:
-    choice.report(choice_json["choice"], out, name, title, record=config.record)
-print(f"done in {time.time() - t0:.0f}s")
+experiment.train_basis(config, data, out_dir=script_out_dir(__file__, out_dir), dataset="PersonalLLM",
+                       name="train_basis_synthetic" if synthetic else "train_basis",
+                       title="PersonalLLM (synthetic)" if synthetic else "PersonalLLM",
+                       data_key=personalllm.data_key(config))

@@ -7,12 +7,12 @@ The basis (rank K) is learned once on the seen users; each unseen user has a poo
 int(fewshot_pool_density * P) pairs, from which `shots` are drawn in every trial.
 """
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import utils  # noqa: E402
-from lorelib.baselines import TUNE_GRID, check_baselines, run_baselines_vary_shots  # noqa: E402
+from lorelib import experiment, methods  # noqa: E402
+from lorelib.config import configure  # noqa: E402
+from lorelib.files import script_out_dir  # noqa: E402
 from lorelib.pipelines import check_shot_selection  # noqa: E402
 from PersonalLLM import personalllm  # noqa: E402
 
@@ -36,11 +36,10 @@ N_unseen = 500
 train_density = 0.005
 fewshot_pool_density = 0.005  # each unseen user's pool of pairs (47 of 9,402) to draw shots from
 dirichlet_alpha = 0.1
-baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
-baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
-tuned_settings = personalllm.TUNED_SETTINGS  # each baseline's tuned row (README, "Tuned rows"); {}: released rows only
+baselines = methods.baseline_names()  # the other methods beside LoRe (lorelib/methods.py); [] runs LoRe alone
+baseline_settings = {}     # overrides of their released settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
+tuned = True               # also each method's tuned row, where settings are stored for this data; False: released only
 tune = False               # True: choose the tuned rows' settings here, on held-out seen-user training pairs
-tune_grid = TUNE_GRID      # the grid tune=True sweeps jointly per baseline (lorelib/baselines.py)
 seed = 0
 seeds = None               # data seeds, e.g. [0, 1, 2]: each redraws the data (simulated users, shot draws, basis
                            # init); the rules are compared over them with 95% intervals over users (README
@@ -56,29 +55,13 @@ out_dir = None             # default: PersonalLLM/results
 device = None
 _types = {"shot_selection": (str, list), "seeds": list, "stop_thresholds": list}
 # -----------------------------------------------------------------------------
-config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"},
-                         checks=[check_baselines, check_shot_selection, personalllm.check_config])  # before any work
-device = utils.get_device(device)
-
-t0 = time.time()
-results = []
-for s in seeds or [seed]:
-    utils.set_seed(s)
-    data = personalllm.load(data_dir=data_dir, synthetic=synthetic, synthetic_prompts=synthetic_prompts,
-                            synthetic_features=synthetic_features, N=N, N_unseen=N_unseen, train_density=train_density,
-                            fewshot_pool_density=fewshot_pool_density, dirichlet_alpha=dirichlet_alpha, seed=s,
-                            reference=reference, pairs_dtype=pairs_dtype)
-    results.append(utils.vary_shots(
-        trials, [alpha], [K], num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, data.head, data.N,
-        data.N_unseen, device, num_iterations=num_iterations, learning_rate=learning_rate,
-        fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=s,
-        shot_selection=shot_selection, full_pool=True, stop_thresholds=stop_thresholds, record=config.record))
-baseline_results = run_baselines_vary_shots(  # one seed only (check_shot_selection)
-    baselines, trials, num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, device,
-    seed=seed, settings=baseline_settings,
-    tuned_settings=tuned_settings, tune_grid=tune_grid if tune else None, record=config.record)
-name = "vary_fewshot_synthetic" if synthetic else "vary_fewshot"
-utils.report_shots(results if len(results) > 1 else results[0], config, utils.script_out_dir(__file__, out_dir), name,
-                   "PersonalLLM (synthetic)" if synthetic else "PersonalLLM",
-                   extra={"seconds": time.time() - t0}, baselines=baseline_results, record=config.record)
-print(f"done in {time.time() - t0:.0f}s")
+config = configure(globals(), script=__file__, writable={"out_dir": "results"}, rules=personalllm.RULES,
+                   checks=[methods.check_methods, check_shot_selection, personalllm.check_config])  # before any work
+experiment.vary_fewshot(
+    config, lambda s: personalllm.load(
+        data_dir=data_dir, synthetic=synthetic, synthetic_prompts=synthetic_prompts,
+        synthetic_features=synthetic_features, N=N, N_unseen=N_unseen, train_density=train_density,
+        fewshot_pool_density=fewshot_pool_density, dirichlet_alpha=dirichlet_alpha, seed=s, reference=reference,
+        pairs_dtype=pairs_dtype),
+    out_dir=script_out_dir(__file__, out_dir), name="vary_fewshot_synthetic" if synthetic else "vary_fewshot",
+    title="PersonalLLM (synthetic)" if synthetic else "PersonalLLM", data_key=personalllm.data_key(config))

@@ -10,7 +10,7 @@ Dataset: openai/summarize_from_feedback, config 'comparisons'. Each comparison h
 Each split file holds `chosen` and `rejected` [n, F] float32, `worker` [n] int64 (index into the
 JSON list in the file's metadata 'workers'), `row` [n] int64 (row of the comparison in the dataset
 split), `head` [F, 1] (the reward model's own score head) and `published_reference` [F, 1] (the published
-scripts' reference direction, utils.read_published_reference). Rows with a missing post (the CNN/DM
+scripts' reference direction, read_published_reference). Rows with a missing post (the CNN/DM
 rows), summary, choice or worker are skipped, with a printed count. Work is written in resumable
 shards; an up-to-date file is not recomputed.
 """
@@ -22,9 +22,22 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import utils  # noqa: E402
+from lorelib.config import (  # noqa: E402
+    InputError,  # noqa: E402
+    configure,
+    is_main_process,
+    print0,
+)
+from lorelib.extract import extract_embeddings  # noqa: E402
+from lorelib.files import (  # noqa: E402
+    PUBLISHED_REFERENCE,
+    load_split,
+    read_published_reference,
+    read_score_weight,
+    require_columns,
+    save_tensors,
+)
 from RedditTLDR import tldr  # noqa: E402
-from utils import InputError  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
@@ -42,7 +55,7 @@ stop_after_shards = None   # stop early after this many new shards (for testing 
 embedding_dtype = None     # stored dtype: None = the model's (bfloat16 on CUDA, float32 on CPU), or "float32"
 from_published = None      # folder with the published tldr_embeddings_{train,val}.pkl: convert them (no GPU)
 # -----------------------------------------------------------------------------
-config = utils.configure(globals(), script=__file__, writable={"data_dir": "data"})
+config = configure(globals(), script=__file__, writable={"data_dir": "data"})
 HERE = Path(__file__).resolve().parent
 COLUMNS = ["info", "summaries", "choice", "worker"]
 
@@ -71,8 +84,8 @@ def comparison(row):
 
 
 def prepare(split_name):
-    df = utils.load_split(dataset_name, split_name, dataset_path, dataset_config)
-    utils.require_columns(df, COLUMNS, f"{dataset_name} [{split_name}]")
+    df = load_split(dataset_name, split_name, dataset_path, dataset_config)
+    require_columns(df, COLUMNS, f"{dataset_name} [{split_name}]")
     rows, skipped = [], {}
     for i, row in enumerate(df[COLUMNS].to_dict("records")):
         c = comparison(row)
@@ -81,7 +94,7 @@ def prepare(split_name):
         else:
             rows.append((i, *c))
     if skipped:
-        utils.print0(f"{split_name}: skipping {sum(skipped.values())} of {len(df)} rows ("
+        print0(f"{split_name}: skipping {sum(skipped.values())} of {len(df)} rows ("
                      + ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) + ")")
     if not rows:
         raise InputError(f"{dataset_name} [{split_name}]: no usable comparisons")
@@ -91,27 +104,27 @@ def prepare(split_name):
     conversations = [[{"role": "user", "content": p}, {"role": "assistant", "content": s}]
                      for summaries in (winners, losers) for p, s in zip(posts, summaries)]
     n = len(rows)
-    utils.print0(f"{split_name}: {n} comparisons by {len(names)} workers -> {2 * n} conversations")
+    print0(f"{split_name}: {n} comparisons by {len(names)} workers -> {2 * n} conversations")
     out = Path(data_dir or HERE / "data") / f"{split_name}.safetensors"
-    return utils.extract_embeddings(
+    return extract_embeddings(
         conversations, out, model_name=model_name, groups={"chosen": n, "rejected": n},
         extra_tensors={"worker": torch.tensor([worker_id[w] for w in workers], dtype=torch.long),
                        "row": torch.tensor(index, dtype=torch.long),
-                       utils.PUBLISHED_REFERENCE: utils.read_published_reference(model_name)},
+                       PUBLISHED_REFERENCE: read_published_reference(model_name)},
         metadata={"dataset": f"{dataset_name}/{dataset_config}", "split": split_name, "workers": json.dumps(names)},
         max_tokens_per_batch=max_tokens_per_batch, max_length=max_length, shard_size=shard_size,
         stop_after_shards=stop_after_shards, embedding_dtype=embedding_dtype, record=config.record)
 
 
 if from_published is not None:
-    head, reference = utils.read_score_weight(model_name), utils.read_published_reference(model_name)
+    head, reference = read_score_weight(model_name), read_published_reference(model_name)
     for s, name in tldr.PUBLISHED_FILES.items():
         tensors, names = tldr.convert_published(Path(from_published) / name, head, reference)
-        out = utils.save_tensors(Path(data_dir or HERE / "data") / f"{s}.safetensors", tensors,
+        out = save_tensors(Path(data_dir or HERE / "data") / f"{s}.safetensors", tensors,
                                  metadata={"workers": json.dumps(names), "converted_from": str(name)})
-        utils.print0(f"converted {Path(from_published) / name} -> {out}")
+        print0(f"converted {Path(from_published) / name} -> {out}")
     sys.exit(0)
 for s in [split] if split else splits:
     path = prepare(s)
-    if path is not None and utils.is_main_process():
-        utils.print0(f"{s}: wrote {path}")
+    if path is not None and is_main_process():
+        print0(f"{s}: wrote {path}")

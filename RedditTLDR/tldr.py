@@ -2,7 +2,7 @@
 synthetic data.
 
     from RedditTLDR import tldr              # with the repository root on sys.path
-    data = tldr.load(synthetic=True)         # a utils.PreferenceData
+    data = tldr.load(synthetic=True)         # a PreferenceData
 
 Each comparison is one worker's choice between two summaries of a post. prepare.py writes
 data/{train,validation}.safetensors with `chosen`, `rejected` [n, F], `worker` [n] (index into the
@@ -15,26 +15,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import utils
-from utils import InputError
+from lorelib.config import InputError, check_value, check_values
+from lorelib.data import RESULT_NAMES, Pairs, PreferenceData
+from lorelib.files import (
+    PUBLISHED_REFERENCE,
+    choose_reference,
+    fingerprint,
+    load_metadata,
+    load_pickle,
+    load_tensors,
+    stand_in_reference,
+)
+from lorelib.learned import reward_model_info
 
 HERE = Path(__file__).resolve().parent
 SPLITS = ("train", "validation")  # train: training and few-shot pairs; validation: test pairs
-# the tuned rows' settings (each baseline's point of lorelib.baselines.TUNE_GRID), chosen by `python
-# RedditTLDR/train_basis.py synthetic=True tune=True` (seed 0; held-out seen-user training pairs; README, "Tuned rows")
-TUNED_SETTINGS = {"pal": {"num_epochs": 1, "user_learning_rate": 0.5, "fewshot_learning_rate": 0.5, "K": 5,
-                          "bias_decay": False},
-                  "vpl": {"num_duplicates": 1, "context_length": "fixed"}}
+# the range of this dataset's own settings (config.check_value rules; the scripts pass them to configure)
+RULES = {"max_train_pairs": "int >= 1 or None", "max_fewshot_pairs": "int >= 1 or None", "min_comparisons": "int >= 2",
+         "protocol": "one of published paper"}
 
 
 def read_split(path, make_cmd=None):
     """One split written by RedditTLDR/prepare.py -> dict with
     "chosen", "rejected" [n, F] float32 embeddings, "worker" [n] str array (worker of each comparison),
     "row" [n] long (its row in the dataset split), "head" [F, 1] (the reward model's score head) and, when the
-    file has it, "published_reference" [F, 1] (utils.read_published_reference).
+    file has it, "published_reference" [F, 1] (read_published_reference).
     """
-    t = utils.load_tensors(path, ["chosen", "rejected", "worker", "row", "head"], make_cmd=make_cmd)
-    names = json.loads(utils.load_metadata(path).get("workers", "null"))
+    t = load_tensors(path, ["chosen", "rejected", "worker", "row", "head"], make_cmd=make_cmd)
+    names = json.loads(load_metadata(path).get("workers", "null"))
     hint = f" Re-create it with: {make_cmd}" if make_cmd else ""
     if not isinstance(names, list):
         raise InputError(f"{path}: metadata lacks the 'workers' list (JSON).{hint}")
@@ -47,7 +55,7 @@ def read_split(path, make_cmd=None):
     if n and (worker.min() < 0 or worker.max() >= len(names)):
         raise InputError(f"{path}: worker ids must lie in [0, {len(names)}).{hint}")
     return {"chosen": chosen, "rejected": rejected, "worker": np.asarray(names, dtype=str)[worker.numpy()],
-            "row": row, "head": head, **{k: v for k, v in t.items() if k == utils.PUBLISHED_REFERENCE}}
+            "row": row, "head": head, **{k: v for k, v in t.items() if k == PUBLISHED_REFERENCE}}
 
 
 PUBLISHED_FILES = {"train": "tldr_embeddings_train.pkl", "validation": "tldr_embeddings_val.pkl"}
@@ -64,10 +72,10 @@ def _flat(x):
 
 def convert_published(pkl_path, head, published_reference=None):
     """One published pickle {worker_id: [{"text", "winning_summary", "losing_summary", "embeddings": {"winning":
-    [tensor F], "losing": [tensor F]}}, ...]} (read with utils.load_pickle: untrusted) -> (tensors, worker names)
+    [tensor F], "losing": [tensor F]}}, ...]} (read with load_pickle: untrusted) -> (tensors, worker names)
     in the prepared layout: chosen, rejected [n, F], worker [n] (index into the sorted names), row [n] (order in
     the file), head [F, 1]."""
-    data = utils.load_pickle(pkl_path)
+    data = load_pickle(pkl_path)
     if not isinstance(data, dict):
         raise InputError(f"{pkl_path}: expected a dict {{worker_id: [comparison, ...]}}, got {type(data).__name__}")
     names = sorted(str(w) for w in data)
@@ -85,7 +93,7 @@ def convert_published(pkl_path, head, published_reference=None):
         raise InputError(f"{pkl_path}: no comparisons")
     t = {"chosen": torch.stack(chosen), "rejected": torch.stack(rejected), "worker": torch.tensor(worker),
          "row": torch.arange(len(worker)), "head": head,
-         **({utils.PUBLISHED_REFERENCE: published_reference} if published_reference is not None else {})}
+         **({PUBLISHED_REFERENCE: published_reference} if published_reference is not None else {})}
     if t["chosen"].shape != t["rejected"].shape or head.shape != (t["chosen"].shape[1], 1):
         raise InputError(f"{pkl_path}: embeddings {tuple(t['chosen'].shape)} / {tuple(t['rejected'].shape)} do not "
                          f"match each other or the head {tuple(head.shape)}")
@@ -128,7 +136,7 @@ def make_synthetic(num_workers=60, num_features=64, rank=4, dirichlet_alpha=0.3,
         chosen = torch.where(first[:, None], summaries[:, 0], summaries[:, 1])
         rejected = torch.where(first[:, None], summaries[:, 1], summaries[:, 0])
         return {"chosen": chosen.contiguous(), "rejected": rejected.contiguous(), "worker": names[worker],
-                "row": torch.arange(n), "head": head, utils.PUBLISHED_REFERENCE: utils.stand_in_reference(head, seed)}
+                "row": torch.arange(n), "head": head, PUBLISHED_REFERENCE: stand_in_reference(head, seed)}
 
     train = split(np.arange(num_workers - 5, num_workers - 3))  # workers absent from train
     test = split(np.arange(num_workers - 3, num_workers))       # workers absent from validation
@@ -173,14 +181,14 @@ def select_workers(train_worker, test_worker, protocol="published", min_comparis
         dropped = sorted(name for _, name in fewest)
         workers = sorted(set(train_names.tolist()) & set(test_names.tolist()) - set(dropped))
     elif protocol == "paper":
-        utils.check_value("min_comparisons", min_comparisons)  # half train, half test
+        check_value("min_comparisons", min_comparisons, RULES["min_comparisons"])  # half train, half test
         counts = dict(zip(train_names.tolist(), train_counts.tolist()))
         for name, c in zip(test_names.tolist(), test_counts.tolist()):
             counts[name] = counts.get(name, 0) + c
         dropped = sorted(w for w, c in counts.items() if c < min_comparisons)
         workers = sorted(w for w, c in counts.items() if c >= min_comparisons)
     else:
-        utils.check_value("protocol", protocol)
+        check_value("protocol", protocol, RULES["protocol"])
     if len(workers) < 2:
         raise InputError(f"protocol {protocol!r} leaves {len(workers)} worker(s); need at least 2")
     random.Random(split_seed).shuffle(workers)
@@ -219,8 +227,19 @@ def _pairs(splits, roles):
     out = []
     for rows in roles:
         pos = [np.searchsorted(used, idx) for idx in rows]
-        out.append(utils.Pairs.from_indices(table, pos, [p + len(used) for p in pos]))
+        out.append(Pairs.from_indices(table, pos, [p + len(used) for p in pos]))
     return out
+
+
+def data_key(config):
+    """The key of the seen users' training data a run of `config` fits on, under which a method stores its tuned
+    settings (Method.tuned): the synthetic shape, or a fingerprint of the prepared train file; and the protocol."""
+    protocol = f"protocol={config['protocol']} max_train_pairs={config['max_train_pairs']}" + (
+        f" min_comparisons={config['min_comparisons']}" if config["protocol"] == "paper" else "")
+    if config.get("synthetic"):
+        return f"RedditTLDR synthetic {config.get('population', 'lowrank')} F={config['synthetic_features']} {protocol}"
+    path = Path(config.get("data_dir") or HERE / "data") / f"{SPLITS[0]}.safetensors"
+    return f"RedditTLDR prepared {fingerprint(path)} {protocol}"
 
 
 def split_pairs(train, test, protocol="published", max_train_pairs=150, max_fewshot_pairs=50, min_comparisons=50,
@@ -236,7 +255,7 @@ def split_pairs(train, test, protocol="published", max_train_pairs=150, max_fews
     Capped subsets are seeded random subsets (np.random.RandomState(split_seed)), kept in dataset order;
     None keeps all. info: {"protocol", "seen", "unseen", "dropped", "pairs": {role: count}}.
     """
-    utils.check_values(dict(max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs))
+    check_values(dict(max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs), RULES)
     info = {"protocol": protocol, **select_workers(train["worker"], test["worker"], protocol,
                                                    min_comparisons, drop_fewest, split_seed)}
     rng = np.random.RandomState(split_seed)
@@ -257,7 +276,7 @@ def split_pairs(train, test, protocol="published", max_train_pairs=150, max_fews
         roles[group] = (fit, evaluate)
     features = tuple(_pairs([train, test], [roles["seen"][0], roles["seen"][1], roles["unseen"][0],
                                             roles["unseen"][1]]))
-    info["pairs"] = {name: int(len(p.user)) for name, p in zip(utils.RESULT_NAMES, features)}
+    info["pairs"] = {name: int(len(p.user)) for name, p in zip(RESULT_NAMES, features)}
     print(f"protocol {protocol}: {len(info['seen'])} seen / {len(info['unseen'])} unseen workers "
           f"({len(info['dropped'])} dropped); pairs: " + ", ".join(f"{k} {v}" for k, v in info["pairs"].items()))
     return features, info
@@ -265,22 +284,22 @@ def split_pairs(train, test, protocol="published", max_train_pairs=150, max_fews
 
 def load(data_dir=None, synthetic=False, synthetic_features=64, protocol="published", max_train_pairs=150,
          max_fewshot_pairs=50, min_comparisons=50, split_seed=0, seed=0, reference="head", pairs_dtype="auto"):
-    """A Reddit TLDR protocol (see split_pairs) on the prepared (or synthetic) data -> utils.PreferenceData.
+    """A Reddit TLDR protocol (see split_pairs) on the prepared (or synthetic) data -> PreferenceData.
 
     head: the reward model's own, or with reference="published" the published scripts' direction
-    (utils.choose_reference; synthetic data: utils.stand_in_reference). pairs_dtype: the dtype of the pairs'
+    (choose_reference; synthetic data: stand_in_reference). pairs_dtype: the dtype of the pairs'
     table, "auto" (the prepared files'), "float32" or "bfloat16". info: N, N_unseen, "workers":
     {"protocol", "seen", "unseen", "dropped" (worker names), "pairs": {role: count}}, "users" / "unseen_users"
-    (the seen / unseen worker names, in user order) and (prepared data) "reward_model" (utils.reward_model_info).
+    (the seen / unseen worker names, in user order) and (prepared data) "reward_model" (reward_model_info).
     """
-    utils.check_value("synthetic_features", synthetic_features)
+    check_value("synthetic_features", synthetic_features)
     train, test = read_splits(data_dir, synthetic, synthetic_features, seed)
     pairs, workers = split_pairs(train, test, protocol, max_train_pairs, max_fewshot_pairs, min_comparisons,
                                  split_seed=split_seed)
     info = {"workers": workers, "users": workers["seen"], "unseen_users": workers["unseen"], "reference": reference}
     path = Path(data_dir or HERE / "data") / f"{SPLITS[0]}.safetensors"
     if not synthetic:
-        info["reward_model"] = utils.reward_model_info(path)
-    head = utils.choose_reference(reference, train, path, f"python {HERE / 'prepare.py'}" +
+        info["reward_model"] = reward_model_info(path)
+    head = choose_reference(reference, train, path, f"python {HERE / 'prepare.py'}" +
                                   (f" data_dir={data_dir}" if data_dir else ""))
-    return utils.PreferenceData(*pairs, head=head, info=info).with_dtype(pairs_dtype)
+    return PreferenceData(*pairs, head=head, info=info).with_dtype(pairs_dtype)

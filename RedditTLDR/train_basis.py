@@ -20,12 +20,12 @@ W_unseen with the worker names as user ids (utils.save_lore_model), for utils.Pe
 PRISM/personalize.py.
 """
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import utils  # noqa: E402
-from lorelib.baselines import TUNE_GRID, check_baselines, run_baselines  # noqa: E402
+from lorelib import experiment, methods  # noqa: E402
+from lorelib.config import configure, set_seed  # noqa: E402
+from lorelib.files import script_out_dir  # noqa: E402
 from RedditTLDR import tldr  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -43,11 +43,10 @@ max_train_pairs = 150      # per seen worker (a large number keeps all)
 max_fewshot_pairs = 50     # per unseen worker
 min_comparisons = 50       # paper protocol: workers with fewer comparisons are dropped
 split_seed = 0             # shuffles the workers (random.Random) and draws the capped subsets
-baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
-baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
-tuned_settings = tldr.TUNED_SETTINGS  # each baseline's tuned row (README, "Tuned rows"); {}: released rows only
+baselines = methods.baseline_names()  # the other methods beside LoRe (lorelib/methods.py); [] runs LoRe alone
+baseline_settings = {}     # overrides of their released settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
+tuned = True               # also each method's tuned row, where settings are stored for this data; False: released only
 tune = False               # True: choose the tuned rows' settings here, on held-out seen-user training pairs
-tune_grid = TUNE_GRID      # the grid tune=True sweeps jointly per baseline (lorelib/baselines.py)
 seed = 0
 pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
 synthetic = False          # True: a generated Reddit-TLDR-shaped dataset, no download
@@ -57,35 +56,14 @@ data_dir = None            # default: RedditTLDR/data (written by prepare.py)
 out_dir = None             # default: RedditTLDR/results
 device = None              # default: cuda if available, else cpu
 # -----------------------------------------------------------------------------
-config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"},
-                         checks=[check_baselines])  # every setting checked before any work
-device = utils.get_device(device)
-
-t0 = time.time()
-utils.set_seed(seed)
+config = configure(globals(), script=__file__, writable={"out_dir": "results"}, rules=tldr.RULES,
+                   checks=[methods.check_methods])  # every setting checked before any work
+set_seed(seed)
 data = tldr.load(data_dir=data_dir, synthetic=synthetic, synthetic_features=synthetic_features, protocol=protocol,
                  max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs, min_comparisons=min_comparisons,
-                 split_seed=split_seed, seed=seed, reference=reference,
-                 pairs_dtype=pairs_dtype)
-result = utils.fit_ranks(
-    K_list, alpha_list, data.head, data.features, data.N, data.N_unseen, device,
-    num_iterations=num_iterations, learning_rate=learning_rate, fewshot_iterations=fewshot_iterations,
-    fewshot_learning_rate=fewshot_learning_rate, seed=seed, record=config.record)
-out = utils.script_out_dir(__file__, out_dir)
+                 split_seed=split_seed, seed=seed, reference=reference, pairs_dtype=pairs_dtype)
 name = "train_basis" + ("_paper" if protocol == "paper" else "") + ("_synthetic" if synthetic else "")
-title = "Reddit TLDR" + (" paper split" if protocol == "paper" else "") + (" (synthetic)" if synthetic else "")
-paths = utils.save_models(out / name.replace("train_basis", "models"), result.models, data, dataset="RedditTLDR",
-                          fewshot_iterations=fewshot_iterations,
-                          fewshot_learning_rate=fewshot_learning_rate, record=config.record) if save_models else {}
-# K chosen on held-out seen-user training pairs (never the test pairs), for the one-line summary
-selection = utils.select_rank(K_list, alpha_list, data.head, data.seen_train, device, seed=seed,
-                              validation_fraction=validation_fraction, num_iterations=num_iterations,
-                              learning_rate=learning_rate)
-# the paper's other methods, on the same users and pairs, after LoRe's models are saved
-baseline_results = run_baselines(baselines, *data.features, device, seed=seed, settings=baseline_settings,
-                                 tuned_settings=tuned_settings, tune_grid=tune_grid if tune else None,
-                                 validation_fraction=validation_fraction, record=config.record)
-utils.report_run(result, config, out, name, title,
-                 extra={"workers": data.info["workers"], "seconds": time.time() - t0, "models": paths},
-                 baselines=baseline_results, selection=selection, record=config.record)
-print(f"done in {time.time() - t0:.0f}s")
+experiment.train_basis(config, data, out_dir=script_out_dir(__file__, out_dir), name=name, dataset="RedditTLDR",
+                       title="Reddit TLDR" + (" paper split" if protocol == "paper" else "")
+                       + (" (synthetic)" if synthetic else ""),
+                       data_key=tldr.data_key(config), extra={"workers": data.info["workers"]})

@@ -9,12 +9,12 @@ of its train-split comparisons, as published; None: all of them) and is tested o
 Workers with fewer pairs than a shot count are skipped for that count; the table reports how many.
 """
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import utils  # noqa: E402
-from lorelib.baselines import TUNE_GRID, check_baselines, run_baselines_vary_shots  # noqa: E402
+from lorelib import experiment, methods  # noqa: E402
+from lorelib.config import configure  # noqa: E402
+from lorelib.files import script_out_dir  # noqa: E402
 from lorelib.pipelines import check_shot_selection  # noqa: E402
 from RedditTLDR import tldr  # noqa: E402
 
@@ -43,11 +43,10 @@ seeds = None               # data seeds, e.g. [0, 1, 2]: each seed s redraws the
                            # them with 95% intervals over users (README "Choosing the comparisons"); None: [seed]
 stop_thresholds = None     # e.g. [0.1, 0.03, 0.01]: also run the stopping rule (active selection until the best
                            # remaining expected information, in nats, falls below each) and report what it saves
-baselines = ["per_user_bt", "vpl", "pal"]  # the paper's other methods beside LoRe (lorelib/baselines.py); [] skips them
-baseline_settings = {}     # overrides of their published settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
-tuned_settings = tldr.TUNED_SETTINGS  # each baseline's tuned row (README, "Tuned rows"); {}: released rows only
+baselines = methods.baseline_names()  # the other methods beside LoRe (lorelib/methods.py); [] runs LoRe alone
+baseline_settings = {}     # overrides of their released settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
+tuned = True               # also each method's tuned row, where settings are stored for this data; False: released only
 tune = False               # True: choose the tuned rows' settings here, on held-out seen-user training pairs
-tune_grid = TUNE_GRID      # the grid tune=True sweeps jointly per baseline (lorelib/baselines.py)
 seed = 0
 pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
 synthetic = False
@@ -57,30 +56,14 @@ out_dir = None             # default: RedditTLDR/results
 device = None
 _types = {"shot_selection": (str, list), "seeds": list, "stop_thresholds": list}
 # -----------------------------------------------------------------------------
-config = utils.configure(globals(), script=__file__, writable={"out_dir": "results"},
-                         checks=[check_baselines, check_shot_selection])  # every setting checked before any work
-device = utils.get_device(device)
-
-t0 = time.time()
-results = []
-for s in seeds or [seed]:
-    utils.set_seed(s)
-    data = tldr.load(data_dir=data_dir, synthetic=synthetic, synthetic_features=synthetic_features, protocol=protocol,
-                     max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs,
-                     min_comparisons=min_comparisons, split_seed=split_seed + (s if seeds else 0), seed=s,
-                     reference=reference, pairs_dtype=pairs_dtype)
-    results.append(utils.vary_shots(
-        trials, [alpha], [K], num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, data.head, data.N,
-        data.N_unseen, device, num_iterations=num_iterations, learning_rate=learning_rate,
-        fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate, seed=s,
-        shot_selection=shot_selection, full_pool=True, stop_thresholds=stop_thresholds, record=config.record))
-baseline_results = run_baselines_vary_shots(  # one seed only (check_shot_selection)
-    baselines, trials, num_shots, data.seen_train, data.unseen_fewshot, data.unseen_test, device,
-    seed=seed, settings=baseline_settings,
-    tuned_settings=tuned_settings, tune_grid=tune_grid if tune else None, record=config.record)
-name = "vary_fewshot" + ("_paper" if protocol == "paper" else "") + ("_synthetic" if synthetic else "")
-title = "Reddit TLDR" + (" paper split" if protocol == "paper" else "") + (" (synthetic)" if synthetic else "")
-utils.report_shots(results if len(results) > 1 else results[0], config, utils.script_out_dir(__file__, out_dir), name,
-                   title, extra={"workers": data.info["workers"], "seconds": time.time() - t0},
-                   baselines=baseline_results, record=config.record)
-print(f"done in {time.time() - t0:.0f}s")
+config = configure(globals(), script=__file__, writable={"out_dir": "results"}, rules=tldr.RULES,
+                   checks=[methods.check_methods, check_shot_selection])  # every setting checked before any work
+experiment.vary_fewshot(
+    config, lambda s: tldr.load(
+        data_dir=data_dir, synthetic=synthetic, synthetic_features=synthetic_features, protocol=protocol,
+        max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs, min_comparisons=min_comparisons,
+        split_seed=split_seed + (s if seeds else 0), seed=s, reference=reference, pairs_dtype=pairs_dtype),
+    out_dir=script_out_dir(__file__, out_dir),
+    name="vary_fewshot" + ("_paper" if protocol == "paper" else "") + ("_synthetic" if synthetic else ""),
+    title="Reddit TLDR" + (" paper split" if protocol == "paper" else "") + (" (synthetic)" if synthetic else ""),
+    data_key=tldr.data_key(config), extra=lambda data: {"workers": data.info["workers"]})

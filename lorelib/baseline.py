@@ -1,6 +1,5 @@
-"""What the baselines (vpl.py, pal.py) share: the Baseline class (per-user accuracy from margins, features of the
-frozen parts reused), weight-decay groups, Adam on rows with each row's own state (RowAdam, as the released PAL
-keeps its users' weights), small MLPs, seeding, and the pair-row helpers.
+"""What the neural methods (vpl.py, pal.py) share: weight-decay groups, Adam on rows with each row's own state
+(RowAdam, as the released PAL keeps its users' weights), small MLPs, seeding, and the pair-row helpers.
 
 Imports: config, data.
 """
@@ -9,8 +8,8 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from .config import InputError, get_device
-from .data import accuracy_by_user, as_pairs, check_counts
+from .config import InputError
+from .data import check_counts
 
 
 @contextlib.contextmanager
@@ -94,52 +93,3 @@ class RowAdam:
         root_bc2 = (1 - self.beta2 ** self.t[rows]).sqrt().float()
         self.W[rows] -= step * m / (v.sqrt() / root_bc2 + self.eps)
         self.W.grad = None
-
-
-class Baseline(nn.Module):
-    """Shared evaluation: `accuracies(pairs, state)` from `margins(pairs, state)`. A subclass sets `label` (its
-    name in tables) and `rules` ({setting: range rule of config.check_value}, one per constructor argument
-    besides num_features and seed)."""
-    label, rules = None, {}
-
-    def _cached(self, key, pairs, device, compute):
-        """compute() once per (key, pairs object, device) until the next fit: features of the frozen shared
-        parts are reused when the same pairs are scored again (vary_fewshot scores one test set per trial)."""
-        cache = self.__dict__.setdefault("_cache", {})
-        hit = cache.get(key)
-        if hit is not None and hit[0] is pairs and hit[1] == device:
-            return hit[2]
-        cache[key] = (pairs, device, compute())
-        return cache[key][2]
-
-    def _margin_inputs(self, pairs, state, seen, what, device):
-        """(pairs, state, device) for `margins`: state (one row per user) defaults to the seen users' `seen`."""
-        pairs = as_pairs(pairs)
-        check_features(pairs, self.num_features)
-        state = seen if state is None else state
-        if state is None:
-            raise InputError(f"call fit(pairs) first, or pass {what}")
-        if len(state) != pairs.num_users:
-            raise InputError(f"got {what} for {len(state)} users, but the pairs have {pairs.num_users} users")
-        return pairs, state, get_device(device)
-
-    def accuracies(self, pairs, state=None, device=None):
-        """[C] accuracy of each user of `pairs`; state: new users' state from `personalize` (None: seen users)."""
-        pairs = as_pairs(pairs)
-        return accuracy_by_user(self.margins(pairs, state, device), pairs.user, pairs.num_users)
-
-    def _score_inputs(self, table, rows, user, state, seen, what, device):
-        """(state, device, used [U], pos [P, J]) for `scores`: state (one row per user) defaults to the seen users'
-        `seen`; used: the distinct table rows of the candidates rows [P, J] (-1 pads), pos: each one's position in
-        `used` (so that per-item features are computed once per row)."""
-        if table.shape[1] != self.num_features:
-            raise InputError(f"the table has {table.shape[1]} features, the model expects {self.num_features}")
-        state = seen if state is None else state
-        if state is None:
-            raise InputError(f"call fit(pairs) first, or pass {what}")
-        if len(user) and int(user.max()) >= len(state):
-            raise InputError(f"got {what} for {len(state)} users, but a query belongs to user {int(user.max())}")
-        used, pos = torch.unique(rows.clamp(min=0), return_inverse=True)
-        return state, get_device(device), used, pos
-
-

@@ -2,19 +2,19 @@
 learn_single_reward and learn_single_reward_regularized) and one independent reward per user (PerUserBT: the
 published learn_multiple, and the per-user baseline of the paper's tables).
 
-Imports: config, kernels, data, model.
+Imports: config, kernels, data, method, model.
 """
 import torch
-import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import kernels
 from .config import InputError, check_values, get_device
-from .data import accuracy_by_user, as_pairs, check_counts
+from .data import as_pairs, check_counts
+from .method import Method
 from .model import LOGIT_SCALE, pack
 
 
-class PerUserBT(nn.Module):
+class PerUserBT(Method):
     """One independent Bradley-Terry reward per user, r_i(x) = e(x)^T v_i with v_i [F]: the published
     `learn_multiple`, and the per-user baseline of the paper's tables (baselines.py lists it with VPL and PAL).
 
@@ -144,11 +144,6 @@ class PerUserBT(nn.Module):
         """The published learn_multiple layout: (W_list of C tensors [1], V_list of C tensors [F, 1])."""
         V = self.V if V is None else V
         return [torch.ones(1) for _ in range(len(V))], [v.reshape(-1, 1) for v in V]
-
-    def accuracies(self, pairs, V=None, device=None):
-        """[C] accuracy of each user of `pairs`; V: new users' rewards from `personalize` (None: seen users)."""
-        pairs = as_pairs(pairs)
-        return accuracy_by_user(self.margins(pairs, V, device), pairs.user, pairs.num_users)
 
     @torch.no_grad()
     def scores(self, table, rows, prompt, user, V=None, device=None, chunk=4096):

@@ -15,13 +15,14 @@ candidate of highest reward (a tie goes to the first). Metrics, per query:
                               all ratings equal has none)
 
 Each is averaged over a user's queries, then given as the mean and std over users, with its chance level: the
-same for a uniformly random pick (Spearman: 0).
+same for a uniformly random pick (Spearman: 0). Each metric is one value function and one chance function,
+registered in CHOICE_METRICS: every method gets every metric of its data's kind.
 
     from lorelib.choice import choice_quality, lore_scorer, method_scorer
     ref = choice_quality(lore_scorer(data.head, torch.ones(1)), sets["seen"])
     choice_quality(method_scorer(model), sets["seen"], against={"ref": ref["picks"]})["summary"]
 
-Imports: config, files, kernels, report (any module below it; no baseline: they are scored through `scores`).
+Imports: config, files, lore, report (every method is scored through its `scores`).
 """
 import dataclasses
 import time
@@ -32,10 +33,9 @@ import torch
 
 from .config import InputError, note_written
 from .files import atomic_path, save_or_fallback
-from .kernels import matmul_f32
+from .lore import linear_scores
 from .report import print_table
 
-METRICS = {"reward": ["regret", "win_vs_ref", "win_vs_BT"], "rating": ["top", "gain", "spearman"]}
 LOWER_IS_BETTER = {"regret"}
 GROUPS = ["seen", "unseen"]  # the candidate sets of a run: seen users (their fit), unseen users (their few-shot fit)
 CHUNK = 2**15  # queries per block
@@ -83,19 +83,11 @@ class Candidates:
 
 def lore_scorer(V, W):
     """Scorer of r_user(e) = e^T V w_user: V [F, K], W [C, K] (or [K], everyone's)."""
-    V, W = torch.as_tensor(V, dtype=torch.float32), torch.as_tensor(W, dtype=torch.float32)
-
-    def score(c):
-        used, pos = torch.unique(c.rows.clamp(min=0), return_inverse=True)
-        S = matmul_f32(c.table[used], V).float()  # [U, K]
-        Wq = W.expand(c.num_users, -1) if W.dim() == 1 else W
-        return torch.cat([(S[pos[c.prompt[s:s + CHUNK]]] * Wq[c.user[s:s + CHUNK], None, :]).sum(-1)
-                          for s in range(0, len(c.prompt), CHUNK)] or [torch.zeros(0, c.rows.shape[1])])
-    return score
+    return lambda c: linear_scores(c.table, c.rows, c.prompt, c.user, V, W)
 
 
 def method_scorer(model, state=None, device=None):
-    """Scorer of a baseline (PerUserBT, VPL, PAL) through its `scores`; state: new users' state from its
+    """Scorer of a Method (LoRe, PerUserBT, VPL, PAL, ...) through its `scores`; state: new users' state from its
     `personalize` (None: the seen users' fit)."""
     return lambda c: model.scores(c.table, c.rows, c.prompt, c.user, state, device)
 
@@ -128,39 +120,90 @@ def spearman(scores, truth, valid):
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
+# --- the metrics: each is (value of a pick, its chance level) on a query's candidates, registered in CHOICE_METRICS.
+# A value function takes (cands, picked [Q], scores [Q, J], against {name: other picks [Q]}) -> [Q] (None when a
+# pick it compares with is not known), a chance function (cands, against) -> [Q]: its expectation for a uniformly
+# random pick. To add a metric: two functions and one entry below.
+
+def _best(cands):
+    return cands.truth.masked_fill(~cands.valid, -np.inf).max(1).values
+
+
+def _spread_ratio(num, cands):
+    spread = _best(cands) - cands.truth.masked_fill(~cands.valid, np.inf).min(1).values
+    return torch.where(spread > 0, num / spread.clamp(min=1e-300), torch.tensor(float("nan")))
+
+
+def _got(cands, picked):
+    return cands.truth.gather(1, picked[:, None])[:, 0]
+
+
+def _mean_truth(cands):
+    return cands.truth.nan_to_num().sum(1) / cands.valid.sum(1)
+
+
+def regret(cands, picked, scores, against):
+    return _spread_ratio(_best(cands) - _got(cands, picked), cands)
+
+
+def regret_chance(cands, against):
+    return _spread_ratio(_best(cands) - _mean_truth(cands), cands)
+
+
+def win_against(name):
+    """win_vs_<name>: 1 when the pick's true reward beats the pick of scorer `name`, 1/2 on a tie, else 0."""
+    def win(cands, picked, scores, against):
+        if name not in against:
+            return None
+        got, theirs = _got(cands, picked), _got(cands, against[name])
+        return (got > theirs).double() + 0.5 * (got == theirs).double()
+
+    def chance(cands, against):
+        if name not in against:
+            return None
+        truth, valid, theirs = cands.truth, cands.valid, _got(cands, against[name])[:, None]
+        return (((truth > theirs) & valid).sum(1) + 0.5 * ((truth == theirs) & valid).sum(1)) / valid.sum(1)
+    return win, chance
+
+
+def top(cands, picked, scores, against):
+    return (_got(cands, picked) == _best(cands)).double()
+
+
+def top_chance(cands, against):
+    return ((cands.truth == _best(cands)[:, None]) & cands.valid).sum(1) / cands.valid.sum(1)
+
+
+def gain(cands, picked, scores, against):
+    return _got(cands, picked) - _mean_truth(cands)
+
+
+def spearman_metric(cands, picked, scores, against):
+    return spearman(scores, cands.truth, cands.valid)
+
+
+def zero_chance(cands, against):
+    return torch.zeros(len(cands.prompt), dtype=torch.float64)
+
+
+CHOICE_METRICS = {"reward": {"regret": (regret, regret_chance), "win_vs_ref": win_against("ref"),
+                             "win_vs_BT": win_against("BT")},
+                  "rating": {"top": (top, top_chance), "gain": (gain, zero_chance),
+                             "spearman": (spearman_metric, zero_chance)}}
+METRICS = {kind: list(m) for kind, m in CHOICE_METRICS.items()}
+
+
 def query_metrics(cands, picked, scores=None, against=None):
-    """{metric: [Q] value of each query} of the picks `picked` [Q] (kind "rating" needs the scores [Q, J] for
-    Spearman; kind "reward": against = {"ref": picks [Q], "BT": picks [Q]}, each optional)."""
-    truth, valid = cands.truth, cands.valid
-    got = truth.gather(1, picked[:, None])[:, 0]
-    best = truth.masked_fill(~valid, -np.inf).max(1).values
-    if cands.kind == "reward":
-        worst = truth.masked_fill(~valid, np.inf).min(1).values
-        spread = best - worst
-        out = {"regret": torch.where(spread > 0, (best - got) / spread.clamp(min=1e-300), torch.tensor(float("nan")))}
-        for name, other in (against or {}).items():
-            theirs = truth.gather(1, other[:, None])[:, 0]
-            out[f"win_vs_{name}"] = (got > theirs).double() + 0.5 * (got == theirs).double()
-        return out
-    mean = truth.nan_to_num().sum(1) / valid.sum(1)
-    return {"top": (got == best).double(), "gain": got - mean, "spearman": spearman(scores, truth, valid)}
+    """{metric: [Q] value of each query} of the picks `picked` [Q] for every metric of cands.kind that applies
+    (a win rate needs the other scorer's picks in against = {"ref": picks [Q], "BT": picks [Q]})."""
+    out = {m: fn(cands, picked, scores, against or {}) for m, (fn, _) in CHOICE_METRICS[cands.kind].items()}
+    return {m: v for m, v in out.items() if v is not None}
 
 
 def chance_metrics(cands, against=None):
     """{metric: [Q]} expected value of each metric for a uniformly random pick (Spearman: 0)."""
-    truth, valid = cands.truth, cands.valid
-    n = valid.sum(1)
-    best = truth.masked_fill(~valid, -np.inf).max(1).values
-    mean = truth.nan_to_num().sum(1) / n
-    if cands.kind == "reward":
-        spread = best - truth.masked_fill(~valid, np.inf).min(1).values
-        out = {"regret": torch.where(spread > 0, (best - mean) / spread.clamp(min=1e-300), torch.tensor(float("nan")))}
-        for name, other in (against or {}).items():
-            theirs = truth.gather(1, other[:, None])
-            out[f"win_vs_{name}"] = (((truth > theirs) & valid).sum(1) + 0.5 * ((truth == theirs) & valid).sum(1)) / n
-        return out
-    return {"top": ((truth == best[:, None]) & valid).sum(1) / n, "gain": torch.zeros(len(n), dtype=torch.float64),
-            "spearman": torch.zeros(len(n), dtype=torch.float64)}
+    out = {m: fn(cands, against or {}) for m, (_, fn) in CHOICE_METRICS[cands.kind].items()}
+    return {m: v for m, v in out.items() if v is not None}
 
 
 def per_user(values, user, num_users):
@@ -172,15 +215,16 @@ def per_user(values, user, num_users):
     return (total / count).numpy()  # 0 / 0 = NaN
 
 
+def _stats(u):
+    """{"mean", "std", "users"} over the users with a value of per-user values u [C] (NaN: none)."""
+    u = u[~np.isnan(u)]
+    return {"mean": float(u.mean()) if len(u) else None, "std": float(u.std()) if len(u) else None,
+            "users": int(len(u))}
+
+
 def summarize(metrics, cands):
     """{metric: {"mean", "std", "users"}} over users (users without a value left out) of {metric: [Q]}."""
-    out = {}
-    for name, values in metrics.items():
-        u = per_user(values, cands.user, cands.num_users)
-        u = u[~np.isnan(u)]
-        out[name] = {"mean": float(u.mean()) if len(u) else None, "std": float(u.std()) if len(u) else None,
-                     "users": int(len(u))}
-    return out
+    return {name: _stats(per_user(values, cands.user, cands.num_users)) for name, values in metrics.items()}
 
 
 def choice_quality(scorer, cands, against=None):
@@ -208,11 +252,13 @@ def kendall_tau(x, y):
 
 
 class ChoiceRun:
-    """Choice quality of every method of a train_basis run, on the seen and unseen users' candidate sets
-    (sets = {"seen": Candidates, "unseen": Candidates}, a dataset's load(..., choice=True).info["choice"]).
+    """Choice quality of every method of a train_basis run (evaluate.evaluate's `choice`), on the seen and unseen
+    users' candidate sets (sets = {"seen": Candidates, "unseen": Candidates}, a dataset's
+    load(..., choice=True).info["choice"]).
 
-    Seen users are scored with their fit, unseen users with their few-shot fit, as for accuracy. The win rates
-    compare with the picks of the reference head `head` [F, 1] and of the K = 1 reward of the first alpha."""
+    Seen users are scored with their fit, unseen users with their few-shot state, as for accuracy. The win rates
+    compare with the picks of the reference head `head` [F, 1] and of the first run labelled "BT" (K = 1 of the
+    first alpha); a run measured before that one gets its win rate against it in `finish`."""
 
     def __init__(self, sets, head):
         t0 = time.time()
@@ -224,49 +270,70 @@ class ChoiceRun:
             for g in GROUPS:
                 self.against[g]["ref"] = choice_quality(ref, sets[g])["picks"]
         self.chance = {g: summarize(chance_metrics(sets[g], self.against[g]), sets[g]) for g in GROUPS}
-        self.ranks, self.baselines, self.seconds = [], {}, time.time() - t0
+        self.measured, self.ranks, self.baselines, self.seconds = {}, [], {}, time.time() - t0
 
-    def _measure(self, scorers):
+    def measure(self, entry, model, state, label=None):
+        """Choice quality of a fitted Method (seen users: its fit; unseen users: `state`) -> {"seen", "unseen":
+        {metric: {"mean", "std", "users"}}} (a win rate against a pick not yet known comes in `finish`)."""
         t0 = time.time()
-        out = {g: choice_quality(scorers[g], self.sets[g], self.against[g])["summary"] for g in GROUPS}
+        picks, users = {}, {}
+        for g, st in zip(GROUPS, (None, state)):
+            c = self.sets[g]
+            scores = torch.as_tensor(method_scorer(model, st)(c))
+            if scores.shape != c.truth.shape:
+                raise ValueError(f"the scorer returned shape {tuple(scores.shape)}, expected {tuple(c.truth.shape)}")
+            picks[g] = pick(scores, c.valid)
+            users[g] = {m: per_user(v, c.user, c.num_users)
+                        for m, v in query_metrics(c, picks[g], scores, self.against[g]).items()}
+        if self.kind == "reward" and (label or model.label) == "BT" and "BT" not in self.against["seen"]:
+            for g in GROUPS:
+                self.against[g]["BT"] = picks[g]
+        self.measured[entry] = {"picks": picks, "users": users}
         self.seconds += time.time() - t0
-        return out
+        return self._summary(entry)
 
-    def add_ranks(self, result):
-        """LoRe at every (alpha, K) of a pipelines.fit_ranks result (K = 0: the head, K = 1: shared BT)."""
-        alpha0 = result.alpha_list[0]
-        if self.kind == "reward" and (alpha0, 1) in result.models:
-            m = result.models[(alpha0, 1)]
-            for g, W in zip(GROUPS, (m["W"], m["W_unseen"])):
-                self.against[g]["BT"] = choice_quality(lore_scorer(m["V"], W), self.sets[g])["picks"]
-            self.chance = {g: summarize(chance_metrics(self.sets[g], self.against[g]), self.sets[g]) for g in GROUPS}
-        elif self.kind == "reward":
-            self.metrics.remove("win_vs_BT")
-            print("choice quality: no K = 1 in K_list, so no win rate against the shared BT reward")
-        for (alpha, K), m in result.models.items():
-            self.ranks.append({"alpha": alpha, "K": K, **self._measure(
-                {"seen": lore_scorer(m["V"], m["W"]), "unseen": lore_scorer(m["V"], m["W_unseen"])})})
+    def _summary(self, entry):
+        users = self.measured[entry]["users"]
+        return {g: {m: _stats(users[g][m]) for m in self.metrics if m in users[g]} for g in GROUPS}
 
-    def add_baseline(self, entry, label, model, state):
-        """A baseline fit of baselines.run_baselines (its `on_fit` hook): seen users' fit, unseen users' `state`."""
-        self.baselines[entry] = {"label": label, **self._measure(
-            {"seen": method_scorer(model), "unseen": method_scorer(model, state)})}
+    def finish(self, results):
+        """After every run of `results` (evaluate's MethodResults) is measured: the win rates against picks that came
+        later, the chance levels, each result's `.choice`, and the rows of the table (LoRe's by alpha and K)."""
+        if self.kind == "reward" and "BT" not in self.against["seen"]:
+            if "win_vs_BT" in self.metrics:
+                self.metrics.remove("win_vs_BT")
+                print("choice quality: no K = 1 in K_list, so no win rate against the shared BT reward")
+        for m in self.measured.values():
+            for g in GROUPS:
+                c = self.sets[g]
+                for name, (fn, _) in CHOICE_METRICS[self.kind].items():
+                    if name in self.metrics and name not in m["users"][g]:
+                        m["users"][g][name] = per_user(fn(c, m["picks"][g], None, self.against[g]), c.user,
+                                                       c.num_users)
+        self.chance = {g: summarize(chance_metrics(self.sets[g], self.against[g]), self.sets[g]) for g in GROUPS}
+        self.ranks, self.baselines = [], {}
+        for r in results:
+            if r.run.entry not in self.measured:
+                continue
+            r.choice = self._summary(r.run.entry)
+            if r.run.name == "lore":
+                self.ranks.append({"alpha": r.run.settings["alpha"], "K": r.run.settings["K"], **r.choice})
+            else:
+                self.baselines[r.run.entry] = {"label": r.run.label, **r.choice}
 
-    def payload(self, result=None, baselines=None):
-        """The results JSON's "choice": kind, metrics, chance, "results" (one per alpha, K), "baselines" and, given
-        the run's accuracy (the fit_ranks result and run_baselines' entries), "rank_agreement": Kendall's tau
-        between test accuracy and each metric (negated where lower is better) over the methods (LoRe at every
-        alpha and K, and the baselines), per group: 1 when choice quality orders the methods as accuracy does."""
+    def payload(self, results):
+        """The results JSON's "choice": kind, metrics, chance, "results" (LoRe: one per alpha, K), "baselines" (the
+        other methods by entry) and "rank_agreement": Kendall's tau, per group, between the test accuracy and each
+        metric (negated where lower is better) over the measured methods of `results` (1 when choice quality orders
+        the methods as accuracy does)."""
         out = {"kind": self.kind, "metrics": self.metrics,
                "lower_is_better": sorted(LOWER_IS_BETTER & set(self.metrics)), "std_over": "users",
                "chance": self.chance, "results": self.ranks, "baselines": self.baselines, "seconds": self.seconds}
-        if result is not None:
-            ak = [(result.alpha_list.index(r["alpha"]), result.K_list.index(r["K"])) for r in self.ranks]
-            acc = {g: [float(result.means[i][a, k]) for a, k in ak] +
-                   [(baselines or {})[e][f"{g}_test"]["mean"] for e in self.baselines] for g, i in zip(GROUPS, (1, 3))}
-            rows = self.ranks + list(self.baselines.values())
-            out["rank_agreement"] = {g: {m: kendall_tau(acc[g], [(-1 if m in LOWER_IS_BETTER else 1)
-                                                                 * r[g][m]["mean"] for r in rows])
+        rows = [r for r in results if r.choice is not None]
+        if rows:
+            out["rank_agreement"] = {g: {m: kendall_tau([r.mean(f"{g}_test") for r in rows],
+                                                        [(-1 if m in LOWER_IS_BETTER else 1) * r.choice[g][m]["mean"]
+                                                         for r in rows])
                                          for m in self.metrics} for g in GROUPS}
         return out
 

@@ -104,23 +104,18 @@ def process_group(device):
 
 # --- range rules: one per setting, checked by check_value(s) ---
 
-# The range of every setting of the scripts and of the core classes and pipelines (a rule of check_value).
-# A baseline class (lorelib/vpl.py, pal.py, bt.py) carries the rules of its own settings (its `rules`).
+# The range of every setting of the core classes and pipelines and of the settings every script shares (a rule of
+# check_value). A dataset module carries the rules of its own settings (its RULES, passed to configure), a method
+# class those of its own (its `rules`).
 RULES = {
     "K_list": "each int >= 0", "K": "int >= 0", "alpha_list": "each >= 0", "alpha": ">= 0",
-    "N": "int >= 1", "N_unseen": "int >= 1", "synthetic_users": "int >= 2",
+    "N": "int >= 1", "N_unseen": "int >= 1",
     "num_classes": "int >= 1", "num_features": "int >= 1", "num_basis_vectors": "int >= 1",
-    "train_density": "in (0, 1]", "fewshot_density": "in (0, 1]", "fewshot_pool_density": "in (0, 1] or None",
-    "dirichlet_alpha": "> 0", "max_train_pairs": "int >= 1 or None", "max_fewshot_pairs": "int >= 1 or None",
-    "min_comparisons": "int >= 2", "protocol": "one of published paper",
     "num_iterations": "int >= 1", "learning_rate": "> 0",
     "fewshot_iterations": "int >= 0",  # 0: unseen users keep uniform weights (run says so)
     "fewshot_learning_rate": "> 0", "num_shots": "each int >= 1", "shots": "int >= 1", "trials": "int >= 1",
-    "synthetic_features": "int >= 1", "synthetic_prompts": "each int >= 1",
-    "weights": "one of uniform user basis all", "user": "int >= 0", "limit": "int >= 1",
-    "top_k": "int >= 1", "batch_size": "int >= 1", "truncation_side": "one of left right",
-    "user_split": "one of published filter_first",
-    "seen_fraction": "in (0, 1)", "min_dialogs": "int >= 1", "max_length": "int >= 1",
+    "synthetic_features": "int >= 1", "batch_size": "int >= 1",
+    "truncation_side": "one of left right", "max_length": "int >= 1",
     "validation_fraction": "in [0, 1)", "reference": "one of head published",
     "max_tokens_per_batch": "int >= 1", "shard_size": "int >= 1", "stop_after_shards": "int >= 0",
     "embedding_dtype": "one of float32 bfloat16 float16", "pairs_dtype": "one of auto float32 bfloat16",
@@ -128,7 +123,7 @@ RULES = {
     "selection": "one of active uncertainty variance", "num_suggestions": "int >= 1", "calibrated": "bool",
     "seeds": "each int >= 0 or None", "stop_thresholds": "each > 0 or None",
     "pair_budgets": "each int >= 1 or None", "stop_below": "> 0 or None",
-    "choice_quality": "bool", "choice_prompts": "int >= 1 or None", "tune": "bool",
+    "choice_quality": "bool", "choice_prompts": "int >= 1 or None", "tune": "bool", "tuned": "bool",
 }
 
 
@@ -273,7 +268,7 @@ def _parse_overrides(config, argv):
     return keys
 
 
-def configure(config, argv=None, *, script=None, writable=None, checks=()):
+def configure(config, argv=None, *, script=None, writable=None, checks=(), rules=None):
     """Apply `key=value` (or `--key value`) command-line overrides to a script's config, in place, and check it.
 
     config: the script's globals(); every public name bound to a bool/int/float/str/list/tuple/dict/None is a
@@ -281,8 +276,8 @@ def configure(config, argv=None, *, script=None, writable=None, checks=()):
     default (an int is accepted for a float). A None default takes None or a value of its type in
     NONE_DEFAULT_TYPES / the script's `_types` (anything when neither names it); a tuple of types there, e.g.
     `_types = {"shot_selection": (str, list)}`, is accepted whatever the default. argv None: sys.argv[1:], or
-    nothing in a notebook kernel. Every setting with a rule in RULES is range-checked (a None default also
-    accepts None).
+    nothing in a notebook kernel. Every setting with a rule in RULES or in `rules` (a dataset's own) is
+    range-checked (a None default also accepts None).
     script: the script's __file__. Given, configure also creates and test-writes the output folders `writable`
     ({key: default folder name beside the script}, e.g. {"out_dir": "results"}), runs `checks` (functions of the
     config dict that raise InputError: a dataset's or the baselines' own checks), and makes the script end on an
@@ -299,7 +294,8 @@ def configure(config, argv=None, *, script=None, writable=None, checks=()):
         argv = [] if _in_notebook() else sys.argv[1:]
     defaults = dict(config)
     keys = _parse_overrides(config, argv)
-    check_values({k: v for k, v in keys.items() if not (v is None and defaults.get(k) is None)})
+    check_values({k: v for k, v in keys.items() if not (v is None and defaults.get(k) is None)},
+                 {**RULES, **(rules or {})})
     for key, default in (writable or {}).items():
         folder = Path(keys[key]) if keys[key] else Path(script).resolve().parent / default
         _check_writable(key, folder)

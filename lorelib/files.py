@@ -5,9 +5,11 @@ local copy, and results folders with a fallback in the system temp directory.
 Imports: config.
 """
 import contextlib
+import hashlib
 import json
 import math
 import os
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -108,6 +110,16 @@ def tensor_shapes(path, make_cmd=None):
     except Exception as e:  # safetensors raises its own error type for a corrupted or truncated file
         raise InputError(f"{path}: cannot be read as safetensors, the file is corrupted or truncated "
                          f"({e}){_remake(make_cmd)}") from None
+
+
+def fingerprint(path, make_cmd=None):
+    """A short hash of a safetensors file's header (every tensor's name, dtype, shape and offsets, and the metadata)
+    and size: the same for the same prepared file, different for another (no tensor data read)."""
+    _check_file(path, make_cmd)
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = f.read(min(n, 100_000_000))
+    return hashlib.sha256(header + str(os.path.getsize(path)).encode()).hexdigest()[:12]
 
 
 def load_tensors(path, keys=(), make_cmd=None, allow_nan=()):

@@ -1,7 +1,7 @@
 """Reporting: plain-text tables, the results JSON (never lost: a fallback folder when the output folder cannot be
-written) and plots, for the structured results of pipelines.py and the baselines.
+written) and plots; report_run writes a train_basis run from evaluate's results (every method, every metric).
 
-Imports: config, files, data (the names of the four pair sets), intervals.
+Imports: config, files, data (the names of the four pair sets), metrics.
 """
 import json
 from pathlib import Path
@@ -11,9 +11,9 @@ import numpy as np
 from .config import note_written
 from .data import RESULT_NAMES, TIE_TOLERANCE
 from .files import atomic_path, jsonable, save_json, save_or_fallback
-from .intervals import paired_difference, stratified_mean
+from .metrics import HEADLINE
 
-DEGENERATE_TIES = 0.5  # a baseline with near-ties on more than this share of a test set's pairs is flagged
+DEGENERATE_TIES = 0.5  # a method with near-ties on more than this share of a test set's pairs is flagged
 
 
 def print_table(header, rows, fmt="{:.4f}"):
@@ -100,79 +100,107 @@ def _method_of(K):
     return "ref" if K == 0 else "BT" if K == 1 else "LoRe"
 
 
-def _summary(means, K_list, alpha_list, selection, baselines):
-    """{method: {rank settings..., "seen_test", "unseen_test"}}, printed one line per method: LoRe's K (and
-    alpha) from select_rank's `selection`, a swept baseline's from its "chosen" entry, never from test pairs."""
-    a = alpha_list.index(selection["alpha"]) if selection else 0
-    lore = [K for K in K_list if K >= 2]
-    lore_K = selection["K"] if selection else lore[0] if len(lore) == 1 else None
-    picks = {_method_of(K): (K, {}) for K in K_list if K <= 1}
-    if lore:
-        picks["LoRe"] = (lore_K, {"K": lore_K} if len(alpha_list) == 1 else {"K": lore_K, "alpha": alpha_list[a]})
+def _json_sets(r):
+    """{pair set: {"mean", "std" (the headline accuracy over users), every other metric's mean over users}}."""
+    return {n: {"mean": r.mean(n), "std": r.std(n),
+                **{m: float(np.mean(v)) for m, v in r.users[n].items() if m != HEADLINE}} for n in RESULT_NAMES}
+
+
+def json_entry(r):
+    """The results JSON's entry of a method other than LoRe (its "baselines" dict)."""
+    out = r.run.fields()
+    if r.validation is not None:
+        out.update(validation=r.validation, chosen=r.chosen)
+    return {**out, **_json_sets(r), "seconds": r.seconds}
+
+
+def summary(results, log=print):
+    """{family: {its swept settings..., "seen_test", "unseen_test"}}, printed one line per family: a family of swept
+    runs (LoRe's K, a baseline's swept setting) reports its run chosen on held-out training pairs (evaluate.choose;
+    its settings None when nothing was chosen), a family of one run that run, and one run per alpha (ref, BT) the
+    run at LoRe's chosen alpha (else the first)."""
+    lore = [r for r in results if r.chosen and r.run.name == "lore"]
+    alpha = lore[0].run.settings["alpha"] if lore else None
     out = {}
-    for method, (K, ranks) in picks.items():
-        k = K_list.index(K) if K is not None else None
-        out[method] = ranks if k is None else {**ranks, "seen_test": float(means[1][a, k]),
-                                               "unseen_test": float(means[3][a, k])}
-    for method in dict.fromkeys(e["method"] for e in baselines.values()):
-        group = [e for e in baselines.values() if e["method"] == method]
-        pick = [e for e in group if e.get("chosen")] or (group if len(group) == 1 else [])
-        out[method] = {k: None for k in group[0].get("sweep", {})} if not pick else {
-            **pick[0].get("sweep", {}), "seen_test": pick[0]["seen_test"]["mean"],
-            "unseen_test": pick[0]["unseen_test"]["mean"]}
-    print("\none line per method (K chosen on held-out pairs of the seen users' training data, never on test pairs): "
-          "seen / unseen users' test accuracy")
-    for method, acc in out.items():
+    for family in dict.fromkeys(r.run.family for r in results):
+        group = [r for r in results if r.run.family == family]
+        if group[0].run.sweep:
+            pick = [r for r in group if r.chosen] or (group if len(group) == 1 else [])
+        else:
+            pick = [r for r in group if r.run.settings.get("alpha") == alpha] or group
+        out[family] = {k: None for k in group[0].run.sweep} if not pick else {
+            **pick[0].run.sweep, "seen_test": pick[0].mean("seen_test"), "unseen_test": pick[0].mean("unseen_test")}
+    log("\none line per method (K chosen on held-out pairs of the seen users' training data, never on test pairs): "
+        "seen / unseen users' test accuracy")
+    for family, acc in out.items():
         if "seen_test" not in acc:
-            print(f"  {method}: not chosen (validation_fraction = 0)")
+            log(f"  {family}: not chosen (validation_fraction = 0)")
             continue
         ranks = "".join(f"{k} = {v:g}, " for k, v in acc.items() if k not in ("seen_test", "unseen_test"))
-        print(f"  {method}: {ranks}{acc['seen_test']:.4f} / {acc['unseen_test']:.4f}")
+        log(f"  {family}: {ranks}{acc['seen_test']:.4f} / {acc['unseen_test']:.4f}")
     return out
 
 
-def report_run(result, config, out_dir, name, title, extra=None, baselines=None, selection=None, record=None):
-    """Print the accuracy table of a fit_ranks result (a RankResult) and write `name`.json / .png.
+def selection(results):
+    """LoRe's (alpha, K) chosen on held-out pairs: {"alpha", "K", "validation": {"alpha=.. K=..": accuracy}}, or
+    None when nothing was chosen."""
+    lore = [r for r in results if r.run.name == "lore" and r.validation is not None]
+    best = [r for r in lore if r.chosen]
+    if not best:
+        return None
+    return {"alpha": best[0].run.settings["alpha"], "K": best[0].run.settings["K"],
+            "validation": {f"alpha={r.run.settings['alpha']:g} K={r.run.settings['K']}": r.validation for r in lore}}
 
-    baselines: baselines.run_baselines' {entry: {"label", "settings", "seconds", result name: {"mean", "std"}}}:
-    extra table rows, the JSON's "baselines" (each entry under its name) and horizontal lines in the plot.
-    selection: LoRe's rank chosen by select_rank; with the baselines' choices it makes the one-line-per-method
-    summary, printed and written as the JSON's "summary". record: the script's RunRecord (the files written).
-    """
-    K_list, alpha_list, means, stds = result.K_list, result.alpha_list, result.means, result.stds
-    rows, results = [], []
-    for a, al in enumerate(alpha_list):
-        for k, K in enumerate(K_list):
-            rows.append([_method_of(K), f"{al:g}", K] +
-                        [f"{means[r][a, k]:.4f} ± {stds[r][a, k]:.4f}" for r in range(4)])
-            results.append({"alpha": al, "K": K, **{n: {"mean": means[r][a, k], "std": stds[r][a, k]}
-                                                    for r, n in enumerate(RESULT_NAMES)}})
-    baselines = baselines or {}
-    degenerate = []
-    for acc in baselines.values():
-        ties = max(acc[n].get("ties", 0.0) for n in ("seen_test", "unseen_test"))
+
+def _cells(r, sets):
+    return [f"{r.mean(n):.4f} ± {r.std(n):.4f}" for n in sets]
+
+
+def report_run(results, config, out_dir, name, title, extra=None, record=None):
+    """Print the accuracy table of evaluate's results (LoRe's runs by alpha and K, then every other method) and
+    write `name`.json / .png: "results" (LoRe: one entry per alpha, K), "baselines" (every other method by entry),
+    "summary" (one line per method), "selection" (LoRe's chosen alpha and K), `extra`. Every registered metric
+    besides accuracy is printed in a second table (test sets) and is in the JSON beside each set's mean and std.
+    record: the script's RunRecord (the files written)."""
+    lore = [r for r in results if r.run.name == "lore"]
+    others = [r for r in results if r.run.name != "lore"]
+    rows, degenerate = [], []
+    for r in results:
+        ties = max(float(np.mean(r.users[n]["ties"])) for n in ("seen_test", "unseen_test"))
         flag = f" [ties {ties:.0%}]" if ties > DEGENERATE_TIES else ""
-        degenerate += [acc["label"]] if flag else []
-        rows.append([acc["label"] + flag, "", ""] + [f"{acc[n]['mean']:.4f} ± {acc[n]['std']:.4f}"
-                                                     for n in RESULT_NAMES])
+        degenerate += [r.run.label] if flag else []
+        s = r.run.settings
+        head = [_method_of(s["K"]), f"{s['alpha']:g}", s["K"]] if r.run.name == "lore" else [r.run.label, "", ""]
+        rows.append([head[0] + flag] + head[1:] + _cells(r, RESULT_NAMES))
     print(f"\n{title}: accuracy, mean ± std over users (K = 0: reference head, K = 1: Bradley-Terry)")
     print_table(["method", "alpha", "K"] + RESULT_NAMES, rows)
     if degenerate:
         print(f"[ties x%]: a degenerate fit ({', '.join(degenerate)}): its margins are near-ties (|margin| <= "
               f"{TIE_TOLERANCE:g}) on more than {DEGENERATE_TIES:.0%} of a test set's pairs, and a tie counts as "
               "wrong; the JSON's \"ties_half\" counts them half")
-    summary = _summary(means, list(K_list), list(alpha_list), selection, baselines)
-    series = {f"{label} (alpha={al:g})": (means[r][a], stds[r][a]) for a, al in enumerate(alpha_list)
-              for r, label in [(1, "seen users"), (3, "unseen users")]}
-    hlines = {f"{acc['label']}, {label}": (acc[key]["mean"], style) for acc in baselines.values()
+    more = [m for m in results[0].users["seen_test"] if m != HEADLINE] if results else []
+    if more:
+        print(f"\n{title}: more metrics on the test sets, mean over users ({', '.join(more)}: metrics.py)")
+        print_table(["method"] + [f"{g} {m}" for m in more for g in ("seen", "unseen")],
+                    [[r.run.label] + [f"{np.mean(r.users[f'{g}_test'][m]):.4f}" for m in more
+                                      for g in ("seen", "unseen")] for r in results])
+    lines = summary(results)
+    chosen = selection(results)
+    json_lore = [{"alpha": r.run.settings["alpha"], "K": r.run.settings["K"], **_json_sets(r)} for r in lore]
+    baselines = {r.run.entry: json_entry(r) for r in others}
+    alphas = list(dict.fromkeys(r.run.settings["alpha"] for r in lore))
+    K_list = list(dict.fromkeys(r.run.settings["K"] for r in lore))
+    series = {f"{label} (alpha={al:g})": ([r.mean(key) for r in lore if r.run.settings["alpha"] == al],
+                                          [r.std(key) for r in lore if r.run.settings["alpha"] == al])
+              for al in alphas for key, label in [("seen_test", "seen users"), ("unseen_test", "unseen users")]}
+    hlines = {f"{r.run.label}, {label}": (r.mean(key), style) for r in others
               for key, label, style in [("seen_test", "seen users", ":"), ("unseen_test", "unseen users", "--")]}
-    write_report(out_dir, name, {"config": config, "results": results,
-                                 **({"baselines": baselines} if baselines else {}), "summary": summary,
-                                 **({"selection": selection} if selection else {}), **(extra or {})},
+    write_report(out_dir, name, {"config": config, "results": json_lore, **({"baselines": baselines} if others else {}),
+                                 "summary": lines, **({"selection": chosen} if chosen else {}), **(extra or {})},
                  lambda p: save_plot(p, list(range(len(K_list))), series, "K (0 = reference head, 1 = BT)",
                                      "test accuracy", f"{title}: accuracy vs rank", xticks=K_list, hlines=hlines),
                  record)
-    return results
+    return json_lore
 
 
 def write_report(out_dir, name, payload, plot, record=None):
@@ -189,224 +217,3 @@ def write_report(out_dir, name, payload, plot, record=None):
     print(f"wrote {json_path} and {png_path}")
 
 
-def report_shots(result, config, out_dir, name, title, extra=None, xlabel="few-shot pairs per user", baselines=None,
-                 record=None):
-    """Print and save (JSON, PNG) a vary_shots result (a ShotsResult, or a list of them: one per data seed) of one K
-    and alpha.
-
-    One rule, one seed (the published protocol): a table of its few-shot train and unseen test accuracy per shot
-    count. With the whole-pool accuracy (result.full_pool): a line in the plot, and the fewest shots whose mean
-    unseen-test accuracy reaches 95% and 99% of it ("shots_to_95pct_of_full_pool", ...). Several rules or seeds:
-    the comparison of the rules (_report_comparison; the baselines are not shown there). With the stopping rule
-    (result.stopping): its table and the JSON's "stopping" (_report_stopping).
-    baselines: baselines.run_baselines_vary_shots'
-    {method: {"label", "settings", "seconds", "accuracies": [4, len(num_shots)] in the same layout}}:
-    extra table columns (unseen test), the JSON's "baselines" (each method under its name, its accuracies as
-    "results") and extra curves in the plot. record: the script's RunRecord (the files written).
-    """
-    seeds = list(result) if isinstance(result, (list, tuple)) else [result]
-    if len(seeds) > 1 or len(seeds[0].rules) > 1:
-        return _report_comparison(seeds, config, out_dir, name, title, extra, xlabel, baselines, record)
-    result = seeds[0]
-    num_shots, K, alpha = result.num_shots, result.K_list[0], result.alpha_list[0]
-    full = None if result.full_pool is None else [float(x) for x in result.full_pool[:, 0, 0]]
-    rules = {rule: list(acc[:, 0, 0, :]) for rule, acc in result.acc.items()}
-    one = len(rules) == 1
-    fs_m, fs_s, ts_m, ts_s = next(iter(rules.values()))
-    skipped = result.skipped
-    baselines = baselines or {}
-    curves = {m: [np.asarray(r).reshape(-1) for r in b["accuracies"][:4]] for m, b in baselines.items()}
-    rows = [[s] + ([f"{fs_m[j]:.4f} ± {fs_s[j]:.4f}", f"{ts_m[j]:.4f} ± {ts_s[j]:.4f}"] if one else
-                   [f"{c[2][j]:.4f} ± {c[3][j]:.4f}" for c in rules.values()]) +
-            [f"{c[2][j]:.4f} ± {c[3][j]:.4f}" for c in curves.values()] + [skipped[j]]
-            for j, s in enumerate(num_shots)]
-    print(f"\n{title}: K = {K}, accuracy mean ± std over trials"
-          + ("" if set(rules) == {"random"} else " (uncertainty and active shots: one deterministic run)"))
-    print_table(["shots"] + (["few-shot train", "unseen test"] if one else [f"unseen test, {r} shots" for r in rules])
-                + [f"{b['label']} unseen test" for b in baselines.values()] + ["users skipped"], rows)
-
-    def entries(fs_m, fs_s, ts_m, ts_s):
-        return [{"shots": s, "fewshot_train": {"mean": fs_m[j], "std": fs_s[j]},
-                 "unseen_test": {"mean": ts_m[j], "std": ts_s[j]}, "users_skipped": skipped[j]}
-                for j, s in enumerate(num_shots)]
-    results = entries(fs_m, fs_s, ts_m, ts_s)
-    series = ({f"LoRe K = {K}, unseen users, test": (ts_m, ts_s),
-               f"LoRe K = {K}, unseen users, few-shot train": (fs_m, fs_s)} if one else
-              {f"LoRe K = {K}, {r} shots, unseen users, test": (c[2], c[3]) for r, c in rules.items()})
-    series.update({f"{b['label']}, unseen users, test": (curves[m][2], curves[m][3]) for m, b in baselines.items()})
-    json_baselines = {m: {**{k: v for k, v in b.items() if k != "accuracies"}, "results": entries(*curves[m])}
-                      for m, b in baselines.items()}
-    more = {} if one else {"results_by_selection": {r: entries(*c) for r, c in rules.items()}}
-    if full:
-        more["full_pool"] = {"fewshot_train": {"mean": full[0], "std": full[1]},
-                             "unseen_test": {"mean": full[2], "std": full[3]}, "std_over": "users"}
-        print(f"w fit on each user's whole few-shot pool: unseen test {full[2]:.4f} ± {full[3]:.4f} (std over users)")
-        for pct in (95, 99):
-            more[f"shots_to_{pct}pct_of_full_pool"] = reach = {
-                r: next((s for s, m in zip(num_shots, c[2]) if m >= pct / 100 * full[2]), None)
-                for r, c in rules.items()}
-            print(f"{pct}% of it ({pct / 100 * full[2]:.4f}) first reached at: " + ", ".join(
-                f"{r} {'not within ' + str(max(num_shots)) if s is None else s} shots" for r, s in reach.items()))
-    if result.stopping:
-        more["stopping"] = _report_stopping(seeds)
-    write_report(out_dir, name, {"config": config, "K": K, "alpha": alpha, "results": results, **more,
-                                 **({"baselines": json_baselines} if baselines else {}), **(extra or {})},
-                 lambda p: save_plot(p, list(num_shots), series, xlabel, "accuracy",
-                                     f"{title}: accuracy vs shots (K = {K})",
-                                     hlines={"LoRe, whole few-shot pool": (full[2], "--")} if full else None),
-                 record)
-    return results
-
-
-
-def _point(acc, rules, rule):
-    """One point of a rule: acc {rule: [S] per-user arrays (NaN: not in the point)} -> {"mean", "ci95", "per_seed",
-    "users", and, beside random, "vs_random": {"mean", "ci95"} over the per-user differences (paired)}."""
-    mean, err = stratified_mean(acc[rule])
-    out = {"mean": mean, "ci95": [mean - err, mean + err], "users": int(sum((~np.isnan(a)).sum() for a in acc[rule])),
-           "per_seed": [float(np.nanmean(a)) if (~np.isnan(a)).any() else None for a in acc[rule]]}
-    if rule != "random" and "random" in rules:
-        d, e = paired_difference(acc[rule], acc["random"])
-        out["vs_random"] = {"mean": d, "ci95": [d - e, d + e]}
-    return out
-
-
-def _comparison_table(what, xname, xs, points, rules, extra=None):
-    """Print the rules' points side by side (mean ± half-width), then their paired differences from random; rows
-    without users are left out. points {rule: [point]}; extra {column: [str per x]}."""
-    rows = [j for j in range(len(xs)) if points[rules[0]][j]["users"]]
-    print(f"\n{what}: mean ± 95% interval half-width")
-    half = {r: [(p["ci95"][1] - p["ci95"][0]) / 2 for p in points[r]] for r in rules}
-    print_table([xname] + rules + list(extra or {}) + ["users"],
-                [[xs[j]] + [f"{points[r][j]['mean']:.4f} ± {half[r][j]:.4f}" for r in rules]
-                 + [c[j] for c in (extra or {}).values()] + [points[rules[0]][j]["users"]] for j in rows])
-    others = [r for r in rules if "vs_random" in points[r][0]]
-    if others:
-        print(f"{what}, difference from random, paired per user: mean [95% interval]")
-        print_table([xname] + others, [[xs[j]] + ["{:+.4f} [{:+.4f}, {:+.4f}]".format(
-            points[r][j]["vs_random"]["mean"], *points[r][j]["vs_random"]["ci95"]) for r in others] for j in rows])
-
-
-def _panels(xs, points, rules, xlabel, what, lines=None):
-    """The accuracy panel and (beside random) the paired-difference panel of save_panels for points {rule: [point]}."""
-    def series(key, rs):
-        return {r: (xs, [p[key]["mean"] if key else p["mean"] for p in points[r]],
-                    [(p[key]["ci95"][1] - p[key]["ci95"][0]) / 2 if key else (p["ci95"][1] - p["ci95"][0]) / 2
-                     for p in points[r]]) for r in rs}
-    out = [{"series": series(None, rules), "lines": lines or {}, "xlabel": xlabel,
-            "ylabel": "unseen-user test accuracy", "title": f"{what} (95% interval over users)"}]
-    others = [r for r in rules if "vs_random" in points[r][0]]
-    if others:
-        out.append({"series": series("vs_random", others), "xlabel": xlabel, "ylabel": "accuracy - random",
-                    "zero": True, "title": f"{what}: difference from random (paired per user, 95%)"})
-    return out
-
-
-def _report_comparison(results, config, out_dir, name, title, extra, xlabel, baselines, record):
-    """The rules side by side over one or more seeds (a list of ShotsResult of the same rules and shot counts).
-
-    Per rule and shot count: the unseen-test accuracy (mean over seeds of the mean over users, 95% interval over
-    users with the seeds as strata: intervals.stratified_mean), its paired per-user difference from random, the
-    comparisons answered per user, and the whole-pool accuracy of the same users (their w fit on the whole pool),
-    from which the fewest shots reaching 95% / 99% of it. With pair budgets (grouped shots): the same at exactly P
-    answered comparisons. Tables, the JSON ("results_by_selection", "results_by_answered_pairs") and a plot.
-    baselines (one seed only): as in report_shots, a table, the JSON's "baselines" and curves in the first panel.
-    """
-    r0 = results[0]
-    num_shots, K, alpha, rules = r0.num_shots, r0.K_list[0], r0.alpha_list[0], r0.rules
-    full = r0.full_pool_users is not None
-    points, pairs, refs = {}, {}, []
-    for j in range(len(num_shots)):
-        acc = {rule: [r.user_acc[rule][0, 0, j] for r in results] for rule in rules}
-        seen = [~np.isnan(a) for a in acc[rules[0]]]
-        refs.append(stratified_mean([np.where(m, r.full_pool_users[0, 0], np.nan) for m, r in zip(seen, results)])[0]
-                    if full else float("nan"))
-        for rule in rules:
-            points.setdefault(rule, []).append(_point(acc, rules, rule))
-            pairs.setdefault(rule, []).append(stratified_mean([r.pairs_asked[rule][0, 0, j] for r in results])[0])
-    grouped = not all(np.allclose(p, num_shots, equal_nan=True) for p in pairs.values())
-    by_rule = {rule: [{"shots": s, "fewshot_train": {
-        "mean": float(np.mean([r.acc[rule][0, 0, 0, j] for r in results])),
-        "std": float(np.mean([r.acc[rule][1, 0, 0, j] for r in results]))},
-        "unseen_test": {**{k: v for k, v in points[rule][j].items() if k in ("mean", "ci95", "per_seed")},
-                        "std": float(np.mean([r.acc[rule][3, 0, 0, j] for r in results]))},
-        "users": points[rule][j]["users"], "users_skipped": int(sum(r.skipped[j] for r in results)),
-        "pairs_asked": pairs[rule][j], **({"full_pool_same_users": refs[j]} if full else {}),
-        **({"vs_random": points[rule][j]["vs_random"]} if "vs_random" in points[rule][j] else {})}
-        for j, s in enumerate(num_shots)] for rule in rules}
-    S = len(results)
-    print(f"\n{title}: K = {K}, {S} seed(s); intervals over users, seeds as strata; the rules other than random: one "
-          "deterministic run per seed")
-    _comparison_table("unseen-user test accuracy per shot", "shots", num_shots, points, rules,
-                      {"whole pool, same users": [f"{x:.4f}" for x in refs]} if full else None)
-    if grouped:
-        print("comparisons answered per user (mean)")
-        print_table(["shots"] + rules, [[s] + [f"{pairs[r][j]:.2f}" for r in rules] for j, s in enumerate(num_shots)
-                                        if points[rules[0]][j]["users"]])
-    more, panels = {}, _panels(num_shots, points, rules, xlabel, "per shot",
-                               {"whole pool, same users": (num_shots, refs)} if full else None)
-    if full:
-        fp = np.mean([r.full_pool[:, 0, 0] for r in results], 0)
-        more["full_pool"] = {"fewshot_train": {"mean": fp[0], "std": fp[1]}, "unseen_test": {"mean": fp[2],
-                             "std": fp[3]}, "std_over": "users", "users": "every user with a pool (mean over seeds)"}
-        for pct in (95, 99):
-            more[f"shots_to_{pct}pct_of_full_pool"] = reach = {
-                r: next((s for s, p, ref in zip(num_shots, points[r], refs) if p["mean"] >= pct / 100 * ref), None)
-                for r in rules}
-            print(f"{pct}% of the whole-pool accuracy of the same users first reached at: " + ", ".join(
-                f"{r} {'not within ' + str(max(num_shots)) if s is None else s} shots" for r, s in reach.items()))
-    if r0.budget_acc is not None:
-        budgets = r0.pair_budgets
-        at = {rule: [_point({q: [r.budget_acc[q][0, 0, b] for r in results] for q in rules}, rules, rule)
-                     for b in range(len(budgets))] for rule in rules}
-        _comparison_table("unseen-user test accuracy at exactly P answered comparisons", "P", budgets, at, rules)
-        more["results_by_answered_pairs"] = {rule: [{"pairs": P, **p} for P, p in zip(budgets, at[rule])]
-                                             for rule in rules}
-        panels += _panels(budgets, at, rules, "answered comparisons per user", "per answered comparison")
-    if r0.stopping:
-        more["stopping"] = _report_stopping(results)
-    if baselines:
-        curves = {m: [np.asarray(x, dtype=np.float64).reshape(-1) for x in b["accuracies"][:4]]
-                  for m, b in baselines.items()}
-        print("\nbaselines (random shots, published settings): unseen-user test accuracy, mean ± std over trials")
-        print_table(["shots"] + [b["label"] for b in baselines.values()], [
-            [s] + [f"{c[2][j]:.4f} ± {c[3][j]:.4f}" for c in curves.values()] for j, s in enumerate(num_shots)])
-        more["baselines"] = {m: {**{k: v for k, v in b.items() if k != "accuracies"}, "results": [
-            {"shots": s, "fewshot_train": {"mean": c[0][j], "std": c[1][j]},
-             "unseen_test": {"mean": c[2][j], "std": c[3][j]}, "users_skipped": r0.skipped[j]}
-            for j, s in enumerate(num_shots)]} for (m, b), c in zip(baselines.items(), curves.values())}
-        panels[0]["series"].update({b["label"]: (num_shots, curves[m][2], curves[m][3]) for m, b in baselines.items()})
-    payload = {"config": config, "K": K, "alpha": alpha, "seeds": [r.seed for r in results],
-               "intervals": "95%: mean over seeds of the mean over users +- 1.96 standard errors over users (seeds "
-                            "as strata); vs_random: the same over the per-user differences (paired)",
-               "results": by_rule[rules[0]], "results_by_selection": by_rule, **more, **(extra or {})}
-    write_report(out_dir, name, payload, lambda p: save_panels(p, panels, f"{title} (K = {K}, {S} seed(s))"), record)
-    return by_rule[rules[0]]
-
-
-def _report_stopping(results):
-    """Print and return the stopping rule's trade-off over seeds (ShotsResult.stopping of the first alpha and K):
-    per threshold the answers asked and saved against the fixed budget (min(max shots, the user's pool)), the
-    comparisons answered, the test accuracy at the stop and at the budget, and the cost (paired per user)."""
-    key = (results[0].alpha_list[0], results[0].K_list[0])
-    stops = [r.stopping[key] for r in results]
-    rows, out = [], []
-    budget = stratified_mean([s["budget"] for s in stops])[0]
-    budget_pairs = stratified_mean([s["budget_pairs"] for s in stops])[0]
-    acc_budget, acc_budget_err = stratified_mean([s["acc_budget"] for s in stops])
-    for t, threshold in enumerate(stops[0]["thresholds"]):
-        asked = stratified_mean([s["asked"][t] for s in stops])[0]
-        pairs = stratified_mean([s["pairs"][t] for s in stops])[0]
-        acc, acc_err = stratified_mean([s["acc"][t] for s in stops])
-        cost, cost_err = paired_difference([s["acc_budget"] for s in stops], [s["acc"][t] for s in stops])
-        out.append({"threshold": threshold, "asked": asked, "saved": budget - asked, "saved_fraction":
-                    1 - asked / budget, "pairs_asked": pairs, "unseen_test": {"mean": acc, "ci95": [acc - acc_err,
-                    acc + acc_err]}, "cost": {"mean": cost, "ci95": [cost - cost_err, cost + cost_err]}})
-        rows.append([f"{threshold:g}", f"{asked:.2f}", f"{budget - asked:.2f} ({100 * (1 - asked / budget):.0f}%)",
-                     f"{pairs:.2f}", f"{acc:.4f}", f"{cost:+.4f} [{cost - cost_err:+.4f}, {cost + cost_err:+.4f}]"])
-    print(f"\nstopping rule (active; stop when the best remaining expected information < threshold, nats): against "
-          f"a fixed budget of {budget:.2f} answers per user ({budget_pairs:.2f} comparisons), accuracy "
-          f"{acc_budget:.4f} ± {acc_budget_err:.4f}")
-    print_table(["threshold", "answers", "saved", "comparisons", "accuracy", "cost (paired, 95%)"], rows)
-    return {"budget": budget, "budget_pairs": budget_pairs, "unseen_test_at_budget": {
-        "mean": acc_budget, "ci95": [acc_budget - acc_budget_err, acc_budget + acc_budget_err]}, "thresholds": out}

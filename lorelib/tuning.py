@@ -1,5 +1,5 @@
 """A baseline's "tuned" row: its training budget chosen on a grid, scored on held-out pairs of the seen users'
-training data, never on test pairs (the rule that chooses LoRe's K, pipelines.select_rank).
+training data, never on test pairs (the rule that chooses LoRe's K, evaluate.choose).
 
     grid = {"num_epochs": [1, 2], "user_learning_rate,fewshot_learning_rate": [5e-3, 0.5], "K": [2, 5]}
     out = tune(lambda s: PAL(F, **s), grid, seen_train, validation_fraction=0.1, seed=0)
@@ -10,7 +10,7 @@ same value (PAL's seen- and new-user weight learning rates are one setting as re
 fit takes on_epoch (PAL: no schedule, so its model after epoch e is the model num_epochs=e fits) is fit once per
 point of the other settings for the largest num_epochs and scored after each epoch of the grid.
 
-Imports: config, data, pipelines.
+Imports: config, data, evaluate.
 """
 import inspect
 import itertools
@@ -20,7 +20,7 @@ import numpy as np
 
 from .config import InputError
 from .data import as_pairs
-from .pipelines import holdout_pairs
+from .evaluate import holdout_pairs
 
 
 def grid_points(grid):

@@ -68,7 +68,7 @@ def make_tiny_reward_model(path, seed=0, hidden_size=64, num_layers=2, with_pad_
 FAST_BASELINES = ["baseline_settings=" + repr({
     "vpl": {"hidden_dim": 64, "latent_dim": 32, "num_epochs": 5, "learning_rate": 2e-3},
     "pal": {"dim": 64, "num_epochs": 3, "batch_size": 16, "learning_rate": 2e-3, "user_learning_rate": 2e-2,
-            "fewshot_epochs": 10, "fewshot_batch_size": 16, "fewshot_learning_rate": 2e-2}}), "tuned_settings={}"]
+            "fewshot_epochs": 10, "fewshot_batch_size": 16, "fewshot_learning_rate": 2e-2}}), "tuned=False"]
 
 
 def run_script(script, *overrides, check=True):

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import utils
-from lorelib import baselines, kernels
+from lorelib import experiment, kernels, methods
 from lorelib.baseline import fresh_logits, user_rows
-from lorelib.vpl import _context_rows, _warmup_cosine
+from lorelib.pal import PAL
+from lorelib.vpl import VPL, _context_rows, _warmup_cosine
 
 # small but learnable settings for planted data (the published defaults are for thousands of pairs in 4096-d)
 VPL_SMALL = dict(hidden_dim=32, latent_dim=16, learning_rate=3e-3, num_epochs=12)
@@ -71,10 +72,10 @@ def fit_method(name, d, variant="B", seed=0):
         state = model.personalize(d["fewshot"], "cpu")
         return model, state, model.V, state
     if name == "vpl":
-        model = baselines.VPL(16, seed=seed, **VPL_SMALL).fit(d["train"], "cpu")
+        model = VPL(16, seed=seed, **VPL_SMALL).fit(d["train"], "cpu")
         state = model.personalize(d["fewshot"], "cpu")
         return model, state, model.z_seen, state
-    model = baselines.PAL(16, K=2, variant=variant, seed=seed, **PAL_SMALL[variant]).fit(d["train"], "cpu")
+    model = PAL(16, K=2, variant=variant, seed=seed, **PAL_SMALL[variant]).fit(d["train"], "cpu")
     state = model.personalize(d["fewshot"], "cpu")
     return model, state, model.user_weights(), model.user_weights(state)
 
@@ -133,7 +134,7 @@ def test_per_user_bt_table_pairs_equal_difference_pairs(data):
 
 
 def test_vpl_new_users_take_no_gradient_step(data):
-    model = baselines.VPL(16, hidden_dim=16, latent_dim=8, num_epochs=1).fit(data["train"])
+    model = VPL(16, hidden_dim=16, latent_dim=8, num_epochs=1).fit(data["train"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     z_seen = model.z_seen.clone()
     for p in model.parameters():
@@ -149,7 +150,7 @@ def test_vpl_new_users_take_no_gradient_step(data):
 
 @pytest.mark.parametrize("variant", ["B", "A"])
 def test_pal_new_users_leave_shared_parts_unchanged(data, variant, monkeypatch):
-    model = baselines.PAL(16, K=3, variant=variant, dim=16, batch_size=16, fewshot_epochs=3).fit(data["train"])
+    model = PAL(16, K=3, variant=variant, dim=16, batch_size=16, fewshot_epochs=3).fit(data["train"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.personalize(data["fewshot"])  # PAL-B on CPU: the numba kernel
     monkeypatch.setattr(kernels, "numba", None)
@@ -171,16 +172,16 @@ def test_same_seed_same_numbers(data, name):
              for k, v in data.items()}
     settings = {"per_user_bt": dict(num_iterations=100), "vpl": dict(hidden_dim=16, latent_dim=8, num_epochs=2),
                 "pal": dict(dim=16, K=2, fewshot_epochs=2)}[name]
-    runs = [baselines.run_baselines([name], small["train"], small["test"], small["fewshot"], small["test_unseen"],
+    runs = [experiment.run_methods([name], (small["train"], small["test"], small["fewshot"], small["test_unseen"]),
                                     device="cpu", seed=s, settings={name: settings}) for s in (3, 3, 4)]
     for r in runs:
         r[name].pop("seconds")
     assert runs[0] == runs[1]
     assert set(runs[0][name]) == set(utils.RESULT_NAMES) | {"label", "method", "settings"}
-    assert runs[0][name]["settings"] == baselines.full_settings(name, settings)  # every setting it ran with
+    assert runs[0][name]["settings"] == methods.full_settings(name, settings)  # every setting it ran with
     if name != "per_user_bt":  # a deterministic fit from zero: no seed involved
-        m0 = baselines.make_baseline(name, 16, seed=3, **settings)
-        m1 = baselines.make_baseline(name, 16, seed=4, **settings)
+        m0 = methods.make_method(name, 16, seed=3, **settings)
+        m1 = methods.make_method(name, 16, seed=4, **settings)
         assert not all(torch.equal(p0, p1) for p0, p1 in zip(m0.parameters(), m1.parameters()))
         assert runs[2] != runs[0]
 
@@ -188,13 +189,13 @@ def test_same_seed_same_numbers(data, name):
 def test_difference_pairs_are_refused_where_both_sides_are_needed():
     X = utils.Pairs.from_list([torch.randn(4, 16), torch.randn(3, 16)])
     with pytest.raises(ValueError, match="chosen and rejected embeddings separately"):
-        baselines.VPL(16, hidden_dim=8, latent_dim=4).fit(X)
+        VPL(16, hidden_dim=8, latent_dim=4).fit(X)
     with pytest.raises(ValueError, match="chosen and rejected embeddings separately"):
-        baselines.PAL(16, dim=8).fit(X)
+        PAL(16, dim=8).fit(X)
     with pytest.raises(ValueError, match="features"):
-        baselines.PAL(8, dim=8).fit(planted(F_dim=16, seen_per_type=1, unseen_per_type=1)["train"])
-    with pytest.raises(ValueError, match="unknown baseline"):
-        baselines.make_baseline("lore", 16)
+        PAL(8, dim=8).fit(planted(F_dim=16, seen_per_type=1, unseen_per_type=1)["train"])
+    with pytest.raises(ValueError, match="unknown method"):
+        methods.make_method("nope", 16)
     bad = [torch.randn(4, 16), torch.randn(3, 16)]
     bad[1][0, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
@@ -211,23 +212,23 @@ def test_baseline_settings_are_the_class_defaults_with_the_overrides():
     """One table entry per baseline; its settings are its constructor's arguments (besides num_features and seed),
     each with a range rule; a script's overrides are checked before any work."""
     import inspect
-    for name, cls in baselines.BASELINES.items():
-        assert set(cls.rules) == set(inspect.signature(cls).parameters) - {"num_features", "seed"}, name
+    for name, cls in methods.METHODS.items():
+        assert set(cls.rules) == set(inspect.signature(cls).parameters) - {"num_features", "seed", *cls.inputs}, name
         assert isinstance(cls.label, str) and cls.label
-    full = baselines.full_settings("pal", {"variant": "A", "K": 3})
+    full = methods.full_settings("pal", {"variant": "A", "K": 3})
     assert full["variant"] == "A" and full["K"] == 3 and full["dim"] == 512 and full["fewshot_epochs"] == 20
-    assert baselines.full_settings("vpl")["beta"] == 1e-4  # the published default lives in the signature
-    baselines.check_baselines({"baselines": ["vpl", "pal"], "baseline_settings": {"vpl": {"beta": 0.0}}})
-    for config, text in [({"baselines": ["vlp"]}, "unknown baseline"),
+    assert methods.full_settings("vpl")["beta"] == 1e-4  # the published default lives in the signature
+    methods.check_methods({"baselines": ["vpl", "pal"], "baseline_settings": {"vpl": {"beta": 0.0}}})
+    for config, text in [({"baselines": ["vlp"]}, "unknown method"),
                          ({"baselines": [], "baseline_settings": {"vpl": {"betta": 0.1}}}, "betta"),
                          ({"baselines": [], "baseline_settings": {"vpl": {"beta": -1.0}}}, "beta=-1.0"),
                          ({"baselines": [], "baseline_settings": {"pal": {"variant": "C"}}}, "variant='C'"),
-                         ({"baselines": [], "baseline_settings": {"lore": {}}}, "unknown baseline"),
+                         ({"baselines": [], "baseline_settings": {"lore": {}}}, "unknown method"),
                          ({"baselines": [], "baseline_settings": {"vpl": 0.1}}, "must be a dict")]:
         with pytest.raises(utils.InputError, match=text):
-            baselines.check_baselines(config)
+            methods.check_methods(config)
     with pytest.raises(utils.InputError, match="K=0"):
-        baselines.PAL(16, K=0)
+        PAL(16, K=0)
 
 
 def test_vary_shots_with_every_pair_equals_the_plain_run(data):
@@ -235,9 +236,9 @@ def test_vary_shots_with_every_pair_equals_the_plain_run(data):
     small = {k: (v.select_users(range(0, v.num_users, 3)) if isinstance(v, utils.Pairs) else v)
              for k, v in data.items()}
     settings = {"per_user_bt": dict(num_iterations=100)}
-    plain = baselines.run_baselines(["per_user_bt"], small["train"], small["test"], small["fewshot"],
-                                    small["test_unseen"], "cpu", settings=settings)["per_user_bt"]
-    shots = baselines.run_baselines_vary_shots(["per_user_bt"], 2, [3, 10, 11], small["train"], small["fewshot"],
+    plain = experiment.run_methods(["per_user_bt"], (small["train"], small["test"], small["fewshot"],
+                                                      small["test_unseen"]), "cpu", settings=settings)["per_user_bt"]
+    shots = experiment.method_curves(["per_user_bt"], 2, [3, 10, 11], small["train"], small["fewshot"],
                                                small["test_unseen"], "cpu", settings=settings)["per_user_bt"]
     fs_mean, fs_std, ts_mean, ts_std = shots["accuracies"]
     assert fs_mean[1] == pytest.approx(plain["unseen_fewshot"]["mean"], abs=1e-6)
@@ -254,12 +255,12 @@ def test_margins_from_shared_row_features_equal_direct_scores(data, name, varian
     table, chosen, rejected = pairs.sides()
     ec, er = table[chosen], table[rejected]
     if name == "vpl":
-        model = baselines.VPL(16, hidden_dim=16, latent_dim=8, num_epochs=1).fit(data["train"])
+        model = VPL(16, hidden_dim=16, latent_dim=8, num_epochs=1).fit(data["train"])
         z = model.z_seen[pairs.user]
         with torch.no_grad():
             direct = model.reward(ec, z) - model.reward(er, z)
     else:
-        model = baselines.PAL(16, K=3, variant=variant, dim=16, batch_size=16).fit(data["train"])
+        model = PAL(16, K=3, variant=variant, dim=16, batch_size=16).fit(data["train"])
         with torch.no_grad():
             direct = model._margin(model._ideal(model.W[pairs.user], ec, er), model.f(ec), model.f(er))
     assert torch.allclose(model.margins(pairs), direct, atol=1e-4, rtol=1e-4)
@@ -268,7 +269,7 @@ def test_margins_from_shared_row_features_equal_direct_scores(data, name, varian
 @pytest.mark.skipif(utils.numba is None, reason="numba not installed")
 def test_pal_b_new_user_kernel_equals_the_pytorch_loop(data, monkeypatch):
     """PAL-B's new-user fit on CPU (numba, step for step) == the autograd loop with fused AdamW."""
-    model = baselines.PAL(16, K=3, dim=16, batch_size=16).fit(data["train"])
+    model = PAL(16, K=3, dim=16, batch_size=16).fit(data["train"])
     fast = model.personalize(data["fewshot"])
     monkeypatch.setattr(kernels, "numba", None)
     slow = model.personalize(data["fewshot"])
@@ -424,7 +425,7 @@ def test_vpl_training_follows_the_released_equations(data):
     small = data["train"].select_users(range(0, data["train"].num_users, 4))  # 8 users x 30 pairs
     settings = dict(hidden_dim=8, latent_dim=4, num_epochs=2, num_duplicates=2, context_length="2..C", beta=5.0,
                     kl_period=50, learning_rate=3e-3, seed=3)
-    model, reference = baselines.VPL(16, **settings), baselines.VPL(16, **settings)
+    model, reference = VPL(16, **settings), VPL(16, **settings)
     for m in (model, reference):
         with torch.no_grad():
             m.logvar_head.weight.mul_(20)  # log sigma^2 beyond [-1, 1] before the clamp
@@ -435,7 +436,7 @@ def test_vpl_training_follows_the_released_equations(data):
             torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=name)
     reference.z_seen = reference.latents(small)
     torch.testing.assert_close(model.margins(small), reference.margins(small), atol=1e-4, rtol=1e-4)
-    assert (model.encoder[0].weight - baselines.VPL(16, **settings).encoder[0].weight).abs().max() > 1e-3
+    assert (model.encoder[0].weight - VPL(16, **settings).encoder[0].weight).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kernel", [True, False])
@@ -447,10 +448,10 @@ def test_pal_user_weights_follow_the_released_per_user_adam(data, kernel, monkey
     settings = dict(K=3, dim=16, batch_size=4, num_epochs=1, fewshot_epochs=4, fewshot_batch_size=4,
                     user_learning_rate=5e-2, fewshot_learning_rate=5e-2, seed=7)
     train = data["train"].select_users(range(0, data["train"].num_users, 3))
-    reference = baselines.PAL(16, **settings)
+    reference = PAL(16, **settings)
     gen = torch.Generator().manual_seed(7)
     W_ref = released_pal_fit(reference, train, fresh_logits(train.num_users, 3, gen), gen)
-    model = baselines.PAL(16, **settings).fit(train, "cpu")
+    model = PAL(16, **settings).fit(train, "cpu")
     assert torch.allclose(model.W.detach(), W_ref, atol=2e-5), (model.W - W_ref).abs().max()
     table, chosen, rejected = train.sides()
     with torch.no_grad():
@@ -476,7 +477,7 @@ def test_pal_new_user_fit_does_not_depend_on_the_users_beside_it(kernel, monkeyp
     if not kernel:
         monkeypatch.setattr(kernels, "numba", None)
     d = planted(seen_per_type=5, unseen_per_type=101, n_train=20, n_fewshot=3)
-    model = baselines.PAL(16, K=3, dim=16, batch_size=8, fewshot_epochs=5, fewshot_batch_size=1).fit(d["train"])
+    model = PAL(16, K=3, dim=16, batch_size=8, fewshot_epochs=5, fewshot_batch_size=1).fit(d["train"])
     table, chosen, rejected = d["fewshot"].sides()
     first = d["fewshot"].select(torch.tensor([0]))  # user 0's first pair
     alone = utils.Pairs(torch.tensor([0]), 1, table=table, chosen=first.chosen, rejected=first.rejected)
@@ -506,7 +507,7 @@ def test_vpl_context_lengths_kl_clock_and_evaluation_contexts(data):
     assert ((_context_rows(rows[:3], 8, gen, exclude_self=True, min_length=1) >= 0).sum(1) <= 2).all()
 
     small = data["train"].select_users(range(0, data["train"].num_users, 3))  # 10 users x 30 pairs
-    model = baselines.VPL(16, hidden_dim=8, latent_dim=4, batch_size=32, micro_batch_size=4, num_epochs=1, beta=0.1)
+    model = VPL(16, hidden_dim=8, latent_dim=4, batch_size=32, micro_batch_size=4, num_epochs=1, beta=0.1)
     clock = []
     anneal = model.anneal
     model.anneal = lambda t: clock.append(t.clone()) or anneal(t)
@@ -534,16 +535,16 @@ def test_a_swept_setting_runs_each_value_and_the_choice_uses_held_out_training_p
     small = {k: (v.select_users(range(0, v.num_users, 3)) if isinstance(v, utils.Pairs) else v)
              for k, v in data.items()}
     settings = {"pal": {"K": [2, 3], "dim": 16, "batch_size": 16, "fewshot_epochs": 2}}
-    out = baselines.run_baselines(["pal"], small["train"], small["test"], small["fewshot"], small["test_unseen"],
+    out = experiment.run_methods(["pal"], (small["train"], small["test"], small["fewshot"], small["test_unseen"]),
                                   "cpu", settings=settings, validation_fraction=0.2)
     assert list(out) == ["pal_K2", "pal_K3"] and out["pal_K3"]["label"] == "PAL (K = 3)"
     assert [out[e]["settings"]["K"] for e in out] == [2, 3] and out["pal_K2"]["sweep"] == {"K": 2}
     chosen = [e for e in out if out[e]["chosen"]]
     assert len(chosen) == 1 and out[chosen[0]]["validation"] == max(out[e]["validation"] for e in out)
     with pytest.raises(utils.InputError, match="one setting at most"):
-        baselines.full_settings("pal", {"K": [2, 3], "dim": [8, 16]})
+        methods.full_settings("pal", {"K": [2, 3], "dim": [8, 16]})
     with pytest.raises(utils.InputError, match="K=\\[2, 0\\]"):
-        baselines.full_settings("pal", {"K": [2, 0]})
+        methods.full_settings("pal", {"K": [2, 0]})
 
 
 def test_baselines_accept_bf16_tables(data):
@@ -556,7 +557,7 @@ def test_baselines_accept_bf16_tables(data):
     half = {k: (v.to_dtype(torch.bfloat16) if isinstance(v, utils.Pairs) else v) for k, v in small.items()}
     settings = {"per_user_bt": {"num_iterations": 100}, "vpl": {"hidden_dim": 16, "latent_dim": 8, "num_epochs": 1},
                 "pal": {"dim": 16, "batch_size": 16, "fewshot_epochs": 2}}
-    runs = [baselines.run_baselines(list(settings), d["train"], d["test"], d["fewshot"], d["test_unseen"], "cpu",
+    runs = [experiment.run_methods(list(settings), (d["train"], d["test"], d["fewshot"], d["test_unseen"]), "cpu",
                                     settings=settings) for d in (rounded, half)]
     for name in settings:
         for r in utils.RESULT_NAMES:
@@ -571,7 +572,7 @@ def test_pal_at_released_defaults_needs_many_pairs_per_user():
     out = {}
     for per_type, m in [(5, 200), (50, 20)]:
         d = planted(seen_per_type=per_type, unseen_per_type=5, n_train=m, n_fewshot=20, n_test=50)
-        model = baselines.make_baseline("pal", 16).fit(d["train"], "cpu")
+        model = methods.make_method("pal", 16).fit(d["train"], "cpu")
         assert (model.learning_rate, model.user_learning_rate, model.batch_size, model.num_epochs, model.dim,
                 model.fewshot_epochs, model.K) == (1e-4, 5e-3, 4, 1, 512, 20, 2)
         state = model.personalize(d["fewshot"], "cpu")

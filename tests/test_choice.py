@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as nnf
 
 import utils
-from lorelib import baselines
+from lorelib import experiment, methods
 from lorelib.choice import Candidates, ChoiceRun, choice_quality, kendall_tau, lore_scorer, method_scorer, pick
-from lorelib.pipelines import RankResult
+from lorelib.evaluate import MethodResult
+from lorelib.pal import PAL
+from lorelib.pipelines import lore_runs
 from PersonalLLM import personalllm
 from PRISM import prism
 
@@ -168,27 +170,34 @@ def test_kendall_tau_by_hand():
 
 
 def test_choice_run_scores_each_group_with_its_own_weights():
-    """ChoiceRun on a fit_ranks result: seen users with W, unseen with W_unseen; the head and the K = 1 reward are
-    the win rates' references (each wins half against itself); rank agreement from the accuracies given."""
+    """ChoiceRun on LoRe's runs: seen users with W, unseen with W_unseen; the head and the K = 1 reward are the win
+    rates' references (each wins half against itself; the head, measured before K = 1, gets its win rate against
+    it at the end); rank agreement pairs each group's test accuracy with that group's metrics."""
     sets = {"seen": random_sets("reward", C=7, F=6, seed=0), "unseen": random_sets("reward", C=5, F=6, seed=1)}
     sets["unseen"].table = sets["seen"].table
     g = torch.Generator().manual_seed(2)
     head, v = torch.randn(6, 1, generator=g), torch.randn(6, 1, generator=g)
     V, W, W_u = torch.randn(6, 2, generator=g), torch.rand(7, 2, generator=g), torch.rand(5, 2, generator=g)
-    models = {(0.0, 0): {"V": head, "W": torch.ones(7, 1), "W_unseen": torch.ones(5, 1)},
-              (0.0, 1): {"V": v, "W": torch.ones(7, 1), "W_unseen": torch.ones(5, 1)},
-              (0.0, 2): {"V": V, "W": W, "W_unseen": W_u}}
-    means = np.zeros((4, 1, 3))
-    means[1, 0], means[3, 0] = [0.6, 0.7, 0.9], [0.9, 0.7, 0.6]  # seen test, unseen test accuracy at K = 0, 1, 2
-    run = ChoiceRun(sets, head)
-    run.add_ranks(RankResult([0, 1, 2], [0.0], means, means, models))
+    fits = [(head, torch.ones(7, 1), torch.ones(5, 1)), (v, torch.ones(7, 1), torch.ones(5, 1)), (V, W, W_u)]
+    seen, unseen = [0.6, 0.7, 0.9], [0.9, 0.7, 0.6]  # seen test, unseen test accuracy at K = 0, 1, 2
+    run, results = ChoiceRun(sets, head), []
+    for r, (V_k, W_k, W_uk), s, u in zip(lore_runs([0, 1, 2], [0.0], head, 6), fits, seen, unseen):
+        model = r.make()
+        model.V, model.W = V_k, W_k
+        result = MethodResult(r, {"seen_test": {"accuracy": np.array([s])}, "unseen_test": {"accuracy": np.array([u])}},
+                              0.0)
+        result.choice = run.measure(r.entry, model, W_uk)
+        results.append(result)
+    assert "win_vs_BT" not in results[0].choice["seen"]  # the head came before the K = 1 reward ...
+    run.finish(results)
     ref, bt, lore = run.ranks
+    assert ref["seen"] == results[0].choice["seen"] and "win_vs_BT" in ref["seen"]  # ... and has it at the end
     assert ref["seen"]["win_vs_ref"] == {"mean": 0.5, "std": 0.0, "users": 7}
     assert bt["unseen"]["win_vs_BT"] == {"mean": 0.5, "std": 0.0, "users": 5}
     against = {"ref": choice_quality(lore_scorer(head, torch.ones(1)), sets["unseen"])["picks"],
                "BT": choice_quality(lore_scorer(v, torch.ones(1)), sets["unseen"])["picks"]}
     assert lore["unseen"] == choice_quality(lore_scorer(V, W_u), sets["unseen"], against)["summary"]
-    taus = run.payload(RankResult([0, 1, 2], [0.0], means, means, models))["rank_agreement"]
+    taus = run.payload(results)["rank_agreement"]
     for group in ("seen", "unseen"):
         sign = 1 if group == "seen" else -1
         regret = [-r[group]["regret"]["mean"] for r in run.ranks]
@@ -221,7 +230,7 @@ def test_scores_of_a_two_candidate_prompt_give_the_pair_margin(name, variant):
     rows, score(chosen) - score(rejected) is the pair's margin (seen users and new users)."""
     train, fewshot = planted_pairs(seed=0), planted_pairs(seed=1, C=4)
     settings = dict(SMALL[name], **({"variant": variant} if variant else {}))
-    model = baselines.make_baseline(name, 8, seed=0, **settings).fit(train, "cpu")
+    model = methods.make_method(name, 8, seed=0, **settings).fit(train, "cpu")
     state = model.personalize(fewshot, "cpu")
     for pairs, st in [(train, None), (fewshot, state)]:
         rows = torch.stack([pairs.chosen, pairs.rejected], 1)  # one prompt per pair
@@ -231,7 +240,7 @@ def test_scores_of_a_two_candidate_prompt_give_the_pair_margin(name, variant):
 
 def test_pal_b_prompt_proxy_is_the_mean_of_all_the_candidates():
     train = planted_pairs()
-    model = baselines.PAL(8, seed=0, **SMALL["pal"]).fit(train, "cpu")
+    model = PAL(8, seed=0, **SMALL["pal"]).fit(train, "cpu")
     rows = torch.tensor([[0, 1, 2, -1], [3, 4, 5, 6]])
     prompt, user = torch.tensor([0, 1, 1]), torch.tensor([2, 2, 5])
     s = model.scores(train.table, rows, prompt, user, None, "cpu")
@@ -247,20 +256,19 @@ def test_pal_b_prompt_proxy_is_the_mean_of_all_the_candidates():
 def test_the_choice_hook_changes_no_baseline_number():
     train, test, fewshot, test_u = (planted_pairs(seed=s, C=c) for s, c in [(0, 6), (2, 6), (1, 4), (3, 4)])
     settings = {k: v for k, v in SMALL.items()}
-    plain = baselines.run_baselines(list(SMALL), train, test, fewshot, test_u, "cpu", settings=settings)
+    plain = experiment.run_methods(list(SMALL), (train, test, fewshot, test_u), "cpu", settings=settings)
     sets = {g: Candidates(train.table, torch.arange(200).reshape(50, 4), torch.arange(50).repeat(n),
                           torch.arange(n).repeat_interleave(50), torch.randn(50 * n, 4, dtype=torch.float64), n,
                           "reward") for g, n in [("seen", 6), ("unseen", 4)]}
-    run, fits = ChoiceRun(sets, torch.randn(8, 1)), {}
-
-    def hook(entry, label, model, state):
-        fits[entry] = (model, state)
-        run.add_baseline(entry, label, model, state)
-    hooked = baselines.run_baselines(list(SMALL), train, test, fewshot, test_u, "cpu", settings=settings, on_fit=hook)
+    run = ChoiceRun(sets, torch.randn(8, 1))
+    hooked = experiment.run_methods(list(SMALL), (train, test, fewshot, test_u), "cpu", settings=settings, choice=run)
     for e in plain:
         plain[e].pop("seconds"), hooked[e].pop("seconds")
     assert hooked == plain and set(run.baselines) == set(SMALL)
-    for e, (model, state) in fits.items():  # new users are scored with their few-shot state, seen users with the fit
+    for e in SMALL:  # new users are scored with their few-shot state, seen users with the fit (refit: the same seed)
+        utils.set_seed(0)
+        model = methods.make_method(e, 8, seed=0, **methods.full_settings(e, settings[e])).fit(train, "cpu")
+        state = model.personalize(fewshot, "cpu")
         for g, st in [("seen", None), ("unseen", state)]:
             expected = choice_quality(method_scorer(model, st), sets[g], run.against[g])["summary"]
             assert run.baselines[e][g] == expected

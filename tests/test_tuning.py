@@ -7,9 +7,13 @@ import torch
 from test_baselines import planted
 
 import utils
-from lorelib import baselines, report, tuning
-from lorelib.data import TIE_TOLERANCE, accuracy_stats
-from lorelib.pipelines import RankResult, holdout_pairs
+from lorelib import experiment, methods, report, tuning
+from lorelib.data import TIE_TOLERANCE
+from lorelib.evaluate import evaluate, holdout_pairs
+from lorelib.methods import baseline_runs
+from lorelib.metrics import pair_metrics
+from lorelib.pal import PAL
+from lorelib.vpl import VPL
 
 PAL_TINY = dict(dim=16, batch_size=8, fewshot_epochs=2)
 GRID = {"pal": {"num_epochs": [1, 2], "user_learning_rate,fewshot_learning_rate": [5e-3, 0.5]},
@@ -34,7 +38,7 @@ def test_the_tuned_choice_never_reads_test_pairs(data):
     """Flipping half the test labels (seen and unseen users) changes the test accuracies and nothing of the tuning:
     every point's held-out score and the chosen point stay the same."""
     settings = {"pal": PAL_TINY, "vpl": dict(hidden_dim=8, latent_dim=4, num_epochs=1)}
-    runs = [baselines.run_baselines(["pal", "vpl"], data["train"], test, data["fewshot"], test_u, "cpu",
+    runs = [experiment.run_methods(["pal", "vpl"], (data["train"], test, data["fewshot"], test_u), "cpu",
                                     settings=settings, tune_grid=GRID, validation_fraction=0.2)
             for test, test_u in [(data["test"], data["test_unseen"]),
                                  (flip_labels(data["test"], 1), flip_labels(data["test_unseen"], 2))]]
@@ -60,21 +64,21 @@ def test_pal_scored_after_each_epoch_equals_a_fit_of_that_many_epochs(data):
     of separate fits with num_epochs = 1, 2, 3 (one fit per point of the other settings)."""
     fit, held = holdout_pairs(data["train"], 0.2, 0)
     seen = {}
-    model = baselines.PAL(16, K=2, num_epochs=3, **PAL_TINY)
+    model = PAL(16, K=2, num_epochs=3, **PAL_TINY)
     model.fit(fit, "cpu", on_epoch=lambda e: seen.__setitem__(e, model.margins(held)))
     assert sorted(seen) == [1, 2, 3]
     for e in (1, 3):
-        alone = baselines.PAL(16, K=2, num_epochs=e, **PAL_TINY).fit(fit, "cpu")
+        alone = PAL(16, K=2, num_epochs=e, **PAL_TINY).fit(fit, "cpu")
         torch.testing.assert_close(seen[e], alone.margins(held), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(seen[1], seen[3])
 
     made = []
     grid = {"num_epochs": [1, 3], "K": [2, 3]}
-    out = tuning.tune(lambda s: made.append(s) or baselines.PAL(16, **PAL_TINY, **s), grid, data["train"],
+    out = tuning.tune(lambda s: made.append(s) or PAL(16, **PAL_TINY, **s), grid, data["train"],
                       validation_fraction=0.2, seed=0, device="cpu", log=lambda _: None)
     assert len(made) == 1 + 2  # one to read fit's signature, then one fit per K
     for point in out["points"]:
-        alone = baselines.PAL(16, **PAL_TINY, **point["settings"]).fit(fit, "cpu")
+        alone = PAL(16, **PAL_TINY, **point["settings"]).fit(fit, "cpu")
         assert point["validation"] == pytest.approx(float(np.nanmean(alone.accuracies(held))), abs=1e-9)
 
 
@@ -87,7 +91,7 @@ def test_pal_bias_decay_switch_puts_the_biases_in_a_group_without_decay(data, va
     monkeypatch.setattr(torch.optim, "Adam", lambda g, **kw: groups.append(g) or adam(g, **kw))
     for bias_decay in (True, False):
         groups.clear()
-        model = baselines.PAL(16, variant=variant, dim=8, num_epochs=1, bias_decay=bias_decay)
+        model = PAL(16, variant=variant, dim=8, num_epochs=1, bias_decay=bias_decay)
         model.fit(data["train"].select_users(range(3)), "cpu")
         decay = {id(p) for g in groups[0] if g["weight_decay"] > 0 for p in g["params"]}
         projectors = [p for m in ([model.f] + ([model.g] if variant == "B" else [])) for p in m.parameters()]
@@ -104,7 +108,7 @@ def test_vpl_duplicates_pass_over_every_pair_that_many_times_with_their_own_cont
     table, chosen, rejected = small.sides()
     M = len(small.user)
     for rule, D in [("2..C", 3), ("fixed", 1)]:
-        model = baselines.VPL(16, hidden_dim=8, latent_dim=4, num_epochs=1, num_duplicates=D, context_length=rule)
+        model = VPL(16, hidden_dim=8, latent_dim=4, num_epochs=1, num_duplicates=D, context_length=rule)
         steps = -(-D * M // model.batch_size)
         items, contexts = [], []
         reward, ctx_of = model.reward, model._contexts
@@ -130,32 +134,33 @@ def test_vpl_duplicates_pass_over_every_pair_that_many_times_with_their_own_cont
 
 
 def test_near_ties_count_half_and_a_collapsed_fit_is_flagged(data, monkeypatch, capsys, tmp_path):
-    """accuracy_stats: a margin <= 0 is wrong in "accuracy", a near-tie (|margin| <= TIE_TOLERANCE) half in
-    "ties_half"; a PAL whose item features collapse (all margins 0) scores 0 / 0.5 / ties 1 in run_baselines, and
+    """pair_metrics: a margin <= 0 is wrong in "accuracy", a near-tie (|margin| <= TIE_TOLERANCE) half in
+    "ties_half"; a PAL whose item features collapse (all margins 0) scores 0 / 0.5 / ties 1 in run_methods, and
     report_run flags it."""
     margins = torch.tensor([0.0, TIE_TOLERANCE / 2, -TIE_TOLERANCE / 2, 1.0, -1.0, 3 * TIE_TOLERANCE])
-    stats = accuracy_stats(margins, torch.tensor([0, 0, 0, 1, 1, 1]), 2)
+    stats = pair_metrics(margins, utils.Pairs(torch.tensor([0, 0, 0, 1, 1, 1]), 2, diffs=torch.zeros(6, 1)))
     np.testing.assert_allclose(stats["accuracy"], [1 / 3, 2 / 3])  # as published: only a margin <= 0 is wrong
     np.testing.assert_allclose(stats["ties_half"], [0.5, 2 / 3])
     np.testing.assert_allclose(stats["ties"], [1, 0])
 
-    fit = baselines.PAL.fit
+    fit = PAL.fit
 
     def collapsed(self, pairs, device=None, on_epoch=None):
         fit(self, pairs, device, on_epoch)
         with torch.no_grad():
             self.f[-1].weight.zero_()  # f(e) = the last bias for every item: every margin is 0
         return self
-    monkeypatch.setattr(baselines.PAL, "fit", collapsed)
-    out = baselines.run_baselines(["per_user_bt", "pal"], data["train"], data["test"], data["fewshot"],
-                                  data["test_unseen"], "cpu", settings={"pal": PAL_TINY})
+    monkeypatch.setattr(PAL, "fit", collapsed)
+    out = experiment.run_methods(["per_user_bt", "pal"], (data["train"], data["test"], data["fewshot"],
+                                                          data["test_unseen"]), "cpu", settings={"pal": PAL_TINY})
     for n in utils.RESULT_NAMES:
         assert (out["pal"][n]["mean"], out["pal"][n]["ties_half"], out["pal"][n]["ties"]) == (0.0, 0.5, 1.0)
         assert out["per_user_bt"][n]["ties"] < 0.05 and out["per_user_bt"][n]["ties_half"] >= out[
             "per_user_bt"][n]["mean"]
-    means = np.full((4, 1, 1), 0.7)
+    runs = baseline_runs(["per_user_bt", "pal"], 16, overrides={"pal": PAL_TINY})
+    results = evaluate(runs, (data["train"], data["test"], data["fewshot"], data["test_unseen"]), "cpu")
     capsys.readouterr()
-    report.report_run(RankResult([1], [0.0], means, means * 0, {}), {}, tmp_path, "t", "T", baselines=out)
+    report.report_run(results, {}, tmp_path, "t", "T")
     table = capsys.readouterr().out
     assert "PAL [ties 100%]" in table and "per-user BT [ties" not in table and "degenerate fit (PAL)" in table
 
@@ -164,15 +169,15 @@ def test_stored_tuned_settings_give_the_same_row_in_both_pipelines(data):
     """tuned_settings: a "<name>_tuned" run with the released settings, the overrides, then the stored budget, the
     same in run_baselines and run_baselines_vary_shots."""
     stored = {"pal": {"num_epochs": 2, "user_learning_rate": 0.5, "fewshot_learning_rate": 0.5, "K": 3}}
-    plain = baselines.run_baselines(["pal"], data["train"], data["test"], data["fewshot"], data["test_unseen"], "cpu",
+    plain = experiment.run_methods(["pal"], (data["train"], data["test"], data["fewshot"], data["test_unseen"]), "cpu",
                                     settings={"pal": PAL_TINY}, tuned_settings=stored)
-    shots = baselines.run_baselines_vary_shots(["pal"], 1, [10], data["train"], data["fewshot"], data["test_unseen"],
+    shots = experiment.method_curves(["pal"], 1, [10], data["train"], data["fewshot"], data["test_unseen"],
                                                "cpu", settings={"pal": PAL_TINY}, tuned_settings=stored)
     tuned = plain["pal_tuned"]
-    assert tuned["settings"] == {**baselines.full_settings("pal", PAL_TINY), **stored["pal"]}
-    assert tuned["tuning"] == {"provenance": tuned["tuning"]["provenance"], "chosen": stored["pal"]}
+    assert tuned["settings"] == {**methods.full_settings("pal", PAL_TINY), **stored["pal"]}
+    assert tuned["tuning"] == {"provenance": "given: tuned_settings", "chosen": stored["pal"], "data": None}
     assert shots["pal_tuned"]["label"] == tuned["label"] == "PAL (tuned)"
     assert shots["pal_tuned"]["settings"] == tuned["settings"] and shots["pal_tuned"]["tuning"] == tuned["tuning"]
-    assert shots["pal"]["settings"] == plain["pal"]["settings"] == baselines.full_settings("pal", PAL_TINY)
+    assert shots["pal"]["settings"] == plain["pal"]["settings"] == methods.full_settings("pal", PAL_TINY)
     assert tuned["unseen_test"]["mean"] != plain["pal"]["unseen_test"]["mean"]
     assert shots["pal_tuned"]["accuracies"][2][0] != shots["pal"]["accuracies"][2][0]

@@ -1,0 +1,167 @@
+"""What every dataset's train_basis.py and vary_fewshot.py do once their data are loaded, as one call each:
+build the runs (LoRe at every (alpha, K), every other registered method at its released settings and, where
+settings are stored for this data or tune=True, its tuned row), evaluate them all through the one evaluation path,
+save LoRe's models, choose each family's run on held-out training pairs, and report (table, JSON, plot).
+
+    config = configure(globals(), script=__file__, ...)
+    data = dataset.load(...)
+    experiment.train_basis(config, data, out_dir=..., name="train_basis", title="...", dataset="...", data_key=...)
+
+Imports: config, files, learned, choice, evaluate, fewshot, pipelines, methods, report, report_shots.
+"""
+import time
+
+from .choice import ChoiceRun
+from .config import get_device, note_finished, set_seed
+from .data import as_pairs
+from .evaluate import choose, evaluate
+from .fewshot import fewshot_curve, shot_units
+from .learned import save_models
+from .methods import baseline_runs
+from .methods import tuned_settings as methods_tuned
+from .pipelines import lore_runs, vary_shots
+from .report import json_entry, report_run
+from .report_shots import report_shots
+
+
+def method_runs(config, data, data_key, device=None):
+    """[Run] of the config's `baselines` on `data`: their released rows (with `baseline_settings`) and tuned rows
+    (config `tuned`: stored for data_key, or with `tune` chosen here on held-out seen-user training pairs)."""
+    names = list(config.get("baselines") or [])
+    overrides = config.get("baseline_settings") or {}
+    tuned, tuning = {}, {}
+    if names and config.get("tuned", True):
+        tuned, tuning = methods_tuned(names, data.seen_train, data_key=data_key, overrides=overrides,
+                                       tune_here=config.get("tune", False), seed=config["seed"],
+                                       validation_fraction=config.get("validation_fraction", 0.1), device=device)
+    return baseline_runs(names, data.seen_train.num_features, seed=config["seed"], overrides=overrides, tuned=tuned,
+                         tuning=tuning)
+
+
+def train_basis(config, data, *, out_dir, name, title, dataset, data_key, regularized=False, overrides=None,
+                extra=None):
+    """A train_basis.py run on `data` (a PreferenceData) with its `config` (configure's result: K_list,
+    alpha_list, num_iterations, learning_rate, fewshot_iterations, fewshot_learning_rate, seed, device,
+    validation_fraction, baselines, baseline_settings, tuned, tune, choice_quality, save_models; `overrides` of
+    them for the run, e.g. a default resolved from None, leave the JSON's config as given) -> evaluate's results.
+    Writes out_dir/name.json and .png, name_choice.png (choice quality, where data.info has candidates) and the
+    models (out_dir/models*/)."""
+    t0 = time.time()
+    json_config, config = config, _with(config, overrides)
+    device, seed = get_device(config.get("device")), config["seed"]
+    runs = lore_runs(config["K_list"], config["alpha_list"], data.head, data.seen_train.num_features,
+                     regularized=regularized, num_iterations=config["num_iterations"],
+                     learning_rate=config["learning_rate"], fewshot_iterations=config["fewshot_iterations"],
+                     fewshot_learning_rate=config["fewshot_learning_rate"], seed=seed)
+    runs += method_runs(config, data, data_key, device)
+    choice = ChoiceRun(data.info["choice"], data.head) if config.get("choice_quality") and "choice" in data.info \
+        else None
+    results = evaluate(runs, data.features, device, seed=seed, record=config.record, choice=choice)
+    models = {(r.run.settings["alpha"], r.run.settings["K"]): r.model for r in results if r.run.name == "lore"}
+    paths = save_models(out_dir / name.replace("train_basis", "models"), models, data, dataset=dataset,
+                        fewshot_iterations=config["fewshot_iterations"],
+                        fewshot_learning_rate=config["fewshot_learning_rate"],
+                        record=config.record) if config.get("save_models", True) else {}
+    choose(results, data.seen_train, config.get("validation_fraction", 0.1), seed=seed, device=device)
+    more = {"kept_bases": {f"K={K} alpha={a:g}": m["V"].shape[1] for (a, K), m in models.items()}} if regularized \
+        else {}
+    choice_json = {"choice": choice.payload(results)} if choice else {}
+    report_run(results, json_config, out_dir, name, title, record=config.record,
+               extra={**(extra or {}), "seconds": time.time() - t0, **more, "models": paths, **choice_json})
+    if choice:
+        choice.report(choice_json["choice"], out_dir, name, title, record=config.record)
+    print(f"done in {time.time() - t0:.0f}s")
+    return results
+
+
+def _with(config, overrides):
+    """A copy of configure's result with `overrides` applied (its run record kept)."""
+    out = type(config)({**config, **(overrides or {})})
+    out.record = getattr(config, "record", None)
+    return out
+
+
+def baseline_curves(runs, train, pool, test, num_shots, trials, units, *, seed=0, device=None, record=None):
+    """The few-shot curves of every run (fewshot.fewshot_curve, the draws LoRe gets) -> {entry: {"label", "method",
+    "settings", ..., "accuracies": [4, S] (few-shot train and unseen-test mean and std over trials), "user_acc" [S, C],
+    "seconds"}}."""
+    out = {}
+    for run in runs:
+        set_seed(seed)
+        t0 = time.time()
+        model = run.make()
+        model.fit(train, device)
+        curve = fewshot_curve(model, pool, test, units, num_shots, trials, seed, device, label=run.label,
+                              record=record)
+        out[run.entry] = {**run.fields(), "accuracies": tuple(curve.acc), "user_acc": curve.user_acc,
+                          "seconds": time.time() - t0}
+        note_finished(record, f"{run.label} (every shot count)")
+        print(f"{run.label}: {out[run.entry]['seconds']:.1f}s")
+    return out
+
+
+def run_methods(names, features, device=None, *, seed=0, settings=None, tuned_settings=None, tune_grid=None,
+                validation_fraction=0.1, record=None, choice=None):
+    """The methods `names` (registry names) on the four pair sets `features` (seen train, seen test, unseen few-shot,
+    unseen test), as a script runs them (settings: overrides of their released settings; tuned_settings {name:
+    settings} or tune_grid {name: grid}: a tuned row each) -> {entry: the results JSON's entry ("label", "method",
+    "settings", ..., each pair set's {"mean", "std", metrics...}, "seconds")}."""
+    train = as_pairs(features[0])
+    tuned, tuning = ({}, {}) if tuned_settings is None and tune_grid is None else methods_tuned(
+        names, train, overrides=settings, tune_here=tune_grid is not None, tune_grid=tune_grid, stored=tuned_settings,
+        seed=seed, validation_fraction=validation_fraction, device=device)
+    runs = baseline_runs(names, train.num_features, seed=seed, overrides=settings, tuned=tuned, tuning=tuning)
+    results = evaluate(runs, features, device, seed=seed, record=record, choice=choice)
+    choose(results, train, validation_fraction, seed=seed, device=device)
+    return {r.run.entry: json_entry(r) for r in results}
+
+
+def method_curves(names, trials, num_shots, train, pool, test, device=None, *, shot_groups=None, seed=0, settings=None,
+                  tuned_settings=None, tune_grid=None, validation_fraction=0.1, record=None):
+    """The few-shot curves (fewshot.fewshot_curve) of the methods `names`, as run_methods runs them -> baseline_curves'
+    {entry: {..., "accuracies": [4, S], "user_acc": [S, C], "seconds"}}."""
+    train = as_pairs(train)
+    tuned, tuning = ({}, {}) if tuned_settings is None and tune_grid is None else methods_tuned(
+        names, train, overrides=settings, tune_here=tune_grid is not None, tune_grid=tune_grid, stored=tuned_settings,
+        seed=seed, validation_fraction=validation_fraction, device=device)
+    runs = baseline_runs(names, train.num_features, seed=seed, overrides=settings, tuned=tuned, tuning=tuning)
+    pool, test = as_pairs(pool), as_pairs(test)
+    return baseline_curves(runs, train, pool, test, num_shots, trials, shot_units(pool, shot_groups), seed=seed,
+                           device=device, record=record)
+
+
+def vary_fewshot(config, load, *, out_dir, name, title, data_key, regularized=False, overrides=None, extra=None,
+                 xlabel="few-shot pairs per user"):
+    """A vary_fewshot.py run: for each seed of config `seeds` (None: [seed]), set_seed(s) and data = load(s), LoRe's
+    few-shot curves at one (alpha, K) (pipelines.vary_shots: the paper's random draws and the `shot_selection`
+    rules), then every other method's curve on the same draws (one seed); report (table, JSON, plot). Examples are
+    pairs, or the groups of data.info["shot_groups"] (PRISM's dialogs); num_shots None: 1 .. the most any unseen user
+    has (from the first seed's data). overrides: as in train_basis."""
+    t0 = time.time()
+    json_config, config = config, _with(config, overrides)
+    device, num_shots = get_device(config.get("device")), config["num_shots"]
+    results, data = [], None
+    for s in config.get("seeds") or [config["seed"]]:
+        set_seed(s)
+        data = load(s)
+        groups = data.info.get("shot_groups")
+        if num_shots is None:
+            num_shots = list(range(1, max(len(u) for u in shot_units(data.unseen_fewshot, groups)) + 1))
+        results.append(vary_shots(
+            config["trials"], [config["alpha"]], [config["K"]], num_shots, data.seen_train, data.unseen_fewshot,
+            data.unseen_test, data.head, data.N, data.N_unseen, device, regularized=regularized, shot_groups=groups,
+            num_iterations=config["num_iterations"], learning_rate=config["learning_rate"],
+            fewshot_iterations=config["fewshot_iterations"], fewshot_learning_rate=config["fewshot_learning_rate"],
+            seed=s, shot_selection=config["shot_selection"], full_pool=True,
+            stop_thresholds=config.get("stop_thresholds"), pair_budgets=config.get("pair_budgets"),
+            record=config.record))
+    runs = method_runs(config, data, data_key, device)  # one seed only (pipelines.check_shot_selection)
+    curves = baseline_curves(runs, data.seen_train, data.unseen_fewshot, data.unseen_test, num_shots, config["trials"],
+                             shot_units(data.unseen_fewshot, data.info.get("shot_groups")), seed=config["seed"],
+                             device=device, record=config.record)
+    report_shots(results if len(results) > 1 else results[0], json_config, out_dir, name, title,
+                 extra={**(extra(data) if callable(extra) else extra or {}), "seconds": time.time() - t0},
+                 xlabel=xlabel, baselines=curves,
+                 record=config.record)
+    print(f"done in {time.time() - t0:.0f}s")
+    return results, curves
