@@ -4,150 +4,51 @@ A user's reward is r_i(x, y) = e(x, y)^T V w_i, with e(x, y) [F] a frozen reward
 basis rewards and w_i [K] on the simplex. A comparison is stored as d = e(x, chosen) - e(x, rejected) and trained
 with the Bradley-Terry likelihood sigmoid(d^T V w_i / 100).
 
-This file is what scripts and notebooks import (`import utils`, `from utils import *`): the published names,
-parameters, defaults and return layouts, each a thin wrapper, and every public name of the package `lorelib`
-beside it, where the code lives (one module per concern; CONTRIBUTING.md draws the map). Inputs are lists of
-per-user tensors [m_i, F] (or Pairs). `from utils import *` also gives torch, nn, optim, F, np, random and device.
+This file is what notebooks written for the published code import (`import utils`, `from utils import *`): every
+name the published utils.py defines, with its parameters, defaults and return layouts (each a thin wrapper of the
+package `lorelib` beside it, where the code lives), and the names the README documents (PUBLISHED and DOCUMENTED
+below; tests/test_layout.py pins them). Inputs are lists of per-user tensors [m_i, F] (or Pairs). Scripts import
+lorelib directly.
 """
-# Modules and helpers `from utils import *` gave before the package split, kept so that old notebooks run.
-import ast
-import contextlib
-import dataclasses
-import datetime
-import hashlib
-import importlib
-import inspect
-import json
-import math
-import numbers
-import os
-import random
-import shutil
-import struct
-import sys
-import tempfile
-import time
-from pathlib import Path
+import random  # published name
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F_nn
+import torch.nn.functional as F  # published name (inside lorelib, F is a feature count)
 import torch.optim as optim  # published name
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from lorelib.bt import PerUserBT, fit_bt
-from lorelib.choice import Candidates, choice_quality  # best-of-N choice quality of any scorer
-from lorelib.config import (
-    NONE_DEFAULT_TYPES,
-    RULES,
-    Config,
-    InputError,
-    MissingFileError,
-    RunRecord,
-    all_finite,
-    check_value,
-    check_values,
-    configure,
-    dist_info,
-    get_device,
-    is_main_process,
-    note_finished,
-    note_written,
-    print0,
-    set_seed,
-)
+from lorelib.config import InputError, MissingFileError, check_value, configure, get_device, set_seed
 from lorelib.data import (
-    RESULT_NAMES,
     Pairs,
     PreferenceData,
     accuracy_by_user,
     as_pairs,
-    check_counts,
     generate_population,
     sample_population_pairs,
     user_accuracies,
 )
-from lorelib.evaluate import holdout_pairs
-from lorelib.export import (
-    EXPORT_BASE_PREFIX,
-    EXPORT_COPIED_FILES,
-    EXPORT_HEAD_FILE,
-    EXPORT_INDEX_FILE,
-    FolderInUseError,
-    base_weight_files,
-    export_reward_model,
-)
-from lorelib.extract import (
-    embed_batch,
-    embed_token_ids,
-    extract_embeddings,
-    load_reward_model,
-    reward_head,
-    tokenize_conversations,
-)
-from lorelib.fewshot import shot_units, stack_trials
-from lorelib.files import (
-    PUBLISHED_REFERENCE,
-    atomic_write_bytes,
-    check_shapes,
-    choose_reference,
-    load_metadata,
-    load_pickle,
-    load_split,
-    load_tensors,
-    read_published_reference,
-    read_score_weight,
-    require_columns,
-    save_json,
-    save_or_fallback,
-    save_tensors,
-    script_out_dir,
-    stand_in_reference,
-    tensor_shapes,
-)
-from lorelib.kernels import cpu_kernel, matmul_f32, numba
-from lorelib.learned import (
-    MODEL_FORMAT,
-    PersonalizedReward,
-    as_conversation,
-    load_lore_model,
-    read_comparisons,
-    reward_model_info,
-    save_lore_model,
-    save_models,
-)
+from lorelib.export import export_reward_model
+from lorelib.extract import extract_embeddings
+from lorelib.learned import PersonalizedReward, load_lore_model, read_comparisons, save_lore_model
 from lorelib.model import LOGIT_SCALE, LoRe, LoRe_regularized, PersonalizeBatch, personalize_users
-from lorelib.pipelines import (
-    RankResult,
-    ShotsResult,
-    check_users,
-    fit_ranks,
-    select_rank,
-    vary_shots,
-)
-from lorelib.report import print_table, report_run, save_plot, write_report
-from lorelib.report_shots import report_shots
-from lorelib.selection import (
-    PRIOR_SCALE,
-    choose_shots,
-    comparison_scores,
-    expected_information,
-    laplace_posterior,
-    select_comparisons,
-)
-from lorelib.study import select_shots
+from lorelib.pipelines import fit_ranks, select_rank, vary_shots
 
-if numba is not None:  # numba internals the old module had imported at its top level
-    from llvmlite import ir
-    from numba.core import cgutils, types
-    from numba.extending import intrinsic
-
-F = F_nn  # torch.nn.functional (published name; inside lorelib, F is a feature count)
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # published name, decided at import
+
+# every name the published utils.py defines (../shared/docs/published-api.md) and those the README documents
+PUBLISHED = ["torch", "nn", "optim", "F", "np", "random", "device", "simulate_user", "simulate_population",
+             "generate_popupulation", "create_sparse_tensor", "sample_shots", "evaluate_model", "eval_multiple",
+             "create_dataset_prism", "create_dataset_prism_shots", "learn_multiple", "learn_multiple_few_shot",
+             "learn_multiple_few_shot_weighted", "solve", "solve_regularized", "solve_regularized_simplex",
+             "solve_multi_reward", "learn_single_reward", "learn_single_reward_regularized", "run", "run_regularized",
+             "run_few_shot_vary_shots", "LoRe", "LoRe_regularized", "PersonalizeBatch"]
+DOCUMENTED = ["Pairs", "PreferenceData", "InputError", "MissingFileError", "configure", "set_seed", "get_device",
+              "generate_population", "sample_population_pairs", "personalize_users", "LOGIT_SCALE", "fit_ranks",
+              "select_rank", "vary_shots", "PersonalizedReward", "read_comparisons", "save_lore_model",
+              "load_lore_model", "export_reward_model", "extract_embeddings"]
+__all__ = PUBLISHED + DOCUMENTED
 
 
 # --- the pipelines, in their published return layouts ---
@@ -398,7 +299,7 @@ def evaluate_model(X, V, w):
     V = torch.as_tensor(V, dtype=torch.float32)
     w = torch.as_tensor(w, dtype=torch.float32).to(V.device).reshape(-1)
     X = torch.as_tensor(X, dtype=torch.float32).to(V.device)
-    return ((X @ V @ w) > 0).float().mean().item()
+    return float(accuracy_by_user(X @ V @ w, torch.zeros(len(X), dtype=torch.long), 1)[0])
 
 
 def eval_multiple(W_list, V_list, test_features, verbose=True):

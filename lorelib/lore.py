@@ -35,14 +35,14 @@ class LoReMethod(Method):
     label = "LoRe"
     rules = {"K": "int >= 0", "alpha": ">= 0", "regularized": "bool", "num_iterations": "int >= 1",
              "learning_rate": "> 0", "fewshot_iterations": "int >= 0", "fewshot_learning_rate": "> 0"}
+    quick = {"K": 2, "num_iterations": 300}  # settings for small data (tests/test_methods.py)
     independent_users = True  # PersonalizeBatch: each user's loss and Adam trajectory are its own
     inputs = ("reference",)
 
     def __init__(self, num_features, K=5, alpha=0.0, reference=None, regularized=False, num_iterations=1000,
                  learning_rate=0.5, fewshot_iterations=500, fewshot_learning_rate=0.1, seed=0):
         super().__init__()
-        check_values(dict(K=K, alpha=alpha, num_iterations=num_iterations, learning_rate=learning_rate,
-                          fewshot_iterations=fewshot_iterations, fewshot_learning_rate=fewshot_learning_rate))
+        check_values(locals(), self.rules)
         if reference is None and K == 0:
             raise InputError("K = 0 scores with the reward model's head: pass reference [F, 1]")
         self.num_features, self.K, self.alpha, self.regularized = num_features, K, alpha, regularized

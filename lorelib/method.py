@@ -33,6 +33,7 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     tune_grid = {}       # {setting (or "a,b" for two tied settings): [values]}, swept jointly for the tuned row
     tuned = {}           # {data key: {setting: value}} chosen by tune_grid on held-out training pairs of that data
     inputs = ()          # constructor arguments that are data, not settings (LoRe: the reward model's head)
+    quick = {}           # settings for small data, where the released budget does not fit (the conformance tests)
     independent_users = False  # personalize fits each user from its own pairs alone, drawing nothing at random:
     #                            users stacked in one call get their own fits (the few-shot trials share one call)
 

@@ -47,6 +47,8 @@ class PAL(Method):
     the batch (RowAdam).
     """
     label = "PAL"
+    quick = {"dim": 64, "learning_rate": 1e-3, "num_epochs": 5, "batch_size": 16, "user_learning_rate": 0.05,
+             "fewshot_learning_rate": 0.05}  # small data (tests)
     # the tuned row's grid (swept jointly; "a,b": both settings take the value: one learning rate as released)
     tune_grid = {"num_epochs": [1, 2], "user_learning_rate,fewshot_learning_rate": [5e-3, 5e-2, 0.5], "K": [2, 5],
                  "bias_decay": [True, False]}
@@ -77,6 +79,7 @@ class PAL(Method):
         self.batch_size, self.num_epochs = batch_size, num_epochs
         self.fewshot_learning_rate, self.fewshot_epochs = fewshot_learning_rate, fewshot_epochs
         self.fewshot_batch_size, self.eval_batch_size, self.seed = fewshot_batch_size, eval_batch_size, seed
+        self.tau_init = tau_init
         act = nn.GELU if variant == "B" else nn.ReLU
         with seeded(seed):
             self.f = mlp([num_features, dim, dim, dim], act)

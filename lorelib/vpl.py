@@ -78,6 +78,7 @@ class VPL(Method):
     uses normalize(mu) * sqrt(L), on the training latents' sphere; "mean" uses mu as released.
     """
     label = "VPL"
+    quick = {"hidden_dim": 64, "latent_dim": 16, "learning_rate": 1e-3, "num_epochs": 5}  # small data (tests)
     tune_grid = {"num_duplicates": [1, 2], "context_length": ["fixed", "2..C"]}  # the tuned row's grid (joint)
     # chosen by that grid with tune=True on each data (seed 0; held-out seen-user training pairs; dataset READMEs)
     tuned = {
@@ -99,7 +100,8 @@ class VPL(Method):
                  eval_latent="normalized", eval_batch_size=1024, seed=0):
         super().__init__()
         check_values(locals(), self.rules)
-        self.num_features, self.latent_dim, self.num_contexts = num_features, latent_dim, num_contexts
+        self.num_features, self.hidden_dim, self.latent_dim = num_features, hidden_dim, latent_dim
+        self.num_contexts = num_contexts
         self.beta, self.learning_rate, self.weight_decay = beta, learning_rate, weight_decay
         self.batch_size, self.num_epochs, self.warmup_ratio = batch_size, num_epochs, warmup_ratio
         self.max_grad_norm, self.kl_period, self.micro_batch_size = max_grad_norm, kl_period, micro_batch_size

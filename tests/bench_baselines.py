@@ -23,7 +23,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import utils  # noqa: E402
-from lorelib import baselines  # noqa: E402
+from lorelib import experiment  # noqa: E402
+from lorelib.data import RESULT_NAMES  # noqa: E402
+from lorelib.kernels import numba  # noqa: E402
+from lorelib.methods import METHODS  # noqa: E402
+from lorelib.report import print_table  # noqa: E402
 from PersonalLLM import personalllm  # noqa: E402
 
 # config
@@ -46,9 +50,9 @@ def run_child(method):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        res = baselines.run_baselines([method], *data.features, device, seed=seed)[method]
+        res = experiment.run_methods([method], data.features, device, seed=seed)[method]
         out["seconds"] = time.perf_counter() - t
-        out.update({k: res[k]["mean"] for k in utils.RESULT_NAMES})
+        out.update({k: res[k]["mean"] for k in RESULT_NAMES})
         if torch.cuda.is_available() and utils.get_device(device).type == "cuda":
             out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB -> GB (Linux)
@@ -57,7 +61,7 @@ def run_child(method):
 
 def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, numba "
-          f"{'yes' if utils.numba is not None else 'no'}; F = {num_features}, N = {N}, N_unseen = {N_unseen}")
+          f"{'yes' if numba is not None else 'no'}; F = {num_features}, N = {N}, N_unseen = {N_unseen}")
     rows = []
     for method in ["none"] + list(methods):
         proc = subprocess.run([sys.executable, __file__, f"child={method}", f"methods={methods!r}",
@@ -68,11 +72,11 @@ def main():
             raise SystemExit(f"{method} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         r = json.loads(lines[-1][len("RESULT "):])
         print(r, flush=True)
-        name = "data only" if method == "none" else baselines.BASELINES[method].label
+        name = "data only" if method == "none" else METHODS[method].label
         rows.append([name, f"{r['seconds']:.0f}" if "seconds" in r else "", f"{r['peak_rss_gb']:.2f}",
                      f"{r['peak_gpu_gb']:.2f}" if "peak_gpu_gb" in r else ""] +
-                    [f"{r[k]:.4f}" if k in r else "" for k in utils.RESULT_NAMES])
-    utils.print_table(["method", "seconds", "peak RSS GB", "peak GPU GB"] + utils.RESULT_NAMES, rows)
+                    [f"{r[k]:.4f}" if k in r else "" for k in RESULT_NAMES])
+    print_table(["method", "seconds", "peak RSS GB", "peak GPU GB"] + RESULT_NAMES, rows)
 
 
 if child:

@@ -24,6 +24,7 @@ from transformers import AutoModelForSequenceClassification, LlamaConfig
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import utils  # noqa: E402
 from lorelib import extract  # noqa: E402
+from lorelib.extract import embed_token_ids  # noqa: E402
 
 # -----------------------------------------------------------------------------
 n_seqs = 2000
@@ -93,14 +94,14 @@ def main():
           f"padding efficiency {n_tokens / padded:.1%}")
 
     # warm-up (kernels, allocator) on a few sequences of each kind
-    utils.embed_token_ids(model, token_ids[:8], 0, max_tokens_per_batch, max_batch_size, padding_side)
-    utils.embed_token_ids(model, token_ids[:2], 0, max_batch_size=1)
+    embed_token_ids(model, token_ids[:8], 0, max_tokens_per_batch, max_batch_size, padding_side)
+    embed_token_ids(model, token_ids[:2], 0, max_batch_size=1)
     sync(dev)
 
     # (a) batched, length-sorted
     reset_peak(dev)
     t0 = time.perf_counter()
-    emb = utils.embed_token_ids(model, token_ids, 0, max_tokens_per_batch, max_batch_size, padding_side)
+    emb = embed_token_ids(model, token_ids, 0, max_tokens_per_batch, max_batch_size, padding_side)
     sync(dev)
     t_batched = time.perf_counter() - t0
     peak_batched = peak_gib(dev)
@@ -110,7 +111,7 @@ def main():
     sub_tokens = sum(lengths[i] for i in subset)
     reset_peak(dev)
     t0 = time.perf_counter()
-    single = torch.cat([utils.embed_token_ids(model, [token_ids[i]], 0, max_batch_size=1) for i in subset])
+    single = torch.cat([embed_token_ids(model, [token_ids[i]], 0, max_batch_size=1) for i in subset])
     sync(dev)
     t_single = time.perf_counter() - t0
     peak_single = peak_gib(dev)

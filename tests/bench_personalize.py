@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import utils  # noqa: E402
 from conftest import make_tiny_reward_model  # noqa: E402
 from lorelib import extract  # noqa: E402
+from lorelib.extract import load_reward_model  # noqa: E402
 
 # -----------------------------------------------------------------------------
 n_convs = 512
@@ -73,7 +74,7 @@ def main():
     if big:  # random 8B-shaped model behind the tiny tokenizer
         from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-        tokenizer, _ = utils.load_reward_model(base, device="cpu")
+        tokenizer, _ = load_reward_model(base, device="cpu")
         config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
                              num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                              max_position_embeddings=131072, rms_norm_eps=1e-5, num_labels=1,

@@ -1,7 +1,7 @@
 """Benchmark of choosing a new user's next comparison (not a pytest test): milliseconds per choice.
 
 One choice = the Laplace posterior of the user's K logits refit on the answers so far plus the scores of every
-candidate, utils.select_comparisons(X, 1, known=...), the step PersonalizedReward.suggest and the few-shot protocol's
+candidate, select_comparisons(X, 1, known=...), the step PersonalizedReward.suggest and the few-shot protocol's
 active / uncertainty rules take after each answer. Candidates X [n, K] are random rows shaped like projected
 comparisons (a shared direction plus spread, scale 1000), with `answered` of them answered by a random planted user.
 Also times active selection of dialogs (the pool in groups of 4 rows, each scored by its joint information, as on
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import utils  # noqa: E402
+from lorelib.selection import select_comparisons  # noqa: E402
 
 # -----------------------------------------------------------------------------
 answered = 10
@@ -56,10 +56,10 @@ for K in (5, 10, 50):
         w = rng.dirichlet(np.ones(K))
         asked = rng.choice(n, answered, replace=False)
         known = X[asked] * np.where(X[asked] @ w > 0, 1.0, -1.0)[:, None]
-        cells = [timed(lambda: utils.select_comparisons(X, 1, rule=rule, known=known, exclude=asked))
+        cells = [timed(lambda: select_comparisons(X, 1, rule=rule, known=known, exclude=asked))
                  for rule in ("active", "uncertainty")]
         groups = np.arange(n) // 4
-        cells.append(timed(lambda: utils.select_comparisons(X, 1, known=known, groups=groups,
+        cells.append(timed(lambda: select_comparisons(X, 1, known=known, groups=groups,
                                                             exclude=np.unique(groups[asked]))))
         D, V = torch.randn(n, 4096), torch.randn(4096, K)
         cells.append(timed(lambda: D @ V))

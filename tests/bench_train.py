@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import utils  # noqa: E402
 from lorelib import kernels  # noqa: E402
+from lorelib.report import print_table  # noqa: E402
 
 # config
 num_users = 1000
@@ -102,7 +103,7 @@ def main():
     t_read = time_iters(lambda: X.max(), 5)
     t_read_bf16 = time_iters(lambda: Xb.view(torch.int16).max(), 5)
     fused = "fused one-pass numba kernel" if kernel is not None else "numba not installed: two-pass path"
-    utils.print_table(["formulation", "s / iteration", "speedup"], [
+    print_table(["formulation", "s / iteration", "speedup"], [
         ["per-user loop (published)", f"{t_loop:.3f}", "1.0x"],
         [f"packed, utils.LoRe ({fused})", f"{t_packed:.3f}", f"{t_loop / t_packed:.1f}x"],
         [f"packed, bf16 pairs ({fused})", f"{t_bf16:.3f}", f"{t_loop / t_bf16:.1f}x"],
@@ -128,7 +129,7 @@ def main():
             res = json.loads((out / "train_basis_synthetic.json").read_text())["results"]
             unseen[dtype] = [r["unseen_test"]["mean"] for r in res]
             rows.append([dtype, f"{wall:.0f}", f"{peak:.2f}"] + [f"{a:.4f}" for a in unseen[dtype]])
-        utils.print_table(["pairs", "wall s", "peak RSS GB"] + [f"unseen K={r['K']}" for r in res], rows)
+        print_table(["pairs", "wall s", "peak RSS GB"] + [f"unseen K={r['K']}" for r in res], rows)
         if len(unseen) == 2:
             a, b = unseen.values()
             print(f"largest unseen-accuracy difference: {max(abs(x - y) for x, y in zip(a, b)):.4f}")

@@ -9,6 +9,9 @@ import torch.nn.functional as F
 import utils
 from lorelib import experiment, kernels, methods
 from lorelib.baseline import fresh_logits, user_rows
+from lorelib.bt import PerUserBT
+from lorelib.data import RESULT_NAMES, user_accuracies
+from lorelib.kernels import numba
 from lorelib.pal import PAL
 from lorelib.vpl import VPL, _context_rows, _warmup_cosine
 
@@ -56,7 +59,7 @@ def shared_bt(data):
     """Mean unseen-user test accuracy of one Bradley-Terry reward for everyone (LoRe with K = 1, as in run)."""
     utils.set_seed(0)
     _, V = utils.solve_regularized(None, 0, data["train"], 1, device="cpu")
-    return utils.user_accuracies(data["test_unseen"], V, torch.ones(1)).mean()
+    return user_accuracies(data["test_unseen"], V, torch.ones(1)).mean()
 
 
 def nearest_type(seen_rep, seen_types, new_rep):
@@ -68,7 +71,7 @@ def nearest_type(seen_rep, seen_types, new_rep):
 def fit_method(name, d, variant="B", seed=0):
     """(model, new users' state, seen representation [C, r], unseen representation [C', r])."""
     if name == "per_user_bt":
-        model = utils.PerUserBT().fit(d["train"], "cpu")
+        model = PerUserBT().fit(d["train"], "cpu")
         state = model.personalize(d["fewshot"], "cpu")
         return model, state, model.V, state
     if name == "vpl":
@@ -101,7 +104,7 @@ def test_planted_types_recovered_and_shared_bt_beaten(data, shared_bt, name, var
 @pytest.mark.parametrize("kernel", [True, False])
 def test_per_user_bt_equals_a_plain_loop_of_bt_fits(kernel, monkeypatch):
     """Both paths (the numba kernel, users in parallel; PyTorch, padded chunks) == one BT fit per user."""
-    if kernel and utils.numba is None:
+    if kernel and numba is None:
         pytest.skip("numba not installed")
     if not kernel:
         monkeypatch.setattr(kernels, "numba", None)
@@ -109,7 +112,7 @@ def test_per_user_bt_equals_a_plain_loop_of_bt_fits(kernel, monkeypatch):
     X = [torch.randn(m, 8, generator=g) * 3 for m in (3, 9, 1, 5, 12)]
     pairs = utils.Pairs.from_list(X)
     # chunk_floats forces several padded chunks of users of different sizes
-    model = utils.PerUserBT(num_iterations=200, learning_rate=0.05, chunk_floats=2 * 9 * 8).fit(pairs)
+    model = PerUserBT(num_iterations=200, learning_rate=0.05, chunk_floats=2 * 9 * 8).fit(pairs)
     for i, x in enumerate(X):
         v = torch.zeros(8, requires_grad=True)
         opt = torch.optim.Adam([v], lr=0.05)
@@ -127,8 +130,8 @@ def test_per_user_bt_equals_a_plain_loop_of_bt_fits(kernel, monkeypatch):
 
 def test_per_user_bt_table_pairs_equal_difference_pairs(data):
     small = data["train"].select_users(range(6))
-    a = utils.PerUserBT(num_iterations=50).fit(small)
-    b = utils.PerUserBT(num_iterations=50).fit(utils.Pairs(small.user, small.num_users, diffs=small.dense()))
+    a = PerUserBT(num_iterations=50).fit(small)
+    b = PerUserBT(num_iterations=50).fit(utils.Pairs(small.user, small.num_users, diffs=small.dense()))
     assert torch.allclose(a.V, b.V, atol=1e-6)
     assert np.array_equal(a.accuracies(small), b.accuracies(utils.Pairs(small.user, 6, diffs=small.dense())))
 
@@ -177,7 +180,7 @@ def test_same_seed_same_numbers(data, name):
     for r in runs:
         r[name].pop("seconds")
     assert runs[0] == runs[1]
-    assert set(runs[0][name]) == set(utils.RESULT_NAMES) | {"label", "method", "settings"}
+    assert set(runs[0][name]) == set(RESULT_NAMES) | {"label", "method", "settings"}
     assert runs[0][name]["settings"] == methods.full_settings(name, settings)  # every setting it ran with
     if name != "per_user_bt":  # a deterministic fit from zero: no seed involved
         m0 = methods.make_method(name, 16, seed=3, **settings)
@@ -199,7 +202,7 @@ def test_difference_pairs_are_refused_where_both_sides_are_needed():
     bad = [torch.randn(4, 16), torch.randn(3, 16)]
     bad[1][0, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
-        utils.PerUserBT(num_iterations=5).fit(bad)
+        PerUserBT(num_iterations=5).fit(bad)
 
 
 def test_pairs_sides_hand_out_the_table_without_a_copy(data):
@@ -266,7 +269,7 @@ def test_margins_from_shared_row_features_equal_direct_scores(data, name, varian
     assert torch.allclose(model.margins(pairs), direct, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(utils.numba is None, reason="numba not installed")
+@pytest.mark.skipif(numba is None, reason="numba not installed")
 def test_pal_b_new_user_kernel_equals_the_pytorch_loop(data, monkeypatch):
     """PAL-B's new-user fit on CPU (numba, step for step) == the autograd loop with fused AdamW."""
     model = PAL(16, K=3, dim=16, batch_size=16).fit(data["train"])
@@ -443,7 +446,7 @@ def test_vpl_training_follows_the_released_equations(data):
 def test_pal_user_weights_follow_the_released_per_user_adam(data, kernel, monkeypatch):
     """Seen-user fit and new-user fit == the released loops with one parameter (and one Adam state) per user,
     on both paths of the new-user fit (the numba kernel and PyTorch)."""
-    if kernel and utils.numba is None:
+    if kernel and numba is None:
         pytest.skip("numba not installed")
     settings = dict(K=3, dim=16, batch_size=4, num_epochs=1, fewshot_epochs=4, fewshot_batch_size=4,
                     user_learning_rate=5e-2, fewshot_learning_rate=5e-2, seed=7)
@@ -472,7 +475,7 @@ def test_pal_user_weights_follow_the_released_per_user_adam(data, kernel, monkey
 def test_pal_new_user_fit_does_not_depend_on_the_users_beside_it(kernel, monkeypatch):
     """A new user with one few-shot pair, batches of one pair: it gets one step per epoch on its own pair,
     whether it is personalised alone or beside 200 other users (each user's weights have their own Adam)."""
-    if kernel and utils.numba is None:
+    if kernel and numba is None:
         pytest.skip("numba not installed")
     if not kernel:
         monkeypatch.setattr(kernels, "numba", None)
@@ -560,7 +563,7 @@ def test_baselines_accept_bf16_tables(data):
     runs = [experiment.run_methods(list(settings), (d["train"], d["test"], d["fewshot"], d["test_unseen"]), "cpu",
                                     settings=settings) for d in (rounded, half)]
     for name in settings:
-        for r in utils.RESULT_NAMES:
+        for r in RESULT_NAMES:
             assert runs[1][name][r]["mean"] == pytest.approx(runs[0][name][r]["mean"], abs=1e-6), (name, r)
 
 

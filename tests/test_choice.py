@@ -11,6 +11,7 @@ import utils
 from lorelib import experiment, methods
 from lorelib.choice import Candidates, ChoiceRun, choice_quality, kendall_tau, lore_scorer, method_scorer, pick
 from lorelib.evaluate import MethodResult
+from lorelib.files import save_tensors
 from lorelib.pal import PAL
 from lorelib.pipelines import lore_runs
 from PersonalLLM import personalllm
@@ -308,14 +309,14 @@ def test_prism_file_without_ratings_is_refused_with_the_command_that_adds_them(t
     t = prism.make_synthetic(40, 8)
     t.pop("true_directions")
     old = {k: v for k, v in t.items() if k not in prism.SCORES}
-    utils.save_tensors(tmp_path / "embeddings.safetensors", old)
+    save_tensors(tmp_path / "embeddings.safetensors", old)
     with pytest.raises(utils.InputError, match=r"has no `chosen_score` tensor .*add it with: python .*prepare\.py "
                                                r"data_dir=.*without embedding again.*choice_quality=False"):
         prism.load(data_dir=tmp_path, choice=True)
     assert "choice" not in prism.load(data_dir=tmp_path).info  # accuracy only, when asked for
-    utils.save_tensors(tmp_path / "embeddings.safetensors", old, metadata={"converted_from": "x"})
+    save_tensors(tmp_path / "embeddings.safetensors", old, metadata={"converted_from": "x"})
     with pytest.raises(utils.InputError, match="published pkl files hold no ratings"):
         prism.check_config({"choice_quality": True, "data_dir": str(tmp_path)})
-    utils.save_tensors(tmp_path / "embeddings.safetensors", t)
+    save_tensors(tmp_path / "embeddings.safetensors", t)
     c = prism.load(data_dir=tmp_path, choice=True).info["choice"]["seen"]
     assert c.kind == "rating" and len(c.prompt) > 0

@@ -10,6 +10,11 @@ import torch.nn.functional as F
 
 import utils
 from lorelib import kernels
+from lorelib.config import all_finite
+from lorelib.data import user_accuracies
+from lorelib.evaluate import holdout_pairs
+from lorelib.files import load_tensors, save_json, save_tensors
+from lorelib.kernels import numba
 
 
 def planted(num_users=60, pairs_per_user=40, num_test=200, F_dim=32, rank=3, seed=0):
@@ -56,7 +61,7 @@ def test_packed_loss_and_gradients_equal_per_user_loop():
     assert torch.allclose(model.W.grad, Wl.grad, atol=1e-5)
 
 
-@pytest.mark.skipif(utils.numba is None, reason="numba not installed")
+@pytest.mark.skipif(numba is None, reason="numba not installed")
 def test_fused_cpu_kernel_equals_two_pass_torch_path(monkeypatch):
     """The one-pass numba loss and gradients == the two thin products through autograd."""
     X = [torch.randn(m, 300) * 5 for m in (3, 40, 1, 17, 260)]
@@ -75,7 +80,7 @@ def test_fused_cpu_kernel_equals_two_pass_torch_path(monkeypatch):
     assert torch.allclose(v1, v2, atol=1e-6, rtol=1e-4) and torch.allclose(w1, w2, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.skipif(utils.numba is None or (os.cpu_count() or 1) < 2, reason="needs numba and 2 cores")
+@pytest.mark.skipif(numba is None or (os.cpu_count() or 1) < 2, reason="needs numba and 2 cores")
 def test_fused_cpu_kernel_keeps_the_torch_thread_count():
     """numba's OpenMP layer sets the process-wide OpenMP thread count when its kernel runs on 2 threads; the
     kernel call puts PyTorch's back, or every later PyTorch op (few-shot fits, baselines) runs with more
@@ -236,14 +241,14 @@ def test_lean_population_equals_seed_document_functions():
 def test_all_finite_by_blocks_finds_every_nan_and_inf():
     for dtype in (torch.float32, torch.bfloat16):
         t = torch.zeros(100, 7, dtype=dtype)
-        assert utils.all_finite(t, block_floats=10) and utils.all_finite(t[:0])
+        assert all_finite(t, block_floats=10) and all_finite(t[:0])
         for i, j, bad in ((99, 6, float("nan")), (0, 0, float("inf")), (37, 3, -float("inf"))):
             u = t.clone()
             u[i, j] = bad
-            assert not utils.all_finite(u, block_floats=10) and not utils.all_finite(u)
-            assert not utils.all_finite(u[:, j]) and not utils.all_finite(u.reshape(10, 10, 7), block_floats=10)
-    assert utils.all_finite(torch.tensor(1.0)) and not utils.all_finite(torch.tensor(float("nan")))
-    assert utils.all_finite(torch.arange(5))
+            assert not all_finite(u, block_floats=10) and not all_finite(u)
+            assert not all_finite(u[:, j]) and not all_finite(u.reshape(10, 10, 7), block_floats=10)
+    assert all_finite(torch.tensor(1.0)) and not all_finite(torch.tensor(float("nan")))
+    assert all_finite(torch.arange(5))
 
 
 def test_dense_differences_by_blocks_equal_the_whole_expression():
@@ -373,7 +378,7 @@ def test_configure_overrides_and_type_checks():
 
 def test_save_json_is_valid_with_nan(tmp_path):
     import json
-    utils.save_json(tmp_path / "r.json", {"a": np.array([1.0, np.nan]), "b": np.float32(2)})
+    save_json(tmp_path / "r.json", {"a": np.array([1.0, np.nan]), "b": np.float32(2)})
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": [1.0, None], "b": 2.0}
 
 
@@ -381,8 +386,8 @@ def test_outputs_get_the_usual_permissions(tmp_path):
     import os
     umask = os.umask(0)
     os.umask(umask)
-    utils.save_tensors(tmp_path / "a.safetensors", {"a": torch.ones(2)})
-    utils.save_json(tmp_path / "a.json", {"a": 1})
+    save_tensors(tmp_path / "a.safetensors", {"a": torch.ones(2)})
+    save_json(tmp_path / "a.json", {"a": 1})
     for name in ("a.safetensors", "a.json"):
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask
     assert sorted(os.listdir(tmp_path)) == ["a.json", "a.safetensors"]  # no temp files left
@@ -390,13 +395,13 @@ def test_outputs_get_the_usual_permissions(tmp_path):
 
 def test_load_tensors_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="python prepare.py"):
-        utils.load_tensors(tmp_path / "missing.safetensors", make_cmd="python prepare.py")
-    utils.save_tensors(tmp_path / "x.safetensors", {"a": torch.ones(2)})
+        load_tensors(tmp_path / "missing.safetensors", make_cmd="python prepare.py")
+    save_tensors(tmp_path / "x.safetensors", {"a": torch.ones(2)})
     with pytest.raises(ValueError, match="lacks"):
-        utils.load_tensors(tmp_path / "x.safetensors", ["b"])
-    utils.save_tensors(tmp_path / "n.safetensors", {"a": torch.tensor([1.0, float("nan")])})
+        load_tensors(tmp_path / "x.safetensors", ["b"])
+    save_tensors(tmp_path / "n.safetensors", {"a": torch.tensor([1.0, float("nan")])})
     with pytest.raises(ValueError, match="NaN"):
-        utils.load_tensors(tmp_path / "n.safetensors")
+        load_tensors(tmp_path / "n.safetensors")
 
 
 def test_numba_cache_survives_another_module_name(tmp_path):
@@ -435,11 +440,11 @@ def test_rank_is_chosen_on_held_out_training_pairs():
     does not pick K = 2, which cannot represent them."""
     train, _, _, _ = planted(num_users=40, pairs_per_user=30)
     pairs = utils.Pairs.from_list(train[:-1] + [train[-1][:1]])  # the last user has a single pair
-    fit, held = utils.holdout_pairs(pairs, 0.2, seed=0)
+    fit, held = holdout_pairs(pairs, 0.2, seed=0)
     assert held.counts().tolist() == [6] * 39 + [0] and fit.counts().tolist() == [24] * 39 + [1]
     both = torch.cat([fit.dense(), held.dense()])
     assert len(both) == len(pairs.dense()) and len(torch.unique(both, dim=0)) == len(both)  # a partition
-    assert torch.equal(utils.holdout_pairs(pairs, 0.2, seed=0)[1].dense(), held.dense())  # seeded
+    assert torch.equal(holdout_pairs(pairs, 0.2, seed=0)[1].dense(), held.dense())  # seeded
     sel = utils.select_rank([0, 1, 2, 3], [0.0], torch.randn(32, 1), pairs, "cpu", validation_fraction=0.2,
                             num_iterations=300)
     assert set(sel["validation"]) == {"alpha=0 K=2", "alpha=0 K=3"}  # K = 0 and 1 are other methods
@@ -453,7 +458,7 @@ def test_rank_is_chosen_on_held_out_training_pairs():
 def test_a_fit_on_bf16_pairs_recovers_the_float32_accuracy(kernel, monkeypatch):
     """Planted rank-3 users: LoRe on the same pairs held in bf16 (differences rounded once, products accumulated in
     float32) reaches the float32 fit's test accuracy within 0.01 (and the same per-user accuracies to 0.05)."""
-    if kernel and utils.numba is None:
+    if kernel and numba is None:
         pytest.skip("numba not installed")
     if not kernel:
         monkeypatch.setattr(kernels, "numba", None)
@@ -463,12 +468,12 @@ def test_a_fit_on_bf16_pairs_recovers_the_float32_accuracy(kernel, monkeypatch):
     for dtype in (torch.float32, torch.bfloat16):
         utils.set_seed(0)
         W, V = utils.LoRe(None, 0, len(train), 32, 3, 300, 0.5).train(pairs.to_dtype(dtype), device="cpu")
-        accs[dtype] = utils.user_accuracies(utils.Pairs.from_list(test).to_dtype(dtype), V, W)
+        accs[dtype] = user_accuracies(utils.Pairs.from_list(test).to_dtype(dtype), V, W)
     assert accs[torch.float32].mean() > 0.85
     assert abs(accs[torch.bfloat16].mean() - accs[torch.float32].mean()) < 0.01
 
 
-@pytest.mark.skipif(utils.numba is None, reason="numba not installed")
+@pytest.mark.skipif(numba is None, reason="numba not installed")
 def test_bf16_kernel_equals_the_float32_kernel_on_the_rounded_values():
     """The bf16 kernel (uint16 bits widened in registers, 4-row groups, 3-column blocks, 512-column tiles) == the
     float32 kernel on X.bfloat16().float(), to float32 rounding: each sum of n products within

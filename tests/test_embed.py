@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import utils
 from lorelib import extract
+from lorelib.extract import embed_batch, embed_token_ids, load_reward_model, reward_head, tokenize_conversations
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("the quick brown fox jumps over a lazy dog while reward models read preferences of many users; "
@@ -39,7 +40,7 @@ def make_conversations(n, seed=0, max_words=25):
 
 @pytest.fixture(scope="module")
 def tok_model(tiny_reward_model):
-    return utils.load_reward_model(tiny_reward_model)
+    return load_reward_model(tiny_reward_model)
 
 
 def single_ids(tokenizer, conv):
@@ -53,7 +54,7 @@ def test_load_reward_model(tok_model):
     assert tokenizer.pad_token_id is not None and model.config.pad_token_id == tokenizer.pad_token_id
     conv = make_conversations(1)[0]
     ids = single_ids(tokenizer, conv)
-    assert utils.tokenize_conversations(tokenizer, [conv])[0] == [ids]
+    assert tokenize_conversations(tokenizer, [conv])[0] == [ids]
     assert tokenizer.apply_chat_template(conv)["input_ids"] == ids  # same as transformers' own tokenize=True path
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1  # template writes BOS once
     assert ids[-1] == tokenizer.convert_tokens_to_ids("<|eot_id|>")
@@ -62,7 +63,7 @@ def test_load_reward_model(tok_model):
 def test_pad_token_fallback(tmp_path):
     from conftest import make_tiny_reward_model
     path = make_tiny_reward_model(tmp_path / "nopad", with_pad_token=False)
-    tokenizer, model = utils.load_reward_model(path)
+    tokenizer, model = load_reward_model(path)
     assert tokenizer.pad_token == tokenizer.eos_token == "<|eot_id|>"
     assert model.config.pad_token_id == tokenizer.pad_token_id
 
@@ -70,9 +71,9 @@ def test_pad_token_fallback(tmp_path):
 def test_embeddings_times_head_is_reward(tok_model):
     tokenizer, model = tok_model
     convs = make_conversations(9)
-    head = utils.reward_head(model)
+    head = reward_head(model)
     assert head.shape == (model.config.hidden_size, 1) and head.dtype == torch.float32
-    emb = utils.embed_batch(tokenizer, model, convs)
+    emb = embed_batch(tokenizer, model, convs)
     assert emb.shape == (9, model.config.hidden_size) and emb.dtype == torch.float32
     assert not emb.is_inference() and not emb.requires_grad  # safe to feed into training code
     with torch.no_grad():
@@ -82,19 +83,19 @@ def test_embeddings_times_head_is_reward(tok_model):
 
 def test_reward_head_requires_score():
     with pytest.raises(ValueError, match="score"):
-        utils.reward_head(torch.nn.Linear(3, 1))
+        reward_head(torch.nn.Linear(3, 1))
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_batched_equals_single(tok_model, padding_side):
     tokenizer, model = tok_model
-    token_ids, _ = utils.tokenize_conversations(tokenizer, make_conversations(12, seed=1))
+    token_ids, _ = tokenize_conversations(tokenizer, make_conversations(12, seed=1))
     assert len(set(map(len, token_ids))) > 5  # really padded batches
-    batched = utils.embed_token_ids(model, token_ids, tokenizer.pad_token_id, max_tokens_per_batch=None,
+    batched = embed_token_ids(model, token_ids, tokenizer.pad_token_id, max_tokens_per_batch=None,
                                     max_batch_size=None, padding_side=padding_side)
-    small = utils.embed_token_ids(model, token_ids, tokenizer.pad_token_id, max_tokens_per_batch=400,
+    small = embed_token_ids(model, token_ids, tokenizer.pad_token_id, max_tokens_per_batch=400,
                                   max_batch_size=3, padding_side=padding_side)
-    single = torch.cat([utils.embed_token_ids(model, [ids], tokenizer.pad_token_id) for ids in token_ids])
+    single = torch.cat([embed_token_ids(model, [ids], tokenizer.pad_token_id) for ids in token_ids])
     # Not bitwise equal: float32 CPU matmuls of different shapes (batch size, padded length) round differently,
     # so the results agree only to ~1e-6. Hence a tight tolerance instead of equality.
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
@@ -116,12 +117,12 @@ def test_length_batches():
 def test_truncation(tok_model, tiny_reward_model, tmp_path, capsys):
     tokenizer, model = tok_model
     convs = make_conversations(10, seed=2)
-    full_ids, n0 = utils.tokenize_conversations(tokenizer, convs)
+    full_ids, n0 = tokenize_conversations(tokenizer, convs)
     assert n0 == 0
     max_length = sorted(map(len, full_ids))[4]  # 5 conversations are longer
     n_long = sum(len(ids) > max_length for ids in full_ids)
     for side in ["left", "right"]:
-        ids, n = utils.tokenize_conversations(tokenizer, convs, max_length, truncation_side=side)
+        ids, n = tokenize_conversations(tokenizer, convs, max_length, truncation_side=side)
         assert n == n_long and all(len(x) == min(len(f), max_length) for x, f in zip(ids, full_ids))
         out = utils.extract_embeddings(convs, tmp_path / f"{side}.safetensors", model_name=tiny_reward_model,
                                        max_length=max_length, truncation_side=side, shard_size=4,
@@ -129,7 +130,7 @@ def test_truncation(tok_model, tiny_reward_model, tmp_path, capsys):
         assert f"{n_long}/10 conversations truncated" in capsys.readouterr().out
         f = load_file(out)
         cut = [x[-max_length:] if side == "left" else x[:max_length] for x in full_ids]
-        expected = utils.embed_token_ids(model, cut, tokenizer.pad_token_id)
+        expected = embed_token_ids(model, cut, tokenizer.pad_token_id)
         torch.testing.assert_close(f["embeddings"], expected, atol=1e-5, rtol=1e-5)
         with safe_open(str(out), "pt") as g:
             assert g.metadata()["n_truncated"] == str(n_long) and g.metadata()["truncation_side"] == side
@@ -137,7 +138,7 @@ def test_truncation(tok_model, tiny_reward_model, tmp_path, capsys):
     long = torch.tensor([len(x) > max_length for x in full_ids])
     assert torch.equal(left[~long], right[~long]) and not torch.allclose(left[long], right[long])
     # left truncation keeps the end: the last token (where the reward is read) is the same as without truncation
-    assert all(x[-1] == f[-1] for x, f in zip(utils.tokenize_conversations(tokenizer, convs, max_length)[0],
+    assert all(x[-1] == f[-1] for x, f in zip(tokenize_conversations(tokenizer, convs, max_length)[0],
                                               full_ids))
 
 
@@ -213,10 +214,10 @@ def test_groups_extras_metadata(tok_model, tiny_reward_model, tmp_path, monkeypa
                                    metadata={"split": "test", "n_users": 3}, **kw)
     f = load_file(out)
     assert set(f) == {"chosen", "rejected", "head", *extras}
-    emb = utils.embed_batch(tokenizer, model, chosen + rejected)
+    emb = embed_batch(tokenizer, model, chosen + rejected)
     torch.testing.assert_close(f["chosen"], emb[:4], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(f["rejected"], emb[4:], atol=1e-5, rtol=1e-5)
-    assert torch.equal(f["head"], utils.reward_head(model))
+    assert torch.equal(f["head"], reward_head(model))
     for name, t in extras.items():
         assert f[name].dtype == t.dtype and torch.equal(f[name], t), name
     with safe_open(str(out), "pt") as g:
@@ -310,7 +311,7 @@ def test_torchrun_two_processes(tiny_reward_model, tmp_path):
         out = utils.extract_embeddings(convs, sys.argv[2], model_name=sys.argv[3], shard_size=3,
                                              groups={{"chosen": 6, "rejected": 4}}, progress=False,
                                              extra_tensors={{"user_id": torch.arange(6)}}, metadata={{"split": "x"}})
-        rank, world, local_rank = utils.dist_info()
+        rank, world, local_rank = importlib.import_module("lorelib.config").dist_info()
         print(f"rank={{rank}} world={{world}} out={{out}}", flush=True)
     """))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}

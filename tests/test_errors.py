@@ -13,6 +13,7 @@ import torch
 
 import utils
 from conftest import REPO_ROOT, run_script
+from lorelib.files import save_json, save_tensors
 from PersonalLLM import personalllm
 from PRISM import prism
 from RedditTLDR import tldr
@@ -160,16 +161,16 @@ def test_prepared_file_errors_name_the_file():
                  "NaN": {**good, "embeddings": good["embeddings"] * np.nan}}
         for why, train in cases.items():
             folder = os.path.join(d, why.replace(" ", "_"))
-            utils.save_tensors(os.path.join(folder, "test.safetensors"), good)
+            save_tensors(os.path.join(folder, "test.safetensors"), good)
             if train is None:
-                utils.save_tensors(os.path.join(folder, "train.safetensors"), good)
+                save_tensors(os.path.join(folder, "train.safetensors"), good)
                 with open(os.path.join(folder, "train.safetensors"), "r+b") as f:
                     f.truncate(200)
             elif train == "F":
-                utils.save_tensors(os.path.join(folder, "train.safetensors"), {
+                save_tensors(os.path.join(folder, "train.safetensors"), {
                     "embeddings": torch.randn(32, 5), "scores": torch.randn(4, 8, 10), "head": torch.randn(5, 1)})
             else:
-                utils.save_tensors(os.path.join(folder, "train.safetensors"),
+                save_tensors(os.path.join(folder, "train.safetensors"),
                                    {k: v for k, v in train.items() if v is not None})
             with pytest.raises(ValueError) as e:
                 personalllm.read_splits(folder)
@@ -233,13 +234,13 @@ def test_ctrl_c_mid_fit_leaves_no_partial_output_and_a_rerun_succeeds(tmp_path):
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:  # K = 0 (no fit) is done: the K = 2 fit is running
-        if line.startswith("alpha=0 K=0"):
+        if line.startswith("ref (alpha = 0, K = 0)"):
             break
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "interrupted (Ctrl-C)" in err and "alpha=0 K=0" in err and "nothing was written" in err
-    assert "Traceback" not in err and "alpha=0 K=2" not in out
+    assert "interrupted (Ctrl-C)" in err and "ref (alpha = 0, K = 0)" in err and "nothing was written" in err
+    assert "Traceback" not in err and "LoRe (alpha = 0, K = 2)" not in out
     assert os.listdir(tmp_path / "out") == []  # no JSON, no PNG, no temp file
     run_script("PersonalLLM/train_basis.py", *TINY, f"out_dir={tmp_path / 'out'}")
     assert sorted(os.listdir(tmp_path / "out")) == ["models_synthetic", "train_basis_synthetic.json",
@@ -263,12 +264,12 @@ def test_two_copies_writing_the_same_out_dir(tmp_path):
 def test_readers_never_see_a_half_written_file(tmp_path):
     """Two writers replace the same JSON over and over while a reader checks every version it sees."""
     path = tmp_path / "r.json"
-    utils.save_json(path, {"writer": -1, "x": []})
+    save_json(path, {"writer": -1, "x": []})
     stop, seen, bad = threading.Event(), set(), []
 
     def write(w):
         for i in range(40):
-            utils.save_json(path, {"writer": w, "x": list(range(20000 + i))})
+            save_json(path, {"writer": w, "x": list(range(20000 + i))})
 
     def read():
         while not stop.is_set():

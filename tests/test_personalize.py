@@ -13,6 +13,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import utils
 from conftest import make_tiny_reward_model, run_script
+from lorelib.export import EXPORT_HEAD_FILE, EXPORT_INDEX_FILE
+from lorelib.extract import embed_batch, load_reward_model, reward_head
+from lorelib.files import load_metadata, load_tensors, save_tensors
 
 F = 64  # hidden size of the tiny reward model
 
@@ -63,7 +66,7 @@ def test_model_file_round_trip(tmp_path, tiny_reward_model):
     n = utils.PersonalizedReward.load(tmp_path / "n.safetensors")
     assert n.users == [0, 1, 2, 3, 4] and n.unseen_users == [5, 6] and torch.equal(n.weights(6), m["W_unseen"][1])
     # an embeddings file (any other safetensors) is refused with a clear error
-    utils.save_tensors(tmp_path / "other.safetensors", {"V": m["V"], "W": m["W"], "W_unseen": m["W_unseen"]})
+    save_tensors(tmp_path / "other.safetensors", {"V": m["V"], "W": m["W"], "W_unseen": m["W_unseen"]})
     with pytest.raises(ValueError, match="not a learned-model file"):
         utils.load_lore_model(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="unique"):
@@ -87,8 +90,8 @@ def test_weights_of_a_user(rm):
 
 def test_reward_is_embedding_times_V_w(rm, tiny_reward_model):
     convs = make_conversations(12, seed=3)
-    tokenizer, model = utils.load_reward_model(tiny_reward_model)
-    E = utils.embed_batch(tokenizer, model, convs)  # the extractor of prepare.py, one item at a time in spirit
+    tokenizer, model = load_reward_model(tiny_reward_model)
+    E = embed_batch(tokenizer, model, convs)  # the extractor of prepare.py, one item at a time in spirit
     assert torch.allclose(rm.embed(convs), E, atol=1e-5)
     for user in ["b", "x", "uniform", [0.1, 0.0, 0.9]]:
         w = rm.weights(user)
@@ -98,7 +101,7 @@ def test_reward_is_embedding_times_V_w(rm, tiny_reward_model):
         assert torch.allclose(rm.reward(convs, user=user), by_hand / 100, atol=1e-6)  # calibrated: the log-odds
     # K = 0 (the reference head as V [F, 1], w = [1], logit scale 1, as save_models writes it) gives the reward
     # model's own logit, calibrated or not
-    ref = utils.PersonalizedReward(utils.reward_head(model), torch.ones(1, 1), model_name=tiny_reward_model,
+    ref = utils.PersonalizedReward(reward_head(model), torch.ones(1, 1), model_name=tiny_reward_model,
                                    logit_scale=1.0)
     _, logits = hf_scores(tiny_reward_model, tokenizer, convs)
     assert torch.allclose(ref.reward(convs, user=[1.0]), logits, atol=1e-4)
@@ -117,7 +120,7 @@ def test_exported_logits_are_the_fits_log_odds(rm, tmp_path):
     fit = torch.sigmoid(d @ rm.V @ rm.weights("b") / 100)  # the likelihood LoRe is trained with
     assert (fit - 0.5).abs().max() > 0.2 and torch.allclose(torch.sigmoid(r_c - r_r), fit, atol=1e-6)
     assert torch.allclose(hf_scores(raw, tokenizer, chosen)[1], 100 * r_c, rtol=1e-5, atol=1e-4)
-    meta = [utils.load_metadata(f / utils.EXPORT_HEAD_FILE) for f in (out, raw)]
+    meta = [load_metadata(f / EXPORT_HEAD_FILE) for f in (out, raw)]
     assert [json.loads(m["logits"]) for m in meta] == ["calibrated", "raw"]
     assert json.loads(meta[0]["logit_scale"]) == 100.0
 
@@ -135,15 +138,15 @@ def test_export_scores_like_reward_and_links_the_base(rm, tiny_reward_model, tmp
 
     # small on disk: the base file is the same inode, the only new weights are the [1, F] head
     files = sorted(os.listdir(out))
-    assert files == sorted(["base-model.safetensors", utils.EXPORT_HEAD_FILE, utils.EXPORT_INDEX_FILE, "config.json",
+    assert files == sorted(["base-model.safetensors", EXPORT_HEAD_FILE, EXPORT_INDEX_FILE, "config.json",
                             "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"])
     assert os.stat(out / "base-model.safetensors").st_ino == os.stat(base_file).st_ino
-    assert os.path.getsize(out / utils.EXPORT_HEAD_FILE) < 4 * F + 1024
+    assert os.path.getsize(out / EXPORT_HEAD_FILE) < 4 * F + 1024
     own = sum(os.path.getsize(out / f) for f in files if os.stat(out / f).st_nlink == 1)
     assert own < os.path.getsize(base_file) / 10
-    index = json.loads((out / utils.EXPORT_INDEX_FILE).read_text())
-    assert index["weight_map"]["score.weight"] == utils.EXPORT_HEAD_FILE
-    assert set(index["weight_map"]) == set(utils.load_tensors(base_file))
+    index = json.loads((out / EXPORT_INDEX_FILE).read_text())
+    assert index["weight_map"]["score.weight"] == EXPORT_HEAD_FILE
+    assert set(index["weight_map"]) == set(load_tensors(base_file))
     assert {v for k, v in index["weight_map"].items() if k != "score.weight"} == {"base-model.safetensors"}
 
     # using the export (changing its weights in memory, saving it into its own folder) leaves the base intact
@@ -171,7 +174,7 @@ def test_export_sharded_base_symlinked_without_pad_token(tmp_path):
     AutoModelForSequenceClassification.from_pretrained(tiny).save_pretrained(base, max_shard_size="100KB")
     AutoTokenizer.from_pretrained(tiny).save_pretrained(base)
     shards = sorted(f for f in os.listdir(base) if f.endswith(".safetensors"))
-    assert len(shards) > 2 and os.path.exists(os.path.join(base, utils.EXPORT_INDEX_FILE))
+    assert len(shards) > 2 and os.path.exists(os.path.join(base, EXPORT_INDEX_FILE))
     rm = utils.PersonalizedReward.load(make_model_file(tmp_path / "m.safetensors", base))
 
     def no_hard_links(src, dst):

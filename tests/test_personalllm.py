@@ -9,6 +9,8 @@ import torch
 
 import utils
 from conftest import FAST_BASELINES, run_script
+from lorelib.extract import load_reward_model
+from lorelib.files import PUBLISHED_REFERENCE, load_tensors, read_published_reference, save_tensors
 from PersonalLLM import personalllm
 
 MODELS = ["gemma_2b", "gemma_7b", "mistral_raft", "llama3_sfairx", "oasst_deberta_v3",
@@ -44,14 +46,14 @@ def prepared(tmp_path_factory, tiny_reward_model):
 
 def test_prepare_writes_both_splits_prompt_major_with_true_head(prepared, tiny_reward_model):
     root, train, test, _ = prepared
-    t = utils.load_tensors(root / "data" / "train.safetensors", allow_nan=("scores",))
+    t = load_tensors(root / "data" / "train.safetensors", allow_nan=("scores",))
     assert t["embeddings"].shape == (40 * 8, 64) and t["scores"].shape == (40, 8, 10)
     assert t["head"].shape == (64, 1) and torch.equal(t["prompt_index"], torch.arange(40))
     assert torch.isnan(t["scores"][3, 4, MODELS.index("beaver_7b")])
     assert t["scores"][2, 6, 1].item() == pytest.approx(train.loc[2, "response_7_gemma_7b"])
-    assert utils.load_tensors(root / "data" / "test.safetensors")["embeddings"].shape == (12 * 8, 64)
+    assert load_tensors(root / "data" / "test.safetensors")["embeddings"].shape == (12 * 8, 64)
     # row 8 p + i is response i + 1 of prompt p, and embedding @ head is the model's own reward
-    tokenizer, model = utils.load_reward_model(tiny_reward_model)
+    tokenizer, model = load_reward_model(tiny_reward_model)
     p, i = 5, 2
     conv = [{"role": "user", "content": train.loc[p, "prompt"]},
             {"role": "assistant", "content": train.loc[p, f"response_{i + 1}"]}]
@@ -78,8 +80,10 @@ def test_train_basis_on_prepared_data_skips_nan_prompts(prepared, tmp_path, tiny
     assert "skipping 1 of 40 prompts with a missing (None/NaN) score" in proc.stdout
     res = json.loads((tmp_path / "train_basis.json").read_text())
     assert [r["K"] for r in res["results"]] == [0, 1, 2]
-    tuned = {f"{name}_tuned" for name in personalllm.TUNED_SETTINGS}  # the stored tuned rows too
-    assert set(res["baselines"]) == {"per_user_bt", "vpl", "pal"} | tuned  # the baselines run on prepared files too
+    # the baselines run on prepared files too, at their released settings: no tuned settings are stored for these
+    # files (those stored for the synthetic data are never used here), and the run says so in one line
+    assert set(res["baselines"]) == {"per_user_bt", "vpl", "pal"}
+    assert "no tuned settings stored for this data (PersonalLLM prepared " in proc.stdout
     assert (tmp_path / "train_basis.png").stat().st_size > 1000
     # the learned models, in the common format: simulated users numbered 0..5 (seen), 6..9 (unseen)
     m = utils.load_lore_model(tmp_path / "models" / "K2_alpha0.safetensors")
@@ -90,17 +94,17 @@ def test_train_basis_on_prepared_data_skips_nan_prompts(prepared, tmp_path, tiny
     assert (m["K"], m["alpha"], m["fewshot_iterations"], m["fewshot_learning_rate"], m["fewshot_pairs"]) == (
         2, 0, 10, 0.1, int(0.25 * 39))
     assert (m["max_length"], m["truncation_side"]) == (4096, "left")
-    head = utils.load_tensors(root / "data" / "train.safetensors", allow_nan=("scores",))["head"]
+    head = load_tensors(root / "data" / "train.safetensors", allow_nan=("scores",))["head"]
     assert torch.equal(utils.load_lore_model(tmp_path / "models" / "K0_alpha0.safetensors")["V"], head)
     assert res["models"]["K=2 alpha=0"] == str(tmp_path / "models" / "K2_alpha0.safetensors")
     # reference=published: K = 0 is the published scripts' direction, stored by prepare.py
-    t = utils.load_tensors(root / "data" / "train.safetensors", allow_nan=("scores",))
-    assert torch.equal(t[utils.PUBLISHED_REFERENCE], utils.read_published_reference(tiny_reward_model))
+    t = load_tensors(root / "data" / "train.safetensors", allow_nan=("scores",))
+    assert torch.equal(t[PUBLISHED_REFERENCE], read_published_reference(tiny_reward_model))
     run_script("PersonalLLM/train_basis.py", f"data_dir={root / 'data'}", f"out_dir={tmp_path / 'pub'}", "N=6",
                "N_unseen=4", "train_density=0.5", "fewshot_density=0.25", "K_list=[0]", "baselines=[]",
                "reference=published")
     V = utils.load_lore_model(tmp_path / "pub" / "models" / "K0_alpha0.safetensors")["V"]
-    assert torch.equal(V, t[utils.PUBLISHED_REFERENCE])
+    assert torch.equal(V, t[PUBLISHED_REFERENCE])
 
 
 def test_missing_column_is_a_clear_error(tmp_path, tiny_reward_model):
@@ -114,9 +118,9 @@ def test_missing_column_is_a_clear_error(tmp_path, tiny_reward_model):
 def test_missing_or_inconsistent_embeddings_are_clear_errors(tmp_path):
     proc = run_script("PersonalLLM/train_basis.py", f"data_dir={tmp_path}", check=False)
     assert proc.returncode != 0 and "train.safetensors not found" in proc.stderr and "prepare.py" in proc.stderr
-    utils.save_tensors(tmp_path / "train.safetensors", {"embeddings": torch.randn(30, 4),
+    save_tensors(tmp_path / "train.safetensors", {"embeddings": torch.randn(30, 4),
                                                         "scores": torch.randn(4, 8, 10), "head": torch.randn(4, 1)})
-    utils.save_tensors(tmp_path / "test.safetensors", {"embeddings": torch.randn(32, 4),
+    save_tensors(tmp_path / "test.safetensors", {"embeddings": torch.randn(32, 4),
                                                        "scores": torch.randn(4, 8, 10), "head": torch.randn(4, 1)})
     proc = run_script("PersonalLLM/train_basis.py", f"data_dir={tmp_path}", "train_density=0.5", "fewshot_density=0.5",
                       check=False)
@@ -220,8 +224,8 @@ def test_bf16_prepared_files_load_with_their_dtype(prepared, tiny_reward_model, 
     root, *_ = prepared
     run_script("PersonalLLM/prepare.py", f"model_name={tiny_reward_model}", f"dataset_path={root}",
                f"data_dir={tmp_path}", "shard_size=64", "embedding_dtype=bfloat16")
-    f32 = utils.load_tensors(root / "data" / "train.safetensors", allow_nan=("scores",))
-    bf16 = utils.load_tensors(tmp_path / "train.safetensors", allow_nan=("scores",))
+    f32 = load_tensors(root / "data" / "train.safetensors", allow_nan=("scores",))
+    bf16 = load_tensors(tmp_path / "train.safetensors", allow_nan=("scores",))
     assert bf16["embeddings"].dtype == torch.bfloat16 and bf16["head"].dtype == torch.float32
     assert torch.equal(bf16["embeddings"], f32["embeddings"].bfloat16())
     assert (tmp_path / "train.safetensors").stat().st_size < 0.6 * (root / "data" / "train.safetensors").stat().st_size
@@ -236,6 +240,6 @@ def test_bf16_prepared_files_load_with_their_dtype(prepared, tiny_reward_model, 
     bad = dict(bf16)
     bad["embeddings"] = bad["embeddings"].clone()
     bad["embeddings"][5, 3] = float("nan")
-    utils.save_tensors(tmp_path / "nan" / "train.safetensors", bad)
+    save_tensors(tmp_path / "nan" / "train.safetensors", bad)
     with pytest.raises(utils.InputError, match="NaN"):
         personalllm.read_split(tmp_path / "nan" / "train.safetensors", "python prepare.py")

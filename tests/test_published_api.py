@@ -13,6 +13,14 @@ import torch.nn.functional as F
 from test_core import loop_loss, planted
 
 import utils
+from lorelib.files import (
+    PUBLISHED_REFERENCE,
+    choose_reference,
+    load_pickle,
+    read_published_reference,
+    read_score_weight,
+    save_tensors,
+)
 from lorelib.model import pack
 
 
@@ -206,15 +214,15 @@ def test_run_results_plot_as_published(tmp_path):
 def test_read_score_weight_from_single_and_sharded_checkpoints(tiny_reward_model, tmp_path):
     from safetensors.torch import load_file, save_file
     weight = load_file(os.path.join(tiny_reward_model, "model.safetensors"))["score.weight"]
-    assert torch.equal(utils.read_score_weight(tiny_reward_model), weight.float().T)
+    assert torch.equal(read_score_weight(tiny_reward_model), weight.float().T)
     save_file({"model.norm.weight": torch.ones(64)}, tmp_path / "model-00001-of-00002.safetensors")
     save_file({"score.weight": weight}, tmp_path / "model-00002-of-00002.safetensors")
     index = {"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors",
                             "score.weight": "model-00002-of-00002.safetensors"}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert torch.equal(utils.read_score_weight(tmp_path), weight.float().T)
+    assert torch.equal(read_score_weight(tmp_path), weight.float().T)
     with pytest.raises(FileNotFoundError, match="score.weight"):
-        utils.read_score_weight(tmp_path / "missing")
+        read_score_weight(tmp_path / "missing")
 
 
 def test_published_reference_is_the_last_linear_of_automodel(tiny_reward_model, tmp_path):
@@ -228,14 +236,14 @@ def test_published_reference_is_the_last_linear_of_automodel(tiny_reward_model, 
         if isinstance(module, torch.nn.Linear):
             last_linear_layer = module
     V_final = last_linear_layer.weight[:, 0]
-    ref = utils.read_published_reference(tiny_reward_model)
+    ref = read_published_reference(tiny_reward_model)
     assert ref.shape == (64, 1) and torch.equal(ref[:, 0], V_final.float())
-    assert not torch.allclose(ref, utils.read_score_weight(tiny_reward_model))
-    tensors = {"head": utils.read_score_weight(tiny_reward_model), utils.PUBLISHED_REFERENCE: ref}
-    assert torch.equal(utils.choose_reference("published", tensors), ref)
-    assert torch.equal(utils.choose_reference("head", tensors), tensors["head"])
+    assert not torch.allclose(ref, read_score_weight(tiny_reward_model))
+    tensors = {"head": read_score_weight(tiny_reward_model), PUBLISHED_REFERENCE: ref}
+    assert torch.equal(choose_reference("published", tensors), ref)
+    assert torch.equal(choose_reference("head", tensors), tensors["head"])
     with pytest.raises(utils.InputError, match="published_reference.*python prepare.py"):
-        utils.choose_reference("published", {"head": tensors["head"]}, "f.safetensors", "python prepare.py")
+        choose_reference("published", {"head": tensors["head"]}, "f.safetensors", "python prepare.py")
 
 
 def test_load_pickle_reads_tensors_and_refuses_code(tmp_path):
@@ -244,11 +252,11 @@ def test_load_pickle_reads_tensors_and_refuses_code(tmp_path):
         pickle.dump(obj, f)
     torch.save(obj, tmp_path / "torch.pkl")
     for name in ["plain.pkl", "torch.pkl"]:
-        assert torch.equal(utils.load_pickle(tmp_path / name)["w1"][0]["embeddings"]["winning"][0], torch.ones(3))
+        assert torch.equal(load_pickle(tmp_path / name)["w1"][0]["embeddings"]["winning"][0], torch.ones(3))
     with open(tmp_path / "evil.pkl", "wb") as f:
         pickle.dump({"x": Evil()}, f)
     with pytest.raises(ValueError, match="refused"):
-        utils.load_pickle(tmp_path / "evil.pkl")
+        load_pickle(tmp_path / "evil.pkl")
 
 
 class Evil:
@@ -260,7 +268,7 @@ def test_personalllm_published_embeddings_convert(tmp_path):
     from PersonalLLM import personalllm
     P, F_dim = 3, 5
     E = torch.randn(P * 8, F_dim)
-    utils.save_tensors(tmp_path / "embeddings.safetensors", {"embeddings": E})
+    save_tensors(tmp_path / "embeddings.safetensors", {"embeddings": E})
     rng = np.random.RandomState(0)
     df = pd.DataFrame({f"response_{i}_{m}": rng.rand(P) for i in range(1, 9) for m in personalllm.MODEL_NAMES})
     head = torch.randn(F_dim, 1)
@@ -285,7 +293,7 @@ def test_tldr_published_pickles_convert(tmp_path):
         with open(tmp_path / name, "wb") as f:
             pickle.dump(data, f)
     tensors, names = tldr.convert_published(tmp_path / tldr.PUBLISHED_FILES["train"], head)
-    utils.save_tensors(tmp_path / "train.safetensors", tensors, metadata={"workers": json.dumps(names)})
+    save_tensors(tmp_path / "train.safetensors", tensors, metadata={"workers": json.dumps(names)})
     split = tldr.read_split(tmp_path / "train.safetensors")
     assert list(split["worker"]) == ["wB", "wB", "wA", "wA", "wA"] and torch.equal(split["head"], head)
     assert torch.equal(split["chosen"][:, 0], torch.tensor([1.0, 2.0, 1.0, 2.0, 3.0]))
@@ -313,4 +321,4 @@ def test_prism_published_pickles_convert_and_load(tiny_reward_model, tmp_path):
     assert (data.N, data.N_unseen) == (2, 1) and [len(p.user) for p in data.features] == [4, 4, 2, 2]
     first = torch.load(tmp_path / "train_embeddings.pkl", weights_only=True)[0]["extra_info"]
     assert torch.allclose(data.seen_train[0][0], first["chosen_conv_embedding"] - first["rejected_conv_embedding"])
-    assert torch.equal(data.head, utils.read_score_weight(tiny_reward_model))
+    assert torch.equal(data.head, read_score_weight(tiny_reward_model))

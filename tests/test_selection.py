@@ -15,7 +15,16 @@ import torch.nn.functional as nnf
 
 import utils
 from lorelib import intervals, selection
-from lorelib.report import report_shots
+from lorelib.fewshot import shot_units
+from lorelib.report_shots import report_shots
+from lorelib.selection import (
+    choose_shots,
+    comparison_scores,
+    expected_information,
+    laplace_posterior,
+    select_comparisons,
+)
+from lorelib.study import select_shots
 
 PRIOR_VAR = 9.0  # the prior N(0, 3^2 I) of a new user's logits
 SCALE = 100.0  # the method's logit scale: P(a preferred to b) = sigmoid((e_a - e_b)^T V w / 100)
@@ -143,7 +152,7 @@ def test_laplace_posterior_matches_the_autograd_reference():
     hand-written gradient and exact Hessian equal central finite differences."""
     rng, _, X, y = planted_candidates(0, 60)
     for m in (0, 1, 4, 15, 60):
-        u, Sigma = utils.laplace_posterior(X[:m] * y[:m, None] if m else np.zeros((0, 5)))
+        u, Sigma = laplace_posterior(X[:m] * y[:m, None] if m else np.zeros((0, 5)))
         u_ref, Sigma_ref = ref_posterior(X[:m] * y[:m, None], 5) if m else (np.zeros(5), PRIOR_VAR * np.eye(5))
         assert np.abs(u - u_ref).max() < 1e-7, m
         assert np.abs(Sigma - Sigma_ref).max() < 1e-7 * np.abs(Sigma_ref).max(), m
@@ -162,7 +171,7 @@ def test_closed_forms_against_quadrature_on_400_points():
     rng = np.random.default_rng(0)
     mu = np.concatenate([rng.normal(0, 5, 300), rng.uniform(-40, 40, 100)])
     var = np.exp(rng.uniform(np.log(1e-6), np.log(1e4), 400))
-    assert np.abs(utils.expected_information(mu, var) - ref_bald(mu, var)).max() < BALD_TOL
+    assert np.abs(expected_information(mu, var) - ref_bald(mu, var)).max() < BALD_TOL
     assert np.abs(selection.expected_curvature(mu, var) - ref_curvature(mu, var)).max() < 3e-8
 
 
@@ -171,14 +180,14 @@ def test_every_rule_scores_as_the_reference_does():
     mean and linearised variance (within 5e-8 of quadrature), "uncertainty" the entropy of the predicted answer
     (1e-12), "variance" J Sigma J^T (1e-9 relative); every score is even in x."""
     rng, _, X, y = planted_candidates(3, 160)
-    u, Sigma = utils.laplace_posterior(X[:10] * y[:10, None])
+    u, Sigma = laplace_posterior(X[:10] * y[:10, None])
     C = X[10:] * np.exp(rng.uniform(np.log(0.05), np.log(3), 150))[:, None]
     z, _, var, _ = ref_candidates(C, u, Sigma)
-    assert np.abs(utils.comparison_scores(C, u, Sigma, "active") - ref_bald(z, var)).max() < BALD_TOL
-    assert np.abs(utils.comparison_scores(C, u, Sigma, "uncertainty") - h(1 / (1 + np.exp(-z)))).max() < 1e-12
-    assert np.allclose(utils.comparison_scores(C, u, Sigma, "variance"), var, rtol=1e-9, atol=0)
+    assert np.abs(comparison_scores(C, u, Sigma, "active") - ref_bald(z, var)).max() < BALD_TOL
+    assert np.abs(comparison_scores(C, u, Sigma, "uncertainty") - h(1 / (1 + np.exp(-z)))).max() < 1e-12
+    assert np.allclose(comparison_scores(C, u, Sigma, "variance"), var, rtol=1e-9, atol=0)
     for rule in ("active", "uncertainty", "variance"):
-        assert np.array_equal(utils.comparison_scores(C, u, Sigma, rule), utils.comparison_scores(-C, u, Sigma, rule))
+        assert np.array_equal(comparison_scores(C, u, Sigma, rule), comparison_scores(-C, u, Sigma, rule))
 
 
 @pytest.mark.parametrize("rule", ["active", "uncertainty", "variance"])
@@ -187,7 +196,7 @@ def test_each_question_is_the_reference_best_after_the_refit(rule):
     posterior of the answers so far (its reference score within the tolerance of the best), and the information trace
     is the reference's best BALD."""
     _, _, X, y = planted_candidates(5, 50)
-    asked, info = utils.choose_shots(X, 10, lambda r: y[r], rule, return_information=True)
+    asked, info = choose_shots(X, 10, lambda r: y[r], rule, return_information=True)
     tol = BALD_TOL if rule == "active" else 1e-9
     for t, pick in enumerate(asked):
         free = np.setdiff1d(np.arange(50), asked[:t])
@@ -205,7 +214,7 @@ def test_a_batch_is_greedy_under_the_expected_fisher_information(rule):
     would be: they tie)."""
     _, _, X, y = planted_candidates(6, 48)
     known = X[:8] * y[:8, None]
-    picks, info = utils.select_comparisons(X[8:], 6, rule=rule, known=known, return_information=True)
+    picks, info = select_comparisons(X[8:], 6, rule=rule, known=known, return_information=True)
     u, Sigma0 = ref_posterior(known, 5)
     var0 = ref_candidates(X[8:], u, Sigma0)[2]
     tol, Sigma = (BALD_TOL if rule == "active" else 1e-9), Sigma0
@@ -217,7 +226,7 @@ def test_a_batch_is_greedy_under_the_expected_fisher_information(rule):
         assert score[pick] >= score[free].max() - tol * max(1.0, score[free].max()), (j, pick)
         assert abs(info[j] - ref_scores("active", X[8:], u, Sigma)[free].max()) < BALD_TOL
     twice = np.repeat(X[8:28], 2, axis=0)  # rows 2i and 2i + 1 are the same comparison: equal scores
-    first, second = utils.select_comparisons(twice, 2, rule=rule, known=known)
+    first, second = select_comparisons(twice, 2, rule=rule, known=known)
     assert first % 2 == 0 and second != first + 1  # after the pick its copy is worth less than another candidate
 
 
@@ -234,13 +243,13 @@ def test_a_dialog_is_scored_by_its_joint_information():
                        rtol=1e-6, atol=0)  # the closed-form curvature's error is at most 1.6e-8
     bald = ref_scores("active", C, u, Sigma)
     best = int(np.argmax(bald))
-    distinct = [p for p in utils.select_comparisons(C, 4, known=known) if p != best][:3]
+    distinct = [p for p in select_comparisons(C, 4, known=known) if p != best][:3]
     pool = np.concatenate([C[[best] * 3], C[distinct]])
     dialogs = np.array([0, 0, 0, 1, 1, 1])
     assert bald[[best] * 3].sum() > bald[distinct].sum()  # the sum of per-pair BALD prefers the repeats
-    joint = selection.unit_information(pool, *utils.laplace_posterior(known), dialogs)
-    assert joint[1] > joint[0] and utils.select_comparisons(pool, 1, known=known, groups=dialogs) == [1]
-    picks, S = utils.select_comparisons(C, 3, known=known, groups=groups), Sigma
+    joint = selection.unit_information(pool, *laplace_posterior(known), dialogs)
+    assert joint[1] > joint[0] and select_comparisons(pool, 1, known=known, groups=dialogs) == [1]
+    picks, S = select_comparisons(C, 3, known=known, groups=groups), Sigma
     for j, pick in enumerate(picks):
         if j:
             S = np.linalg.inv(np.linalg.inv(S) + ref_expected_fisher(u, C[groups == picks[j - 1]], S))
@@ -254,7 +263,7 @@ def test_uncertainty_and_variance_are_not_the_active_rule():
     _, _, X, y = planted_candidates(8, 80)
     known = X[:5] * y[:5, None]
     u, Sigma = ref_posterior(known, 5)
-    firsts = {rule: utils.select_comparisons(X[5:], 1, rule=rule, known=known)[0]
+    firsts = {rule: select_comparisons(X[5:], 1, rule=rule, known=known)[0]
               for rule in ("active", "uncertainty", "variance")}
     for rule, pick in firsts.items():
         assert pick == int(np.argmax(ref_scores(rule, X[5:], u, Sigma)))
@@ -266,29 +275,29 @@ def test_stopping_rule():
     first falls below the threshold (what stop_points says from the full trace); a batch stops the same way, and so
     does PersonalizedReward.suggest (none at all above the largest information)."""
     _, _, X, y = planted_candidates(9, 60)
-    full, info = utils.choose_shots(X, 40, lambda r: y[r], "active", return_information=True)
+    full, info = choose_shots(X, 40, lambda r: y[r], "active", return_information=True)
     assert len(full) == len(info) == 40
     assert selection.stop_points([0.5, 0.2, 0.1], 3, [0.6, 0.3, 0.15, 0.05]) == [1, 1, 2, 3]  # at least one asked
     for first in (4, 13, 25):  # thresholds that let at least `first` questions through
         threshold = min(info[:first]) - 1e-9
-        asked, trace = utils.choose_shots(X, 40, lambda r: y[r], "active", stop_below=threshold,
+        asked, trace = choose_shots(X, 40, lambda r: y[r], "active", stop_below=threshold,
                                           return_information=True)
         n = selection.stop_points(info, 40, [threshold])[0]
         assert n >= first and asked == full[:n] and trace == info[:n + 1]
         assert min(trace[:n]) >= threshold and (n == 40 or trace[n] < threshold)
     known = X[:5] * y[:5, None]
-    _, gain = utils.select_comparisons(X, 10, known=known, exclude=range(5), return_information=True)
+    _, gain = select_comparisons(X, 10, known=known, exclude=range(5), return_information=True)
     assert all(a >= b for a, b in zip(gain, gain[1:]))  # greedy: the best remaining information never grows
     threshold = 0.5 * (gain[4] + gain[5])
-    picks, stopped = utils.select_comparisons(X, 10, known=known, exclude=range(5), stop_below=threshold,
+    picks, stopped = select_comparisons(X, 10, known=known, exclude=range(5), stop_below=threshold,
                                               return_information=True)
     assert gain[4] > gain[5] and len(picks) == 5 and stopped == gain[:6]
     V = torch.randn(16, 5, dtype=torch.float64)
     rm = utils.PersonalizedReward(V, model_name=None)
     D = torch.as_tensor(X[:30]) @ torch.linalg.pinv(rm.V.double())  # D V = X[:30]
-    threshold = utils.select_comparisons((D @ rm.V.double()).numpy(), 10, return_information=True)[1][3] - 1e-9
+    threshold = select_comparisons((D @ rm.V.double()).numpy(), 10, return_information=True)[1][3] - 1e-9
     assert rm.suggest(D, 10, stop_below=threshold) == \
-        utils.select_comparisons((D @ rm.V.double()).numpy(), 10, stop_below=threshold)
+        select_comparisons((D @ rm.V.double()).numpy(), 10, stop_below=threshold)
     assert 4 <= len(rm.suggest(D, 10, stop_below=threshold)) < 10
     assert rm.suggest(D, 3, answered={0: 1}, stop_below=10.0) == []
 
@@ -297,16 +306,16 @@ def test_bad_indices_and_rules_are_input_errors():
     _, _, X, _ = planted_candidates(10, 12)
     for bad in ([-1], [12], [1.5], [True]):
         with pytest.raises(utils.InputError, match="exclude"):
-            utils.select_comparisons(X, 1, exclude=bad)
+            select_comparisons(X, 1, exclude=bad)
     with pytest.raises(utils.InputError, match=r"exclude: 3 .*\[0, 3\)"):
-        utils.select_comparisons(X, 1, groups=np.repeat(np.arange(3), 4), exclude=[3])
+        select_comparisons(X, 1, groups=np.repeat(np.arange(3), 4), exclude=[3])
     for groups in (np.repeat([-1, 0, 1], 4), np.repeat([0.0, 1.0, 2.0], 4), np.arange(5)):
         with pytest.raises(utils.InputError, match="groups"):
-            utils.select_comparisons(X, 1, groups=groups)
+            select_comparisons(X, 1, groups=groups)
     with pytest.raises(utils.InputError, match="longest.*groups"):
-        utils.select_comparisons(X, 1, rule="longest")
+        select_comparisons(X, 1, rule="longest")
     with pytest.raises(utils.InputError, match="stop_below"):
-        utils.select_comparisons(X, 1, stop_below=-1.0)
+        select_comparisons(X, 1, stop_below=-1.0)
     rm = utils.PersonalizedReward(torch.eye(5), model_name=None)
     with pytest.raises(utils.InputError, match="answered"):
         rm.suggest(torch.as_tensor(X), 1, answered={-1: 1})
@@ -327,7 +336,7 @@ def test_active_selection_needs_fewer_answers_than_random():
         held.append((H, np.sign(H @ w)))
         for rule in need:
             order = (rng.permutation(300)[:budget] if rule == "random" else
-                     utils.choose_shots(X, budget, lambda r: y[r], "active"))
+                     choose_shots(X, budget, lambda r: y[r], "active"))
             rows += [torch.tensor(X[order[:t]] * y[order[:t], None]) for t in range(1, budget + 1)]
     W = utils.personalize_users(utils.Pairs.from_list(rows), torch.eye(5)).double().numpy().reshape(10, 2, budget, 5)
     for seed, (H, truth) in enumerate(held):
@@ -346,28 +355,28 @@ def test_selection_never_repeats_nor_reads_unanswered_labels(rule):
     def answer(rows):
         asked.extend(rows.tolist())
         return y[rows]
-    chosen = utils.choose_shots(X, 40, answer, rule)  # the whole pool: each candidate once, answered once
+    chosen = choose_shots(X, 40, answer, rule)  # the whole pool: each candidate once, answered once
     assert sorted(chosen) == list(range(40)) and asked == chosen
     hidden = y.copy()
     hidden[chosen[12:]] = rng.permutation(hidden[chosen[12:]]) * rng.choice([-1, 1], 28)  # shuffle the unanswered
-    assert utils.choose_shots(X, 12, lambda r: hidden[r], rule) == chosen[:12]
+    assert choose_shots(X, 12, lambda r: hidden[r], rule) == chosen[:12]
     # groups (dialogs): a unit's rows are answered together, units are never repeated
     groups = np.repeat(np.arange(10), 4)
-    units = utils.choose_shots(X, 10, lambda r: y[r], rule, groups=groups)
+    units = choose_shots(X, 10, lambda r: y[r], rule, groups=groups)
     assert sorted(units) == list(range(10))
     with pytest.raises(utils.InputError, match="k=2"):
-        utils.select_comparisons(X[:3], 2, rule=rule, exclude=[0, 2])
-    picks = utils.select_comparisons(X, 10, rule=rule, exclude=chosen[:12])  # k > 1: distinct, none asked before
+        select_comparisons(X[:3], 2, rule=rule, exclude=[0, 2])
+    picks = select_comparisons(X, 10, rule=rule, exclude=chosen[:12])  # k > 1: distinct, none asked before
     assert len(set(picks)) == 10 and not set(picks) & set(chosen[:12])
     # in the pipeline, a pair's stored orientation is its answer: flipping the pairs not asked changes nothing
     pool = utils.Pairs(torch.arange(2).repeat_interleave(20), 2, diffs=torch.tensor(X))
-    units = utils.shot_units(pool, np.tile(np.repeat(np.arange(5), 4), 2))
-    chosen = utils.select_shots(pool, units, [0, 1], 3, rule, seed=2)
+    units = shot_units(pool, np.tile(np.repeat(np.arange(5), 4), 2))
+    chosen = select_shots(pool, units, [0, 1], 3, rule, seed=2)
     flipped = pool.diffs.clone()
     for u in (0, 1):
         for c in set(range(5)) - set(chosen[u]):
             flipped[units[u][c]] *= -1
-    assert utils.select_shots(utils.Pairs(pool.user, 2, diffs=flipped), units, [0, 1], 3, rule, seed=2) == chosen
+    assert select_shots(utils.Pairs(pool.user, 2, diffs=flipped), units, [0, 1], 3, rule, seed=2) == chosen
 
 
 def test_longest_asks_the_dialogs_with_most_pairs_first():
@@ -375,9 +384,9 @@ def test_longest_asks_the_dialogs_with_most_pairs_first():
     _, _, X, _ = planted_candidates(11, 30)
     sizes = [1, 4, 2, 4, 3, 1, 5, 2, 3, 5]  # one user, ten dialogs
     pool = utils.Pairs(torch.zeros(30, dtype=torch.long), 1, diffs=torch.tensor(X))
-    units = utils.shot_units(pool, np.repeat(np.arange(10), sizes))
+    units = shot_units(pool, np.repeat(np.arange(10), sizes))
     for seed in (0, 1, 2):
-        order = utils.select_shots(pool, units, [0], 10, "longest", seed=seed)[0]
+        order = select_shots(pool, units, [0], 10, "longest", seed=seed)[0]
         assert [sizes[c] for c in order] == sorted(sizes, reverse=True)
 
 
@@ -428,8 +437,8 @@ def test_vary_shots_keeps_per_user_numbers_and_the_stopping_rule():
     assert set(res.budget_acc) == {"random", "active", "longest"} and res.budget_acc["active"].shape == (1, 1, 2, 5)
     units = [[torch.arange(3), torch.arange(3, 7)], [torch.arange(7, 8), torch.arange(8, 10)]]
     pool = utils.Pairs(torch.tensor([0] * 7 + [1] * 3), 2, diffs=torch.randn(10, 4))
-    from lorelib.pipelines import _stack_budget
-    stacked = _stack_budget(pool, units, [0, 1], [[1, 0], [0, 1]], 3)
+    from lorelib.study import _stack
+    stacked = _stack(pool, units, [0, 1], [[1, 0], [0, 1]], budget=3)
     assert stacked.counts().tolist() == [3, 3] and torch.equal(stacked.diffs[:3], pool.diffs[3:6])
     stop = res.stopping[(0.0, 3)]
     assert (stop["asked"][0] <= stop["asked"][1]).all() and (stop["asked"] <= stop["budget"]).all()

@@ -9,6 +9,9 @@ import torch
 
 import utils
 from conftest import FAST_BASELINES, run_script
+from lorelib.extract import embed_batch, load_reward_model, reward_head
+from lorelib.files import save_tensors
+from lorelib.methods import METHODS
 from RedditTLDR import tldr
 
 # -------------------------------------------------------------------------------------------
@@ -61,7 +64,7 @@ def prepared(tiny_dataset, tiny_reward_model, tmp_path_factory):
 
 def test_prepare_end_to_end(prepared, tiny_reward_model):
     data_dir, splits, stdout = prepared
-    tokenizer, model = utils.load_reward_model(tiny_reward_model, device="cpu")
+    tokenizer, model = load_reward_model(tiny_reward_model, device="cpu")
     for name, rows in splits.items():
         assert f"{name}: skipping 3 of {len(rows)} rows (1 missing choice, 1 missing post, 1 missing summary)" in stdout
         d = tldr.read_split(data_dir / f"{name}.safetensors")
@@ -76,10 +79,10 @@ def test_prepare_end_to_end(prepared, tiny_reward_model):
             conv = [[{"role": "user", "content": r["info"]["post"]},
                      {"role": "assistant", "content": r["summaries"][c]["text"]}]
                     for c in (r["choice"], 1 - r["choice"])]
-            emb = utils.embed_batch(tokenizer, model, conv)
+            emb = embed_batch(tokenizer, model, conv)
             torch.testing.assert_close(d["chosen"][j], emb[0], atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(d["rejected"][j], emb[1], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(d["head"], utils.reward_head(model))
+        torch.testing.assert_close(d["head"], reward_head(model))
 
 
 def test_train_basis_on_prepared_files(prepared, tmp_path, tiny_reward_model):
@@ -118,7 +121,7 @@ def save_split(path, d):
     """Write a split dict (tldr.read_split layout) in prepare.py's file layout."""
     names = sorted(set(d["worker"].tolist()))
     ids = torch.tensor([names.index(w) for w in d["worker"]], dtype=torch.long)
-    utils.save_tensors(path, {"chosen": d["chosen"], "rejected": d["rejected"], "worker": ids, "row": d["row"],
+    save_tensors(path, {"chosen": d["chosen"], "rejected": d["rejected"], "worker": ids, "row": d["row"],
                               "head": d["head"]}, metadata={"workers": json.dumps(names)})
 
 
@@ -226,8 +229,10 @@ def test_train_basis_synthetic(tmp_path):
     assert set(baselines) == {"per_user_bt", "vpl", "pal", "vpl_tuned", "pal_tuned"}
     assert all(b > unseen[0] + 0.02 for b in baselines.values()), (unseen, baselines)
     assert all(name in p.stdout for name in ("LoRe", "per-user BT", "VPL", "PAL", "PAL (tuned)", "VPL (tuned)"))
-    for name, chosen in tldr.TUNED_SETTINGS.items():  # the released row's overrides, then the stored budget
-        tuned = out["baselines"][f"{name}_tuned"]
+    key = tldr.data_key({**out["config"], "synthetic": True})
+    assert key == "RedditTLDR synthetic lowrank F=64 protocol=published max_train_pairs=150"
+    for name in ("vpl", "pal"):  # the released row's overrides, then the budget stored for this data
+        chosen, tuned = METHODS[name].tuned[key], out["baselines"][f"{name}_tuned"]
         assert tuned["tuning"]["chosen"] == chosen and tuned["tuning"]["provenance"].startswith("stored")
         assert tuned["settings"] == {**out["baselines"][name]["settings"], **chosen}
     assert (tmp_path / "train_basis_synthetic.png").is_file()

@@ -8,7 +8,7 @@ from test_baselines import planted
 
 import utils
 from lorelib import experiment, methods, report, tuning
-from lorelib.data import TIE_TOLERANCE
+from lorelib.data import RESULT_NAMES, TIE_TOLERANCE
 from lorelib.evaluate import evaluate, holdout_pairs
 from lorelib.methods import baseline_runs
 from lorelib.metrics import pair_metrics
@@ -153,7 +153,7 @@ def test_near_ties_count_half_and_a_collapsed_fit_is_flagged(data, monkeypatch, 
     monkeypatch.setattr(PAL, "fit", collapsed)
     out = experiment.run_methods(["per_user_bt", "pal"], (data["train"], data["test"], data["fewshot"],
                                                           data["test_unseen"]), "cpu", settings={"pal": PAL_TINY})
-    for n in utils.RESULT_NAMES:
+    for n in RESULT_NAMES:
         assert (out["pal"][n]["mean"], out["pal"][n]["ties_half"], out["pal"][n]["ties"]) == (0.0, 0.5, 1.0)
         assert out["per_user_bt"][n]["ties"] < 0.05 and out["per_user_bt"][n]["ties_half"] >= out[
             "per_user_bt"][n]["mean"]
