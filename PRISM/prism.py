@@ -468,7 +468,8 @@ def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_feature
     generates make_synthetic when synthetic. seen_train / seen_test: Pairs of the seen users
     (0..N-1), unseen_fewshot / unseen_test: Pairs of the unseen users (renumbered 0..N_unseen-1),
     all indexing the embedding table [R, F]. info["fewshot_dialogs"] (also "shot_groups") [m]: the dialog of each
-    unseen_fewshot pair (to draw whole dialogs as few-shot examples); for prepared data also
+    unseen_fewshot pair (to draw whole dialogs as few-shot examples); info["train_groups"] [m]: the dialog of each
+    seen_train pair (held-out pairs are whole dialogs: evaluate.holdout_pairs); for prepared data also
     "reward_model" (reward_model_info) and "users" / "unseen_users" (PRISM user ids, from users.parquet).
     head: the reward model's own, or with reference="published" the published scripts' direction
     (choose_reference; synthetic data: stand_in_reference), the K = 0 column and V_sft.
@@ -514,7 +515,8 @@ def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_feature
           f"pairs: {len(out[0].user)} seen train, {len(out[1].user)} seen test, {len(out[2].user)} unseen few-shot, "
           f"{len(out[3].user)} unseen test")
     dialogs = t["dialog"][(~seen) & (split == 0)]
-    info = {"fewshot_dialogs": dialogs, "shot_groups": dialogs, "reference": reference}
+    info = {"fewshot_dialogs": dialogs, "shot_groups": dialogs, "train_groups": t["dialog"][seen & (split == 0)],
+            "reference": reference}
     if not synthetic:
         info["reward_model"] = reward_model_info(path)
         info.update(_user_ids(path.parent / "users.parquet", N, N_unseen))

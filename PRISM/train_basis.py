@@ -29,7 +29,7 @@ from PRISM import prism  # noqa: E402
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
 K_list = [0, 1, 5, 10, 15, 20, 25, 50]
-alpha_list = [1e4]
+alpha_list = None          # None: [0, 100, 1e4], chosen with K on held-out dialogs; [1e4] with reference=published
 reference = "head"         # K = 0 and V_sft: "head" (score.weight) or "published" (the published scripts' direction)
 validation_fraction = 0.1  # of each seen user's training pairs, held out to choose K for the summary line
 num_iterations = None      # Adam steps of the joint fit; None: 20000 (published), 500 when synthetic
@@ -55,6 +55,8 @@ config = configure(globals(), script=__file__, writable={"out_dir": "results"}, 
                    checks=[methods.check_methods, prism.check_config])  # every setting checked before any work
 if num_iterations is None:
     num_iterations = 500 if synthetic else 20000
+if alpha_list is None:
+    alpha_list = [1e4] if reference == "published" else [0.0, 100.0, 1e4]
 set_seed(seed)
 data = prism.load(data_dir=data_dir, synthetic=synthetic, synthetic_users=synthetic_users,
                   synthetic_features=synthetic_features, seed=seed, reference=reference,
@@ -62,4 +64,5 @@ data = prism.load(data_dir=data_dir, synthetic=synthetic, synthetic_users=synthe
 experiment.train_basis(config, data, out_dir=script_out_dir(__file__, out_dir), dataset="PRISM", regularized=True,
                        name="train_basis_synthetic" if synthetic else "train_basis",
                        title="PRISM (synthetic)" if synthetic else "PRISM", data_key=prism.data_key(config),
-                       overrides={"num_iterations": num_iterations}, extra={"num_iterations_used": num_iterations})
+                       overrides={"num_iterations": num_iterations, "alpha_list": alpha_list},
+                       extra={"num_iterations_used": num_iterations})

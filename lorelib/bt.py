@@ -30,6 +30,7 @@ class PerUserBT(Method):
     """
     label = "per-user BT"
     rules = {"num_iterations": "int >= 1", "learning_rate": "> 0", "logit_scale": "> 0", "chunk_floats": "int >= 1"}
+    fewshot_grid = {"learning_rate": [0.003, 0.01, 0.03], "num_iterations": [300, 1000]}  # a new user's own fit
 
     def __init__(self, num_features=None, num_iterations=1000, learning_rate=0.01, logit_scale=LOGIT_SCALE,
                  chunk_floats=2**26, seed=0):

@@ -98,16 +98,21 @@ def evaluate(runs, features, device=None, *, seed=0, record=None, choice=None, l
     return out
 
 
-def holdout_pairs(pairs, fraction, seed=0):
+def holdout_pairs(pairs, fraction, seed=0, groups=None):
     """(fit, held_out): Pairs of the same users splitting `pairs`. A user with m >= 2 pairs holds out
     min(m - 1, max(1, round(fraction * m))) of them (drawn with np.random.RandomState(seed)); one with a single
-    pair keeps it for the fit (its held-out accuracy is NaN: use np.nanmean)."""
+    pair keeps it for the fit (its held-out accuracy is NaN: use np.nanmean). groups [M] (e.g. PRISM's dialog of
+    each pair): the same count of each user's groups is held out, whole, so that no held-out pair shares a group
+    (a dialog's chosen reply) with a fitted one."""
     pairs = as_pairs(pairs)
     rng = np.random.RandomState(seed)
     held = [torch.zeros(0, dtype=torch.long)]
     for rows in pairs.rows_by_user():
-        k = min(len(rows) - 1, max(1, round(fraction * len(rows)))) if len(rows) >= 2 else 0
-        held.append(rows[torch.as_tensor(rng.choice(len(rows), k, replace=False), dtype=torch.long)])
+        units = list(rows.split(1)) if groups is None else [
+            rows[g == u] for g in [torch.as_tensor(groups)[rows]] for u in torch.unique(g)]
+        k = min(len(units) - 1, max(1, round(fraction * len(units)))) if len(units) >= 2 else 0
+        picked = [units[i] for i in rng.choice(len(units), k, replace=False)]
+        held.append(torch.cat(picked) if picked else torch.zeros(0, dtype=torch.long))
     out = torch.zeros(len(pairs.user), dtype=torch.bool)
     out[torch.cat(held)] = True
     return pairs.select(torch.nonzero(~out).flatten()), pairs.select(torch.nonzero(out).flatten())
@@ -120,10 +125,11 @@ def held_out_score(make, fit, held, seed=0, device=None):
     return float(np.nanmean(make().fit(fit, device).accuracies(held, None, device)))
 
 
-def choose(results, train, validation_fraction=0.1, *, seed=0, device=None, log=print):
+def choose(results, train, validation_fraction=0.1, *, seed=0, device=None, groups=None, log=print):
     """In every family of several swept runs (those with a `sweep`), mark the run of best mean accuracy on
-    held-out pairs of the seen users' training data (validation_fraction of each user's, holdout_pairs; the first
-    on a tie) `chosen`, and record each run's held-out score as `validation`. Nothing when validation_fraction = 0.
+    held-out pairs of the seen users' training data (validation_fraction of each user's, holdout_pairs, whole
+    groups with `groups`; the first on a tie) `chosen`, and record each run's held-out score as `validation`.
+    Nothing when validation_fraction = 0.
     -> {family: the chosen MethodResult}."""
     if not 0 <= validation_fraction < 1:
         raise InputError(f"validation_fraction={validation_fraction}: must be in [0, 1)")
@@ -134,7 +140,7 @@ def choose(results, train, validation_fraction=0.1, *, seed=0, device=None, log=
     families = {f: group for f, group in families.items() if len(group) > 1}
     if not families or validation_fraction == 0:
         return {}
-    fit, held = holdout_pairs(train, validation_fraction, seed)
+    fit, held = holdout_pairs(train, validation_fraction, seed, groups)
     chosen = {}
     for family, group in families.items():
         for r in group:

@@ -11,31 +11,46 @@ Imports: config, files, learned, choice, evaluate, fewshot, pipelines, methods, 
 """
 import time
 
+import torch
+
 from .choice import ChoiceRun
 from .config import get_device, note_finished, set_seed
 from .data import as_pairs
 from .evaluate import choose, evaluate
 from .fewshot import fewshot_curve, shot_units
 from .learned import save_models
-from .methods import baseline_runs
+from .methods import METHODS, baseline_runs
 from .methods import tuned_settings as methods_tuned
-from .pipelines import lore_runs, vary_shots
+from .newusers import pseudo_new_split, validate_new_users
+from .pipelines import lore_runs, vary_shots, widen_rank
 from .report import json_entry, report_run
 from .report_shots import report_shots
 
 
 def method_runs(config, data, data_key, device=None):
-    """[Run] of the config's `baselines` on `data`: their released rows (with `baseline_settings`) and tuned rows
-    (config `tuned`: stored for data_key, or with `tune` chosen here on held-out seen-user training pairs)."""
+    """[Run] of the config's `baselines` on `data`: their released rows (with `baseline_settings`; the released
+    configuration a method names for this dataset, the first word of data_key) and tuned rows (config `tuned`:
+    stored for data_key, or with `tune` chosen here on held-out seen-user training pairs)."""
+    dataset = data_key.split()[0] if data_key else None
+    split = pseudo_new_users(data, config["seed"]) if config.get("tune") else None
     names = list(config.get("baselines") or [])
     overrides = config.get("baseline_settings") or {}
     tuned, tuning = {}, {}
     if names and config.get("tuned", True):
         tuned, tuning = methods_tuned(names, data.seen_train, data_key=data_key, overrides=overrides,
                                        tune_here=config.get("tune", False), seed=config["seed"],
-                                       validation_fraction=config.get("validation_fraction", 0.1), device=device)
+                                       validation_fraction=config.get("validation_fraction", 0.1), device=device,
+                                       dataset=dataset, groups=data.info.get("train_groups"), newusers=split)
     return baseline_runs(names, data.seen_train.num_features, seed=config["seed"], overrides=overrides, tuned=tuned,
-                         tuning=tuning)
+                         tuning=tuning, dataset=dataset)
+
+
+def pseudo_new_users(data, seed=0):
+    """The pseudo-new users of `data`'s seen users (newusers.pseudo_new_split): as many few-shot examples as an
+    unseen user's median, whole groups (PRISM's dialogs) where the data have them."""
+    shots = int(torch.tensor([len(u) for u in shot_units(data.unseen_fewshot, data.info.get("shot_groups"))])
+                .float().median())
+    return pseudo_new_split(data.seen_train, shots, seed=seed, groups=data.info.get("train_groups"))
 
 
 def train_basis(config, data, *, out_dir, name, title, dataset, data_key, regularized=False, overrides=None,
@@ -57,14 +72,35 @@ def train_basis(config, data, *, out_dir, name, title, dataset, data_key, regula
     choice = ChoiceRun(data.info["choice"], data.head) if config.get("choice_quality") and "choice" in data.info \
         else None
     results = evaluate(runs, data.features, device, seed=seed, record=config.record, choice=choice)
+    groups, fraction = data.info.get("train_groups"), config.get("validation_fraction", 0.1)
+    choose(results, data.seen_train, fraction, seed=seed, device=device, groups=groups)
+
+    def make_run(K, alpha):
+        return lore_runs([K], [alpha], data.head, data.seen_train.num_features, regularized=regularized,
+                         num_iterations=config["num_iterations"], learning_rate=config["learning_rate"],
+                         fewshot_iterations=config["fewshot_iterations"],
+                         fewshot_learning_rate=config["fewshot_learning_rate"], seed=seed,
+                         sweep_alpha=len(config["alpha_list"]) > 1)[0]
+    edges = widen_rank(results, make_run, data.seen_train, fraction, seed=seed, device=device, groups=groups,
+                       evaluate_run=lambda run: evaluate([run], data.features, device, seed=seed, record=config.record,
+                                                         choice=choice)[0])
+    if choice:
+        choice.finish(results)
     models = {(r.run.settings["alpha"], r.run.settings["K"]): r.model for r in results if r.run.name == "lore"}
     paths = save_models(out_dir / name.replace("train_basis", "models"), models, data, dataset=dataset,
                         fewshot_iterations=config["fewshot_iterations"],
                         fewshot_learning_rate=config["fewshot_learning_rate"],
                         record=config.record) if config.get("save_models", True) else {}
-    choose(results, data.seen_train, config.get("validation_fraction", 0.1), seed=seed, device=device)
     more = {"kept_bases": {f"K={K} alpha={a:g}": m["V"].shape[1] for (a, K), m in models.items()}} if regularized \
         else {}
+    if edges:
+        more["selection_edges"] = edges
+    if config.get("tune"):  # every method's new-user path, checked on pseudo-new users (tuned rows: in their tuning)
+        split, rows = pseudo_new_users(data, seed), [r for r in results if r.run.row == "released"
+                                                      or (r.run.name == "lore" and r.chosen)]
+        more["new_user_validation"] = {r.run.label: validate_new_users(
+            r.run.make, METHODS[r.run.name].fewshot_grid, split, seed=seed, device=device,
+            rules=METHODS[r.run.name].rules) for r in rows if METHODS[r.run.name].fewshot_grid}
     choice_json = {"choice": choice.payload(results)} if choice else {}
     report_run(results, json_config, out_dir, name, title, record=config.record,
                extra={**(extra or {}), "seconds": time.time() - t0, **more, "models": paths, **choice_json})

@@ -36,6 +36,7 @@ class LoReMethod(Method):
     rules = {"K": "int >= 0", "alpha": ">= 0", "regularized": "bool", "num_iterations": "int >= 1",
              "learning_rate": "> 0", "fewshot_iterations": "int >= 0", "fewshot_learning_rate": "> 0"}
     quick = {"K": 2, "num_iterations": 300}  # settings for small data (tests/test_methods.py)
+    fewshot_grid = {"fewshot_learning_rate": [0.03, 0.1, 0.3], "fewshot_iterations": [100, 500]}
     independent_users = True  # PersonalizeBatch: each user's loss and Adam trajectory are its own
     inputs = ("reference",)
 

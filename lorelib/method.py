@@ -31,9 +31,14 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     label = None         # the name in tables
     rules = {}           # {setting: range rule}
     tune_grid = {}       # {setting (or "a,b" for two tied settings): [values]}, swept jointly for the tuned row
+    fewshot_grid = {}    # {setting: [values]} of the new-user path (its steps, learning rate), chosen on pseudo-new
+    #                      users (newusers.py); the settings personalize reads, so a fitted model takes them as set
     tuned = {}           # {data key: {setting: value}} chosen by tune_grid on held-out training pairs of that data
     inputs = ()          # constructor arguments that are data, not settings (LoRe: the reward model's head)
     quick = {}           # settings for small data, where the released budget does not fit (the conformance tests)
+    released = {}        # {configuration name: {setting: value}}: the released runs (the first: the defaults)
+    released_for = {}    # {dataset: configuration name} where a dataset's run takes another than the first
+    departures = []      # how this implementation departs from the released code (printed beside its rows)
     independent_users = False  # personalize fits each user from its own pairs alone, drawing nothing at random:
     #                            users stacked in one call get their own fits (the few-shot trials share one call)
 

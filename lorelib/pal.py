@@ -47,11 +47,18 @@ class PAL(Method):
     the batch (RowAdam).
     """
     label = "PAL"
+    released = {"TLDR": {}}  # the defaults: the released Reddit TLDR configuration (vanilla-e1.yaml, new users e20)
+    departures = ["frozen embeddings of the whole conversation; no prompt-only embedding: the prompt proxy is the mean "
+                  "of the pair's two rows", "one score per conversation (released: token-level from the divergence)",
+                  "new users: a fixed fewshot_epochs (released: the epoch of best loss on the new users' test pairs, "
+                  "a leak)", "new users start from random weights, as released (LoRe's start uniform, as its few-shot "
+                  "step does)", "PAL-A: a plain MLP projector (released: residual, which needs input size = width)"]
     quick = {"dim": 64, "learning_rate": 1e-3, "num_epochs": 5, "batch_size": 16, "user_learning_rate": 0.05,
              "fewshot_learning_rate": 0.05}  # small data (tests)
     # the tuned row's grid (swept jointly; "a,b": both settings take the value: one learning rate as released)
-    tune_grid = {"num_epochs": [1, 2], "user_learning_rate,fewshot_learning_rate": [5e-3, 5e-2, 0.5], "K": [2, 5],
-                 "bias_decay": [True, False]}
+    tune_grid = {"num_epochs": [1, 2], "user_learning_rate": [5e-3, 5e-2, 0.5], "K": [2, 5], "dim": [128, 512],
+                 "learning_rate": [1e-4, 1e-3]}
+    fewshot_grid = {"fewshot_learning_rate": [5e-3, 5e-2, 0.5], "fewshot_epochs": [5, 20]}  # new users
     # chosen by that grid with tune=True on each data (seed 0; held-out seen-user training pairs; dataset READMEs)
     tuned = {
         "PersonalLLM synthetic lowrank F=128 P=9402 N=1000 train_density=0.005 dirichlet_alpha=0.1":

@@ -3,7 +3,7 @@
 held-out pairs of the seen users' training data (select_rank), and unseen-user accuracy against the number of
 few-shot examples, drawn at random (fewshot.py) or asked by a selection rule (study.py) (vary_shots -> ShotsResult).
 
-Imports: config, data, model, lore, evaluate, fewshot, study.
+Imports: config, data, model, lore, evaluate, tuning, fewshot, study.
 """
 import dataclasses
 import time
@@ -18,6 +18,7 @@ from .evaluate import Run, evaluate, held_out_score, holdout_pairs
 from .fewshot import fewshot_curve, shot_units
 from .lore import LoReMethod
 from .study import projected_pool, select_shots
+from .tuning import step_beyond
 
 
 @dataclasses.dataclass
@@ -90,9 +91,10 @@ def check_users(named_pairs):
 
 
 def lore_runs(K_list, alpha_list, V_final, num_features, *, regularized=False, num_iterations=1000, learning_rate=0.5,
-              fewshot_iterations=500, fewshot_learning_rate=0.1, seed=0):
+              fewshot_iterations=500, fewshot_learning_rate=0.1, seed=0, sweep_alpha=None):
     """[Run] of LoRe at every (alpha, K) of alpha_list x K_list (alpha-major): families "ref" (K = 0), "BT" (K = 1)
-    and "LoRe" (K >= 2, swept over K, and alpha when there are several)."""
+    and "LoRe" (K >= 2, swept over K, and alpha when there are several or sweep_alpha)."""
+    sweep_alpha = len(alpha_list) > 1 if sweep_alpha is None else sweep_alpha
     runs = []
     for alpha in alpha_list:
         for K in K_list:
@@ -100,7 +102,7 @@ def lore_runs(K_list, alpha_list, V_final, num_features, *, regularized=False, n
                 return LoReMethod(num_features, K, alpha, V_final, regularized, num_iterations, learning_rate,
                                   fewshot_iterations, fewshot_learning_rate, seed)
             family = "ref" if K == 0 else "BT" if K == 1 else "LoRe"
-            sweep = {} if K <= 1 else {"K": K} if len(alpha_list) == 1 else {"K": K, "alpha": alpha}
+            sweep = {} if K <= 1 else {"K": K, "alpha": alpha} if sweep_alpha else {"K": K}
             settings = {"K": K, "alpha": alpha, "regularized": regularized, "num_iterations": num_iterations,
                         "learning_rate": learning_rate, "fewshot_iterations": fewshot_iterations,
                         "fewshot_learning_rate": fewshot_learning_rate}
@@ -168,6 +170,56 @@ def select_rank(K_list, alpha_list, V_final, train_features, device=None, *, reg
         print(f"model choice: {r.label}: held-out seen-user training pairs {scores[key]:.4f}")
     alpha, K = max(scores, key=scores.get)
     return {"alpha": alpha, "K": K, "validation": {f"alpha={a:g} K={k}": v for (a, k), v in scores.items()}}
+
+
+def widen_rank(results, make_run, train, validation_fraction=0.1, *, seed=0, device=None, groups=None, widen=3,
+               evaluate_run=None, log=print):
+    """LoRe's (alpha, K) chosen on held-out pairs (evaluate.choose), widened past an edge: while the chosen K (or
+    alpha) is the largest or smallest tried, the next one beyond it (tuning.step_beyond; K >= 2, alpha >= 0 are hard
+    limits) is scored on the same held-out pairs, and when it wins, evaluate_run(run) -> its MethodResult is added
+    to `results` as the chosen one. make_run(K, alpha) -> a Run of lore_runs. At most `widen` steps per axis.
+    -> {axis: {"values", "chosen", "edge", "limit"}} (nothing chosen: {})."""
+    best = next((r for r in results if r.run.name == "lore" and r.chosen), None)
+    if best is None:
+        return {}
+    fit, held = holdout_pairs(train, validation_fraction, seed, groups)
+    rules, edges = {"K": "int >= 2", "alpha": ">= 0"}, {}
+    for axis in best.run.sweep:
+        other = {k: v for k, v in best.run.sweep.items() if k != axis}
+        tried = [r.run.settings[axis] for r in results if r.run.name == "lore" and r.run.sweep
+                 and all(r.run.settings[k] == v for k, v in other.items())]
+        limit = None
+        for _ in range(widen + 1):
+            chosen = best.run.settings[axis]
+            if min(tried) < chosen < max(tried) or len(tried) < 2:
+                limit = None
+                break
+            new = step_beyond(tried, chosen == max(tried))
+            new = int(new) if axis == "K" else float(new)
+            try:
+                check_value(axis, new, rules[axis])
+            except InputError:
+                limit = f"{new:g} is out of range ({rules[axis]})"
+                break
+            if _ == widen:
+                limit = f"widened {widen} times"
+                break
+            settings = {**best.run.settings, axis: new}
+            run = make_run(settings["K"], settings["alpha"])
+            tried.append(new)
+            score = held_out_score(run.make, fit, held, seed, device)
+            log(f"model choice: {run.label}: held-out seen-user training pairs {score:.4f} (past the edge of {axis})")
+            if score <= best.validation:
+                limit = None
+                break
+            result = evaluate_run(run)
+            result.validation, result.chosen, best.chosen = score, True, False
+            results.append(result)
+            best = result
+        chosen = best.run.settings[axis]
+        edge = chosen in (min(tried), max(tried))
+        edges[axis] = {"values": sorted(tried), "chosen": chosen, "edge": edge, "limit": limit if edge else None}
+    return edges
 
 
 def check_shot_selection(config, dialogs=False):

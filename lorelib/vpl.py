@@ -17,13 +17,14 @@ from .method import Method
 
 
 def _warmup_cosine(total_steps, warmup_ratio):
-    """LambdaLR factor: linear warm-up over warmup_ratio * total_steps, then cosine decay to 0."""
-    warmup = int(math.ceil(warmup_ratio * total_steps))
+    """LambdaLR factor as the release's scheduler (transformers' get_cosine_schedule_with_warmup with
+    int(warmup_ratio * total_steps) warm-up steps): step / warmup during the warm-up, then cosine decay to 0."""
+    warmup = int(warmup_ratio * total_steps)
 
     def factor(step):
         if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+            return step / max(1, warmup)
+        return max(0.0, 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup))))
     return factor
 
 
@@ -68,18 +69,31 @@ class VPL(Method):
     is 8 accumulated passes of 4, and its annealer advances once per pass). Each target pair's
     contexts: C other pairs of its user (context_length="fixed", as the released Pets and
     UltraFeedback-P-2 runs), or c of them with c uniform in 2..C ("2..C", UltraFeedback-P-4) or
-    1..C ("1..C", a code path no released run takes), resampled every epoch. An epoch passes over
-    num_duplicates copies of the pairs, each with its own contexts, shuffled together (the released
-    UltraFeedback runs duplicate their training set 4x or 8x). AdamW (no decay on biases), gradient
-    clipping, cosine schedule with warm-up over all steps, batches of pairs shuffled across users.
-    A user's latent at evaluation is encoded
-    from at most C of its pairs, as released (eval_all_pairs: all of them), its training pairs for
-    seen users, its few-shot pairs for new users, with no gradient step: eval_latent="normalized"
-    uses normalize(mu) * sqrt(L), on the training latents' sphere; "mean" uses mu as released.
+    1..C ("1..C", a code path no released run takes). An epoch passes over num_duplicates copies of
+    the pairs, each copy with its own contexts, shuffled together (the released UltraFeedback runs
+    duplicate their training set 4x or 8x); as released, each copy's contexts are drawn once, before
+    training, and kept in every epoch (resample_contexts=True: fresh ones each epoch). AdamW (no decay
+    on biases), gradient clipping, the release's cosine schedule with warm-up, batches of pairs
+    shuffled across users. A user's latent at evaluation is encoded from at most C of its pairs, as
+    released (eval_all_pairs: all of them), its training pairs for seen users, its few-shot pairs for
+    new users, with no gradient step: eval_latent="mean" uses z = mu as released; "normalized" uses
+    normalize(mu) * sqrt(L), on the training latents' sphere.
+
+    The defaults are the released Pets run (submit_job_pets.sh); `released` holds the three released runs'
+    values (submit_job_*.sh, generate_llm_embeddings_*.sh), each a named configuration of its own.
     """
     label = "VPL"
+    # the released runs: every value that differs from the defaults (the Pets run); all three: 2 epochs, 4 pairs per
+    # device step x 8 accumulated (32), hidden and latent 512, weight decay 1e-3, 3% warm-up, z = mu at evaluation
+    released = {"Pets": {}, "UF-P-2": {"learning_rate": 1e-4, "beta": 0.0, "num_duplicates": 8},
+                "UF-P-4": {"learning_rate": 1e-4, "beta": 3e-6, "num_duplicates": 4, "context_length": "2..C"}}
+    departures = ["frozen embeddings of the whole conversation for the encoder and the decoder (released: an LLM "
+                  "trained with LoRA, last-token embeddings)",
+                  "a pair's contexts are other pairs of its user (released: a survey pool every user answered)",
+                  "no up-sampling or filtering of controversial pairs (released: dataset-specific)"]
     quick = {"hidden_dim": 64, "latent_dim": 16, "learning_rate": 1e-3, "num_epochs": 5}  # small data (tests)
-    tune_grid = {"num_duplicates": [1, 2], "context_length": ["fixed", "2..C"]}  # the tuned row's grid (joint)
+    tune_grid = {"learning_rate": [1e-4, 3e-4, 1e-3], "beta": [0.0, 1e-4], "num_duplicates": [1, 2]}  # tuned row
+    # (new users: an encoder pass, no steps: no few-shot setting to choose)
     # chosen by that grid with tune=True on each data (seed 0; held-out seen-user training pairs; dataset READMEs)
     tuned = {
         "PersonalLLM synthetic lowrank F=128 P=9402 N=1000 train_density=0.005 dirichlet_alpha=0.1":
@@ -92,12 +106,12 @@ class VPL(Method):
              "learning_rate": "> 0", "weight_decay": ">= 0", "batch_size": "int >= 1", "num_epochs": "int >= 0",
              "warmup_ratio": ">= 0", "max_grad_norm": "> 0", "kl_period": "int >= 1", "micro_batch_size": "int >= 1",
              "context_length": "one of fixed 2..C 1..C", "num_duplicates": "int >= 1", "eval_all_pairs": "bool",
-             "eval_latent": "one of normalized mean", "eval_batch_size": "int >= 1"}
+             "eval_latent": "one of normalized mean", "eval_batch_size": "int >= 1", "resample_contexts": "bool"}
 
-    def __init__(self, num_features, hidden_dim=512, latent_dim=512, num_contexts=8, beta=1e-4, learning_rate=1e-4,
+    def __init__(self, num_features, hidden_dim=512, latent_dim=512, num_contexts=8, beta=1e-4, learning_rate=3e-4,
                  weight_decay=1e-3, batch_size=32, num_epochs=2, warmup_ratio=0.03, max_grad_norm=1.0,
                  kl_period=10000, micro_batch_size=4, context_length="fixed", num_duplicates=1, eval_all_pairs=False,
-                 eval_latent="normalized", eval_batch_size=1024, seed=0):
+                 eval_latent="mean", eval_batch_size=1024, resample_contexts=False, seed=0):
         super().__init__()
         check_values(locals(), self.rules)
         self.num_features, self.hidden_dim, self.latent_dim = num_features, hidden_dim, latent_dim
@@ -107,6 +121,7 @@ class VPL(Method):
         self.max_grad_norm, self.kl_period, self.micro_batch_size = max_grad_norm, kl_period, micro_batch_size
         self.context_length, self.num_duplicates, self.eval_all_pairs = context_length, num_duplicates, eval_all_pairs
         self.eval_latent, self.eval_batch_size, self.seed = eval_latent, eval_batch_size, seed
+        self.resample_contexts = resample_contexts
         act = lambda: nn.LeakyReLU(0.2)  # noqa: E731
         with seeded(seed):
             self.encoder = mlp([2 * num_features, hidden_dim, hidden_dim, latent_dim], act)
@@ -162,12 +177,14 @@ class VPL(Method):
         pair = torch.arange(D * M, device=device) % M  # the pair of each item of an epoch (D copies of the pairs)
         micro = 0  # micro-batches so far: the KL annealing's clock
         bar = tqdm(total=total, desc="VPL", leave=False, disable=None)
+        ctx = None
         for _ in range(self.num_epochs):
-            ctx = torch.full((D, M, self.num_contexts), -1, dtype=torch.long)
-            for copy in ctx:  # each copy its own contexts
-                for r in rows:
-                    copy[r] = _context_rows(r, self.num_contexts, gen, exclude_self=True, min_length=min_length)
-            ctx = ctx.reshape(D * M, -1).to(device)
+            if ctx is None or self.resample_contexts:  # as released: drawn once per copy, kept in every epoch
+                ctx = torch.full((D, M, self.num_contexts), -1, dtype=torch.long)
+                for copy in ctx:  # each copy its own contexts
+                    for r in rows:
+                        copy[r] = _context_rows(r, self.num_contexts, gen, exclude_self=True, min_length=min_length)
+                ctx = ctx.reshape(D * M, -1).to(device)
             perm = torch.randperm(D * M, generator=gen).to(device)
             for b in range(steps_per_epoch):
                 item = perm[b * self.batch_size:(b + 1) * self.batch_size]

@@ -12,6 +12,7 @@ from lorelib.data import RESULT_NAMES, TIE_TOLERANCE
 from lorelib.evaluate import evaluate, holdout_pairs
 from lorelib.methods import baseline_runs
 from lorelib.metrics import pair_metrics
+from lorelib.newusers import pseudo_new_split, validate_new_users
 from lorelib.pal import PAL
 from lorelib.vpl import VPL
 
@@ -44,8 +45,9 @@ def test_the_tuned_choice_never_reads_test_pairs(data):
                                  (flip_labels(data["test"], 1), flip_labels(data["test_unseen"], 2))]]
     for name in ("pal", "vpl"):
         a, b = runs[0][f"{name}_tuned"]["tuning"], runs[1][f"{name}_tuned"]["tuning"]
-        assert len(a["points"]) == len(tuning.grid_points(GRID[name])) and a["chosen"] in tuning.grid_points(
-            GRID[name])
+        grid = tuning.grid_points(GRID[name])  # the grid's points first, then any widening of an edge axis
+        assert [p["settings"] for p in a["points"][:len(grid)]] == grid and a["chosen"] in [
+            p["settings"] for p in a["points"]]
         assert [p["validation"] for p in a["points"]] == [p["validation"] for p in b["points"]]
         assert a["chosen"] == b["chosen"] == max(a["points"], key=lambda p: p["validation"])["settings"]
         assert all(runs[0][f"{name}_tuned"]["settings"][k] == v for k, v in a["chosen"].items())
@@ -75,7 +77,7 @@ def test_pal_scored_after_each_epoch_equals_a_fit_of_that_many_epochs(data):
     made = []
     grid = {"num_epochs": [1, 3], "K": [2, 3]}
     out = tuning.tune(lambda s: made.append(s) or PAL(16, **PAL_TINY, **s), grid, data["train"],
-                      validation_fraction=0.2, seed=0, device="cpu", log=lambda _: None)
+                      validation_fraction=0.2, seed=0, device="cpu", log=lambda _: None, widen=0)
     assert len(made) == 1 + 2  # one to read fit's signature, then one fit per K
     for point in out["points"]:
         alone = PAL(16, **PAL_TINY, **point["settings"]).fit(fit, "cpu")
@@ -162,7 +164,8 @@ def test_near_ties_count_half_and_a_collapsed_fit_is_flagged(data, monkeypatch, 
     capsys.readouterr()
     report.report_run(results, {}, tmp_path, "t", "T")
     table = capsys.readouterr().out
-    assert "PAL [ties 100%]" in table and "per-user BT [ties" not in table and "degenerate fit (PAL)" in table
+    assert "PAL (TLDR config) [ties 100%]" in table and "per-user BT [ties" not in table
+    assert "degenerate fit (PAL (TLDR config))" in table
 
 
 def test_stored_tuned_settings_give_the_same_row_in_both_pipelines(data):
@@ -181,3 +184,78 @@ def test_stored_tuned_settings_give_the_same_row_in_both_pipelines(data):
     assert shots["pal"]["settings"] == plain["pal"]["settings"] == methods.full_settings("pal", PAL_TINY)
     assert tuned["unseen_test"]["mean"] != plain["pal"]["unseen_test"]["mean"]
     assert shots["pal_tuned"]["accuracies"][2][0] != shots["pal"]["accuracies"][2][0]
+
+
+class Bump:
+    """A toy method whose held-out accuracy is a known function of its settings: 1 - |x - 7| / 10 - |lr - 0.1|
+    (x an integer setting, best at 7; lr best at 0.1)."""
+    def __init__(self, x, lr=0.1):
+        self.x, self.lr = x, lr
+
+    def fit(self, pairs, device=None):
+        return self
+
+    def accuracies(self, pairs, state=None, device=None):
+        return np.full(pairs.num_users, 1 - abs(self.x - 7) / 10 - abs(self.lr - 0.1))
+
+
+def test_an_edge_choice_is_widened_until_interior_or_a_hard_limit(data):
+    """x's best (7) lies beyond the grid [1, 3]: the search steps 5, 7, 9 and stops with 7 inside; lr's best is
+    inside the grid: no widening; an axis that walks into its range rule stops there with the edge noted."""
+    out = tuning.tune(lambda s: Bump(**s), {"x": [1, 3], "lr": [0.01, 0.1, 1.0]}, data["train"], log=lambda *a: None,
+                      rules={"x": "int >= 1", "lr": "> 0"})
+    assert out["chosen"] == {"x": 7, "lr": 0.1}
+    assert out["edges"]["x"] == {"values": [1, 3, 5, 7, 9], "chosen": 7, "edge": False, "limit": None}
+    assert out["edges"]["lr"]["values"] == [0.01, 0.1, 1.0] and not out["edges"]["lr"]["edge"]
+    low = tuning.tune(lambda s: Bump(s["x"] + 10), {"x": [3, 2]}, data["train"], log=lambda *a: None,
+                      rules={"x": "int >= 1"})  # best x + 10 = 7: x = -3, below the rule's 1
+    assert low["chosen"] == {"x": 1} and low["edges"]["x"]["edge"] and "out of range" in low["edges"]["x"]["limit"]
+    far = tuning.tune(lambda s: Bump(**s), {"x": [1, 2]}, data["train"], log=lambda *a: None, widen=2)
+    assert far["chosen"] == {"x": 4} and far["edges"]["x"]["limit"] == "widened 2 times"
+    assert tuning.step_beyond([1e-4, 1e-3], True) == pytest.approx(1e-2) and tuning.step_beyond([2, 5], False) == -1
+    assert tuning.step_beyond(["fixed", "2..C"], True) is None and tuning.step_beyond([True, False], True) is None
+
+
+def test_pseudo_new_users_come_from_seen_training_pairs_only(data):
+    """The pseudo-new split: a share of the seen users, their few-shot and held-out pairs are their own training
+    pairs (a partition of them), the other seen users keep theirs (only the seen training pairs are passed: no
+    unseen user's pair can enter); the validation is seeded."""
+    train = data["train"]
+    split = pseudo_new_split(train, shots=5, fraction=0.25, seed=3)
+    assert len(split.users) == round(0.25 * train.num_users) and split.fit.num_users == train.num_users - 4
+    rows = train.rows_by_user()
+    for i, u in enumerate(split.users):
+        few, test = split.fewshot.rows_by_user([i])[0], split.test.rows_by_user([i])[0]
+        assert len(few) == 5
+        mine = {(int(c), int(r)) for c, r in zip(train.chosen[rows[u]], train.rejected[rows[u]])}
+        got = [(int(c), int(r)) for p, idx in ((split.fewshot, few), (split.test, test))
+               for c, r in zip(p.chosen[idx], p.rejected[idx])]
+        assert sorted(got) == sorted(mine)  # the user's own training pairs, each once
+    stay = [u for u in range(train.num_users) if u not in split.users]
+    assert split.fit.counts().tolist() == [len(rows[u]) for u in stay]
+    out = validate_new_users(lambda: PAL(16, **PAL_TINY), {"fewshot_learning_rate": [5e-3, 5e-2]}, split,
+                             log=lambda *a: None, widen=0)
+    again = validate_new_users(lambda: PAL(16, **PAL_TINY), {"fewshot_learning_rate": [5e-3, 5e-2]},
+                               pseudo_new_split(train, shots=5, fraction=0.25, seed=3), log=lambda *a: None, widen=0)
+    assert out["points"] == again["points"] and out["chosen"] in [p["settings"] for p in out["points"]]
+    with pytest.raises(utils.InputError, match="too few"):
+        pseudo_new_split(train, shots=10_000)
+
+
+def test_whole_groups_are_held_out_together(data):
+    """With groups (PRISM's dialogs), holdout_pairs and pseudo_new_split move whole groups: no group has a pair on
+    both sides."""
+    train = data["train"]
+    groups = torch.arange(len(train.user)) // 3  # groups of 3 consecutive pairs (a user's pairs are contiguous)
+    fit, held = holdout_pairs(train, 0.2, 0, groups)
+    side = {}
+    for part, p in (("fit", fit), ("held", held)):
+        for c, r in zip(p.chosen.tolist(), p.rejected.tolist()):
+            side.setdefault((c, r), set()).add(part)
+    key = {(int(c), int(r)): int(g) for c, r, g in zip(train.chosen, train.rejected, groups)}
+    by_group = {}
+    for pair, parts in side.items():
+        by_group.setdefault(key[pair], set()).update(parts)
+    assert all(len(parts) == 1 for parts in by_group.values()) and any(p == {"held"} for p in by_group.values())
+    split = pseudo_new_split(train, shots=2, seed=1, groups=groups)
+    assert all(n % 3 == 0 for n in split.fewshot.counts().tolist())  # 2 whole groups of 3
