@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lorelib import experiment, methods  # noqa: E402
-from lorelib.config import configure, set_seed  # noqa: E402
+from lorelib.config import configure  # noqa: E402
 from lorelib.files import script_out_dir  # noqa: E402
 from PRISM import prism  # noqa: E402
 
@@ -42,6 +42,8 @@ tuned = True               # also each method's tuned row, where settings are st
 tune = False               # True: choose the tuned rows' settings here, on held-out seen-user training pairs
 choice_quality = True      # also best-of-N choice quality (README, "Choice quality"); False: accuracy only
 seed = 0
+seeds = None               # e.g. 20 or [0, 1, 2]: the protocol once per seed (split, fits, few-shot draws), compared
+                           # with 95% intervals over seeds (the paper averages 20 random splits); None: [seed]
 pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
 synthetic = False          # True: a generated PRISM-shaped dataset with a planted low-rank structure
 synthetic_users = 1000
@@ -50,6 +52,7 @@ save_models = True         # write V, W, W_unseen of every (alpha, K) to out_dir
 data_dir = None            # default: PRISM/data (written by prepare.py)
 out_dir = None             # default: PRISM/results
 device = None              # default: cuda if available, else cpu
+_types = {"alpha_list": list, "seeds": (int, list)}
 # -----------------------------------------------------------------------------
 config = configure(globals(), script=__file__, writable={"out_dir": "results"}, rules=prism.RULES,
                    checks=[methods.check_methods, prism.check_config])  # every setting checked before any work
@@ -57,12 +60,11 @@ if num_iterations is None:
     num_iterations = 500 if synthetic else 20000
 if alpha_list is None:
     alpha_list = [1e4] if reference == "published" else [0.0, 100.0, 1e4]
-set_seed(seed)
-data = prism.load(data_dir=data_dir, synthetic=synthetic, synthetic_users=synthetic_users,
-                  synthetic_features=synthetic_features, seed=seed, reference=reference,
-                  pairs_dtype=pairs_dtype, choice=choice_quality)
-experiment.train_basis(config, data, out_dir=script_out_dir(__file__, out_dir), dataset="PRISM", regularized=True,
-                       name="train_basis_synthetic" if synthetic else "train_basis",
-                       title="PRISM (synthetic)" if synthetic else "PRISM", data_key=prism.data_key(config),
-                       overrides={"num_iterations": num_iterations, "alpha_list": alpha_list},
-                       extra={"num_iterations_used": num_iterations})
+experiment.train_basis(
+    config, lambda s: prism.load(data_dir=data_dir, synthetic=synthetic, synthetic_users=synthetic_users,
+                                 synthetic_features=synthetic_features, seed=s, reference=reference,
+                                 pairs_dtype=pairs_dtype, choice=choice_quality),
+    out_dir=script_out_dir(__file__, out_dir), dataset="PRISM", regularized=True,
+    name="train_basis_synthetic" if synthetic else "train_basis", title="PRISM (synthetic)" if synthetic else "PRISM",
+    data_key=prism.data_key(config), overrides={"num_iterations": num_iterations, "alpha_list": alpha_list},
+    extra={"num_iterations_used": num_iterations})

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lorelib import experiment, methods  # noqa: E402
-from lorelib.config import configure, set_seed  # noqa: E402
+from lorelib.config import configure  # noqa: E402
 from lorelib.files import script_out_dir  # noqa: E402
 from PersonalLLM import personalllm  # noqa: E402
 
@@ -45,6 +45,8 @@ tune = False               # True: choose the tuned rows' settings here, on held
 choice_quality = True      # also best-of-N choice quality (README, "Choice quality"); False: accuracy only
 choice_prompts = 200       # test prompts (the same for every user and method, drawn with the seed) it uses; None: all
 seed = 0
+seeds = None               # e.g. 20 or [0, 1, 2]: the protocol once per seed (split, fits, few-shot draws), compared
+                           # with 95% intervals over seeds (the paper averages 20 random splits); None: [seed]
 pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
 synthetic = False          # True: a generated PersonalLLM-shaped dataset, no download
 synthetic_features = 128   # embedding size F of the synthetic data
@@ -53,16 +55,16 @@ save_models = True         # write V, W, W_unseen of every (alpha, K) to out_dir
 data_dir = None            # default: PersonalLLM/data (written by prepare.py)
 out_dir = None             # default: PersonalLLM/results
 device = None              # default: cuda if available, else cpu
+_types = {"seeds": (int, list)}
 # -----------------------------------------------------------------------------
 config = configure(globals(), script=__file__, writable={"out_dir": "results"}, rules=personalllm.RULES,
                    checks=[methods.check_methods, personalllm.check_config])  # every setting checked before any work
-set_seed(seed)
-data = personalllm.load(data_dir=data_dir, synthetic=synthetic, synthetic_prompts=synthetic_prompts,
-                        synthetic_features=synthetic_features, N=N, N_unseen=N_unseen, train_density=train_density,
-                        fewshot_density=fewshot_density, dirichlet_alpha=dirichlet_alpha, seed=seed,
-                        reference=reference, pairs_dtype=pairs_dtype, choice=choice_quality,
-                        choice_prompts=choice_prompts)
-experiment.train_basis(config, data, out_dir=script_out_dir(__file__, out_dir), dataset="PersonalLLM",
-                       name="train_basis_synthetic" if synthetic else "train_basis",
-                       title="PersonalLLM (synthetic)" if synthetic else "PersonalLLM",
-                       data_key=personalllm.data_key(config))
+experiment.train_basis(
+    config, lambda s: personalllm.load(
+        data_dir=data_dir, synthetic=synthetic, synthetic_prompts=synthetic_prompts,
+        synthetic_features=synthetic_features, N=N, N_unseen=N_unseen, train_density=train_density,
+        fewshot_density=fewshot_density, dirichlet_alpha=dirichlet_alpha, seed=s, reference=reference,
+        pairs_dtype=pairs_dtype, choice=choice_quality, choice_prompts=choice_prompts),
+    out_dir=script_out_dir(__file__, out_dir), dataset="PersonalLLM",
+    name="train_basis_synthetic" if synthetic else "train_basis",
+    title="PersonalLLM (synthetic)" if synthetic else "PersonalLLM", data_key=personalllm.data_key(config))

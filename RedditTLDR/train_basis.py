@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lorelib import experiment, methods  # noqa: E402
-from lorelib.config import configure, set_seed  # noqa: E402
+from lorelib.config import configure  # noqa: E402
 from lorelib.files import script_out_dir  # noqa: E402
 from RedditTLDR import tldr  # noqa: E402
 
@@ -48,6 +48,8 @@ baseline_settings = {}     # overrides of their released settings (README, "Base
 tuned = True               # also each method's tuned row, where settings are stored for this data; False: released only
 tune = False               # True: choose the tuned rows' settings here, on held-out seen-user training pairs
 seed = 0
+seeds = None               # e.g. 20 or [0, 1, 2]: the protocol once per seed (split, fits, few-shot draws), compared
+                           # with 95% intervals over seeds (the paper averages 20 random splits); None: [seed]
 pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
 synthetic = False          # True: a generated Reddit-TLDR-shaped dataset, no download
 synthetic_features = 64    # embedding size F of the synthetic data
@@ -55,15 +57,16 @@ save_models = True         # write V, W, W_unseen of every (alpha, K) to out_dir
 data_dir = None            # default: RedditTLDR/data (written by prepare.py)
 out_dir = None             # default: RedditTLDR/results
 device = None              # default: cuda if available, else cpu
+_types = {"seeds": (int, list)}
 # -----------------------------------------------------------------------------
 config = configure(globals(), script=__file__, writable={"out_dir": "results"}, rules=tldr.RULES,
                    checks=[methods.check_methods])  # every setting checked before any work
-set_seed(seed)
-data = tldr.load(data_dir=data_dir, synthetic=synthetic, synthetic_features=synthetic_features, protocol=protocol,
-                 max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs, min_comparisons=min_comparisons,
-                 split_seed=split_seed, seed=seed, reference=reference, pairs_dtype=pairs_dtype)
 name = "train_basis" + ("_paper" if protocol == "paper" else "") + ("_synthetic" if synthetic else "")
-experiment.train_basis(config, data, out_dir=script_out_dir(__file__, out_dir), name=name, dataset="RedditTLDR",
-                       title="Reddit TLDR" + (" paper split" if protocol == "paper" else "")
-                       + (" (synthetic)" if synthetic else ""),
-                       data_key=tldr.data_key(config), extra={"workers": data.info["workers"]})
+experiment.train_basis(
+    config, lambda s: tldr.load(
+        data_dir=data_dir, synthetic=synthetic, synthetic_features=synthetic_features, protocol=protocol,
+        max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs, min_comparisons=min_comparisons,
+        split_seed=split_seed + (s if seeds else 0), seed=s, reference=reference, pairs_dtype=pairs_dtype),
+    out_dir=script_out_dir(__file__, out_dir), name=name, dataset="RedditTLDR", data_key=tldr.data_key(config),
+    title="Reddit TLDR" + (" paper split" if protocol == "paper" else "") + (" (synthetic)" if synthetic else ""),
+    extra=lambda data: {"workers": data.info["workers"]})

@@ -316,6 +316,7 @@ class ChoiceRun:
             if r.run.entry not in self.measured:
                 continue
             r.choice = self._summary(r.run.entry)
+            r.choice_users = self.measured[r.run.entry]["users"]
             if r.run.name == "lore":
                 self.ranks.append({"alpha": r.run.settings["alpha"], "K": r.run.settings["K"], **r.choice})
             else:

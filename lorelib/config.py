@@ -121,7 +121,7 @@ RULES = {
     "embedding_dtype": "one of float32 bfloat16 float16", "pairs_dtype": "one of auto float32 bfloat16",
     "shot_selection": "one of random uncertainty active variance longest (or a list)",
     "selection": "one of active uncertainty variance", "num_suggestions": "int >= 1", "calibrated": "bool",
-    "seeds": "each int >= 0 or None", "stop_thresholds": "each > 0 or None",
+    "seeds": "int >= 0 or None (or a list)", "stop_thresholds": "each > 0 or None",
     "pair_budgets": "each int >= 1 or None", "stop_below": "> 0 or None",
     "choice_quality": "bool", "choice_prompts": "int >= 1 or None", "tune": "bool", "tuned": "bool",
 }
@@ -247,7 +247,7 @@ def _parse_overrides(config, argv):
         except (ValueError, SyntaxError):
             value = text  # a bare word such as out_dir=/tmp/x
         default = keys[key]
-        if default is None and value is not None and key in none_types:
+        if default is None and value is not None and key in none_types and not isinstance(none_types[key], tuple):
             default = none_types[key]()  # check against the documented type: str(), int(), list()
             if isinstance(default, str):
                 value = text  # out_dir=2024 is the folder "2024"

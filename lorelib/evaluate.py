@@ -60,6 +60,7 @@ class MethodResult:
     model: dict | None = None
     validation: float | None = None
     chosen: bool | None = None
+    choice_users: dict | None = None  # choice quality per user: {"seen", "unseen": {metric: [C]}}
 
     def mean(self, pair_set, metric=HEADLINE):
         return float(np.mean(self.users[pair_set][metric]))

@@ -7,14 +7,16 @@ save LoRe's models, choose each family's run on held-out training pairs, and rep
     data = dataset.load(...)
     experiment.train_basis(config, data, out_dir=..., name="train_basis", title="...", dataset="...", data_key=...)
 
-Imports: config, files, learned, choice, evaluate, fewshot, pipelines, methods, report, report_shots.
+Imports: config, data, report, report_shots, evaluate, compare, fewshot, pipelines, newusers, learned, choice,
+methods.
 """
 import time
 
 import torch
 
 from .choice import ChoiceRun
-from .config import get_device, note_finished, set_seed
+from .compare import comparison, plot_comparison, print_comparison
+from .config import InputError, get_device, note_finished, set_seed
 from .data import as_pairs
 from .evaluate import choose, evaluate
 from .fewshot import fewshot_curve, shot_units
@@ -23,7 +25,7 @@ from .methods import METHODS, baseline_runs
 from .methods import tuned_settings as methods_tuned
 from .newusers import pseudo_new_split, validate_new_users
 from .pipelines import lore_runs, vary_shots, widen_rank
-from .report import json_entry, report_run
+from .report import json_entry, report_run, run_payload, write_report
 from .report_shots import report_shots
 
 
@@ -53,46 +55,31 @@ def pseudo_new_users(data, seed=0):
     return pseudo_new_split(data.seen_train, shots, seed=seed, groups=data.info.get("train_groups"))
 
 
-def train_basis(config, data, *, out_dir, name, title, dataset, data_key, regularized=False, overrides=None,
-                extra=None):
-    """A train_basis.py run on `data` (a PreferenceData) with its `config` (configure's result: K_list,
-    alpha_list, num_iterations, learning_rate, fewshot_iterations, fewshot_learning_rate, seed, device,
-    validation_fraction, baselines, baseline_settings, tuned, tune, choice_quality, save_models; `overrides` of
-    them for the run, e.g. a default resolved from None, leave the JSON's config as given) -> evaluate's results.
-    Writes out_dir/name.json and .png, name_choice.png (choice quality, where data.info has candidates) and the
-    models (out_dir/models*/)."""
-    t0 = time.time()
-    json_config, config = config, _with(config, overrides)
+def fit_all(config, data, data_key, regularized=False):
+    """One seed of a train_basis run: every run (LoRe at every (alpha, K), the other methods) evaluated, each family
+    chosen on held-out training pairs, LoRe's choice widened past an edge -> (results, choice run or None, more JSON:
+    kept bases, selection edges, the new-user validation with tune)."""
     device, seed = get_device(config.get("device")), config["seed"]
-    runs = lore_runs(config["K_list"], config["alpha_list"], data.head, data.seen_train.num_features,
-                     regularized=regularized, num_iterations=config["num_iterations"],
-                     learning_rate=config["learning_rate"], fewshot_iterations=config["fewshot_iterations"],
-                     fewshot_learning_rate=config["fewshot_learning_rate"], seed=seed)
-    runs += method_runs(config, data, data_key, device)
+
+    def make_run(K, alpha, K_list=None, alpha_list=None):
+        return lore_runs(K_list or [K], alpha_list or [alpha], data.head, data.seen_train.num_features,
+                         regularized=regularized, num_iterations=config["num_iterations"],
+                         learning_rate=config["learning_rate"], fewshot_iterations=config["fewshot_iterations"],
+                         fewshot_learning_rate=config["fewshot_learning_rate"], seed=seed,
+                         sweep_alpha=len(config["alpha_list"]) > 1)
+    runs = make_run(None, None, config["K_list"], config["alpha_list"]) + method_runs(config, data, data_key, device)
     choice = ChoiceRun(data.info["choice"], data.head) if config.get("choice_quality") and "choice" in data.info \
         else None
     results = evaluate(runs, data.features, device, seed=seed, record=config.record, choice=choice)
     groups, fraction = data.info.get("train_groups"), config.get("validation_fraction", 0.1)
     choose(results, data.seen_train, fraction, seed=seed, device=device, groups=groups)
-
-    def make_run(K, alpha):
-        return lore_runs([K], [alpha], data.head, data.seen_train.num_features, regularized=regularized,
-                         num_iterations=config["num_iterations"], learning_rate=config["learning_rate"],
-                         fewshot_iterations=config["fewshot_iterations"],
-                         fewshot_learning_rate=config["fewshot_learning_rate"], seed=seed,
-                         sweep_alpha=len(config["alpha_list"]) > 1)[0]
-    edges = widen_rank(results, make_run, data.seen_train, fraction, seed=seed, device=device, groups=groups,
-                       evaluate_run=lambda run: evaluate([run], data.features, device, seed=seed, record=config.record,
-                                                         choice=choice)[0])
+    edges = widen_rank(results, lambda K, alpha: make_run(K, alpha)[0], data.seen_train, fraction, seed=seed,
+                       device=device, groups=groups, evaluate_run=lambda run: evaluate(
+                           [run], data.features, device, seed=seed, record=config.record, choice=choice)[0])
     if choice:
         choice.finish(results)
-    models = {(r.run.settings["alpha"], r.run.settings["K"]): r.model for r in results if r.run.name == "lore"}
-    paths = save_models(out_dir / name.replace("train_basis", "models"), models, data, dataset=dataset,
-                        fewshot_iterations=config["fewshot_iterations"],
-                        fewshot_learning_rate=config["fewshot_learning_rate"],
-                        record=config.record) if config.get("save_models", True) else {}
-    more = {"kept_bases": {f"K={K} alpha={a:g}": m["V"].shape[1] for (a, K), m in models.items()}} if regularized \
-        else {}
+    more = {"kept_bases": {f"K={r.run.settings['K']} alpha={r.run.settings['alpha']:g}": r.model["V"].shape[1]
+                           for r in results if r.run.name == "lore"}} if regularized else {}
     if edges:
         more["selection_edges"] = edges
     if config.get("tune"):  # every method's new-user path, checked on pseudo-new users (tuned rows: in their tuning)
@@ -101,13 +88,61 @@ def train_basis(config, data, *, out_dir, name, title, dataset, data_key, regula
         more["new_user_validation"] = {r.run.label: validate_new_users(
             r.run.make, METHODS[r.run.name].fewshot_grid, split, seed=seed, device=device,
             rules=METHODS[r.run.name].rules) for r in rows if METHODS[r.run.name].fewshot_grid}
-    choice_json = {"choice": choice.payload(results)} if choice else {}
-    report_run(results, json_config, out_dir, name, title, record=config.record,
-               extra={**(extra or {}), "seconds": time.time() - t0, **more, "models": paths, **choice_json})
     if choice:
-        choice.report(choice_json["choice"], out_dir, name, title, record=config.record)
+        more["choice"] = choice.payload(results)
+    return results, choice, more
+
+
+def seed_list(config):
+    """The seeds a script runs: config `seeds` (a list, or n: 0..n-1), else [seed]."""
+    seeds = config.get("seeds")
+    if seeds == 0:
+        raise InputError("seeds=0 runs nothing: pass a number of seeds >= 1 or a list of them, e.g. seeds=20")
+    return [config["seed"]] if seeds is None else list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+
+
+def train_basis(config, load, *, out_dir, name, title, dataset, data_key, regularized=False, overrides=None,
+                extra=None):
+    """A train_basis.py run: for each seed s of config `seeds` (None: [seed]), set_seed(s) and data = load(s) (a
+    PreferenceData), fit_all, then a comparison of the methods with 95% intervals (compare.py: over users for one
+    seed, over seeds for several). config: configure's result (K_list, alpha_list, num_iterations, learning_rate,
+    fewshot_iterations, fewshot_learning_rate, seed, seeds, device, validation_fraction, baselines,
+    baseline_settings, tuned, tune, choice_quality, save_models); `overrides` of them for the run (e.g. a default
+    resolved from None) leave the JSON's config as given. extra: more JSON (or a function of the first seed's data).
+    Writes out_dir/name.json and .png (one seed: the tables' JSON with "comparison"; several: "per_seed" and
+    "comparison"), name_choice.png (choice quality, one seed) and the first seed's models (out_dir/models*/).
+    -> [evaluate's results of each seed]."""
+    t0 = time.time()
+    json_config, config = config, _with(config, overrides)
+    seeds, per_seed, payloads, paths = seed_list(config), [], [], {}
+    for i, s in enumerate(seeds):
+        cfg = _with(config, {"seed": s})
+        set_seed(s)
+        data = load(s)
+        extra = extra(data) if callable(extra) else extra or {}
+        results, choice, more = fit_all(cfg, data, data_key, regularized)
+        if i == 0 and config.get("save_models", True):
+            models = {(r.run.settings["alpha"], r.run.settings["K"]): r.model for r in results if r.run.name == "lore"}
+            paths = save_models(out_dir / name.replace("train_basis", "models"), models, data, dataset=dataset,
+                                fewshot_iterations=config["fewshot_iterations"],
+                                fewshot_learning_rate=config["fewshot_learning_rate"], record=config.record)
+        per_seed.append(results)
+        if len(seeds) > 1:
+            payload, _ = run_payload(results, f"{title}, seed {s}")
+            payloads.append({"seed": s, **payload, **more})
+    table = comparison(per_seed, seeds)
+    print_comparison(table, title)
+    if len(seeds) == 1:
+        report_run(results, json_config, out_dir, name, title, record=config.record,
+                   extra={**extra, "seconds": time.time() - t0, **more, "models": paths, "comparison": table})
+        if choice:
+            choice.report(more["choice"], out_dir, name, title, record=config.record)
+    else:
+        write_report(out_dir, name, {"config": json_config, "seeds": seeds, "comparison": table, **extra,
+                                     "seconds": time.time() - t0, "models": paths, "per_seed": payloads},
+                     lambda p: plot_comparison(p, table, title), config.record)
     print(f"done in {time.time() - t0:.0f}s")
-    return results
+    return per_seed
 
 
 def _with(config, overrides):

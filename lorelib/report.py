@@ -114,11 +114,10 @@ def json_entry(r):
     return {**out, **_json_sets(r), "seconds": r.seconds}
 
 
-def summary(results, log=print):
-    """{family: {its swept settings..., "seen_test", "unseen_test"}}, printed one line per family: a family of swept
-    runs (LoRe's K, a baseline's swept setting) reports its run chosen on held-out training pairs (evaluate.choose;
-    its settings None when nothing was chosen), a family of one run that run, and one run per alpha (ref, BT) the
-    run at LoRe's chosen alpha (else the first)."""
+def summary_picks(results):
+    """{family: the MethodResult its summary line reports, or None}: a family of swept runs (LoRe's K, a baseline's
+    swept setting) its run chosen on held-out training pairs (evaluate.choose; None when nothing was chosen), a
+    family of one run that run, and one run per alpha (ref, BT) the run at LoRe's chosen alpha (else the first)."""
     lore = [r for r in results if r.chosen and r.run.name == "lore"]
     alpha = lore[0].run.settings["alpha"] if lore else None
     out = {}
@@ -128,8 +127,18 @@ def summary(results, log=print):
             pick = [r for r in group if r.chosen] or (group if len(group) == 1 else [])
         else:
             pick = [r for r in group if r.run.settings.get("alpha") == alpha] or group
-        out[family] = {k: None for k in group[0].run.sweep} if not pick else {
-            **pick[0].run.sweep, "seen_test": pick[0].mean("seen_test"), "unseen_test": pick[0].mean("unseen_test")}
+        out[family] = pick[0] if pick else None
+    return out
+
+
+def summary(results, log=print):
+    """{family: {its swept settings..., "seen_test", "unseen_test"}} of summary_picks, printed one line per family
+    (its swept settings None when nothing was chosen)."""
+    out = {}
+    for family, pick in summary_picks(results).items():
+        group = [r for r in results if r.run.family == family]
+        out[family] = {k: None for k in group[0].run.sweep} if pick is None else {
+            **pick.run.sweep, "seen_test": pick.mean("seen_test"), "unseen_test": pick.mean("unseen_test")}
     log("\none line per method (K chosen on held-out pairs of the seen users' training data, never on test pairs): "
         "seen / unseen users' test accuracy")
     for family, acc in out.items():
@@ -156,12 +165,11 @@ def _cells(r, sets):
     return [f"{r.mean(n):.4f} ± {r.std(n):.4f}" for n in sets]
 
 
-def report_run(results, config, out_dir, name, title, extra=None, record=None):
-    """Print the accuracy table of evaluate's results (LoRe's runs by alpha and K, then every other method) and
-    write `name`.json / .png: "results" (LoRe: one entry per alpha, K), "baselines" (every other method by entry),
-    "summary" (one line per method), "selection" (LoRe's chosen alpha and K), `extra`. Every registered metric
-    besides accuracy is printed in a second table (test sets) and is in the JSON beside each set's mean and std.
-    record: the script's RunRecord (the files written)."""
+def run_payload(results, title, log=print):
+    """Print the accuracy table of evaluate's results (LoRe's runs by alpha and K, then every other method; a method
+    that departs from its released code is marked) and the table of every other registered metric (test sets), the
+    summary lines -> ({"results" (LoRe: one entry per alpha, K), "baselines" (every other method by entry),
+    "summary", "selection"}, plot(path): accuracy against K with the other methods as lines)."""
     lore = [r for r in results if r.run.name == "lore"]
     others = [r for r in results if r.run.name != "lore"]
     rows, degenerate = [], []
@@ -170,37 +178,47 @@ def report_run(results, config, out_dir, name, title, extra=None, record=None):
         flag = f" [ties {ties:.0%}]" if ties > DEGENERATE_TIES else ""
         degenerate += [r.run.label] if flag else []
         s = r.run.settings
-        head = [_method_of(s["K"]), f"{s['alpha']:g}", s["K"]] if r.run.name == "lore" else [r.run.label, "", ""]
+        head = [_method_of(s["K"]), f"{s['alpha']:g}", s["K"]] if r.run.name == "lore" else [
+            r.run.label + (" *" if r.run.info.get("departures") else ""), "", ""]
         rows.append([head[0] + flag] + head[1:] + _cells(r, RESULT_NAMES))
-    print(f"\n{title}: accuracy, mean ± std over users (K = 0: reference head, K = 1: Bradley-Terry)")
+    log(f"\n{title}: accuracy, mean ± std over users (K = 0: reference head, K = 1: Bradley-Terry)")
     print_table(["method", "alpha", "K"] + RESULT_NAMES, rows)
+    if any(r.run.info.get("departures") for r in others):
+        log("*: departs from its released code on frozen embeddings; each departure is in the JSON (\"departures\") "
+            "and DIFFERENCES.md")
     if degenerate:
-        print(f"[ties x%]: a degenerate fit ({', '.join(degenerate)}): its margins are near-ties (|margin| <= "
-              f"{TIE_TOLERANCE:g}) on more than {DEGENERATE_TIES:.0%} of a test set's pairs, and a tie counts as "
-              "wrong; the JSON's \"ties_half\" counts them half")
+        log(f"[ties x%]: a degenerate fit ({', '.join(degenerate)}): its margins are near-ties (|margin| <= "
+            f"{TIE_TOLERANCE:g}) on more than {DEGENERATE_TIES:.0%} of a test set's pairs, and a tie counts as "
+            "wrong; the JSON's \"ties_half\" counts them half")
     more = [m for m in results[0].users["seen_test"] if m != HEADLINE] if results else []
     if more:
-        print(f"\n{title}: more metrics on the test sets, mean over users ({', '.join(more)}: metrics.py)")
+        log(f"\n{title}: more metrics on the test sets, mean over users ({', '.join(more)}: metrics.py)")
         print_table(["method"] + [f"{g} {m}" for m in more for g in ("seen", "unseen")],
                     [[r.run.label] + [f"{np.mean(r.users[f'{g}_test'][m]):.4f}" for m in more
                                       for g in ("seen", "unseen")] for r in results])
-    lines = summary(results)
-    chosen = selection(results)
-    json_lore = [{"alpha": r.run.settings["alpha"], "K": r.run.settings["K"], **_json_sets(r)} for r in lore]
-    baselines = {r.run.entry: json_entry(r) for r in others}
+    lines, chosen = summary(results, log), selection(results)
+    payload = {"results": [{"alpha": r.run.settings["alpha"], "K": r.run.settings["K"], **_json_sets(r)}
+                           for r in lore], **({"baselines": {r.run.entry: json_entry(r) for r in others}}
+                                              if others else {}), "summary": lines,
+               **({"selection": chosen} if chosen else {})}
     alphas = list(dict.fromkeys(r.run.settings["alpha"] for r in lore))
-    K_list = list(dict.fromkeys(r.run.settings["K"] for r in lore))
-    series = {f"{label} (alpha={al:g})": ([r.mean(key) for r in lore if r.run.settings["alpha"] == al],
-                                          [r.std(key) for r in lore if r.run.settings["alpha"] == al])
+    K_list = sorted(dict.fromkeys(r.run.settings["K"] for r in lore))
+    at = {(r.run.settings["alpha"], r.run.settings["K"]): r for r in lore}
+    series = {f"{label} (alpha={al:g})": ([at[al, K].mean(key) if (al, K) in at else np.nan for K in K_list],
+                                          [at[al, K].std(key) if (al, K) in at else np.nan for K in K_list])
               for al in alphas for key, label in [("seen_test", "seen users"), ("unseen_test", "unseen users")]}
     hlines = {f"{r.run.label}, {label}": (r.mean(key), style) for r in others
               for key, label, style in [("seen_test", "seen users", ":"), ("unseen_test", "unseen users", "--")]}
-    write_report(out_dir, name, {"config": config, "results": json_lore, **({"baselines": baselines} if others else {}),
-                                 "summary": lines, **({"selection": chosen} if chosen else {}), **(extra or {})},
-                 lambda p: save_plot(p, list(range(len(K_list))), series, "K (0 = reference head, 1 = BT)",
-                                     "test accuracy", f"{title}: accuracy vs rank", xticks=K_list, hlines=hlines),
-                 record)
-    return json_lore
+    return payload, lambda p: save_plot(p, list(range(len(K_list))), series, "K (0 = reference head, 1 = BT)",
+                                        "test accuracy", f"{title}: accuracy vs rank", xticks=K_list, hlines=hlines)
+
+
+def report_run(results, config, out_dir, name, title, extra=None, record=None):
+    """Print and write (`name`.json / .png) a train_basis run: run_payload's tables, JSON and plot, with the config
+    and `extra`. record: the script's RunRecord (the files written). -> the JSON's "results"."""
+    payload, plot = run_payload(results, title)
+    write_report(out_dir, name, {"config": config, **payload, **(extra or {})}, plot, record)
+    return payload["results"]
 
 
 def write_report(out_dir, name, payload, plot, record=None):
