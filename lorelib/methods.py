@@ -13,7 +13,7 @@ on held-out training pairs). A tuned row ("<name>_tuned") takes the released set
 overrides, then the tuned values: those its class stores for this data (`tuned[data key]`) or, with tune=True, the
 point of its `tune_grid` chosen on held-out pairs of the seen users' training data (tuning.tune; never test pairs).
 
-Imports: config, bt, lore, vpl, pal, evaluate, tuning, newusers.
+Imports: config, bt, lore, vpl, pal, mrm, evaluate, tuning, newusers.
 """
 import inspect
 
@@ -21,12 +21,13 @@ from .bt import PerUserBT
 from .config import InputError, check_values
 from .evaluate import Run
 from .lore import LoReMethod
+from .mrm import MRM
 from .newusers import validate_new_users
 from .pal import PAL
 from .tuning import grid_points, tune
 from .vpl import VPL
 
-METHODS = {"lore": LoReMethod, "per_user_bt": PerUserBT, "vpl": VPL, "pal": PAL}  # a script's name -> class
+METHODS = {"lore": LoReMethod, "per_user_bt": PerUserBT, "vpl": VPL, "pal": PAL, "mrm": MRM}  # a script's name -> class
 
 
 def baseline_names():

@@ -82,7 +82,7 @@ def test_train_basis_on_prepared_data_skips_nan_prompts(prepared, tmp_path, tiny
     assert [r["K"] for r in res["results"]] == [0, 1, 2]
     # the baselines run on prepared files too, at their released settings: no tuned settings are stored for these
     # files (those stored for the synthetic data are never used here), and the run says so in one line
-    assert set(res["baselines"]) == {"per_user_bt", "vpl", "pal"}
+    assert set(res["baselines"]) == {"per_user_bt", "vpl", "pal", "mrm"}
     assert "no tuned settings stored for this data (PersonalLLM prepared " in proc.stdout
     assert (tmp_path / "train_basis.png").stat().st_size > 1000
     # the learned models, in the common format: simulated users numbered 0..5 (seen), 6..9 (unseen)
@@ -151,7 +151,7 @@ def test_synthetic_train_basis_shows_paper_ordering_and_is_reproducible(tmp_path
     unseen = [r["unseen_test"]["mean"] for r in a["results"]]
     assert unseen[0] < unseen[1] - 0.02 and unseen[1] < unseen[2] - 0.05, unseen  # ref < BT < LoRe
     baselines = {m: r["unseen_test"]["mean"] for m, r in a["baselines"].items()}
-    assert set(baselines) == {"per_user_bt", "vpl", "pal"} and all(u > unseen[0] + 0.03 for u in baselines.values()), \
+    assert set(baselines) == {"per_user_bt", "vpl", "pal", "mrm"} and all(u > unseen[0] + 0.03 for u in baselines.values()), \
         (unseen, baselines)
     assert all(name in proc.stdout for name in ("ref", "BT", "LoRe", "per-user BT", "VPL", "PAL"))
     assert (tmp_path / "a" / "train_basis_synthetic.png").exists()

@@ -213,7 +213,7 @@ def test_prepare_train_eval_end_to_end(prism_dir, tiny_reward_model, tmp_path):
         tops.setdefault(turn["user"].iloc[0], []).append(ratings[picked] == max(ratings))
     ref = res["choice"]["results"][0]
     assert ref["K"] == 0 and ref["seen"]["top"]["mean"] == pytest.approx(np.mean([np.mean(v) for v in tops.values()]))
-    assert set(res["choice"]["baselines"]) == {"per_user_bt", "vpl", "pal"}  # no tuned settings for these files
+    assert set(res["choice"]["baselines"]) == {"per_user_bt", "vpl", "pal", "mrm"}  # no tuned settings for these files
     assert (out / "train_basis_choice.png").is_file()
     head_file = out / "models" / "K3_alpha10000.safetensors"
     h = load_tensors(head_file, ["V", "W", "W_unseen"])
@@ -301,7 +301,7 @@ def test_train_basis_and_vary_fewshot_synthetic(tmp_path):
     assert len(res["results"]) == 6 and res["num_iterations_used"] == 50
     ref = res["results"][0]["unseen_test"]["mean"]  # on unseen users, every baseline beats the model's own head
     baselines = {m: r["unseen_test"]["mean"] for m, r in res["baselines"].items()}
-    assert set(baselines) == {"per_user_bt", "vpl", "pal"} and all(b > ref + 0.03 for b in baselines.values()), \
+    assert set(baselines) == {"per_user_bt", "vpl", "pal", "mrm"} and all(b > ref + 0.03 for b in baselines.values()), \
         (ref, baselines)
     assert (tmp_path / "models_synthetic" / "K3_alpha0.safetensors").is_file()
     # choice quality on the first turns, by the users' ratings: every method and alpha, beside chance

@@ -226,7 +226,7 @@ def test_train_basis_synthetic(tmp_path):
     unseen = [r["unseen_test"]["mean"] for r in out["results"]]
     assert unseen[2] > unseen[1] + 0.05 and unseen[1] > unseen[0] + 0.03  # LoRe > BT > reference head
     baselines = {m: r["unseen_test"]["mean"] for m, r in out["baselines"].items()}
-    assert set(baselines) == {"per_user_bt", "vpl", "pal", "vpl_tuned", "pal_tuned"}
+    assert set(baselines) == {"per_user_bt", "vpl", "pal", "mrm", "vpl_tuned", "pal_tuned"}
     assert all(b > unseen[0] + 0.02 for b in baselines.values()), (unseen, baselines)
     assert all(name in p.stdout for name in ("LoRe", "per-user BT", "VPL", "PAL", "PAL (tuned)", "VPL (tuned)"))
     key = tldr.data_key({**out["config"], "synthetic": True})
