@@ -151,8 +151,8 @@ def test_synthetic_train_basis_shows_paper_ordering_and_is_reproducible(tmp_path
     unseen = [r["unseen_test"]["mean"] for r in a["results"]]
     assert unseen[0] < unseen[1] - 0.02 and unseen[1] < unseen[2] - 0.05, unseen  # ref < BT < LoRe
     baselines = {m: r["unseen_test"]["mean"] for m, r in a["baselines"].items()}
-    assert set(baselines) == {"per_user_bt", "vpl", "pal", "mrm"} and all(u > unseen[0] + 0.03 for u in baselines.values()), \
-        (unseen, baselines)
+    assert set(baselines) == {"per_user_bt", "vpl", "pal", "mrm"}
+    assert all(u > unseen[0] + 0.03 for u in baselines.values()), (unseen, baselines)
     assert all(name in proc.stdout for name in ("ref", "BT", "LoRe", "per-user BT", "VPL", "PAL"))
     assert (tmp_path / "a" / "train_basis_synthetic.png").exists()
 
