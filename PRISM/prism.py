@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lorelib import populations
 from lorelib.choice import Candidates
-from lorelib.config import InputError, check_value, print0
+from lorelib.config import InputError, check_value, check_values, print0
 from lorelib.data import Pairs, PreferenceData
 from lorelib.files import (
     PUBLISHED_REFERENCE,
@@ -49,7 +50,7 @@ SCORES = ["chosen_score", "rejected_score"]  # per pair: the user's 1-100 rating
 SPLITS = ["train", "test"]  # split code 0: training (seen users) / few-shot (unseen users); 1: test
 # the range of this dataset's own settings (config.check_value rules; the scripts pass them to configure)
 RULES = {"user_split": "one of published filter_first", "seen_fraction": "in (0, 1)", "min_dialogs": "int >= 1",
-         "synthetic_users": "int >= 2"}
+         "synthetic_users": "int >= 2", **populations.RULES}  # population, hard_users, hard_kind, hard_noise
 
 
 # required fields of a jsonl line: name -> accepted types
@@ -282,46 +283,77 @@ def pair_tensors(pairs):
 
 
 def make_synthetic(num_users=1000, num_features=64, rank=4, dirichlet_alpha=0.1, label_noise=0.2,
-                   head_noise=1.0, seed=0):
-    """A PRISM-shaped dataset with a planted low-rank per-user reward, in the prepare.py format.
+                   head_noise=1.0, seed=0, population="lowrank", hard_users=0.0, hard_kind="noise", hard_noise=1.0,
+                   return_population=False):
+    """A PRISM-shaped dataset with a planted per-user reward, in the prepare.py format.
 
     Users have 6 + Geometric(0.3) - 1 dialogs (at most 20); a dialog has 1-4 turns; the first
     turn shows 4 replies, later turns 2 (as in PRISM). A reply's embedding is its dialog's
-    context plus N(0, I) [F]; user i's utility of it is e^T h_i (h_i = U w_i normalised, U [F, rank]
-    orthonormal, w_i ~ Dirichlet(dirichlet_alpha)) plus Gumbel noise of scale `label_noise`; it chooses the
-    reply of highest utility and rates each on PRISM's 1-100 scale: 50 + 15 x (utility - the turn's mean
-    utility), rounded and clipped to [1, 100] (so the chosen reply has the top rating, possibly tied).
-    The reference head is the mean user direction plus noise (`head_noise` x its norm).
-    Returns the dict of tensors of TENSORS and SCORES (see load), plus the planted user reward
-    directions `true_directions` [C, F] (rows in user-index order).
+    context plus N(0, I) [F]; user i's utility of it is its reward r_i(e) plus Gumbel noise of scale `label_noise`;
+    it chooses the reply of highest utility and rates each on PRISM's 1-100 scale: 50 + 15 x (utility - the
+    turn's mean utility), rounded and clipped to [1, 100] (so the chosen reply has the top rating, possibly tied).
+    population "lowrank": r_i(e) = e^T h_i (h_i = U w_i normalised, U [F, rank] orthonormal, w_i ~
+    Dirichlet(dirichlet_alpha)); "ideal_points", "latent", "nonlinear_mixture": the family of lorelib.populations
+    (rank prototypes, latent size or reward models; Dirichlet(dirichlet_alpha) users), drawn from
+    populations.generator(seed), so that every population sees the same dialogs, contexts and replies (the lowrank
+    draws are made, and for the others left unused, in the same order).
+    The reference head is the population's mean linear direction (lowrank: the mean user direction;
+    Population.linear_direction) plus noise (`head_noise` x its norm).
+    Hard users (populations.choose_hard in each of the seen and the unseen users): "opposite" ones have their
+    reward negated; "noise" ones choose, at each turn with probability hard_noise, a reply at random (the pairs'
+    labels then agree with the reward half the time; their ratings still follow their utility).
+    Returns the dict of tensors of TENSORS and SCORES (see load), plus for lowrank the planted user reward
+    directions `true_directions` [C, F] and with hard users `hard_users` [h] (their user indices), rows and
+    indices in user-index order; return_population: (that dict, the users' lorelib.populations.Population in
+    user-index order).
     """
+    check_values(dict(population=population, hard_users=hard_users, hard_kind=hard_kind, hard_noise=hard_noise),
+                 populations.RULES)
     rng = np.random.default_rng(seed)
+    gp = populations.generator(seed)  # the other populations and the hard users: lowrank's draws stay put
     U, _ = np.linalg.qr(rng.standard_normal((num_features, rank)))
     W = rng.dirichlet(dirichlet_alpha * np.ones(rank), num_users)
     H = W @ U.T  # [N, F] user reward directions
     H /= np.linalg.norm(H, axis=1, keepdims=True)
-    mean = H.mean(0)
+    if population == "lowrank":
+        mean = H.mean(0)
+    else:  # users in user-index order (their draws are exchangeable)
+        pop = populations.make_population(population, num_users, num_features, gp, rank, dirichlet_alpha)
+        mean = pop.linear_direction(num_features, gp).double().numpy()
     noise = rng.standard_normal(num_features)
     head = mean + head_noise * np.linalg.norm(mean) * noise / np.linalg.norm(noise)
     n_dialogs = np.minimum(5 + rng.geometric(0.3, num_users), 20)
     users, num_seen, dialog_split = split_users(np.repeat(np.arange(num_users), n_dialogs).tolist(), seed)
     index = {u: i for i, u in enumerate(users)}
+    hard = torch.cat([populations.choose_hard(num_seen, hard_users, gp),
+                      num_seen + populations.choose_hard(len(users) - num_seen, hard_users, gp)])
+    if population == "lowrank":
+        pop = populations.Linear(torch.as_tensor(H[users]))  # [C, F] by user index
+    pop.negate(hard if hard_kind == "opposite" else [])
+    if population == "lowrank":  # signed: the directions of the users' rewards
+        directions = pop.directions.numpy() * pop.sign.numpy()[:, None]
+    noisy = set(hard.tolist()) if hard_kind == "noise" else set()
     starts = np.concatenate([[0], np.cumsum(n_dialogs)])
     rows, cols = [], {k: [] for k in ["chosen", "rejected", "user", "dialog", "turn", "split"] + SCORES}
     for u in users:
+        i = index[u]
         for split in (0, 1):
             for d in [d for d in range(starts[u], starts[u + 1]) if dialog_split[d] == split]:
                 context = rng.standard_normal(num_features)
                 for t in range(rng.integers(1, 5)):
                     E = context + rng.standard_normal((4 if t == 0 else 2, num_features))
-                    utility = E @ H[u] + label_noise * rng.gumbel(size=len(E))
+                    reward = E @ directions[i] if population == "lowrank" else \
+                        pop.reward(torch.from_numpy(E), torch.full((len(E),), i)).numpy()
+                    utility = reward + label_noise * rng.gumbel(size=len(E))
                     best = np.argmax(utility)
+                    if i in noisy and float(torch.rand(1, generator=gp)) < hard_noise:
+                        best = int(torch.randint(len(E), (1,), generator=gp))
                     rating = np.clip(np.round(50 + 15 * (utility - utility.mean())), 1, 100)
                     c = len(rows)
                     rows.append(E[best])
                     for j in range(len(E)):
                         if j != best:
-                            for k, v in [("chosen", c), ("rejected", len(rows)), ("user", index[u]),
+                            for k, v in [("chosen", c), ("rejected", len(rows)), ("user", i),
                                          ("dialog", d), ("turn", t), ("split", split),
                                          ("chosen_score", rating[best]), ("rejected_score", rating[j])]:
                                 cols[k].append(v)
@@ -331,8 +363,11 @@ def make_synthetic(num_users=1000, num_features=64, rank=4, dirichlet_alpha=0.1,
     t["embeddings"] = torch.as_tensor(np.stack(rows), dtype=torch.float32)
     t["head"] = torch.as_tensor(head, dtype=torch.float32).reshape(-1, 1)
     t[PUBLISHED_REFERENCE] = stand_in_reference(t["head"], seed)
-    t["true_directions"] = torch.as_tensor(H[users], dtype=torch.float32)  # [C, F] by user index
-    return t
+    if population == "lowrank":
+        t["true_directions"] = torch.as_tensor(directions, dtype=torch.float32)  # [C, F] by user index
+    if len(hard):
+        t["hard_users"] = hard
+    return (t, pop) if return_population else t
 
 
 PUBLISHED_FILES = {"train": "train_embeddings.pkl", "test": "test_embeddings.pkl"}
@@ -411,7 +446,7 @@ def data_key(config):
     """The key of the seen users' training data a run of `config` fits on, under which a method stores its tuned
     settings (Method.tuned): the synthetic shape, or a fingerprint of the prepared embeddings file."""
     if config.get("synthetic"):
-        return (f"PRISM synthetic {config.get('population', 'lowrank')} F={config['synthetic_features']} "
+        return (f"PRISM synthetic {populations.key(config)} F={config['synthetic_features']} "
                 f"users={config['synthetic_users']}")
     data_dir = config.get("data_dir")
     path = Path(data_dir or HERE / "data") / "embeddings.safetensors"
@@ -461,7 +496,7 @@ def first_turns(t, table, N, source, make_cmd):
 
 
 def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_features=64, seed=0, reference="head",
-         pairs_dtype="auto", choice=False):
+         pairs_dtype="auto", choice=False, population="lowrank", hard_users=0.0, hard_kind="noise", hard_noise=1.0):
     """PRISM as published (see split_users) -> PreferenceData.
 
     Reads data_dir/embeddings.safetensors (written by prepare.py; default data_dir: PRISM/data), or
@@ -475,12 +510,17 @@ def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_feature
     (choose_reference; synthetic data: stand_in_reference), the K = 0 column and V_sft.
     pairs_dtype: the dtype of the embedding table, "auto" (the prepared file's), "float32" or "bfloat16".
     choice: also info["choice"], the candidate sets of choice quality (first_turns); the file must hold SCORES.
+    population, hard_users, hard_kind, hard_noise: the synthetic users (make_synthetic; lorelib.populations);
+    synthetic data's info also has "population" (its name) and "hard_users": {"seen", "unseen": the hard users'
+    indices}.
     """
     make_cmd = _make_cmd(data_dir)
+    populations.check_population(dict(synthetic=synthetic, population=population, hard_users=hard_users))
     if synthetic:
         check_value("synthetic_users", synthetic_users, RULES["synthetic_users"])
         check_value("synthetic_features", synthetic_features)
-        t = make_synthetic(synthetic_users, synthetic_features, seed=seed)
+        t = make_synthetic(synthetic_users, synthetic_features, seed=seed, population=population,
+                           hard_users=hard_users, hard_kind=hard_kind, hard_noise=hard_noise)
     else:
         path = Path(data_dir or HERE / "data") / "embeddings.safetensors"
         if choice:
@@ -517,7 +557,11 @@ def load(data_dir=None, synthetic=False, synthetic_users=1000, synthetic_feature
     dialogs = t["dialog"][(~seen) & (split == 0)]
     info = {"fewshot_dialogs": dialogs, "shot_groups": dialogs, "train_groups": t["dialog"][seen & (split == 0)],
             "reference": reference}
-    if not synthetic:
+    if synthetic:
+        hard = t.get("hard_users", torch.zeros(0, dtype=torch.long)).tolist()
+        info.update(population=population, hard_users={"seen": [i for i in hard if i < N],
+                                                       "unseen": [i - N for i in hard if i >= N]})
+    else:
         info["reward_model"] = reward_model_info(path)
         info.update(_user_ids(path.parent / "users.parquet", N, N_unseen))
     head = choose_reference(reference, t, None if synthetic else path, make_cmd)

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lorelib import experiment, methods  # noqa: E402
+from lorelib import experiment, methods, populations  # noqa: E402
 from lorelib.config import configure  # noqa: E402
 from lorelib.files import script_out_dir  # noqa: E402
 from PRISM import prism  # noqa: E402
@@ -48,6 +48,11 @@ pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared f
 synthetic = False          # True: a generated PRISM-shaped dataset with a planted low-rank structure
 synthetic_users = 1000
 synthetic_features = 64    # embedding size F of the synthetic data
+population = "lowrank"     # synthetic users' rewards (README "Synthetic populations"): "lowrank" (LoRe's model),
+                           # "ideal_points" (PAL's), "latent" (VPL's) or "nonlinear_mixture" (MLP reward models mixed)
+hard_users = 0.0           # fraction of the synthetic users made hard (MRM's hardest users), of kind hard_kind
+hard_kind = "noise"        # "noise" (choices at random, with probability hard_noise) or "opposite" (reward negated)
+hard_noise = 1.0           # "noise" users: each choice at random with this probability (1: labels flipped w.p. 1/2)
 save_models = True         # write V, W, W_unseen of every (alpha, K) to out_dir/models/
 data_dir = None            # default: PRISM/data (written by prepare.py)
 out_dir = None             # default: PRISM/results
@@ -55,7 +60,8 @@ device = None              # default: cuda if available, else cpu
 _types = {"alpha_list": list, "seeds": (int, list)}
 # -----------------------------------------------------------------------------
 config = configure(globals(), script=__file__, writable={"out_dir": "results"}, rules=prism.RULES,
-                   checks=[methods.check_methods, prism.check_config])  # every setting checked before any work
+                   checks=[methods.check_methods, populations.check_population,
+                           prism.check_config])  # every setting checked before any work
 if num_iterations is None:
     num_iterations = 500 if synthetic else 20000
 if alpha_list is None:
@@ -63,8 +69,10 @@ if alpha_list is None:
 experiment.train_basis(
     config, lambda s: prism.load(data_dir=data_dir, synthetic=synthetic, synthetic_users=synthetic_users,
                                  synthetic_features=synthetic_features, seed=s, reference=reference,
-                                 pairs_dtype=pairs_dtype, choice=choice_quality),
+                                 pairs_dtype=pairs_dtype, choice=choice_quality, population=population,
+                                 hard_users=hard_users, hard_kind=hard_kind, hard_noise=hard_noise),
     out_dir=script_out_dir(__file__, out_dir), dataset="PRISM", regularized=True,
-    name="train_basis_synthetic" if synthetic else "train_basis", title="PRISM (synthetic)" if synthetic else "PRISM",
+    name="train_basis_synthetic" + populations.suffix(config) if synthetic else "train_basis",
+    title=f"PRISM (synthetic{populations.suffix(config, ', ')})" if synthetic else "PRISM",
     data_key=prism.data_key(config), overrides={"num_iterations": num_iterations, "alpha_list": alpha_list},
     extra={"num_iterations_used": num_iterations})

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lorelib import experiment, methods  # noqa: E402
+from lorelib import experiment, methods, populations  # noqa: E402
 from lorelib.config import configure  # noqa: E402
 from lorelib.files import script_out_dir  # noqa: E402
 from lorelib.pipelines import check_shot_selection  # noqa: E402
@@ -50,13 +50,19 @@ pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared f
 synthetic = False
 synthetic_users = 1000
 synthetic_features = 64
+population = "lowrank"     # synthetic users' rewards (README "Synthetic populations"): "lowrank" (LoRe's model),
+                           # "ideal_points" (PAL's), "latent" (VPL's) or "nonlinear_mixture" (MLP reward models mixed)
+hard_users = 0.0           # fraction of the synthetic users made hard (MRM's hardest users), of kind hard_kind
+hard_kind = "noise"        # "noise" (choices at random, with probability hard_noise) or "opposite" (reward negated)
+hard_noise = 1.0           # "noise" users: each choice at random with this probability (1: labels flipped w.p. 1/2)
 data_dir = None            # default: PRISM/data
 out_dir = None             # default: PRISM/results
 device = None
 _types = {"shot_selection": (str, list), "seeds": list, "stop_thresholds": list, "pair_budgets": list}
 # -----------------------------------------------------------------------------
 config = configure(globals(), script=__file__, writable={"out_dir": "results"}, rules=prism.RULES,
-                   checks=[methods.check_methods, lambda c: check_shot_selection(c, dialogs=True)])  # before any work
+                   checks=[methods.check_methods, populations.check_population,
+                           lambda c: check_shot_selection(c, dialogs=True)])  # every setting checked before any work
 if num_iterations is None:
     num_iterations = 500 if synthetic else 20000
 if pair_budgets is None and not isinstance(shot_selection, str):
@@ -64,9 +70,12 @@ if pair_budgets is None and not isinstance(shot_selection, str):
 experiment.vary_fewshot(
     config, lambda s: prism.load(data_dir=data_dir, synthetic=synthetic, synthetic_users=synthetic_users,
                                  synthetic_features=synthetic_features, seed=s, reference=reference,
-                                 pairs_dtype=pairs_dtype),
-    out_dir=script_out_dir(__file__, out_dir), name="vary_fewshot_synthetic" if synthetic else "vary_fewshot",
-    title="PRISM, few-shot dialogs" + (" (synthetic)" if synthetic else ""), data_key=prism.data_key(config),
+                                 pairs_dtype=pairs_dtype, population=population, hard_users=hard_users,
+                                 hard_kind=hard_kind, hard_noise=hard_noise),
+    out_dir=script_out_dir(__file__, out_dir),
+    name="vary_fewshot_synthetic" + populations.suffix(config) if synthetic else "vary_fewshot",
+    title="PRISM, few-shot dialogs" + (f" (synthetic{populations.suffix(config, ', ')})" if synthetic else ""),
+    data_key=prism.data_key(config),
     regularized=True, overrides={"num_iterations": num_iterations, "pair_budgets": pair_budgets},
     extra={"num_iterations_used": num_iterations, "shots_are": "dialogs per unseen user"},
     xlabel="few-shot dialogs per user")

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lorelib import experiment, methods  # noqa: E402
+from lorelib import experiment, methods, populations  # noqa: E402
 from lorelib.config import configure  # noqa: E402
 from lorelib.files import script_out_dir  # noqa: E402
 from PersonalLLM import personalllm  # noqa: E402
@@ -51,6 +51,11 @@ pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared f
 synthetic = False          # True: a generated PersonalLLM-shaped dataset, no download
 synthetic_features = 128   # embedding size F of the synthetic data
 synthetic_prompts = [9402, 1000]  # train, test prompts of the synthetic data
+population = "lowrank"     # synthetic users' rewards (README "Synthetic populations"): "lowrank" (LoRe's model),
+                           # "ideal_points" (PAL's), "latent" (VPL's) or "nonlinear_mixture" (MLP reward models mixed)
+hard_users = 0.0           # fraction of the synthetic users made hard (MRM's hardest users), of kind hard_kind
+hard_kind = "noise"        # "noise" (choices at random, with probability hard_noise) or "opposite" (reward negated)
+hard_noise = 1.0           # "noise" users: each choice at random with this probability (1: labels flipped w.p. 1/2)
 save_models = True         # write V, W, W_unseen of every (alpha, K) to out_dir/models/
 data_dir = None            # default: PersonalLLM/data (written by prepare.py)
 out_dir = None             # default: PersonalLLM/results
@@ -58,13 +63,16 @@ device = None              # default: cuda if available, else cpu
 _types = {"seeds": (int, list)}
 # -----------------------------------------------------------------------------
 config = configure(globals(), script=__file__, writable={"out_dir": "results"}, rules=personalllm.RULES,
-                   checks=[methods.check_methods, personalllm.check_config])  # every setting checked before any work
+                   checks=[methods.check_methods, populations.check_population,
+                           personalllm.check_config])  # every setting checked before any work
 experiment.train_basis(
     config, lambda s: personalllm.load(
         data_dir=data_dir, synthetic=synthetic, synthetic_prompts=synthetic_prompts,
         synthetic_features=synthetic_features, N=N, N_unseen=N_unseen, train_density=train_density,
         fewshot_density=fewshot_density, dirichlet_alpha=dirichlet_alpha, seed=s, reference=reference,
-        pairs_dtype=pairs_dtype, choice=choice_quality, choice_prompts=choice_prompts),
+        pairs_dtype=pairs_dtype, choice=choice_quality, choice_prompts=choice_prompts, population=population,
+        hard_users=hard_users, hard_kind=hard_kind, hard_noise=hard_noise),
     out_dir=script_out_dir(__file__, out_dir), dataset="PersonalLLM",
-    name="train_basis_synthetic" if synthetic else "train_basis",
-    title="PersonalLLM (synthetic)" if synthetic else "PersonalLLM", data_key=personalllm.data_key(config))
+    name="train_basis_synthetic" + populations.suffix(config) if synthetic else "train_basis",
+    title=f"PersonalLLM (synthetic{populations.suffix(config, ', ')})" if synthetic else "PersonalLLM",
+    data_key=personalllm.data_key(config))

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lorelib import experiment, methods  # noqa: E402
+from lorelib import experiment, methods, populations  # noqa: E402
 from lorelib.config import configure  # noqa: E402
 from lorelib.files import script_out_dir  # noqa: E402
 from lorelib.pipelines import check_shot_selection  # noqa: E402
@@ -50,18 +50,27 @@ pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared f
 synthetic = False
 synthetic_features = 128
 synthetic_prompts = [9402, 1000]
+population = "lowrank"     # synthetic users' rewards (README "Synthetic populations"): "lowrank" (LoRe's model),
+                           # "ideal_points" (PAL's), "latent" (VPL's) or "nonlinear_mixture" (MLP reward models mixed)
+hard_users = 0.0           # fraction of the synthetic users made hard (MRM's hardest users), of kind hard_kind
+hard_kind = "noise"        # "noise" (choices at random, with probability hard_noise) or "opposite" (reward negated)
+hard_noise = 1.0           # "noise" users: each choice at random with this probability (1: labels flipped w.p. 1/2)
 data_dir = None            # default: PersonalLLM/data
 out_dir = None             # default: PersonalLLM/results
 device = None
 _types = {"shot_selection": (str, list), "seeds": list, "stop_thresholds": list}
 # -----------------------------------------------------------------------------
 config = configure(globals(), script=__file__, writable={"out_dir": "results"}, rules=personalllm.RULES,
-                   checks=[methods.check_methods, check_shot_selection, personalllm.check_config])  # before any work
+                   checks=[methods.check_methods, populations.check_population, check_shot_selection,
+                           personalllm.check_config])  # every setting checked before any work
 experiment.vary_fewshot(
     config, lambda s: personalllm.load(
         data_dir=data_dir, synthetic=synthetic, synthetic_prompts=synthetic_prompts,
         synthetic_features=synthetic_features, N=N, N_unseen=N_unseen, train_density=train_density,
         fewshot_pool_density=fewshot_pool_density, dirichlet_alpha=dirichlet_alpha, seed=s, reference=reference,
-        pairs_dtype=pairs_dtype),
-    out_dir=script_out_dir(__file__, out_dir), name="vary_fewshot_synthetic" if synthetic else "vary_fewshot",
-    title="PersonalLLM (synthetic)" if synthetic else "PersonalLLM", data_key=personalllm.data_key(config))
+        pairs_dtype=pairs_dtype, population=population, hard_users=hard_users, hard_kind=hard_kind,
+        hard_noise=hard_noise),
+    out_dir=script_out_dir(__file__, out_dir),
+    name="vary_fewshot_synthetic" + populations.suffix(config) if synthetic else "vary_fewshot",
+    title=f"PersonalLLM (synthetic{populations.suffix(config, ', ')})" if synthetic else "PersonalLLM",
+    data_key=personalllm.data_key(config))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lorelib import populations
 from lorelib.config import InputError, check_value, check_values
 from lorelib.data import RESULT_NAMES, Pairs, PreferenceData
 from lorelib.files import (
@@ -32,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 SPLITS = ("train", "validation")  # train: training and few-shot pairs; validation: test pairs
 # the range of this dataset's own settings (config.check_value rules; the scripts pass them to configure)
 RULES = {"max_train_pairs": "int >= 1 or None", "max_fewshot_pairs": "int >= 1 or None", "min_comparisons": "int >= 2",
-         "protocol": "one of published paper"}
+         "protocol": "one of published paper", **populations.RULES}  # population, hard_users, hard_kind, hard_noise
 
 
 def read_split(path, make_cmd=None):
@@ -101,28 +102,44 @@ def convert_published(pkl_path, head, published_reference=None):
 
 
 def make_synthetic(num_workers=60, num_features=64, rank=4, dirichlet_alpha=0.3, median_comparisons=200,
-                   choice_temperature=4.0, head_noise=1.0, seed=0):
-    """A Reddit-TLDR-shaped dataset with a planted low-rank per-worker structure -> (train, validation) in the
-    layout of read_split.
+                   choice_temperature=4.0, head_noise=1.0, seed=0, population="lowrank", hard_users=0.0,
+                   hard_kind="noise", hard_noise=1.0, return_population=False):
+    """A Reddit-TLDR-shaped dataset with planted per-worker rewards -> (train, validation) in the layout of
+    read_split, with hard workers also "hard_workers" (their names); return_population: ((train, validation),
+    the workers' lorelib.populations.Population, users in worker order).
 
-    Worker i prefers by r_i(e) = e^T H w_i with H [F, rank] orthonormal basis rewards and
-    w_i ~ Dirichlet(dirichlet_alpha); a comparison's two summaries are post + noise, and the worker picks
-    the first with probability sigmoid(choice_temperature * (r_i(e_1) - r_i(e_2))). The reference head is
-    the population's mean reward plus noise (`head_noise` x its norm). Comparison counts are skewed: a
-    log-normal activity per worker, 10 to 4000 comparisons per split (some workers fall below the paper's 50).
-    The last 3 workers appear in train only, the 2 before them in validation only. Rows are shuffled across
-    workers, as in the dataset.
+    population "lowrank": worker i prefers by r_i(e) = e^T H w_i with H [F, rank] orthonormal basis rewards and
+    w_i ~ Dirichlet(dirichlet_alpha); "ideal_points", "latent", "nonlinear_mixture": the family of
+    lorelib.populations (rank prototypes, latent size or reward models; Dirichlet(dirichlet_alpha) users), drawn
+    from populations.generator(seed), so that every population sees the same posts, summaries and workers (the
+    lowrank draws are made, and for the others left unused, in the same order). A comparison's two summaries are
+    post + noise, and the worker picks the first with probability sigmoid(choice_temperature * (r_i(e_1) -
+    r_i(e_2))). The reference head is the population's mean linear direction (Population.linear_direction; lowrank:
+    the mean reward) plus noise (`head_noise` x its norm). Comparison counts are skewed: a log-normal activity per
+    worker, 10 to 4000 comparisons per split (some workers fall below the paper's 50). The last 3 workers appear in
+    train only, the 2 before them in validation only. Rows are shuffled across workers, as in the dataset.
+    Hard workers (populations.choose_hard over all num_workers): "opposite" ones prefer by -r_i, "noise" ones have
+    each choice flipped with probability hard_noise / 2 (populations.flip_labels).
     """
+    check_values(dict(population=population, hard_users=hard_users, hard_kind=hard_kind, hard_noise=hard_noise),
+                 populations.RULES)
     g = torch.Generator().manual_seed(seed)
     rs = np.random.RandomState(seed)
+    gp = populations.generator(seed)  # the other populations and the hard workers: lowrank's draws stay put
     H, _ = torch.linalg.qr(torch.randn(num_features, rank, generator=g))  # [F, rank]
     W = torch.as_tensor(rs.dirichlet(dirichlet_alpha * np.ones(rank), num_workers), dtype=torch.float32)
-    rewards = W @ H.T  # [C, F] each worker's reward direction
-    mean = rewards.mean(0)
+    pop = populations.Linear(W @ H.T) if population == "lowrank" else populations.make_population(
+        population, num_workers, num_features, gp, rank, dirichlet_alpha)  # lowrank: [C, F] reward directions
+    mean = pop.linear_direction(num_features, gp)
     noise = torch.randn(num_features, generator=g)
     head = (mean + head_noise * mean.norm() * noise / noise.norm()).reshape(-1, 1)
     names = np.array([f"synthetic_worker_{i:02d}" for i in range(num_workers)])
     activity = np.exp(rs.normal(np.log(median_comparisons), 1.5, num_workers))  # busy workers are busy in both
+    hard = populations.choose_hard(num_workers, hard_users, gp)
+    if hard_kind == "opposite":
+        pop.negate(hard)
+    noisy = torch.zeros(num_workers, dtype=torch.bool)
+    noisy[hard] = hard_kind == "noise"
 
     def split(only_absent):
         counts = np.clip(np.round(activity * np.exp(rs.normal(0, 0.3, num_workers))), 10, 4000)
@@ -131,23 +148,30 @@ def make_synthetic(num_workers=60, num_features=64, rank=4, dirichlet_alpha=0.3,
         n = len(worker)
         post = torch.randn(n, 1, num_features, generator=g)
         summaries = post + torch.randn(n, 2, num_features, generator=g)  # [n, 2, F]
-        margin = ((summaries[:, 0] - summaries[:, 1]) * rewards[worker]).sum(1)
+        margin = pop.margin(summaries[:, 0], summaries[:, 1], worker)
         first = torch.rand(n, generator=g) < torch.sigmoid(choice_temperature * margin)
+        if noisy.any():
+            first ^= populations.flip_labels(noisy[worker], hard_noise, gp)
         chosen = torch.where(first[:, None], summaries[:, 0], summaries[:, 1])
         rejected = torch.where(first[:, None], summaries[:, 1], summaries[:, 0])
         return {"chosen": chosen.contiguous(), "rejected": rejected.contiguous(), "worker": names[worker],
-                "row": torch.arange(n), "head": head, PUBLISHED_REFERENCE: stand_in_reference(head, seed)}
+                "row": torch.arange(n), "head": head, PUBLISHED_REFERENCE: stand_in_reference(head, seed),
+                **({"hard_workers": names[hard.numpy()]} if len(hard) else {})}
 
     train = split(np.arange(num_workers - 5, num_workers - 3))  # workers absent from train
     test = split(np.arange(num_workers - 3, num_workers))       # workers absent from validation
-    return train, test
+    return ((train, test), pop) if return_population else (train, test)
 
 
-def read_splits(data_dir=None, synthetic=False, synthetic_features=64, seed=0):
+def read_splits(data_dir=None, synthetic=False, synthetic_features=64, seed=0, population="lowrank", hard_users=0.0,
+                hard_kind="noise", hard_noise=1.0):
     """(train, validation) splits in the layout of read_split: data_dir/{train,validation}.safetensors
-    written by prepare.py (default data_dir: RedditTLDR/data), or generated by make_synthetic when synthetic."""
+    written by prepare.py (default data_dir: RedditTLDR/data), or generated by make_synthetic when synthetic
+    (of that population, with those hard workers; InputError for prepared data unless lowrank without)."""
+    populations.check_population(dict(synthetic=synthetic, population=population, hard_users=hard_users))
     if synthetic:
-        train, test = make_synthetic(num_features=synthetic_features, seed=seed)
+        train, test = make_synthetic(num_features=synthetic_features, seed=seed, population=population,
+                                     hard_users=hard_users, hard_kind=hard_kind, hard_noise=hard_noise)
     else:
         make_cmd = f"python {HERE / 'prepare.py'}" + (f" data_dir={data_dir}" if data_dir else "")
         data_dir = Path(data_dir or HERE / "data")
@@ -237,7 +261,7 @@ def data_key(config):
     protocol = f"protocol={config['protocol']} max_train_pairs={config['max_train_pairs']}" + (
         f" min_comparisons={config['min_comparisons']}" if config["protocol"] == "paper" else "")
     if config.get("synthetic"):
-        return f"RedditTLDR synthetic {config.get('population', 'lowrank')} F={config['synthetic_features']} {protocol}"
+        return f"RedditTLDR synthetic {populations.key(config)} F={config['synthetic_features']} {protocol}"
     path = Path(config.get("data_dir") or HERE / "data") / f"{SPLITS[0]}.safetensors"
     return f"RedditTLDR prepared {fingerprint(path)} {protocol}"
 
@@ -283,7 +307,8 @@ def split_pairs(train, test, protocol="published", max_train_pairs=150, max_fews
 
 
 def load(data_dir=None, synthetic=False, synthetic_features=64, protocol="published", max_train_pairs=150,
-         max_fewshot_pairs=50, min_comparisons=50, split_seed=0, seed=0, reference="head", pairs_dtype="auto"):
+         max_fewshot_pairs=50, min_comparisons=50, split_seed=0, seed=0, reference="head", pairs_dtype="auto",
+         population="lowrank", hard_users=0.0, hard_kind="noise", hard_noise=1.0):
     """A Reddit TLDR protocol (see split_pairs) on the prepared (or synthetic) data -> PreferenceData.
 
     head: the reward model's own, or with reference="published" the published scripts' direction
@@ -291,14 +316,22 @@ def load(data_dir=None, synthetic=False, synthetic_features=64, protocol="publis
     table, "auto" (the prepared files'), "float32" or "bfloat16". info: N, N_unseen, "workers":
     {"protocol", "seen", "unseen", "dropped" (worker names), "pairs": {role: count}}, "users" / "unseen_users"
     (the seen / unseen worker names, in user order) and (prepared data) "reward_model" (reward_model_info).
+    population, hard_users, hard_kind, hard_noise: the synthetic workers (make_synthetic; lorelib.populations);
+    synthetic data's info also has "population" (its name) and "hard_users": {"seen", "unseen": the hard workers'
+    user indices}.
     """
     check_value("synthetic_features", synthetic_features)
-    train, test = read_splits(data_dir, synthetic, synthetic_features, seed)
+    train, test = read_splits(data_dir, synthetic, synthetic_features, seed, population, hard_users, hard_kind,
+                              hard_noise)
     pairs, workers = split_pairs(train, test, protocol, max_train_pairs, max_fewshot_pairs, min_comparisons,
                                  split_seed=split_seed)
     info = {"workers": workers, "users": workers["seen"], "unseen_users": workers["unseen"], "reference": reference}
     path = Path(data_dir or HERE / "data") / f"{SPLITS[0]}.safetensors"
-    if not synthetic:
+    if synthetic:
+        hard = set(train.get("hard_workers", np.zeros(0, dtype=str)).tolist())
+        info.update(population=population, hard_users={group: [i for i, w in enumerate(workers[group]) if w in hard]
+                                                       for group in ("seen", "unseen")})
+    else:
         info["reward_model"] = reward_model_info(path)
     head = choose_reference(reference, train, path, f"python {HERE / 'prepare.py'}" +
                                   (f" data_dir={data_dir}" if data_dir else ""))

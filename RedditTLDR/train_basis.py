@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lorelib import experiment, methods  # noqa: E402
+from lorelib import experiment, methods, populations  # noqa: E402
 from lorelib.config import configure  # noqa: E402
 from lorelib.files import script_out_dir  # noqa: E402
 from RedditTLDR import tldr  # noqa: E402
@@ -53,6 +53,11 @@ seeds = None               # e.g. 20 or [0, 1, 2]: the protocol once per seed (s
 pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
 synthetic = False          # True: a generated Reddit-TLDR-shaped dataset, no download
 synthetic_features = 64    # embedding size F of the synthetic data
+population = "lowrank"     # synthetic users' rewards (README "Synthetic populations"): "lowrank" (LoRe's model),
+                           # "ideal_points" (PAL's), "latent" (VPL's) or "nonlinear_mixture" (MLP reward models mixed)
+hard_users = 0.0           # fraction of the synthetic users made hard (MRM's hardest users), of kind hard_kind
+hard_kind = "noise"        # "noise" (choices at random, with probability hard_noise) or "opposite" (reward negated)
+hard_noise = 1.0           # "noise" users: each choice at random with this probability (1: labels flipped w.p. 1/2)
 save_models = True         # write V, W, W_unseen of every (alpha, K) to out_dir/models/
 data_dir = None            # default: RedditTLDR/data (written by prepare.py)
 out_dir = None             # default: RedditTLDR/results
@@ -60,13 +65,16 @@ device = None              # default: cuda if available, else cpu
 _types = {"seeds": (int, list)}
 # -----------------------------------------------------------------------------
 config = configure(globals(), script=__file__, writable={"out_dir": "results"}, rules=tldr.RULES,
-                   checks=[methods.check_methods])  # every setting checked before any work
-name = "train_basis" + ("_paper" if protocol == "paper" else "") + ("_synthetic" if synthetic else "")
+                   checks=[methods.check_methods, populations.check_population])  # every setting checked first
+name = "train_basis" + ("_paper" if protocol == "paper" else "") + (
+    "_synthetic" + populations.suffix(config) if synthetic else "")
 experiment.train_basis(
     config, lambda s: tldr.load(
         data_dir=data_dir, synthetic=synthetic, synthetic_features=synthetic_features, protocol=protocol,
         max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs, min_comparisons=min_comparisons,
-        split_seed=split_seed + (s if seeds else 0), seed=s, reference=reference, pairs_dtype=pairs_dtype),
+        split_seed=split_seed + (s if seeds else 0), seed=s, reference=reference, pairs_dtype=pairs_dtype,
+        population=population, hard_users=hard_users, hard_kind=hard_kind, hard_noise=hard_noise),
     out_dir=script_out_dir(__file__, out_dir), name=name, dataset="RedditTLDR", data_key=tldr.data_key(config),
-    title="Reddit TLDR" + (" paper split" if protocol == "paper" else "") + (" (synthetic)" if synthetic else ""),
+    title="Reddit TLDR" + (" paper split" if protocol == "paper" else "")
+    + (f" (synthetic{populations.suffix(config, ', ')})" if synthetic else ""),
     extra=lambda data: {"workers": data.info["workers"]})

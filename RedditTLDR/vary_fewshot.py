@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lorelib import experiment, methods  # noqa: E402
+from lorelib import experiment, methods, populations  # noqa: E402
 from lorelib.config import configure  # noqa: E402
 from lorelib.files import script_out_dir  # noqa: E402
 from lorelib.pipelines import check_shot_selection  # noqa: E402
@@ -51,19 +51,28 @@ seed = 0
 pairs_dtype = "auto"       # the pairs' dtype in the fit: "auto" (the prepared files'), "float32" or "bfloat16"
 synthetic = False
 synthetic_features = 64
+population = "lowrank"     # synthetic users' rewards (README "Synthetic populations"): "lowrank" (LoRe's model),
+                           # "ideal_points" (PAL's), "latent" (VPL's) or "nonlinear_mixture" (MLP reward models mixed)
+hard_users = 0.0           # fraction of the synthetic users made hard (MRM's hardest users), of kind hard_kind
+hard_kind = "noise"        # "noise" (choices at random, with probability hard_noise) or "opposite" (reward negated)
+hard_noise = 1.0           # "noise" users: each choice at random with this probability (1: labels flipped w.p. 1/2)
 data_dir = None            # default: RedditTLDR/data
 out_dir = None             # default: RedditTLDR/results
 device = None
 _types = {"shot_selection": (str, list), "seeds": list, "stop_thresholds": list}
 # -----------------------------------------------------------------------------
 config = configure(globals(), script=__file__, writable={"out_dir": "results"}, rules=tldr.RULES,
-                   checks=[methods.check_methods, check_shot_selection])  # every setting checked before any work
+                   checks=[methods.check_methods, populations.check_population,
+                           check_shot_selection])  # every setting checked before any work
 experiment.vary_fewshot(
     config, lambda s: tldr.load(
         data_dir=data_dir, synthetic=synthetic, synthetic_features=synthetic_features, protocol=protocol,
         max_train_pairs=max_train_pairs, max_fewshot_pairs=max_fewshot_pairs, min_comparisons=min_comparisons,
-        split_seed=split_seed + (s if seeds else 0), seed=s, reference=reference, pairs_dtype=pairs_dtype),
+        split_seed=split_seed + (s if seeds else 0), seed=s, reference=reference, pairs_dtype=pairs_dtype,
+        population=population, hard_users=hard_users, hard_kind=hard_kind, hard_noise=hard_noise),
     out_dir=script_out_dir(__file__, out_dir),
-    name="vary_fewshot" + ("_paper" if protocol == "paper" else "") + ("_synthetic" if synthetic else ""),
-    title="Reddit TLDR" + (" paper split" if protocol == "paper" else "") + (" (synthetic)" if synthetic else ""),
+    name="vary_fewshot" + ("_paper" if protocol == "paper" else "")
+    + ("_synthetic" + populations.suffix(config) if synthetic else ""),
+    title="Reddit TLDR" + (" paper split" if protocol == "paper" else "")
+    + (f" (synthetic{populations.suffix(config, ', ')})" if synthetic else ""),
     data_key=tldr.data_key(config), extra=lambda data: {"workers": data.info["workers"]})

@@ -26,9 +26,9 @@ read_comparisons save_lore_model load_lore_model export_reward_model extract_emb
 # lorelib's core modules, bottom first: each may import only modules before it in this list (CONTRIBUTING.md's map).
 # A registered method's own module (methods.METHODS) that is not here may import core modules up to "baseline", and
 # only the registry imports it: a new method is its module and one registry line, nothing here.
-ORDER = ["config", "files", "kernels", "data", "metrics", "intervals", "report", "report_shots", "model", "method",
-         "lore", "bt", "selection", "evaluate", "compare", "tuning", "newusers", "fewshot", "study", "pipelines",
-         "extract", "export", "learned", "choice", "baseline", "methods", "experiment"]
+ORDER = ["config", "files", "kernels", "data", "populations", "metrics", "intervals", "report", "report_shots", "model",
+         "method", "lore", "bt", "selection", "evaluate", "compare", "tuning", "newusers", "fewshot", "study",
+         "pipelines", "extract", "export", "learned", "choice", "baseline", "methods", "experiment"]
 
 
 def test_utils_is_the_published_face():
