@@ -12,6 +12,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # waiting for each other make small matrix products many times slower. Subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")  # the same for the fused numba kernel
+# Mutation testing (tests/mutate.py): mutmut's recording pass sets MUTANT_UNDER_TEST=stats, which subprocesses
+# (the script tests) would inherit, and there mutmut finds no configuration and fails. This process keeps its own
+# copy of the mode; subprocesses run the plain code. Under a mutant the variable stays: scripts run the mutant too.
+if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+    del os.environ["MUTANT_UNDER_TEST"]
 
 # Llama-3-style template: the text starts with BOS, every message is header + content + <|eot_id|>
 LLAMA3_CHAT_TEMPLATE = (

@@ -7,6 +7,8 @@ joint information against the entropy drop of one Sherman-Morrison update per pa
 greedy batch) against the reference's best candidate after the refit.
 """
 import json
+import math
+import warnings
 
 import numpy as np
 import pytest
@@ -462,6 +464,19 @@ def test_stratified_and_paired_intervals_by_hand():
     assert d == pytest.approx((0.4666666666666667 + 0.8) / 2, rel=1e-12)
     assert d_half == pytest.approx(intervals.Z95 * np.sqrt(var), rel=1e-12) and d_half < half / 5
     assert np.isnan(intervals.stratified_mean([np.array([np.nan])])[0])
+
+
+def test_intervals_edge_cases_and_the_normal_quantile():
+    """Z95 is the 97.5% quantile of the standard normal (the test above reads it from the module). A seed with one
+    user counts in the mean, but its variance is unknown: the half-width is NaN, without a NumPy warning. float32
+    per-user values are averaged in float64 (the same numbers as the values widened first; float32 sums differ)."""
+    assert 0.5 * math.erfc(-intervals.Z95 / math.sqrt(2)) == pytest.approx(0.975, abs=1e-15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no variance (ddof 1) of a single value
+        mean, half = intervals.stratified_mean([np.array([1.0, 2.0]), np.array([5.0, np.nan])])
+    assert mean == 3.25 and np.isnan(half)
+    a = [np.array([0.1, 0.2, 0.4, np.nan], np.float32), np.array([0.3, 0.9], np.float32)]
+    assert intervals.stratified_mean(a) == intervals.stratified_mean([v.astype(np.float64) for v in a])
 
 
 def test_report_over_seeds_pairs_users_and_matches_the_reference_users(tmp_path):
