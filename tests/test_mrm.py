@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import utils
-from lorelib import mrm
+from lorelib import methods, mrm
 from lorelib.mrm import MRM
 
 # --- the reference (plain torch, the released equations) ---
@@ -230,8 +230,14 @@ def test_split_tasks_is_the_released_split():
 
 
 def test_released_settings_and_checks():
-    assert MRM.released["reddit"] == {k: v for k, v in MRM(4).settings.items() if k in MRM.released["reddit"]}
-    MRM(4, **MRM.released["prism"])
+    reddit = {"K": 2, "inner_learning_rate": 5e-3, "meta_learning_rate": 5e-3, "train_inner_steps": 1,
+              "eval_inner_steps": 1, "tasks_per_batch": 2, "num_epochs": 200, "val_ratio": 0.9, "rpo_ratio": 0.5,
+              "rpo_gamma": 0.5}  # scripts/train_on_reddit.sh and test_on_reddit.sh: the defaults
+    assert {k: v for k, v in MRM(4).settings.items() if k in reddit} == reddit and MRM.released["Reddit"] == {}
+    prism = methods.full_settings("mrm", dataset="PRISM")  # scripts/train_on_prism.sh for PRISM's run
+    assert prism["config"] == "PRISM" and {k: prism[k] for k in reddit} == {
+        **reddit, "inner_learning_rate": 1e-3, "meta_learning_rate": 1e-3}
+    assert methods.full_settings("mrm", dataset="PersonalLLM")["config"] == "Reddit"  # borrowed
     assert mrm.warmup_cosine(0, 100, 5) == 0.0 and mrm.warmup_cosine(5, 100, 5) == 1.0
     for step in (0, 3, 5, 50, 100, 104):
         assert mrm.warmup_cosine(step, 100, 5) == ref_lr_factor(step, 100, 5)
