@@ -29,20 +29,25 @@ from .report import json_entry, report_run, run_payload, write_report
 from .report_shots import report_shots
 
 
-def method_runs(config, data, data_key, device=None):
+def method_runs(config, data, data_key, device=None, chosen=None):
     """[Run] of the config's `baselines` on `data`: their released rows (with `baseline_settings`; the released
     configuration a method names for this dataset, the first word of data_key) and tuned rows (config `tuned`:
-    stored for data_key, or with `tune` chosen here on held-out seen-user training pairs)."""
+    stored for data_key, or with `tune` chosen here on held-out seen-user training pairs, or `chosen` (a
+    {"seed", "settings": {name: settings}} of an earlier seed's tuning on the same data) reused)."""
     dataset = data_key.split()[0] if data_key else None
-    split = pseudo_new_users(data, config["seed"]) if config.get("tune") else None
+    tune_here = config.get("tune", False) and chosen is None
+    split = pseudo_new_users(data, config["seed"]) if tune_here else None
     names = list(config.get("baselines") or [])
     overrides = config.get("baseline_settings") or {}
     tuned, tuning = {}, {}
     if names and config.get("tuned", True):
         tuned, tuning = methods_tuned(names, data.seen_train, data_key=data_key, overrides=overrides,
-                                       tune_here=config.get("tune", False), seed=config["seed"],
+                                       tune_here=tune_here, seed=config["seed"],
                                        validation_fraction=config.get("validation_fraction", 0.1), device=device,
-                                       dataset=dataset, groups=data.info.get("train_groups"), newusers=split)
+                                       dataset=dataset, groups=data.info.get("train_groups"), newusers=split,
+                                       stored=None if chosen is None else chosen["settings"],
+                                       provenance=None if chosen is None else
+                                       f"chosen here with tune=True on seed {chosen['seed']} of this data")
     return baseline_runs(names, data.seen_train.num_features, seed=config["seed"], overrides=overrides, tuned=tuned,
                          tuning=tuning, dataset=dataset)
 
@@ -55,7 +60,7 @@ def pseudo_new_users(data, seed=0):
     return pseudo_new_split(data.seen_train, shots, seed=seed, groups=data.info.get("train_groups"))
 
 
-def fit_all(config, data, data_key, regularized=False):
+def fit_all(config, data, data_key, regularized=False, chosen=None):
     """One seed of a train_basis run: every run (LoRe at every (alpha, K), the other methods) evaluated, each family
     chosen on held-out training pairs, LoRe's choice widened past an edge -> (results, choice run or None, more JSON:
     kept bases, selection edges, the new-user validation with tune)."""
@@ -67,7 +72,8 @@ def fit_all(config, data, data_key, regularized=False):
                          learning_rate=config["learning_rate"], fewshot_iterations=config["fewshot_iterations"],
                          fewshot_learning_rate=config["fewshot_learning_rate"], seed=seed,
                          sweep_alpha=len(config["alpha_list"]) > 1)
-    runs = make_run(None, None, config["K_list"], config["alpha_list"]) + method_runs(config, data, data_key, device)
+    runs = make_run(None, None, config["K_list"], config["alpha_list"]) + method_runs(config, data, data_key, device,
+                                                                                      chosen)
     choice = ChoiceRun(data.info["choice"], data.head) if config.get("choice_quality") and "choice" in data.info \
         else None
     results = evaluate(runs, data.features, device, seed=seed, record=config.record, choice=choice)
@@ -82,7 +88,7 @@ def fit_all(config, data, data_key, regularized=False):
                            for r in results if r.run.name == "lore"}} if regularized else {}
     if edges:
         more["selection_edges"] = edges
-    if config.get("tune"):  # every method's new-user path, checked on pseudo-new users (tuned rows: in their tuning)
+    if config.get("tune") and chosen is None:  # every method's new-user path on pseudo-new users (tuned rows: theirs)
         split, rows = pseudo_new_users(data, seed), [r for r in results if r.run.row == "released"
                                                       or (r.run.name == "lore" and r.chosen)]
         more["new_user_validation"] = {r.run.label: validate_new_users(
@@ -114,13 +120,16 @@ def train_basis(config, load, *, out_dir, name, title, dataset, data_key, regula
     -> [evaluate's results of each seed]."""
     t0 = time.time()
     json_config, config = config, _with(config, overrides)
-    seeds, per_seed, payloads, paths = seed_list(config), [], [], {}
+    seeds, per_seed, payloads, paths, chosen = seed_list(config), [], [], {}, None
     for i, s in enumerate(seeds):
         cfg = _with(config, {"seed": s})
         set_seed(s)
         data = load(s)
         extra = extra(data) if callable(extra) else extra or {}
-        results, choice, more = fit_all(cfg, data, data_key, regularized)
+        results, choice, more = fit_all(cfg, data, data_key, regularized, chosen)
+        if cfg.get("tune") and chosen is None:  # later seeds reuse this seed's choice (the same data key)
+            chosen = {"seed": s, "settings": {r.run.name: r.run.info["tuning"]["settings_chosen"] for r in results
+                                              if r.run.row == "tuned"}}
         if i == 0 and config.get("save_models", True):
             models = {(r.run.settings["alpha"], r.run.settings["K"]): r.model for r in results if r.run.name == "lore"}
             paths = save_models(out_dir / name.replace("train_basis", "models"), models, data, dataset=dataset,
@@ -205,14 +214,15 @@ def vary_fewshot(config, load, *, out_dir, name, title, data_key, regularized=Fa
                  xlabel="few-shot pairs per user"):
     """A vary_fewshot.py run: for each seed of config `seeds` (None: [seed]), set_seed(s) and data = load(s), LoRe's
     few-shot curves at one (alpha, K) (pipelines.vary_shots: the paper's random draws and the `shot_selection`
-    rules), then every other method's curve on the same draws (one seed); report (table, JSON, plot). Examples are
+    rules), then every other method's curve on the same draws; report (table, JSON, plot; several seeds: intervals
+    over users with the seeds as strata). Examples are
     pairs, or the groups of data.info["shot_groups"] (PRISM's dialogs); num_shots None: 1 .. the most any unseen user
     has (from the first seed's data). overrides: as in train_basis."""
     t0 = time.time()
     json_config, config = config, _with(config, overrides)
     device, num_shots = get_device(config.get("device")), config["num_shots"]
-    results, data = [], None
-    for s in config.get("seeds") or [config["seed"]]:
+    results, data, by_seed, chosen = [], None, [], None
+    for s in seed_list(config):
         set_seed(s)
         data = load(s)
         groups = data.info.get("shot_groups")
@@ -226,10 +236,16 @@ def vary_fewshot(config, load, *, out_dir, name, title, data_key, regularized=Fa
             seed=s, shot_selection=config["shot_selection"], full_pool=True,
             stop_thresholds=config.get("stop_thresholds"), pair_budgets=config.get("pair_budgets"),
             record=config.record))
-    runs = method_runs(config, data, data_key, device)  # one seed only (pipelines.check_shot_selection)
-    curves = baseline_curves(runs, data.seen_train, data.unseen_fewshot, data.unseen_test, num_shots, config["trials"],
-                             shot_units(data.unseen_fewshot, data.info.get("shot_groups")), seed=config["seed"],
-                             device=device, record=config.record)
+        runs = method_runs(_with(config, {"seed": s}), data, data_key, device, chosen)
+        if config.get("tune") and chosen is None:  # later seeds reuse this seed's choice (the same data key)
+            chosen = {"seed": s, "settings": {r.name: r.info["tuning"]["settings_chosen"] for r in runs
+                                              if r.row == "tuned"}}
+        by_seed.append(baseline_curves(runs, data.seen_train, data.unseen_fewshot, data.unseen_test, num_shots,
+                                       config["trials"], shot_units(data.unseen_fewshot, groups), seed=s,
+                                       device=device, record=config.record))
+    curves = by_seed[0] if len(by_seed) == 1 else {
+        entry: {**by_seed[0][entry], "user_acc_by_seed": [c[entry]["user_acc"] for c in by_seed],
+                "seconds": sum(c[entry]["seconds"] for c in by_seed)} for entry in by_seed[0]}
     report_shots(results if len(results) > 1 else results[0], json_config, out_dir, name, title,
                  extra={**(extra(data) if callable(extra) else extra or {}), "seconds": time.time() - t0},
                  xlabel=xlabel, baselines=curves,

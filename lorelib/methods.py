@@ -117,7 +117,8 @@ def check_grid(name, grid):
 
 
 def tuned_settings(names, train, *, data_key=None, overrides=None, tune_here=False, tune_grid=None, stored=None,
-                   seed=0, validation_fraction=0.1, device=None, dataset=None, groups=None, newusers=None, log=print):
+                   seed=0, validation_fraction=0.1, device=None, dataset=None, groups=None, newusers=None,
+                   provenance="given: tuned_settings", log=print):
     """({name: settings of its tuned row}, {name: how they were chosen}) for the methods of `names`: with tune_here,
     the point of its grid (tune_grid[name], default its class's `tune_grid`) chosen here on held-out pairs of
     `train` (the seen users' training pairs); else the settings stored for `data_key` (stored[name], default its
@@ -147,11 +148,12 @@ def tuned_settings(names, train, *, data_key=None, overrides=None, tune_here=Fal
                     lambda: _make(name, train.num_features, seed, {**start, **chosen}), METHODS[name].fewshot_grid,
                     newusers, seed=seed, device=device, rules=METHODS[name].rules, log=log)
                 chosen.update(tuning[name]["new_users"]["chosen"])
+            tuning[name]["settings_chosen"] = chosen
         elif stored_here is not None:
             chosen = dict(stored_here)
             tuning[name] = {"provenance": f"stored: {METHODS[name].__name__}.tuned[{data_key!r}] (chosen by tune=True "
                                           "on that data, README)" if stored is None or name not in stored else
-                            "given: tuned_settings", "chosen": chosen, "data": data_key}
+                            provenance, "chosen": chosen, "data": data_key}
         else:
             missing += [METHODS[name].label] if grid else []
             continue

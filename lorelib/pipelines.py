@@ -224,15 +224,12 @@ def widen_rank(results, make_run, train, validation_fraction=0.1, *, seed=0, dev
 
 def check_shot_selection(config, dialogs=False):
     """InputError unless a vary_fewshot.py config's selection settings fit together: "longest" needs dialogs
-    (shot_groups), and several `seeds` run the rules only (baselines=[])."""
+    (shot_groups)."""
     rules = config.get("shot_selection", "random")
     rules = [rules] if isinstance(rules, str) else list(rules)
     if "longest" in rules and not dialogs:
         raise InputError(f"shot_selection={config['shot_selection']!r}: 'longest' orders dialogs by their number of "
                          "pairs; this dataset's shots are single pairs: leave it out")
-    if len(config.get("seeds") or []) > 1 and config.get("baselines"):
-        raise InputError(f"seeds={config['seeds']!r} with baselines={config['baselines']!r}: several seeds compare "
-                         "the selection rules only; pass baselines=[] (or one seed)")
 
 
 def vary_shots(trials, alpha_list, K_list, num_shots, train_features, train_features_unseen,

@@ -132,7 +132,8 @@ def _report_comparison(results, config, out_dir, name, title, extra, xlabel, bas
     comparisons answered per user, and the whole-pool accuracy of the same users (their w fit on the whole pool),
     from which the fewest shots reaching 95% / 99% of it. With pair budgets (grouped shots): the same at exactly P
     answered comparisons. Tables, the JSON ("results_by_selection", "results_by_answered_pairs") and a plot.
-    baselines (one seed only): as in report_shots, a table, the JSON's "baselines" and curves in the first panel.
+    baselines: as in report_shots (one seed), or with each method's per-user accuracies of every seed
+    ("user_acc_by_seed": [S] arrays [shots, C]) its curve with intervals over users, the seeds as strata, as the rules.
     """
     r0 = results[0]
     num_shots, K, alpha, rules = r0.num_shots, r0.K_list[0], r0.alpha_list[0], r0.rules
@@ -187,7 +188,22 @@ def _report_comparison(results, config, out_dir, name, title, extra, xlabel, bas
         panels += _panels(budgets, at, rules, "answered comparisons per user", "per answered comparison")
     if r0.stopping:
         more["stopping"] = _report_stopping(results)
-    if baselines:
+    if baselines and "user_acc_by_seed" in next(iter(baselines.values())):  # several seeds: as the rules
+        bpoints = {m: [stratified_mean([u[j] for u in b["user_acc_by_seed"]]) for j in range(len(num_shots))]
+                   for m, b in baselines.items()}
+        print("\nthe other methods (random shots): unseen-user test accuracy, mean over seeds of the mean over users ± "
+              "95% interval half-width (users, seeds as strata)")
+        print_table(["shots"] + [b["label"] for b in baselines.values()], [
+            [s] + [f"{p[j][0]:.4f} ± {p[j][1]:.4f}" for p in bpoints.values()] for j, s in enumerate(num_shots)])
+        more["baselines"] = {m: {**{k: v for k, v in b.items() if k not in ("accuracies", "user_acc",
+                                                                             "user_acc_by_seed")}, "results": [
+            {"shots": s, "unseen_test": {"mean": p[j][0], "ci95": [p[j][0] - p[j][1], p[j][0] + p[j][1]],
+                                         "per_seed": [float(np.nanmean(u[j])) if (~np.isnan(u[j])).any() else None
+                                                      for u in b["user_acc_by_seed"]]}}
+            for j, s in enumerate(num_shots)]} for (m, b), p in zip(baselines.items(), bpoints.values())}
+        panels[0]["series"].update({b["label"]: (num_shots, [x[0] for x in bpoints[m]], [x[1] for x in bpoints[m]])
+                                    for m, b in baselines.items()})
+    elif baselines:
         curves = {m: [np.asarray(x, dtype=np.float64).reshape(-1) for x in b["accuracies"][:4]]
                   for m, b in baselines.items()}
         print("\nbaselines (random shots, published settings): unseen-user test accuracy, mean ± std over trials")

@@ -180,7 +180,8 @@ def test_same_seed_same_numbers(data, name):
     for r in runs:
         r[name].pop("seconds")
     assert runs[0] == runs[1]
-    assert set(runs[0][name]) == set(RESULT_NAMES) | {"label", "method", "settings"}
+    extra = {"departures"} if methods.METHODS[name].departures else set()
+    assert set(runs[0][name]) == set(RESULT_NAMES) | {"label", "method", "settings"} | extra
     assert runs[0][name]["settings"] == methods.full_settings(name, settings)  # every setting it ran with
     if name != "per_user_bt":  # a deterministic fit from zero: no seed involved
         m0 = methods.make_method(name, 16, seed=3, **settings)
