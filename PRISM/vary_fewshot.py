@@ -35,7 +35,7 @@ shot_selection = "random"  # how a user's few-shot dialogs are picked from its p
                            # README "Choosing the comparisons"), or a list of them, run side by side:
                            # shot_selection=['random','uncertainty','active','variance','longest']
 baselines = methods.baseline_names()  # the other methods beside LoRe (lorelib/methods.py); [] runs LoRe alone
-baseline_settings = {}     # overrides of their released settings (README, "Baselines"), e.g. {"vpl": {"beta": 0.0}}
+baseline_settings = {}     # overrides of their released settings (DIFFERENCES.md), e.g. {"vpl": {"config": "UF-P-4"}}
 tuned = True               # also each method's tuned row, where settings are stored for this data; False: released only
 tune = False               # True: choose the tuned rows' settings here, on held-out seen-user training pairs
 seed = 0

@@ -16,7 +16,7 @@ from .model import LOGIT_SCALE, pack
 
 class PerUserBT(Method):
     """One independent Bradley-Terry reward per user, r_i(x) = e(x)^T v_i with v_i [F]: the published
-    `learn_multiple`, and the per-user baseline of the paper's tables (baselines.py lists it with VPL and PAL).
+    `learn_multiple`, and the per-user baseline of the paper's tables (a registered method: methods.py).
 
     Loss of user i: mean over its pairs of softplus(-d^T v_i / logit_scale); v_i starts at 0
     (the loss is convex; a random start would leave noise in the directions no pair touches);

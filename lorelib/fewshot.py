@@ -9,7 +9,7 @@ users with fewer examples are skipped for that count. An example (a unit) is one
     curve = fewshot_curve(model.fit(data.seen_train), data.unseen_fewshot, data.unseen_test, units, [1, 5], 5)
     curve.acc[2]        # [S] unseen-test accuracy, mean over trials of the mean over users
 
-Imports: config, data.
+Imports: config.
 """
 import dataclasses
 

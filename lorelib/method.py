@@ -1,5 +1,6 @@
 """The method interface. Every personalized reward model here is a Method: LoRe at each K (lore.py; K = 0 the
-reward model's own head, K = 1 one shared Bradley-Terry reward), per-user BT (bt.py), VPL (vpl.py), PAL (pal.py).
+reward model's own head, K = 1 one shared Bradley-Terry reward), per-user BT (bt.py), VPL (vpl.py), PAL (pal.py),
+MRM (mrm.py).
 
     model = SomeMethod(num_features=F, seed=0, **settings)
     model.fit(seen_train)                      # the seen users' training pairs -> model

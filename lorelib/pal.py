@@ -2,7 +2,7 @@
 PAL-B (the released Reddit TLDR configuration: K prompt maps mixed by the user's softmax weights, a cosine score)
 and PAL-A (K prototypes, a distance margin).
 
-Imports: config, data, kernels, baseline.
+Imports: config, data, kernels, method, baseline.
 """
 import math
 

@@ -3,7 +3,7 @@
 held-out pairs of the seen users' training data (select_rank), and unseen-user accuracy against the number of
 few-shot examples, drawn at random (fewshot.py) or asked by a selection rule (study.py) (vary_shots -> ShotsResult).
 
-Imports: config, data, model, lore, evaluate, tuning, fewshot, study.
+Imports: config, data, lore, evaluate, tuning, fewshot, study.
 """
 import dataclasses
 import time

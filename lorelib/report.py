@@ -170,8 +170,11 @@ def run_payload(results, title, log=print):
     that departs from its released code is marked) and the table of every other registered metric (test sets), the
     summary lines -> ({"results" (LoRe: one entry per alpha, K), "baselines" (every other method by entry),
     "summary", "selection"}, plot(path): accuracy against K with the other methods as lines)."""
-    lore = [r for r in results if r.run.name == "lore"]
+    alphas = list(dict.fromkeys(r.run.settings["alpha"] for r in results if r.run.name == "lore"))
+    lore = sorted([r for r in results if r.run.name == "lore"],  # a K added past an edge takes its place
+                  key=lambda r: (alphas.index(r.run.settings["alpha"]), r.run.settings["K"]))
     others = [r for r in results if r.run.name != "lore"]
+    results = lore + others
     rows, degenerate = [], []
     for r in results:
         ties = max(float(np.mean(r.users[n]["ties"])) for n in ("seen_test", "unseen_test"))
@@ -201,7 +204,6 @@ def run_payload(results, title, log=print):
                            for r in lore], **({"baselines": {r.run.entry: json_entry(r) for r in others}}
                                               if others else {}), "summary": lines,
                **({"selection": chosen} if chosen else {})}
-    alphas = list(dict.fromkeys(r.run.settings["alpha"] for r in lore))
     K_list = sorted(dict.fromkeys(r.run.settings["K"] for r in lore))
     at = {(r.run.settings["alpha"], r.run.settings["K"]): r for r in lore}
     series = {f"{label} (alpha={al:g})": ([at[al, K].mean(key) if (al, K) in at else np.nan for K in K_list],

@@ -2,7 +2,7 @@
 (the published protocol), and the selection rules side by side over one or more seeds with intervals over users,
 pair budgets and the stopping rule.
 
-Imports: files, intervals, report.
+Imports: intervals, report.
 """
 import numpy as np
 

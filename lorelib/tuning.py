@@ -1,15 +1,15 @@
 """A method's "tuned" row: its settings chosen on a grid, scored on held-out pairs of the seen users' training data,
 never on test pairs (the rule that chooses LoRe's K, evaluate.choose).
 
-    grid = {"num_epochs": [1, 2], "user_learning_rate,fewshot_learning_rate": [5e-3, 0.5], "K": [2, 5]}
+    grid = {"num_epochs": [1, 2], "user_learning_rate": [5e-3, 0.5], "K": [2, 5]}
     out = tune(lambda s: PAL(F, **s), grid, seen_train, validation_fraction=0.1, seed=0, rules=PAL.rules)
     out["chosen"]       # {setting: value} of best mean held-out accuracy over users (the first on a tie)
     out["edges"]        # per axis: the values tried, the chosen one, whether it sits on an edge, and why
 
 The settings are swept jointly (every point of the product). A key naming two settings ("a,b") gives both the
-same value (PAL's seen- and new-user weight learning rates are one setting as released, both 5e-3). A model whose
-fit takes on_epoch (PAL, MRM: no schedule, so its model after epoch e is the model num_epochs=e fits) is fit once per
-point of the other settings for the largest num_epochs and scored after each epoch of the grid.
+same value. A model whose fit takes on_epoch (PAL: no schedule, so its model after epoch e is the model
+num_epochs=e fits) is fit once per point of the other settings for the largest num_epochs and scored after each
+epoch of the grid; one with a schedule (VPL, MRM) is fit once per point.
 
 An axis whose chosen value is its smallest or largest is widened from the chosen point, one step beyond (the
 grid's own ratio for positive numbers spanning a factor, its own difference for integers), until the choice is

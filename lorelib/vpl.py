@@ -1,7 +1,7 @@
 """VPL, variational preference learning (Poddar et al. 2024), on the frozen embeddings: a user's latent z is
 inferred from their context pairs, and a decoder scores e [F] given z.
 
-Imports: config, data, baseline.
+Imports: config, data, method, baseline.
 """
 import math
 
