@@ -1,19 +1,21 @@
 """Baselines beside LoRe: per-user BT, VPL and PAL on planted user types."""
+import ast
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import released_reference as ref
 import torch
 import torch.nn.functional as F
 
 import utils
 from lorelib import experiment, kernels, methods
-from lorelib.baseline import fresh_logits, user_rows
 from lorelib.bt import PerUserBT
 from lorelib.data import RESULT_NAMES, user_accuracies
 from lorelib.kernels import numba
 from lorelib.pal import PAL
-from lorelib.vpl import VPL, _context_rows, _warmup_cosine
+from lorelib.vpl import VPL
 
 # small but learnable settings for planted data (the published defaults are for thousands of pairs in 4096-d)
 VPL_SMALL = dict(hidden_dim=32, latent_dim=16, learning_rate=3e-3, num_epochs=12)
@@ -165,7 +167,7 @@ def test_pal_new_users_leave_shared_parts_unchanged(data, variant, monkeypatch):
         assert torch.equal(before[k], after[k]), k
     assert all(p.requires_grad for p in model.parameters())  # trainable again afterwards
     # the new users' weights did move away from their random start
-    W0 = fresh_logits(data["fewshot"].num_users, 3, torch.Generator().manual_seed(model.seed + 1))
+    W0 = ref.user_logits(data["fewshot"].num_users, 3, torch.Generator().manual_seed(model.seed + 1))
     assert (W - W0).abs().max() > 0.1
 
 
@@ -254,19 +256,20 @@ def test_vary_shots_with_every_pair_equals_the_plain_run(data):
 @pytest.mark.parametrize("name,variant", [("vpl", None), ("pal", "B"), ("pal", "A")])
 def test_margins_from_shared_row_features_equal_direct_scores(data, name, variant):
     """margins() computes item features once per table row (and PAL-B's prompt maps once per pair of rows):
-    the same numbers as scoring every pair on its own."""
+    the same numbers as scoring every pair on its own with the equations (released_reference, on copies of the
+    fitted weights)."""
     pairs = data["test"]
     table, chosen, rejected = pairs.sides()
     ec, er = table[chosen], table[rejected]
     if name == "vpl":
         model = VPL(16, hidden_dim=16, latent_dim=8, num_epochs=1).fit(data["train"])
-        z = model.z_seen[pairs.user]
-        with torch.no_grad():
-            direct = model.reward(ec, z) - model.reward(er, z)
+        direct = ref.vpl_margins(vpl_weights(model), table, chosen, rejected, pairs.user, model.z_seen)
     else:
         model = PAL(16, K=3, variant=variant, dim=16, batch_size=16).fit(data["train"])
+        W_rows = model.W.detach()[pairs.user]
         with torch.no_grad():
-            direct = model._margin(model._ideal(model.W[pairs.user], ec, er), model.f(ec), model.f(er))
+            direct = (ref.released_pal_b_margin(pal_weights(model), W_rows, ec, er) if variant == "B" else
+                      ref.pal_a_margin({"f": plain_layers(model.f)}, model.P.detach(), W_rows, ec, er))
     assert torch.allclose(model.margins(pairs), direct, atol=1e-4, rtol=1e-4)
 
 
@@ -278,197 +281,148 @@ def test_pal_b_new_user_kernel_equals_the_pytorch_loop(data, monkeypatch):
     monkeypatch.setattr(kernels, "numba", None)
     slow = model.personalize(data["fewshot"])
     assert torch.allclose(fast, slow, atol=1e-4, rtol=1e-4), (fast - slow).abs().max()
-    W0 = fresh_logits(*fast.shape, torch.Generator().manual_seed(model.seed + 1))
+    W0 = ref.user_logits(*fast.shape, torch.Generator().manual_seed(model.seed + 1))
     assert (fast - W0).abs().max() > 0.1
 
 
-def linear_stack(seq, x, act):
-    """x through the Linear layers of the nn.Sequential `seq`, written out: x W^T + b, act between layers."""
-    layers = [m for m in seq if isinstance(m, torch.nn.Linear)]
-    for i, lin in enumerate(layers):
-        x = x @ lin.weight.T + lin.bias
-        x = act(x) if i < len(layers) - 1 else x
-    return x
+# ---------------------------------------------------------------------------------------------------------------------
+# The released loops (tests/released_reference.py, plain torch, nothing of lorelib) against the modules. The modules are
+# built here only for their initial weights (copied into plain tensors) and settings, and fitted to compare outputs.
 
 
-def gelu(x):
-    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+def plain_layers(seq):
+    """[(W, b)] copies of the Linear layers of an nn.Sequential."""
+    return [(m.weight.detach().clone(), m.bias.detach().clone()) for m in seq if isinstance(m, torch.nn.Linear)]
 
 
-def leaky(x):
-    return torch.where(x > 0, x, 0.2 * x)
+def plain_layer(m):
+    return m.weight.detach().clone(), m.bias.detach().clone()
 
 
-def simplex(logits):
-    e = torch.exp(logits - logits.max(-1, keepdim=True).values)
-    return e / e.sum(-1, keepdim=True)
+def vpl_weights(model):
+    """A VPL's weights as the reference's plain tensors (copies)."""
+    return {"encoder": plain_layers(model.encoder), "query": plain_layer(model.query), "key": plain_layer(model.key),
+            "value": plain_layer(model.value), "mu": plain_layer(model.mu_head),
+            "logvar": plain_layer(model.logvar_head), "decoder": plain_layers(model.decoder)}
 
 
-def cosine(a, b):
-    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+def vpl_named_layers(weights):
+    return ([(f"encoder.{i}", layer) for i, layer in enumerate(weights["encoder"])]
+            + [(k, weights[k]) for k in ("query", "key", "value", "mu", "logvar")]
+            + [(f"decoder.{i}", layer) for i, layer in enumerate(weights["decoder"])])
 
 
-def released_pal_b_margin(model, W_rows, ec, er):
-    """PAL-B's margin [B] from its equations (none of the model's own methods): item features f(x), prompt maps g_k
-    of the pair's prompt proxy p = (e_c + e_r) / 2, ideal point a_u = sum_k softmax(w_u)_k g_k(p), score
-    s(x) = min(exp(tau), 100) cos(a_u, f(x)); margin s(c) - s(r)."""
-    w, p = simplex(W_rows), (ec + er) / 2
-    a = sum(w[:, k:k + 1] * linear_stack(g, p, gelu) for k, g in enumerate(model.g))
-    scale = torch.clamp(torch.exp(model.tau), max=100.0)
-    return scale * (cosine(a, linear_stack(model.f, ec, gelu)) - cosine(a, linear_stack(model.f, er, gelu)))
+def pal_weights(model):
+    """A PAL-B's weights as the reference's plain tensors (copies)."""
+    return {"f": plain_layers(model.f), "g": [plain_layers(g) for g in model.g], "tau": model.tau.detach().clone()}
 
 
-def released_pal_b_loss(model, W_rows, ec, er):
-    """PAL-B's loss: mean log(1 + exp(-margin))."""
-    return torch.log(1 + torch.exp(-released_pal_b_margin(model, W_rows, ec, er))).mean()
+def pal_named_tensors(weights):
+    named = [(f"f.{i}.{n}", t) for i, layer in enumerate(weights["f"]) for n, t in zip("Wb", layer)]
+    named += [(f"g{k}.{i}.{n}", t) for k, g in enumerate(weights["g"]) for i, layer in enumerate(g)
+              for n, t in zip("Wb", layer)]
+    return named + [("tau", weights["tau"])]
 
 
-def released_pal_fit(model, pairs, W0, gen):
-    """The released PAL training loop on `model` (an unfitted PAL): one nn.Parameter per user in a ParameterDict,
-    one torch Adam over parameter groups, optimizer.zero_grad() (gradients set to None), so that a user's
-    weights move, with their own Adam state, only in the steps where the user is in the batch. -> W [C, K]."""
-    table, chosen, rejected = pairs.sides()
-    users = torch.nn.ParameterDict({str(u): torch.nn.Parameter(W0[u].clone()) for u in range(pairs.num_users)})
-    projectors = [p for m in [model.f, model.g] for p in m.parameters()]
-    opt = torch.optim.Adam([{"params": projectors, "lr": model.learning_rate, "weight_decay": model.weight_decay},
-                            {"params": list(users.values()), "lr": model.user_learning_rate, "weight_decay": 0.0},
-                            {"params": [model.tau], "lr": model.tau_learning_rate, "weight_decay": 0.0}])
-    M = len(pairs.user)
-    for _ in range(model.num_epochs):
-        perm = torch.randperm(M, generator=gen)
-        for s in range(0, M, model.batch_size):
-            idx = perm[s:s + model.batch_size]
-            W_rows = torch.stack([users[str(u)] for u in pairs.user[idx].tolist()])
-            ec, er = table[chosen[idx]], table[rejected[idx]]
-            loss = released_pal_b_loss(model, W_rows, ec, er)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return torch.stack([users[str(u)].detach() for u in range(pairs.num_users)])
+MIN_LENGTH = {"fixed": None, "2..C": 2, "1..C": 1}  # VPL's context_length setting: the shortest context drawn
 
 
-def released_pal_new_users(model, pairs, W0, gen):
-    """The released new-user loop: a ParameterDict of fresh user weights, AdamW (no decay) on them alone,
-    zero_grad(set_to_none=True); everything shared frozen (only the users' weights are stepped). -> W [C', K]."""
-    table, chosen, rejected = pairs.sides()
-    users = torch.nn.ParameterDict({str(u): torch.nn.Parameter(W0[u].clone()) for u in range(pairs.num_users)})
-    opt = torch.optim.AdamW(list(users.values()), lr=model.fewshot_learning_rate, weight_decay=0.0)
-    M = len(pairs.user)
-    for _ in range(model.fewshot_epochs):
-        perm = torch.randperm(M, generator=gen)
-        for s in range(0, M, model.fewshot_batch_size):
-            idx = perm[s:s + model.fewshot_batch_size]
-            W_rows = torch.stack([users[str(u)] for u in pairs.user[idx].tolist()])
-            loss = released_pal_b_loss(model, W_rows, table[chosen[idx]], table[rejected[idx]])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return torch.stack([users[str(u)].detach() for u in range(pairs.num_users)])
-
-
-def released_vpl_fit(model, pairs, min_length):
-    """The released VPL training from its equations, one pair at a time (none of the model's own forward methods):
-    per target pair, its context pairs' features h = enc([e_c; e_r]) (LeakyReLU 0.2), one self-attention layer
-    softmax(q k^T / sqrt(L)) v, their mean, mu and log sigma^2 heads clamped to [-1, 1]; z = normalize(mu + sigma
-    eps) sqrt(L); reward dec([e; z]); per forward pass of micro_batch_size pairs the loss mean log(1 + exp(-(r_c -
-    r_r))) + beta w(t) mean KL, w(t) = 0.1 + 0.9 (1 - cos(pi (t mod P) / P)) / 2 with t the pass, P = kl_period, and
-    the gradient the mean over the step's passes (accumulation); clipping, AdamW without decay on biases, the warm-up
-    cosine schedule. Random draws in the model's order: contexts of every copy, then the epoch's permutation, then
-    eps per step."""
-    table, chosen, rejected = pairs.sides()
-    rows = user_rows(pairs)
-    M, D, L, B = len(pairs.user), model.num_duplicates, model.latent_dim, model.batch_size
-    steps = math.ceil(D * M / B)
-    params = list(model.parameters())
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": model.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=model.learning_rate)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(model.num_epochs * steps, model.warmup_ratio))
-    gen, t = torch.Generator().manual_seed(model.seed), 0
-    for _ in range(model.num_epochs):
-        ctx = torch.full((D, M, model.num_contexts), -1, dtype=torch.long)
-        for copy in ctx:
-            for r in rows:
-                copy[r] = _context_rows(r, model.num_contexts, gen, exclude_self=True, min_length=min_length)
-        ctx = ctx.reshape(D * M, -1)
-        perm = torch.randperm(D * M, generator=gen)
-        for b in range(steps):
-            item = perm[b * B:(b + 1) * B]
-            eps = torch.randn(len(item), L, generator=gen)
-            passes = list(item.split(model.micro_batch_size))
-            loss = 0.0
-            for j, part in enumerate(passes):
-                bt, kl = [], []
-                for i, it in enumerate(part.tolist(), start=j * model.micro_batch_size):  # i: position in the step
-                    c = ctx[it][ctx[it] >= 0]
-                    h = linear_stack(model.encoder, torch.cat([table[chosen[c]], table[rejected[c]]], -1), leaky)
-                    q, k, v = (h @ lin.weight.T + lin.bias for lin in (model.query, model.key, model.value))
-                    h = (simplex(q @ k.T / math.sqrt(L)) @ v).mean(0)
-                    mu = torch.clamp(h @ model.mu_head.weight.T + model.mu_head.bias, -1, 1)
-                    logvar = torch.clamp(h @ model.logvar_head.weight.T + model.logvar_head.bias, -1, 1)
-                    z = mu + torch.exp(logvar / 2) * eps[i]
-                    z = z / z.norm() * math.sqrt(L)
-                    pair = it % M
-                    r_c, r_r = (linear_stack(model.decoder, torch.cat([table[x[pair]], z]), leaky)[0]
-                                for x in (chosen, rejected))
-                    bt.append(torch.log(1 + torch.exp(-(r_c - r_r))))
-                    kl.append(0.5 * (mu ** 2 + torch.exp(logvar) - 1 - logvar).sum())
-                w = 0.1 + 0.9 * (1 - math.cos(math.pi * (t % model.kl_period) / model.kl_period)) / 2
-                loss = loss + (torch.stack(bt).mean() + model.beta * w * torch.stack(kl).mean()) / len(passes)
-                t += 1
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, model.max_grad_norm)
-            opt.step()
-            sched.step()
+def test_the_released_reference_imports_nothing_of_lorelib():
+    """tests/released_reference.py imports math and torch only (no lorelib, nor utils, its published face), and this
+    file takes none of the modules' private helpers or fresh_logits / user_rows for its references."""
+    tree = ast.parse(Path(ref.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative import"
+            imported.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Name):
+            assert node.id not in ("__import__", "importlib", "exec", "eval"), node.id
+    assert imported == {"math", "torch"}, imported
+    ours = ast.parse(Path(__file__).read_text())
+    taken = {alias.name for node in ast.walk(ours) if isinstance(node, ast.ImportFrom)
+             and (node.module or "").startswith("lorelib") for alias in node.names}
+    assert not {n for n in taken if n.startswith("_")} | (taken & {"fresh_logits", "user_rows", "RowAdam"}), taken
 
 
 def test_vpl_training_follows_the_released_equations(data):
-    """Two epochs of VPL (2 copies of the pairs per epoch, contexts of 2..C pairs, a short KL cycle) == the released
-    equations written out pair by pair: every weight matrix to float precision, and the margins."""
-    small = data["train"].select_users(range(0, data["train"].num_users, 4))  # 8 users x 30 pairs
+    """Two epochs of VPL (2 copies of the pairs, contexts of 2..C pairs drawn once and kept, a short KL cycle, 4
+    warm-up steps of 30, the first at lr 0) == the released equations written out pair by pair
+    (released_reference.released_vpl_fit, from the module's initial weights): every weight to float precision, then
+    the users' latents (z = mu, as released), the margins and the new users' latents."""
+    small = data["train"].select_users(range(0, data["train"].num_users, 4))  # 8 users x 30 pairs: 15 steps an epoch
     settings = dict(hidden_dim=8, latent_dim=4, num_epochs=2, num_duplicates=2, context_length="2..C", beta=5.0,
-                    kl_period=50, learning_rate=3e-3, seed=3)
-    model, reference = VPL(16, **settings), VPL(16, **settings)
-    for m in (model, reference):
-        with torch.no_grad():
-            m.logvar_head.weight.mul_(20)  # log sigma^2 beyond [-1, 1] before the clamp
+                    kl_period=50, learning_rate=3e-3, warmup_ratio=0.15, seed=3)
+    model = VPL(16, **settings)
+    with torch.no_grad():
+        model.logvar_head.weight.mul_(20)  # log sigma^2 beyond [-1, 1] before the clamp
+    start, weights = vpl_weights(model), vpl_weights(model)
     model.fit(small, "cpu")
-    released_vpl_fit(reference, small, min_length=2)
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        if p.dim() >= 2:  # (a bias whose true gradient is 0, e.g. the decoder's last, moves by Adam-scaled noise)
-            torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=name)
-    reference.z_seen = reference.latents(small)
-    torch.testing.assert_close(model.margins(small), reference.margins(small), atol=1e-4, rtol=1e-4)
-    assert (model.encoder[0].weight - VPL(16, **settings).encoder[0].weight).abs().max() > 1e-3
+    table, chosen, rejected = small.sides()
+    sides = (table.float(), chosen, rejected, small.user, small.num_users)
+    ref.released_vpl_fit(weights, *sides, num_contexts=model.num_contexts, min_length=MIN_LENGTH[model.context_length],
+                         num_duplicates=model.num_duplicates, num_epochs=model.num_epochs,
+                         batch_size=model.batch_size, micro_batch_size=model.micro_batch_size,
+                         learning_rate=model.learning_rate, weight_decay=model.weight_decay,
+                         warmup_ratio=model.warmup_ratio, max_grad_norm=model.max_grad_norm, beta=model.beta,
+                         kl_period=model.kl_period, seed=model.seed)
+    fitted = vpl_weights(model)
+    for (name, (W, b)), (_, (W_ref, b_ref)) in zip(vpl_named_layers(fitted), vpl_named_layers(weights)):
+        torch.testing.assert_close(W, W_ref, atol=2e-5, rtol=1e-4, msg=name)
+        if name not in ("key", "decoder.2"):  # biases of gradient 0 (a constant in every score of a softmax row; a
+            # constant in both rewards of a pair) move by Adam-scaled rounding noise
+            torch.testing.assert_close(b, b_ref, atol=2e-5, rtol=1e-4, msg=name)
+    z = ref.vpl_latents(weights, *sides, model.num_contexts, model.seed)
+    torch.testing.assert_close(model.z_seen, z, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.margins(small), ref.vpl_margins(weights, *sides[:4], z), atol=1e-4, rtol=1e-4)
+    assert (fitted["encoder"][0][0] - start["encoder"][0][0]).abs().max() > 1e-3  # it did train
+    fewshot = data["fewshot"]  # new users: an encoder pass over at most C of their pairs (10 each: 8 drawn)
+    table, chosen, rejected = fewshot.sides()
+    z_new = ref.vpl_latents(weights, table.float(), chosen, rejected, fewshot.user, fewshot.num_users,
+                            model.num_contexts, model.seed)
+    torch.testing.assert_close(model.personalize(fewshot, "cpu"), z_new, atol=1e-4, rtol=1e-4)
+    model.eval_latent = "normalized"  # the option: mu on the training latents' sphere
+    torch.testing.assert_close(model.latents(small), z / z.norm(dim=1, keepdim=True) * 2.0, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kernel", [True, False])
 def test_pal_user_weights_follow_the_released_per_user_adam(data, kernel, monkeypatch):
-    """Seen-user fit and new-user fit == the released loops with one parameter (and one Adam state) per user,
-    on both paths of the new-user fit (the numba kernel and PyTorch)."""
+    """Seen-user fit and new-user fit == the released loops with one tensor (and one Adam state) per user
+    (released_reference.released_pal_fit and released_pal_new_users, from the module's initial weights), on both
+    paths of the new-user fit (the numba kernel and PyTorch): the users' weights, every projector parameter, tau."""
     if kernel and numba is None:
         pytest.skip("numba not installed")
     settings = dict(K=3, dim=16, batch_size=4, num_epochs=1, fewshot_epochs=4, fewshot_batch_size=4,
                     user_learning_rate=5e-2, fewshot_learning_rate=5e-2, seed=7)
     train = data["train"].select_users(range(0, data["train"].num_users, 3))
-    reference = PAL(16, **settings)
-    gen = torch.Generator().manual_seed(7)
-    W_ref = released_pal_fit(reference, train, fresh_logits(train.num_users, 3, gen), gen)
-    model = PAL(16, **settings).fit(train, "cpu")
-    assert torch.allclose(model.W.detach(), W_ref, atol=2e-5), (model.W - W_ref).abs().max()
+    model = PAL(16, **settings)
+    weights = pal_weights(model)
+    model.fit(train, "cpu")
     table, chosen, rejected = train.sides()
-    with torch.no_grad():
-        by_hand = released_pal_b_margin(model, model.W[train.user], table[chosen], table[rejected])
+    W_ref = ref.released_pal_fit(weights, table.float(), chosen, rejected, train.user, train.num_users, K=model.K,
+                                 learning_rate=model.learning_rate, weight_decay=model.weight_decay,
+                                 user_learning_rate=model.user_learning_rate,
+                                 tau_learning_rate=model.tau_learning_rate, batch_size=model.batch_size,
+                                 num_epochs=model.num_epochs, seed=model.seed)
+    assert torch.allclose(model.W.detach(), W_ref, atol=2e-5), (model.W - W_ref).abs().max()
+    fitted = pal_weights(model)
+    for (name, t), (_, t_ref) in zip(pal_named_tensors(fitted), pal_named_tensors(weights)):
+        torch.testing.assert_close(t, t_ref, atol=2e-5, rtol=1e-4, msg=name)
+    by_hand = ref.released_pal_b_margin(fitted, model.W.detach()[train.user], table[chosen], table[rejected])
     torch.testing.assert_close(model.margins(train), by_hand, atol=1e-4, rtol=1e-4)  # the evaluation path
-    assert torch.allclose(model.f[0].weight, reference.f[0].weight, atol=2e-5)
     if not kernel:
         monkeypatch.setattr(kernels, "numba", None)
-    new = model.personalize(data["fewshot"], "cpu")
-    gen = torch.Generator().manual_seed(8)
-    W0 = fresh_logits(data["fewshot"].num_users, 3, gen)
-    new_ref = released_pal_new_users(model, data["fewshot"], W0, gen)
+    fewshot = data["fewshot"]
+    new = model.personalize(fewshot, "cpu")
+    table, chosen, rejected = fewshot.sides()
+    new_ref = ref.released_pal_new_users(fitted, table.float(), chosen, rejected, fewshot.user, fewshot.num_users,
+                                         K=model.K, fewshot_learning_rate=model.fewshot_learning_rate,
+                                         fewshot_epochs=model.fewshot_epochs,
+                                         fewshot_batch_size=model.fewshot_batch_size, seed=model.seed)
     assert torch.allclose(new, new_ref, atol=2e-5), (new - new_ref).abs().max()
+    W0 = ref.user_logits(fewshot.num_users, 3, torch.Generator().manual_seed(model.seed + 1))
     assert (new - W0).abs().max() > 0.1
 
 
@@ -491,31 +445,78 @@ def test_pal_new_user_fit_does_not_depend_on_the_users_beside_it(kernel, monkeyp
     W_alone, W_beside = model.personalize(alone), model.personalize(beside)
     assert W_beside.shape == (202, 3)
     assert torch.allclose(W_alone[0], W_beside[0], atol=1e-6), (W_alone[0], W_beside[0])
-    assert (W_alone[0] - fresh_logits(1, 3, torch.Generator().manual_seed(1))[0]).abs().max() > 0.01
+    assert (W_alone[0] - ref.user_logits(1, 3, torch.Generator().manual_seed(1))[0]).abs().max() > 0.01
+
+
+def training_contexts(model, pairs):
+    """Fit `model` on `pairs` with the table replaced by one whose rows number themselves (column 0) and pair i
+    chosen row i, rejected row M + i; -> per training step (its target pairs [B], their context pairs [B, C], -1 for
+    none), read from what the model's own steps take (its context gather and its decoder's input)."""
+    M = len(pairs.user)
+    table = torch.randn(2 * M, pairs.num_features, generator=torch.Generator().manual_seed(5))
+    table[:, 0] = torch.arange(2 * M)
+    numbered = utils.Pairs(pairs.user, pairs.num_users, table=table, chosen=torch.arange(M),
+                           rejected=torch.arange(M, 2 * M))
+    contexts, targets = [], []
+    gather, reward = model._contexts, model.reward
+
+    def seen_contexts(table, chosen, rejected, ctx):
+        contexts.append(ctx.clone())
+        return gather(table, chosen, rejected, ctx)
+
+    def seen_targets(e, z):
+        targets.append(e[:len(e) // 2, 0].long())  # the chosen rows first: the step's pairs
+        return reward(e, z)
+    model._contexts, model.reward = seen_contexts, seen_targets
+    model.fit(numbered, "cpu")
+    del model._contexts, model.reward
+    return list(zip(targets, contexts))  # (the evaluation's gathers after training have no reward call)
 
 
 def test_vpl_context_lengths_kl_clock_and_evaluation_contexts(data):
-    """Training contexts: C other pairs of the user (as the released Pets and UltraFeedback-P-2 runs), or c of them
-    with c uniform in 2..C (UltraFeedback-P-4) or 1..C; the KL annealing advances once per micro-batch of
-    micro_batch_size pairs; eval_all_pairs encodes every pair."""
-    rows = torch.arange(100, 130)
-    gen = torch.Generator().manual_seed(0)
-    for low in (1, 2):
-        ctx = _context_rows(rows, 8, gen, exclude_self=True, min_length=low)
-        lengths = (ctx >= 0).sum(1)
-        assert lengths.min() == low and lengths.max() == 8 and len(set(lengths.tolist())) >= 9 - low - 1
-        assert all(rows[j] not in ctx[j] and set(ctx[j][ctx[j] >= 0].tolist()) <= set(rows.tolist())
-                   for j in range(30))
-    fixed = _context_rows(rows, 8, gen, exclude_self=True)
-    assert ((fixed >= 0).sum(1) == 8).all()
-    assert ((_context_rows(rows[:3], 8, gen, exclude_self=True, min_length=1) >= 0).sum(1) <= 2).all()
+    """Training contexts, as the model's own steps take them: other pairs of the target's user, never the pair itself,
+    each once; context_length "fixed": min(C, n - 1) of them (the released Pets and UltraFeedback-P-2 runs), "2..C"
+    (UltraFeedback-P-4) and "1..C": every length of that range, at most n - 1 (a user of 3 pairs: 2); each of the
+    num_duplicates copies of a pair its own contexts; as released, each copy's contexts drawn once and kept in every
+    epoch (resample_contexts=True: drawn anew each epoch). The KL annealing advances once per micro-batch of
+    micro_batch_size pairs; a user's latent at evaluation is encoded from at most C of its pairs, or from every pair
+    (eval_all_pairs)."""
+    train = data["train"].select_users(range(0, data["train"].num_users, 3))  # 10 users x 30 pairs
+    rows = torch.cat([r[:3] if u == 0 else r for u, r in enumerate(train.rows_by_user())])  # user 0: 3 pairs
+    pairs = train.select(rows)
+    M, C, owner = len(pairs.user), 8, pairs.user
+    for context_length, resample in [("fixed", False), ("2..C", False), ("1..C", False), ("2..C", True)]:
+        model = VPL(16, hidden_dim=8, latent_dim=4, num_epochs=2, num_duplicates=2, context_length=context_length,
+                    resample_contexts=resample)
+        seen = training_contexts(model, pairs)
+        steps = math.ceil(2 * M / model.batch_size)
+        assert len(seen) == 2 * steps
+        epochs = []
+        for e in range(2):
+            by_pair = {i: [] for i in range(M)}
+            for target, ctx in seen[e * steps:(e + 1) * steps]:
+                for i, c in zip(target.tolist(), ctx):
+                    c = c[c >= 0]
+                    n = int((owner == owner[i]).sum())
+                    assert len(c) == len(set(c.tolist())) and i not in c.tolist(), (i, c)
+                    assert (owner[c] == owner[i]).all(), (i, c)
+                    low = {"fixed": min(C, n - 1), "2..C": min(2, n - 1), "1..C": 1}[context_length]
+                    assert low <= len(c) <= min(C, n - 1), (context_length, i, c)
+                    by_pair[i].append(tuple(sorted(c.tolist())))
+            assert all(len(v) == 2 for v in by_pair.values())  # 2 copies of each pair, each with its own contexts
+            same = [(i, v) for i, v in by_pair.items() if owner[i] != 0 and v[0] == v[1]]
+            assert len(same) <= (0 if context_length == "fixed" else 3), (context_length, same)  # (2 of 29 by chance)
+            epochs.append({i: sorted(v) for i, v in by_pair.items()})
+            lengths = [len(c) for i, v in by_pair.items() if owner[i] != 0 for c in v]
+            assert set(lengths) == set(range({"fixed": C, "2..C": 2, "1..C": 1}[context_length], C + 1)), lengths
+        assert max(len(c) for i in range(3) for c in epochs[0][i]) == 2  # user 0 (pairs 0, 1, 2): n - 1 at most
+        assert (epochs[0] == epochs[1]) != resample  # kept across epochs, unless resampled
 
-    small = data["train"].select_users(range(0, data["train"].num_users, 3))  # 10 users x 30 pairs
     model = VPL(16, hidden_dim=8, latent_dim=4, batch_size=32, micro_batch_size=4, num_epochs=1, beta=0.1)
     clock = []
     anneal = model.anneal
     model.anneal = lambda t: clock.append(t.clone()) or anneal(t)
-    model.fit(small)
+    model.fit(train)  # 300 pairs
     steps = torch.cat(clock)
     assert torch.equal(steps, torch.arange(len(steps), dtype=steps.dtype))  # one tick per micro-batch
     assert len(steps) == sum(math.ceil(min(32, 300 - s) / 4) for s in range(0, 300, 32)) and len(clock) == 10
@@ -541,7 +542,7 @@ def test_a_swept_setting_runs_each_value_and_the_choice_uses_held_out_training_p
     settings = {"pal": {"K": [2, 3], "dim": 16, "batch_size": 16, "fewshot_epochs": 2}}
     out = experiment.run_methods(["pal"], (small["train"], small["test"], small["fewshot"], small["test_unseen"]),
                                   "cpu", settings=settings, validation_fraction=0.2)
-    assert list(out) == ["pal_K2", "pal_K3"] and out["pal_K3"]["label"] == "PAL (K = 3)"
+    assert list(out) == ["pal_K2", "pal_K3"] and out["pal_K3"]["label"] == "PAL (TLDR config, K = 3)"
     assert [out[e]["settings"]["K"] for e in out] == [2, 3] and out["pal_K2"]["sweep"] == {"K": 2}
     chosen = [e for e in out if out[e]["chosen"]]
     assert len(chosen) == 1 and out[chosen[0]]["validation"] == max(out[e]["validation"] for e in out)
