@@ -90,7 +90,9 @@ class VPL(Method):
     departures = ["frozen embeddings of the whole conversation for the encoder and the decoder (released: an LLM "
                   "trained with LoRA, last-token embeddings)",
                   "a pair's contexts are other pairs of its user (released: a survey pool every user answered)",
-                  "no up-sampling or filtering of controversial pairs (released: dataset-specific)"]
+                  "no up-sampling or filtering of controversial pairs (released: dataset-specific)",
+                  "PyTorch's AdamW (released: transformers' AdamW, its eps added before the bias correction: the "
+                  "first steps differ)"]
     quick = {"hidden_dim": 64, "latent_dim": 16, "learning_rate": 1e-3, "num_epochs": 5}  # small data (tests)
     tune_grid = {"learning_rate": [1e-4, 3e-4, 1e-3], "beta": [0.0, 1e-4], "num_duplicates": [1, 2]}  # tuned row
     # (new users: an encoder pass, no steps: no few-shot setting to choose)
