@@ -60,14 +60,7 @@ class PAL(Method):
                  "learning_rate": [1e-4, 1e-3]}
     fewshot_grid = {"fewshot_learning_rate": [5e-3, 5e-2, 0.5], "fewshot_epochs": [5, 20]}  # new users
     # chosen by that grid with tune=True on each data (seed 0; held-out seen-user training pairs; dataset READMEs)
-    tuned = {
-        "PersonalLLM synthetic lowrank F=128 P=9402 N=1000 train_density=0.005 dirichlet_alpha=0.1":
-            {"num_epochs": 2, "user_learning_rate": 0.05, "fewshot_learning_rate": 0.05, "K": 5, "bias_decay": True},
-        "RedditTLDR synthetic lowrank F=64 protocol=published max_train_pairs=150":
-            {"num_epochs": 1, "user_learning_rate": 0.5, "fewshot_learning_rate": 0.5, "K": 5, "bias_decay": False},
-        "PRISM synthetic lowrank F=64 users=1000":
-            {"num_epochs": 2, "user_learning_rate": 0.5, "fewshot_learning_rate": 0.5, "K": 5, "bias_decay": False},
-    }
+    tuned = {}  # {data key: settings} chosen by the tuned grids with tune=True (filled from the runs)
     rules = {"K": "int >= 1", "variant": "one of A B", "dim": "int >= 1", "learning_rate": "> 0",
              "weight_decay": ">= 0", "bias_decay": "bool", "user_learning_rate": "> 0", "tau_learning_rate": ">= 0",
              "batch_size": "int >= 1",

@@ -97,13 +97,7 @@ class VPL(Method):
     tune_grid = {"learning_rate": [1e-4, 3e-4, 1e-3], "beta": [0.0, 1e-4], "num_duplicates": [1, 2]}  # tuned row
     # (new users: an encoder pass, no steps: no few-shot setting to choose)
     # chosen by that grid with tune=True on each data (seed 0; held-out seen-user training pairs; dataset READMEs)
-    tuned = {
-        "PersonalLLM synthetic lowrank F=128 P=9402 N=1000 train_density=0.005 dirichlet_alpha=0.1":
-            {"num_duplicates": 2, "context_length": "fixed"},
-        "RedditTLDR synthetic lowrank F=64 protocol=published max_train_pairs=150":
-            {"num_duplicates": 1, "context_length": "fixed"},
-        "PRISM synthetic lowrank F=64 users=1000": {"num_duplicates": 1, "context_length": "2..C"},
-    }
+    tuned = {}  # {data key: settings} chosen by the tuned grids with tune=True (filled from the runs)
     rules = {"hidden_dim": "int >= 1", "latent_dim": "int >= 1", "num_contexts": "int >= 1", "beta": ">= 0",
              "learning_rate": "> 0", "weight_decay": ">= 0", "batch_size": "int >= 1", "num_epochs": "int >= 0",
              "warmup_ratio": ">= 0", "max_grad_norm": "> 0", "kl_period": "int >= 1", "micro_batch_size": "int >= 1",

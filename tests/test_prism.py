@@ -201,7 +201,8 @@ def test_prepare_train_eval_end_to_end(prism_dir, tiny_reward_model, tmp_path):
                      "num_iterations=30", "fewshot_iterations=20").stdout
     assert "3 seen / 2 unseen users" in log  # published split: a user with too few dialogs was among the first 80%
     res = json.loads((out / "train_basis.json").read_text())
-    assert [r["K"] for r in res["results"]] == [0, 1, 3] and (out / "train_basis.png").is_file()
+    assert [(r["alpha"], r["K"]) for r in res["results"]][:9] == [(a, K) for a in (0, 100, 1e4) for K in (0, 1, 3)]
+    assert res["config"]["alpha_list"] is None and (out / "train_basis.png").is_file()  # alpha chosen with K
     # choice quality of the reference head, by hand from pairs.parquet: each seen user's test first turns
     first = pairs[(pairs["split"] == "test") & pairs["seen"]]
     first = first[first["turn"] == first.groupby("dialog")["turn"].transform("min")]

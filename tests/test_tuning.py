@@ -164,8 +164,8 @@ def test_near_ties_count_half_and_a_collapsed_fit_is_flagged(data, monkeypatch, 
     capsys.readouterr()
     report.report_run(results, {}, tmp_path, "t", "T")
     table = capsys.readouterr().out
-    assert "PAL (TLDR config) [ties 100%]" in table and "per-user BT [ties" not in table
-    assert "degenerate fit (PAL (TLDR config))" in table
+    assert "PAL (TLDR config) * [ties 100%]" in table and "per-user BT [ties" not in table
+    assert "degenerate fit (PAL (TLDR config))" in table and "*: departs from its released code" in table
 
 
 def test_stored_tuned_settings_give_the_same_row_in_both_pipelines(data):
