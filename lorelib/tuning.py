@@ -40,17 +40,20 @@ def grid_points(grid):
 
 def step_beyond(values, up):
     """The next value past the largest (up) or smallest of an axis's numeric values, or None (not numeric, one
-    value, no step): integers step by their last difference, positive numbers spanning a factor > 1.5 by their last
-    ratio, other numbers by their last difference."""
+    value): positive values spanning a factor > 1.5 step by their last ratio (integers rounded, at least 1 away),
+    others by their last difference."""
     if len(values) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         return None
     v = sorted(values)
     a, b = (v[-2], v[-1]) if up else (v[1], v[0])
-    if all(isinstance(x, int) for x in v):
-        return b + (b - a)
     if v[0] > 0 and max(a, b) / min(a, b) > 1.5:
-        return b * (b / a)
-    return b + (b - a)
+        new = b * (b / a)
+    else:
+        new = b + (b - a)
+    if all(isinstance(x, int) for x in v):
+        new = int(round(new))
+        new = new if new != b else b + (1 if up else -1)
+    return new
 
 
 class _Scores:

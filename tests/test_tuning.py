@@ -200,19 +200,22 @@ class Bump:
 
 
 def test_an_edge_choice_is_widened_until_interior_or_a_hard_limit(data):
-    """x's best (7) lies beyond the grid [1, 3]: the search steps 5, 7, 9 and stops with 7 inside; lr's best is
-    inside the grid: no widening; an axis that walks into its range rule stops there with the edge noted."""
+    """x's best (7) lies beyond the grid [1, 3]: the search steps by the grid's ratio to 9, then 27 (worse), and
+    stops with 9 inside; lr's best is inside the grid: no widening; an axis that walks into its range rule stops
+    there with the edge noted; a search out of steps notes that too."""
     out = tuning.tune(lambda s: Bump(**s), {"x": [1, 3], "lr": [0.01, 0.1, 1.0]}, data["train"], log=lambda *a: None,
                       rules={"x": "int >= 1", "lr": "> 0"})
-    assert out["chosen"] == {"x": 7, "lr": 0.1}
-    assert out["edges"]["x"] == {"values": [1, 3, 5, 7, 9], "chosen": 7, "edge": False, "limit": None}
+    assert out["chosen"] == {"x": 9, "lr": 0.1}
+    assert out["edges"]["x"] == {"values": [1, 3, 9, 27], "chosen": 9, "edge": False, "limit": None}
     assert out["edges"]["lr"]["values"] == [0.01, 0.1, 1.0] and not out["edges"]["lr"]["edge"]
     low = tuning.tune(lambda s: Bump(s["x"] + 10), {"x": [3, 2]}, data["train"], log=lambda *a: None,
                       rules={"x": "int >= 1"})  # best x + 10 = 7: x = -3, below the rule's 1
     assert low["chosen"] == {"x": 1} and low["edges"]["x"]["edge"] and "out of range" in low["edges"]["x"]["limit"]
     far = tuning.tune(lambda s: Bump(**s), {"x": [1, 2]}, data["train"], log=lambda *a: None, widen=2)
-    assert far["chosen"] == {"x": 4} and far["edges"]["x"]["limit"] == "widened 2 times"
-    assert tuning.step_beyond([1e-4, 1e-3], True) == pytest.approx(1e-2) and tuning.step_beyond([2, 5], False) == -1
+    assert far["chosen"] == {"x": 8} and far["edges"]["x"]["limit"] == "widened 2 times"  # 1, 2, 4, 8
+    assert tuning.step_beyond([1e-4, 1e-3], True) == pytest.approx(1e-2) and tuning.step_beyond([2, 5], False) == 1
+    assert tuning.step_beyond([128, 512], False) == 32 and tuning.step_beyond([2, 3], True) == 4  # ratio 1.5: +1
+    assert tuning.step_beyond([0.0, 1e-4], False) == pytest.approx(-1e-4)  # from 0: by the difference
     assert tuning.step_beyond(["fixed", "2..C"], True) is None and tuning.step_beyond([True, False], True) is None
 
 
