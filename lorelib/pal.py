@@ -59,8 +59,11 @@ class PAL(Method):
     tune_grid = {"num_epochs": [1, 2], "user_learning_rate": [5e-3, 5e-2, 0.5], "K": [2, 5], "dim": [128, 512],
                  "learning_rate": [1e-4, 1e-3]}
     fewshot_grid = {"fewshot_learning_rate": [5e-3, 5e-2, 0.5], "fewshot_epochs": [5, 20]}  # new users
-    # chosen by that grid with tune=True on each data (seed 0; held-out seen-user training pairs; dataset READMEs)
-    tuned = {}  # {data key: settings} chosen by the tuned grids with tune=True (filled from the runs)
+    # chosen by tune_grid and fewshot_grid with tune=True (seed 0; held-out seen-user training pairs, pseudo-new
+    # seen users); every point and edge: RedditTLDR/figures/tuning_synthetic.json
+    tuned = {"RedditTLDR synthetic lowrank F=64 protocol=published max_train_pairs=150":
+            {"num_epochs": 4, "user_learning_rate": 0.05, "K": 5, "dim": 128, "learning_rate": 1e-3,
+             "fewshot_learning_rate": 0.05, "fewshot_epochs": 20}}
     rules = {"K": "int >= 1", "variant": "one of A B", "dim": "int >= 1", "learning_rate": "> 0",
              "weight_decay": ">= 0", "bias_decay": "bool", "user_learning_rate": "> 0", "tau_learning_rate": ">= 0",
              "batch_size": "int >= 1",

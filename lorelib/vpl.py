@@ -96,8 +96,10 @@ class VPL(Method):
     quick = {"hidden_dim": 64, "latent_dim": 16, "learning_rate": 1e-3, "num_epochs": 5}  # small data (tests)
     tune_grid = {"learning_rate": [1e-4, 3e-4, 1e-3], "beta": [0.0, 1e-4], "num_duplicates": [1, 2]}  # tuned row
     # (new users: an encoder pass, no steps: no few-shot setting to choose)
-    # chosen by that grid with tune=True on each data (seed 0; held-out seen-user training pairs; dataset READMEs)
-    tuned = {}  # {data key: settings} chosen by the tuned grids with tune=True (filled from the runs)
+    # chosen by tune_grid and fewshot_grid with tune=True (seed 0; held-out seen-user training pairs, pseudo-new
+    # seen users); every point and edge: RedditTLDR/figures/tuning_synthetic.json
+    tuned = {"RedditTLDR synthetic lowrank F=64 protocol=published max_train_pairs=150":
+            {"learning_rate": 3e-4, "beta": 0.0, "num_duplicates": 2}}
     rules = {"hidden_dim": "int >= 1", "latent_dim": "int >= 1", "num_contexts": "int >= 1", "beta": ">= 0",
              "learning_rate": "> 0", "weight_decay": ">= 0", "batch_size": "int >= 1", "num_epochs": "int >= 0",
              "warmup_ratio": ">= 0", "max_grad_norm": "> 0", "kl_period": "int >= 1", "micro_batch_size": "int >= 1",
