@@ -226,12 +226,12 @@ def test_train_basis_synthetic(tmp_path):
     unseen = [r["unseen_test"]["mean"] for r in out["results"]]
     assert unseen[2] > unseen[1] + 0.05 and unseen[1] > unseen[0] + 0.03  # LoRe > BT > reference head
     baselines = {m: r["unseen_test"]["mean"] for m, r in out["baselines"].items()}
-    assert set(baselines) == {"per_user_bt", "vpl", "pal", "mrm", "vpl_tuned", "pal_tuned"}
+    assert set(baselines) == {"per_user_bt", "vpl", "pal", "mrm", "vpl_tuned", "pal_tuned", "mrm_tuned"}
     assert all(b > unseen[0] + 0.02 for b in baselines.values()), (unseen, baselines)
     assert all(name in p.stdout for name in ("LoRe", "per-user BT", "VPL", "PAL", "PAL (tuned)", "VPL (tuned)"))
     key = tldr.data_key({**out["config"], "synthetic": True})
     assert key == "RedditTLDR synthetic lowrank F=64 protocol=published max_train_pairs=150"
-    for name in ("vpl", "pal"):  # the released row's overrides, then the budget stored for this data
+    for name in ("vpl", "pal", "mrm"):  # the released row's overrides, then the settings stored for this data
         chosen, tuned = METHODS[name].tuned[key], out["baselines"][f"{name}_tuned"]
         assert tuned["tuning"]["chosen"] == chosen and tuned["tuning"]["provenance"].startswith("stored")
         assert tuned["settings"] == {**out["baselines"][name]["settings"], **chosen}
