@@ -7,6 +7,8 @@ A README holds marked blocks, each rewritten from one stored JSON:
     <!-- table:results train_basis_synthetic.json -->  ... <!-- /table -->   every method, seen / unseen test accuracy
     <!-- table:times train_basis_synthetic.json vary_fewshot_synthetic.json --> ... <!-- /table -->   run times
     <!-- table:fewshot vary_fewshot_synthetic.json --> ... <!-- /table -->   unseen-user accuracy per shot count
+    <!-- table:tuning tuning_synthetic.json --> ... <!-- /table -->   the tuned rows' searches (a tune=True run)
+    <!-- table:choice train_basis_synthetic.json --> ... <!-- /table -->   choice quality of every method
 The stored JSONs are copies of a script's output (`out_dir=...`, then copied into figures/).
 """
 import json
@@ -60,6 +62,53 @@ def times_table(*runs):
     return "\n".join(rows) + "\n"
 
 
+def tuning_table(run):
+    """Each tuned row: its grid's size, the chosen point (and its new-user path), the held-out score, the axes on an
+    edge (with why) and the search's seconds; then every method's new-user path on pseudo-new seen users."""
+    rows = ["| method | points tried | chosen (held-out seen-user training pairs) | held-out % | on an edge | "
+            "new users (pseudo-new seen users) | seconds |", "|---|---|---|---|---|---|---|"]
+    for b in run.get("baselines", {}).values():
+        t = b.get("tuning") or {}
+        if "points" not in t:
+            continue
+        best = max(p["validation"] for p in t["points"])
+        edges = ", ".join(f"{k} ({e['limit']})" for k, e in t["edges"].items() if e["edge"]) or "none"
+        new = t.get("new_users", {}).get("chosen") or {}
+        rows.append(f"| {b['label']} | {len(t['points'])} | {_settings(t['chosen'])} | {pct(best)} | {edges} | "
+                    f"{_settings(new) or '-'} | {t['seconds'] + t.get('new_users', {}).get('seconds', 0):.0f} |")
+    for label, v in run.get("new_user_validation", {}).items():
+        best = max(p["validation"] for p in v["points"]) if v["points"] else v["released"]
+        rows.append(f"| {label}: new users only | {len(v['points'])} | {_settings(v['chosen'])} | "
+                    f"{pct(best)} (released settings {pct(v['released'])}) | "
+                    f"{', '.join(k for k, e in v['edges'].items() if e['edge']) or 'none'} | - | {v['seconds']:.0f} |")
+    return "\n".join(rows) + "\n"
+
+
+def choice_table(run):
+    """Choice quality (best of each prompt's candidates): chance, LoRe at every (alpha, K), every other method; the
+    mean over users of each metric for seen / unseen users."""
+    c = run["choice"]
+    metrics = c["metrics"]
+    rows = ["| method | " + " | ".join(f"{g} {m}" for g in ("seen", "unseen") for m in metrics) + " |",
+            "|---|" + "---|" * (2 * len(metrics))]
+
+    def cells(r):
+        return " | ".join("-" if r[g][m]["mean"] is None else f"{r[g][m]['mean']:.3f}"
+                          for g in ("seen", "unseen") for m in metrics)
+    rows.append(f"| chance | {cells(c['chance'])} |")
+    for r in c["results"]:
+        name = "ref" if r["K"] == 0 else "BT" if r["K"] == 1 else f"LoRe K = {r['K']}"
+        rows.append(f"| {name}" + (f" (alpha {r['alpha']:g})" if len({x['alpha'] for x in c['results']}) > 1
+                                    else "") + f" | {cells(r)} |")
+    rows += [f"| {b['label']} | {cells(b)} |" for b in c["baselines"].values()]
+    low = ", ".join(c["lower_is_better"])
+    return "\n".join(rows) + (f"\n\n{low}: lower is better; the rest higher.\n" if low else "\n")
+
+
+def _settings(d):
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
+
+
 def fewshot_table(run):
     """Unseen-user test accuracy per shot count: LoRe and every other method."""
     shots = [r["shots"] for r in run["results"]]
@@ -78,7 +127,8 @@ def rewrite(readme):
         kind, files = m.group(1), m.group(2).split()
         runs = [(f, json.loads((readme.parent / "figures" / f).read_text())) for f in files]
         body = {"results": lambda: results_table(runs[0][1]), "times": lambda: times_table(*runs),
-                "fewshot": lambda: fewshot_table(runs[0][1])}[kind]()
+                "fewshot": lambda: fewshot_table(runs[0][1]), "tuning": lambda: tuning_table(runs[0][1]),
+                "choice": lambda: choice_table(runs[0][1])}[kind]()
         return f"<!-- table:{kind} {m.group(2)} -->\n{body}<!-- /table -->"
     new = BLOCK.sub(fill, text)
     if new != text:
