@@ -271,24 +271,6 @@ def accuracy_by_user(margins, user, num_users):
     return (correct / counts).numpy()
 
 
-def tie_accuracy_by_user(margins, user, num_users, tolerance=TIE_TOLERANCE):
-    """([C] per-user accuracy with a near-tie (|margin| <= tolerance) counted half and a larger positive margin
-    right, [C] per-user share of near-ties): margins [M], user [M]. A model whose margins collapse to ties
-    scores 0 under the tie-is-wrong accuracy and 1/2 here."""
-    margins, user = margins.detach().float().cpu(), user.cpu()
-    counts = torch.bincount(user, minlength=num_users).float()
-    tie = (margins.abs() <= tolerance).float()
-    credit = (margins > tolerance).float() + 0.5 * tie
-    per_user = lambda x: (torch.zeros(num_users).index_add_(0, user, x) / counts).numpy()  # noqa: E731
-    return per_user(credit), per_user(tie)
-
-
-def accuracy_stats(margins, user, num_users):
-    """{"accuracy": [C] (a tie is wrong, as published), "ties_half": [C], "ties": [C] (tie_accuracy_by_user)}."""
-    half, ties = tie_accuracy_by_user(margins, user, num_users)
-    return {"accuracy": accuracy_by_user(margins, user, num_users), "ties_half": half, "ties": ties}
-
-
 def user_accuracies(pairs, V, W):
     """[C] accuracy of each user on its pairs: W [C, K] (or [K], shared) and V [F, K]."""
     pairs = as_pairs(pairs)
