@@ -58,7 +58,8 @@ def times_table(*runs):
     for name, run in runs:
         per = run.get("baselines", {})
         methods = ", ".join(f"{b['label']} {b['seconds']:.0f}" for b in per.values() if "seconds" in b)
-        rows.append(f"| `{name}` | {run['seconds']:.0f} | {methods or '-'} |")
+        command = name.replace("_synthetic.json", ".py synthetic=True").replace(".json", ".py")
+        rows.append(f"| `{command}` | {run['seconds']:.0f} | {methods or '-'} |")
     return "\n".join(rows) + "\n"
 
 
