@@ -4,8 +4,8 @@ settings are stored for this data or tune=True, its tuned row), evaluate them al
 save LoRe's models, choose each family's run on held-out training pairs, and report (table, JSON, plot).
 
     config = configure(globals(), script=__file__, ...)
-    data = dataset.load(...)
-    experiment.train_basis(config, data, out_dir=..., name="train_basis", title="...", dataset="...", data_key=...)
+    experiment.train_basis(config, lambda seed: dataset.load(..., seed=seed), out_dir=..., name="train_basis",
+                           title="...", dataset="...", data_key=dataset.data_key(config))
 
 Imports: config, data, report, report_shots, evaluate, compare, fewshot, pipelines, newusers, learned, choice,
 methods.
@@ -66,20 +66,19 @@ def fit_all(config, data, data_key, regularized=False, chosen=None):
     kept bases, selection edges, the new-user validation with tune)."""
     device, seed = get_device(config.get("device")), config["seed"]
 
-    def make_run(K, alpha, K_list=None, alpha_list=None):
-        return lore_runs(K_list or [K], alpha_list or [alpha], data.head, data.seen_train.num_features,
-                         regularized=regularized, num_iterations=config["num_iterations"],
-                         learning_rate=config["learning_rate"], fewshot_iterations=config["fewshot_iterations"],
+    def lore(K_list, alpha_list):
+        return lore_runs(K_list, alpha_list, data.head, data.seen_train.num_features, regularized=regularized,
+                         num_iterations=config["num_iterations"], learning_rate=config["learning_rate"],
+                         fewshot_iterations=config["fewshot_iterations"],
                          fewshot_learning_rate=config["fewshot_learning_rate"], seed=seed,
                          sweep_alpha=len(config["alpha_list"]) > 1)
-    runs = make_run(None, None, config["K_list"], config["alpha_list"]) + method_runs(config, data, data_key, device,
-                                                                                      chosen)
+    runs = lore(config["K_list"], config["alpha_list"]) + method_runs(config, data, data_key, device, chosen)
     choice = ChoiceRun(data.info["choice"], data.head) if config.get("choice_quality") and "choice" in data.info \
         else None
     results = evaluate(runs, data.features, device, seed=seed, record=config.record, choice=choice)
     groups, fraction = data.info.get("train_groups"), config.get("validation_fraction", 0.1)
     choose(results, data.seen_train, fraction, seed=seed, device=device, groups=groups)
-    edges = widen_rank(results, lambda K, alpha: make_run(K, alpha)[0], data.seen_train, fraction, seed=seed,
+    edges = widen_rank(results, lambda K, alpha: lore([K], [alpha])[0], data.seen_train, fraction, seed=seed,
                        device=device, groups=groups, evaluate_run=lambda run: evaluate(
                            [run], data.features, device, seed=seed, record=config.record, choice=choice)[0])
     if choice:
