@@ -22,7 +22,9 @@ from PRISM import prism  # noqa: E402
 # -----------------------------------------------------------------------------
 # config (edit in place, or override on the command line as key=value)
 K = 10
-alpha = 1e4
+alpha = None               # None: 0 (at 100 or more the cosine pull collapses the basis onto the true head, README
+                           # "Choosing alpha"; train_basis.py chooses alpha on held-out dialogs); 1e4 with
+                           # reference=published (as published)
 reference = "head"         # K = 0 and V_sft: "head" (score.weight) or "published" (the published scripts' direction)
 num_shots = None           # few-shot dialogs per user; None: 1, 2, ..., the most any unseen user has
 trials = 5
@@ -65,6 +67,8 @@ config = configure(globals(), script=__file__, writable={"out_dir": "results"}, 
                            lambda c: check_shot_selection(c, dialogs=True)])  # every setting checked before any work
 if num_iterations is None:
     num_iterations = 500 if synthetic else 20000
+if alpha is None:
+    alpha = 1e4 if reference == "published" else 0.0
 if pair_budgets is None and not isinstance(shot_selection, str):
     pair_budgets = [3, 5, 10, 15, 20]
 experiment.vary_fewshot(
@@ -76,6 +80,6 @@ experiment.vary_fewshot(
     name="vary_fewshot_synthetic" + populations.suffix(config) if synthetic else "vary_fewshot",
     title="PRISM, few-shot dialogs" + (f" (synthetic{populations.suffix(config, ', ')})" if synthetic else ""),
     data_key=prism.data_key(config),
-    regularized=True, overrides={"num_iterations": num_iterations, "pair_budgets": pair_budgets},
+    regularized=True, overrides={"num_iterations": num_iterations, "pair_budgets": pair_budgets, "alpha": alpha},
     extra={"num_iterations_used": num_iterations, "shots_are": "dialogs per unseen user"},
     xlabel="few-shot dialogs per user")

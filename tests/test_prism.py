@@ -328,3 +328,10 @@ def test_train_basis_and_vary_fewshot_synthetic(tmp_path):
     assert (tmp_path / "vary_fewshot_synthetic.png").is_file()
     vpl = res["baselines"]["vpl"]["results"]  # dialogs as shots, as for LoRe
     assert [r["shots"] for r in vpl] == shots and all(0 < r["unseen_test"]["mean"] < 1 for r in vpl[:2])
+    # alpha: 0 with the fixes (at 1e4 the basis collapses onto the head), the published 1e4 with reference=published
+    assert res["alpha"] == 0.0
+    run_script("PRISM/vary_fewshot.py", "synthetic=True", "synthetic_users=200", "K=3", "trials=1", "num_shots=[1]",
+               "num_iterations=5", "fewshot_iterations=5", "baselines=[]", "reference=published",
+               f"out_dir={tmp_path}")
+    res = json.loads((tmp_path / "vary_fewshot_synthetic.json").read_text())
+    assert res["alpha"] == 1e4
