@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from lorelib.intervals import mean_interval  # noqa: E402
+
 POPULATIONS = ["lowrank", "ideal_points", "latent", "nonlinear_mixture"]
 DATASETS = {
     "personalllm": ("PersonalLLM", ["synthetic_prompts=[1000,200]", "synthetic_features=32", "N=80", "N_unseen=60",
@@ -80,6 +83,30 @@ def cell_text(row, key):
     return f"{scale * m:.1f} [{scale * lo:.1f}, {scale * hi:.1f}]"
 
 
+def against_lore(results, key="unseen_test"):
+    """Each method's unseen accuracy minus LoRe's, paired by seed: 'mean [low, high]' in points, bold where the
+    interval excludes 0 -> the table's lines."""
+    lines = ["", "Each method minus LoRe, unseen test accuracy in points, paired by seed (95% interval over seeds; "
+                 "bold: the interval excludes 0):", "",
+             "| method | " + " | ".join(results) + " |", "|" + "---|" * (len(results) + 1)]
+    for name in ROWS:
+        if name == "LoRe":
+            continue
+        cells_ = []
+        for r in results.values():
+            rows = r["comparison"]["rows"]
+            if name not in rows or "LoRe" not in rows:
+                cells_.append("-")
+                continue
+            diff = [a - b for a, b in zip(rows[name][key]["per_seed"], rows["LoRe"][key]["per_seed"])]
+            m, lo, hi = (100 * v for v in mean_interval(diff))
+            text = f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+            cells_.append(f"**{text}**" if lo > 0 or hi < 0 else text)
+        if any(c != "-" for c in cells_):
+            lines.append("| " + " | ".join([name] + cells_) + " |")
+    return lines
+
+
 def render_table():
     """The README's matrix (between its markers) from the stored JSONs -> the table's text."""
     lines = []
@@ -109,6 +136,7 @@ def render_table():
                     cells_.append(text)
             if any(c != "-" for c in cells_):
                 lines.append("| " + " | ".join([name] + cells_) + " |")
+        lines += against_lore(results)
         hours = sum(r["matrix"]["wall_seconds"] for r in results.values()) / 3600
         lines.append(f"\nRun time of these {len(results)} cells: {hours:.1f} h (`python tests/matrix.py`, one thread "
                      "each).")
