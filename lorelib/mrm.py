@@ -50,7 +50,7 @@ No posterior over a new user's weights: no active-selection curves for MRM (post
 Cost: one meta-step per tasks_per_batch users, so 200 epochs are 100,000 steps for 1000 users (synthetic
 PersonalLLM shape, F = 128: about 1.5 to 4 minutes on one busy CPU core) and 2,600 for 26 (synthetic Reddit TLDR,
 F = 64: about 5 s). The tasks of a batch run as one padded batch, the inner step's gradient is written out (autograd
-through it gives the second-order meta-gradient).
+through it gives the second-order meta-gradient; it equals torch.func's vmap(grad), tested, at a quarter of its cost).
 
 Imports: config, data, method, lore, baseline.
 """

@@ -131,6 +131,26 @@ def test_meta_gradient_equals_the_reference(steps, tail, gamma, scale):
     torch.testing.assert_close(start.grad, ref[1], rtol=1e-5, atol=1e-12)
 
 
+def test_inner_gradient_is_torch_func_grad_first_and_second_order():
+    """The inner step's written-out gradient (logit_grad, padded tasks) equals torch.func's vmap(grad) of one task's
+    loss, and so does its gradient in the map (what the meta-gradient flows through)."""
+    from torch.func import grad, vmap
+    g = torch.Generator().manual_seed(0)
+    T, N, K, F_dim = 3, 6, 3, 5
+    A = torch.randn(F_dim, K, generator=g, dtype=torch.float64, requires_grad=True)
+    D = torch.randn(T, N, F_dim, generator=g, dtype=torch.float64)
+    mask = torch.ones(T, N, dtype=torch.float64)
+    mask[1, 4:], mask[2, 1:] = 0, 0
+    s = torch.randn(T, K, generator=g, dtype=torch.float64)
+    P = mrm.SCALE * (D @ A)
+    by_func = vmap(grad(lambda s1, P1, m1: mrm.task_losses(P1[None], m1[None], s1[None])[0]))(s, P, mask)
+    written = mrm.logit_grad(P, mask, s)
+    torch.testing.assert_close(written, by_func, rtol=1e-10, atol=1e-14)
+    c = torch.randn(T, K, generator=g, dtype=torch.float64)
+    second = [torch.autograd.grad((x * c).sum(), A, retain_graph=True)[0] for x in (written, by_func)]
+    torch.testing.assert_close(second[0], second[1], rtol=1e-10, atol=1e-14)
+
+
 def test_quantile_is_torch_quantile():
     x = torch.tensor([0.3, -1.0, 2.0, 0.7, 0.1], requires_grad=True)
     for q in (0.0, 0.25, 0.3, 0.5, 0.7, 1.0):
