@@ -197,7 +197,7 @@ class MRM(Method):
     label = "MRM"
     rules = {"K": "int >= 1", "inner_learning_rate": "> 0", "meta_learning_rate": "> 0",
              "train_inner_steps": "int >= 1", "eval_inner_steps": "int >= 0", "tasks_per_batch": "int >= 1",
-             "num_epochs": "int >= 0", "warmup_ratio": "in [0, 1)", "val_ratio": "in (0, 1)",
+             "num_epochs": "int >= 1", "warmup_ratio": "in [0, 1)", "val_ratio": "in (0, 1)",
              "rpo_ratio": "in (0, 1]", "rpo_gamma": ">= 0"}
     # the released scripts' settings (train.py flags: hidden_layers -> K, inner_lr, meta_lr, train_inner_epochs,
     # eval_inner_epochs, tasks_per_batch, epochs, val_ratio, rpo_ratio, rpo_gamma): the defaults are

@@ -67,7 +67,7 @@ class PAL(Method):
     rules = {"K": "int >= 1", "variant": "one of A B", "dim": "int >= 1", "learning_rate": "> 0",
              "weight_decay": ">= 0", "bias_decay": "bool", "user_learning_rate": "> 0", "tau_learning_rate": ">= 0",
              "batch_size": "int >= 1",
-             "num_epochs": "int >= 0", "fewshot_learning_rate": "> 0", "fewshot_epochs": "int >= 0",
+             "num_epochs": "int >= 1", "fewshot_learning_rate": "> 0", "fewshot_epochs": "int >= 0",
              "fewshot_batch_size": "int >= 1", "tau_init": "number", "eval_batch_size": "int >= 1"}
 
     def __init__(self, num_features, K=2, variant="B", dim=512, learning_rate=1e-4, weight_decay=0.01, bias_decay=True,

@@ -86,6 +86,9 @@ class _Scores:
                 self.log(f"  tuning {shown}: held-out seen-user training pairs {acc:.4f}  [{time.time() - t0:.1f}s]")
             if self.by_epoch:
                 model.fit(self.fit, self.device, on_epoch=lambda e: done(e) if e in epochs else None)
+                missed = sorted(e for e in epochs if (key, e) not in self.scored)
+                if missed:  # on_epoch is called after epochs 1, 2, ...: a grid's epoch count below 1 is never scored
+                    raise RuntimeError(f"the fit of {point} was never scored after epoch {missed[0]}")
             else:
                 model.fit(self.fit, self.device)
                 done(None)

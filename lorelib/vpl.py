@@ -101,7 +101,7 @@ class VPL(Method):
     tuned = {"RedditTLDR synthetic lowrank F=64 protocol=published max_train_pairs=150":
             {"learning_rate": 3e-4, "beta": 0.0, "num_duplicates": 2}}
     rules = {"hidden_dim": "int >= 1", "latent_dim": "int >= 1", "num_contexts": "int >= 1", "beta": ">= 0",
-             "learning_rate": "> 0", "weight_decay": ">= 0", "batch_size": "int >= 1", "num_epochs": "int >= 0",
+             "learning_rate": "> 0", "weight_decay": ">= 0", "batch_size": "int >= 1", "num_epochs": "int >= 1",
              "warmup_ratio": ">= 0", "max_grad_norm": "> 0", "kl_period": "int >= 1", "micro_batch_size": "int >= 1",
              "context_length": "one of fixed 2..C 1..C", "num_duplicates": "int >= 1", "eval_all_pairs": "bool",
              "eval_latent": "one of normalized mean", "eval_batch_size": "int >= 1", "resample_contexts": "bool"}

@@ -219,6 +219,38 @@ def test_an_edge_choice_is_widened_until_interior_or_a_hard_limit(data):
     assert tuning.step_beyond(["fixed", "2..C"], True) is None and tuning.step_beyond([True, False], True) is None
 
 
+class Epochs:
+    """An epoch-scored model (a fit that takes on_epoch) whose held-out accuracy falls with each epoch."""
+
+    def __init__(self, num_epochs):
+        self.num_epochs, self.epoch = num_epochs, 0
+
+    def fit(self, pairs, device=None, on_epoch=None):
+        for e in range(1, self.num_epochs + 1):
+            self.epoch = e
+            if on_epoch is not None:
+                on_epoch(e)
+        return self
+
+    def accuracies(self, pairs, state=None, device=None):
+        return np.full(pairs.num_users, 1 - self.epoch / 10)
+
+
+def test_an_epoch_axis_widened_below_one_stops_at_its_rule(data):
+    """The fewest epochs best: the widening steps from 1 to 0 (half, rounded), which every fitted method's rule
+    refuses (a model is scored after epochs 1, 2, ...: no fit is scored after 0)."""
+    out = tuning.tune(lambda s: Epochs(**s), {"num_epochs": [1, 2]}, data["train"], log=lambda *a: None,
+                      rules={"num_epochs": "int >= 1"})
+    assert out["chosen"] == {"num_epochs": 1} and out["edges"]["num_epochs"]["edge"]
+    assert "0 is out of range" in out["edges"]["num_epochs"]["limit"]
+    assert [p["validation"] for p in out["points"]] == pytest.approx([0.9, 0.8])
+    with pytest.raises(RuntimeError, match="never scored after epoch 0"):  # a rule that let 0 through
+        tuning.tune(lambda s: Epochs(**s), {"num_epochs": [1, 2]}, data["train"], log=lambda *a: None,
+                    rules={"num_epochs": "int >= 0"})
+    for method in ("pal", "vpl", "mrm"):
+        assert methods.METHODS[method].rules["num_epochs"] == "int >= 1"
+
+
 def test_pseudo_new_users_come_from_seen_training_pairs_only(data):
     """The pseudo-new split: a share of the seen users, their few-shot and held-out pairs are their own training
     pairs (a partition of them), the other seen users keep theirs (only the seen training pairs are passed: no
