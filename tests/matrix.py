@@ -138,8 +138,8 @@ def render_table():
                 lines.append("| " + " | ".join([name] + cells_) + " |")
         lines += against_lore(results)
         hours = sum(r["matrix"]["wall_seconds"] for r in results.values()) / 3600
-        lines.append(f"\nRun time of {'this cell' if len(results) == 1 else f'these {len(results)} cells'}: {hours:.1f} h (`python tests/matrix.py`, one thread "
-                     "each).")
+        cells_run = "this cell" if len(results) == 1 else f"these {len(results)} cells"
+        lines.append(f"\nRun time of {cells_run}: {hours:.1f} h (`python tests/matrix.py`, one thread each).")
     return "\n".join(lines).strip() + "\n"
 
 
