@@ -28,6 +28,13 @@ def _per_user(result, where, metric):
     return None if metric not in users.get(where, {}) else np.asarray(users[where][metric], dtype=np.float64)
 
 
+def paired(diff):
+    """{"mean", "ci95", "clear"} of paired differences [n] (over users or seeds): "clear" when the 95% interval
+    excludes 0."""
+    m, lo, hi = mean_interval(diff)
+    return {"mean": m, "ci95": [lo, hi], "clear": bool(np.isfinite(lo) and (lo > 0 or hi < 0))}
+
+
 def comparison(per_seed, seeds=None):
     """{"over": "users" or "seeds", "seeds", "compared", "rows": {family: {key: {"mean", "ci95", "per_seed",
     "worst10"}, "vs_best": {key: {"other", "mean", "ci95", "clear"}}}}} of evaluate's results of each seed (a list
@@ -64,9 +71,7 @@ def comparison(per_seed, seeds=None):
             best = max(others, key=lambda o: sign * rows[o][key]["mean"])
             a, b = values[f][key], values[best][key]
             diff = a[0] - b[0] if over == "users" else np.array([np.nanmean(x) - np.nanmean(y) for x, y in zip(a, b)])
-            m, lo, hi = mean_interval(diff)
-            rows[f]["vs_best"][key] = {"other": best, "mean": m, "ci95": [lo, hi],
-                                       "clear": bool(np.isfinite(lo) and (lo > 0 or hi < 0))}
+            rows[f]["vs_best"][key] = {"other": best, **paired(diff)}
     return {"over": over, "seeds": list(seeds) if seeds is not None else None, "compared": compared, "rows": rows}
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from lorelib.intervals import mean_interval  # noqa: E402
+from lorelib.compare import paired  # noqa: E402
 
 POPULATIONS = ["lowrank", "ideal_points", "latent", "nonlinear_mixture"]
 DATASETS = {
@@ -83,28 +83,25 @@ def cell_text(row, key):
     return f"{scale * m:.1f} [{scale * lo:.1f}, {scale * hi:.1f}]"
 
 
+def row_lines(cells_of):
+    """'| name | cell | ... |' for each of ROWS whose cells_of(name) -> [text] are not all '-'."""
+    rows = [[name] + cells_of(name) for name in ROWS]
+    return ["| " + " | ".join(row) + " |" for row in rows if any(c != "-" for c in row[1:])]
+
+
 def against_lore(results, key="unseen_test"):
     """Each method's unseen accuracy minus LoRe's, paired by seed: 'mean [low, high]' in points, bold where the
-    interval excludes 0 -> the table's lines."""
-    lines = ["", "Each method minus LoRe, unseen test accuracy in points, paired by seed (95% interval over seeds; "
-                 "bold: the interval excludes 0):", "",
-             "| method | " + " | ".join(results) + " |", "|" + "---|" * (len(results) + 1)]
-    for name in ROWS:
-        if name == "LoRe":
-            continue
-        cells_ = []
-        for r in results.values():
-            rows = r["comparison"]["rows"]
-            if name not in rows or "LoRe" not in rows:
-                cells_.append("-")
-                continue
-            diff = [a - b for a, b in zip(rows[name][key]["per_seed"], rows["LoRe"][key]["per_seed"])]
-            m, lo, hi = (100 * v for v in mean_interval(diff))
-            text = f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]"
-            cells_.append(f"**{text}**" if lo > 0 or hi < 0 else text)
-        if any(c != "-" for c in cells_):
-            lines.append("| " + " | ".join([name] + cells_) + " |")
-    return lines
+    interval excludes 0 (compare.paired) -> the table's lines."""
+    def cell(name, rows):
+        if name == "LoRe" or name not in rows or "LoRe" not in rows:
+            return "-"
+        d = paired([a - b for a, b in zip(rows[name][key]["per_seed"], rows["LoRe"][key]["per_seed"])])
+        text = f"{100 * d['mean']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
+        return f"**{text}**" if d["clear"] else text
+    return ["", "Each method minus LoRe, unseen test accuracy in points, paired by seed (95% interval over seeds; "
+                "bold: the interval excludes 0):", "",
+            "| method | " + " | ".join(results) + " |", "|" + "---|" * (len(results) + 1)] + \
+        row_lines(lambda name: [cell(name, r["comparison"]["rows"]) for r in results.values()])
 
 
 def render_table():
@@ -123,19 +120,18 @@ def render_table():
         header = ["method"] + [f"{p}: {label}" for p in results for _, label in keys]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
-        for name in ROWS:
-            cells_ = []
-            for p, r in results.items():
+        def cells(name):
+            out = []
+            for r in results.values():
                 row = r["comparison"]["rows"].get(name)
                 for key, _ in keys:
                     text = cell_text(row, key)
                     vs = (row or {}).get("vs_best", {}).get(key)
-                    best = vs is not None and (vs["mean"] > 0 if key != "unseen_regret" else vs["mean"] < 0)
-                    if best:
+                    if vs is not None and (vs["mean"] > 0 if key != "unseen_regret" else vs["mean"] < 0):  # best
                         text = f"**{text}**" + ("" if vs["clear"] else " (tie)")
-                    cells_.append(text)
-            if any(c != "-" for c in cells_):
-                lines.append("| " + " | ".join([name] + cells_) + " |")
+                    out.append(text)
+            return out
+        lines += row_lines(cells)
         lines += against_lore(results)
         hours = sum(r["matrix"]["wall_seconds"] for r in results.values()) / 3600
         cells_run = "this cell" if len(results) == 1 else f"these {len(results)} cells"
